@@ -1,0 +1,104 @@
+# cogvlm-server build. `make` builds the CPU binaries; see README.md for every target.
+#
+# Layout: engine/ and kernels/ are compiled into one static library that both binaries
+# and the tests link. Object files mirror the source tree under $(BUILD)/. Dependency
+# files (-MMD) make header edits rebuild what includes them.
+
+BUILD   ?= build
+CC      ?= cc
+NVCC    ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+OPT     ?= -O2
+V       ?= 0
+
+CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -MMD -MP -I. \
+             -fno-strict-aliasing $(SANFLAGS) $(CFLAGS)
+LDLIBS_ALL = -ljansson -ljpeg -lpng -lwebp -lwebpdemux -lgif -lm -lpthread $(LDLIBS)
+SERVER_LIBS = -lmicrohttpd -luv -lb64
+
+ifeq ($(SAN),1)
+SANFLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+LDFLAGS += -fsanitize=address,undefined
+endif
+
+ifeq ($(V),0)
+Q = @
+say = @printf '  %-6s %s\n' $(1) $(2);
+else
+Q =
+say =
+endif
+
+LIB_SRCS    = $(wildcard engine/*.c) $(wildcard kernels/cpu/*.c)
+CLI_SRCS    = $(wildcard server/cli*.c)
+SERVER_SRCS = $(filter-out $(CLI_SRCS),$(wildcard server/*.c))
+TEST_SRCS   = $(wildcard tests/unit/*.c)
+CUDA_SRCS   = $(shell find kernels/cuda -name '*.cu' 2>/dev/null)
+
+LIB_OBJS    = $(LIB_SRCS:%.c=$(BUILD)/%.o)
+CLI_OBJS    = $(CLI_SRCS:%.c=$(BUILD)/%.o)
+SERVER_OBJS = $(SERVER_SRCS:%.c=$(BUILD)/%.o)
+TEST_OBJS   = $(TEST_SRCS:%.c=$(BUILD)/%.o)
+LIB         = $(BUILD)/libcvlm.a
+
+MODEL ?= $(firstword $(wildcard models/cogvlm-tiny-shapes) ../shared/data/golden-tiny/model-bf16)
+
+.PHONY: all deps test unit-test asan check-cuda run clean bench
+.DEFAULT_GOAL := all
+
+all: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(call say,CC,$<)$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+$(LIB): $(LIB_OBJS)
+	$(call say,AR,$@)rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/cogvlm: $(CLI_OBJS) $(LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(CLI_OBJS) $(LIB) $(LDLIBS_ALL)
+
+$(BUILD)/cogvlm-server: $(SERVER_OBJS) $(LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(SERVER_OBJS) $(LIB) $(SERVER_LIBS) $(LDLIBS_ALL)
+
+$(BUILD)/tests/unit-tests: $(TEST_OBJS) $(LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(LIB) $(LDLIBS_ALL)
+
+# Installs the Debian packages the project needs, only those that are missing.
+deps:
+	$(Q)tools/deps.sh
+
+# The whole suite: deps, build, CUDA compile check (when nvcc exists), unit tests.
+# The last line printed is the suite's "N passed, N failed".
+test: deps all check-cuda unit-test
+
+unit-test: $(BUILD)/tests/unit-tests $(BUILD)/cogvlm
+	$(Q)COGVLM_BIN=$(BUILD)/cogvlm $(BUILD)/tests/unit-tests $(TESTS)
+
+# The test suite under AddressSanitizer + UndefinedBehaviorSanitizer, in its own tree.
+asan: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build-asan SAN=1 OPT=-O1 unit-test
+
+# Compiles every .cu file for sm_80 and sm_90 (no GPU needed).
+check-cuda:
+ifeq ($(strip $(NVCC)),)
+	@echo "check-cuda: nvcc not found, skipped"
+else ifeq ($(strip $(CUDA_SRCS)),)
+	@echo "check-cuda: no .cu files yet"
+else
+	@mkdir -p $(BUILD)/cuda-check
+	$(Q)for f in $(CUDA_SRCS); do \
+	    printf '  %-6s %s\n' NVCC $$f; \
+	    $(NVCC) -std=c++17 -I. -Werror all-warnings \
+	        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+	        -c $$f -o $(BUILD)/cuda-check/$$(basename $$f .cu).o || exit 1; \
+	done
+endif
+
+# Serves the default model (until the HTTP server lands: loads and describes it).
+run: deps all
+	$(BUILD)/cogvlm info --model $(MODEL)
+
+clean:
+	rm -rf build build-asan
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,209 @@
+/* backend.h - the narrow op table between the model and the kernels, and its types.
+ *
+ * This is the only engine header that kernels/ may include (see the architecture page).
+ * engine/model.c is written once against struct cvlm_backend_i; kernels/cpu and
+ * kernels/cuda fill it.
+ *
+ * Conventions shared by every op:
+ * - Activations live in backend memory (cvlm_be_alloc) as dense row-major matrices of
+ *   be->act_dtype (F32 on the CPU backend); model.c never dereferences them, it only
+ *   offsets them by whole rows (cvlm_be_row).
+ * - Weights are struct cvlm_tensor views in their stored dtype (F32, F16 or BF16); ops
+ *   widen them on the fly and accumulate in F32.
+ * - Small per-token metadata (ids, positions, slots, block tables) is passed as host
+ *   arrays; a device backend uploads them itself.
+ * - Ops run in issue order on the backend's stream; to_host() waits for completion.
+ */
+#ifndef CVLM_BACKEND_H
+#define CVLM_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CVLM_MAX_DIMS 4
+
+enum cvlm_dtype {
+    CVLM_DTYPE_F32 = 0,
+    CVLM_DTYPE_F16 = 1,
+    CVLM_DTYPE_BF16 = 2,
+};
+
+/* A non-owning view of a dense row-major tensor (e.g. into a mmap'd checkpoint). */
+struct cvlm_tensor {
+    enum cvlm_dtype dtype;
+    int ndim;
+    int64_t shape[CVLM_MAX_DIMS];
+    const void *data;
+};
+
+static inline size_t cvlm_dtype_size(enum cvlm_dtype t)
+{
+    return t == CVLM_DTYPE_F32 ? 4 : 2;
+}
+
+static inline const char *cvlm_dtype_name(enum cvlm_dtype t)
+{
+    return t == CVLM_DTYPE_F32 ? "F32" : t == CVLM_DTYPE_F16 ? "F16" : "BF16";
+}
+
+static inline int64_t cvlm_tensor_numel(const struct cvlm_tensor *t)
+{
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++)
+        n *= t->shape[i];
+    return n;
+}
+
+static inline float cvlm_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round-to-nearest-even, as torch's .to(torch.bfloat16); NaN stays NaN. */
+static inline uint16_t cvlm_f32_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float cvlm_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    uint32_t u;
+    float f;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13); /* inf / nan */
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign; /* signed zero */
+    } else {
+        /* subnormal half: value = man * 2^-24, exact in float */
+        f = (float)man * (1.0f / 16777216.0f);
+        return sign ? -f : f;
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Element i of a tensor of any supported dtype, widened to float. */
+static inline float cvlm_tensor_get_f32(const struct cvlm_tensor *t, int64_t i)
+{
+    const unsigned char *p = (const unsigned char *)t->data + (size_t)i * cvlm_dtype_size(t->dtype);
+    uint16_t h;
+    float f;
+    if (t->dtype == CVLM_DTYPE_F32) {
+        memcpy(&f, p, 4);
+        return f;
+    }
+    memcpy(&h, p, 2);
+    return t->dtype == CVLM_DTYPE_F16 ? cvlm_f16_to_f32(h) : cvlm_bf16_to_f32(h);
+}
+
+/* ---- the op table ------------------------------------------------------------------- */
+
+struct cvlm_backend;
+
+/* A paged KV cache for one layer: `n_blocks` blocks of `block_size` token slots, each slot
+ * holding n_heads * head_dim keys (after RoPE) and as many values, in act_dtype. */
+struct cvlm_kv_layer {
+    void *k, *v; /* [n_blocks, block_size, n_heads, head_dim] */
+};
+
+/* Where the keys and values of one sequence live: block_table[i] is the physical block of
+ * the sequence's slots [i*block_size, (i+1)*block_size). */
+struct cvlm_seq_kv {
+    const int32_t *block_table;
+    int n_blocks;
+};
+
+/* One attention launch over paged KV: token t (a row of q/out) belongs to sequence
+ * seq[t] and sits in slot slot[t]; it attends causally to that sequence's slots
+ * 0..slot[t] (the current batch's keys were written with kv_write before). */
+struct cvlm_attn_batch {
+    int n_tokens;
+    const int32_t *seq;  /* [n_tokens] index into seqs */
+    const int32_t *slot; /* [n_tokens] */
+    const struct cvlm_seq_kv *seqs;
+    int block_size;
+};
+
+struct cvlm_backend_i {
+    const char *name;
+    /* memory */
+    void *(*alloc)(struct cvlm_backend *be, size_t bytes);
+    void (*free)(struct cvlm_backend *be, void *p);
+    void (*to_host)(struct cvlm_backend *be, float *dst, const void *src, size_t n);
+    void (*from_host)(struct cvlm_backend *be, void *dst, const float *src, size_t n);
+    void (*copy_rows)(struct cvlm_backend *be, void *dst, const void *src, const int32_t *rows,
+                      int n, int width); /* dst[i] = src[rows[i]] */
+
+    /* y[M,N] = x[M,K] . W[N,K]^T (+ bias[N]); x rows x_stride elements apart */
+    void (*gemm)(struct cvlm_backend *be, void *y, const void *x, int x_stride,
+                 const struct cvlm_tensor *w, const struct cvlm_tensor *bias, int M, int N,
+                 int K);
+    /* out[i] = table[ids[i]] */
+    void (*embed)(struct cvlm_backend *be, void *out, const struct cvlm_tensor *table,
+                  const int32_t *ids, int M, int D);
+    /* y = x / sqrt(mean(x^2) + eps) * w */
+    void (*rmsnorm)(struct cvlm_backend *be, void *y, const void *x,
+                    const struct cvlm_tensor *w, int M, int D, float eps);
+    /* y = (x - mean) / sqrt(var + eps) * w + b */
+    void (*layernorm)(struct cvlm_backend *be, void *y, const void *x,
+                      const struct cvlm_tensor *w, const struct cvlm_tensor *b, int M, int D,
+                      float eps);
+    void (*add)(struct cvlm_backend *be, void *y, const void *x, size_t n); /* y += x */
+    /* y[i] = x[i] + broadcast row b (ViT pos/bias helpers): y[M,D] += b[D] per row */
+    void (*add_row)(struct cvlm_backend *be, void *y, const struct cvlm_tensor *b, int M, int D);
+    void (*gelu)(struct cvlm_backend *be, void *x, size_t n); /* exact erf GELU, in place */
+    /* out[M,N] = silu(gate) * up; gate/up rows g_stride apart (a fused [gate|up] works) */
+    void (*silu_mul)(struct cvlm_backend *be, void *out, const void *gate, const void *up,
+                     int g_stride, int M, int N);
+    /* Rotate-half RoPE in place on n_heads heads of each row (row stride `stride`),
+     * angle = pos[i] * inv_freq[j] computed in F32. */
+    void (*rope)(struct cvlm_backend *be, void *x, int stride, const int32_t *pos, int M,
+                 int n_heads, int head_dim, const float *inv_freq);
+    /* Bidirectional attention of one sequence of N tokens (ViT): qkv [N, 3*H*hd] laid out
+     * [q heads | k heads | v heads]; out [N, H*hd]. */
+    void (*attention_full)(struct cvlm_backend *be, void *out, const void *qkv, int N,
+                           int n_heads, int head_dim);
+    /* Stores rows of k and v (row stride `stride`) into their slots. */
+    void (*kv_write)(struct cvlm_backend *be, struct cvlm_kv_layer *kv, const void *k,
+                     const void *v, int stride, const struct cvlm_attn_batch *b, int n_heads,
+                     int head_dim);
+    /* Causal attention over the paged cache; q rows `stride` apart; out [M, H*hd]. */
+    void (*attention_paged)(struct cvlm_backend *be, void *out, const void *q, int stride,
+                            const struct cvlm_kv_layer *kv, const struct cvlm_attn_batch *b,
+                            int n_heads, int head_dim);
+    /* Patchify a CHW image into rows of C*P*P values ordered (c, ky, kx), raster patch
+     * order: out [(H/P)*(W/P), C*P*P]. `pixels` is a host array. */
+    void (*patchify)(struct cvlm_backend *be, void *out, const float *pixels, int C, int H,
+                     int W, int P);
+    void (*destroy)(struct cvlm_backend *be);
+};
+
+struct cvlm_backend {
+    const struct cvlm_backend_i *ops;
+    enum cvlm_dtype act_dtype;
+    int n_threads;
+};
+
+/* Offsets an activation pointer by `rows` rows of `width` elements. */
+static inline void *cvlm_be_row(const struct cvlm_backend *be, const void *p, size_t rows,
+                                size_t width)
+{
+    return (char *)p + rows * width * cvlm_dtype_size(be->act_dtype);
+}
+
+/* Backends: the CPU one always exists; n_threads 0 = one per online core. */
+struct cvlm_backend *cvlm_backend_cpu_create(int n_threads);
+
+#endif

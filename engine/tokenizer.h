@@ -1,0 +1,62 @@
+/* tokenizer.h - SentencePiece BPE tokenizer (LLaMA-2 / Vicuna kind), encode and decode.
+ *
+ * Loads a SentencePiece `tokenizer.model` (a serialized ModelProto) of type BPE, with
+ * byte fallback, and reproduces SentencePiece's own encoding and decoding exactly.
+ * A loaded tokenizer is immutable and may be shared by any number of threads.
+ * Streaming output uses struct cvlm_detok, one per sequence, which never emits a
+ * partial UTF-8 sequence and whose pieces concatenate to the full decode.
+ */
+#ifndef CVLM_TOKENIZER_H
+#define CVLM_TOKENIZER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct cvlm_tokenizer;
+
+/* Loads from a file / from memory (the buffer is not kept). 0 or CVLM_E*; the error
+ * detail (cvlm_last_error) says what is wrong with a bad file. */
+int cvlm_tokenizer_load(const char *path, struct cvlm_tokenizer **out);
+int cvlm_tokenizer_load_mem(const void *data, size_t len, struct cvlm_tokenizer **out);
+void cvlm_tokenizer_destroy(struct cvlm_tokenizer *tok);
+
+int cvlm_tokenizer_vocab_size(const struct cvlm_tokenizer *tok);
+int cvlm_tokenizer_bos_id(const struct cvlm_tokenizer *tok); /* -1 if the model has none */
+int cvlm_tokenizer_eos_id(const struct cvlm_tokenizer *tok);
+int cvlm_tokenizer_unk_id(const struct cvlm_tokenizer *tok); /* the UNKNOWN piece */
+/* The piece string of an id (e.g. "\xe2\x96\x81Hello", "<0x0A>"), NULL if out of range. */
+const char *cvlm_tokenizer_piece(const struct cvlm_tokenizer *tok, int32_t id);
+
+/* Encodes `len` bytes of UTF-8 (may contain NUL; invalid bytes are handled as
+ * SentencePiece does) without BOS/EOS. *ids is malloc'd (free() it); may be NULL when
+ * *n_ids is 0. */
+int cvlm_tokenizer_encode(const struct cvlm_tokenizer *tok, const char *text, size_t len,
+                          int32_t **ids, size_t *n_ids);
+
+/* Decodes ids into malloc'd, NUL-terminated UTF-8 (free() it). Ids out of range are an
+ * error (CVLM_EINVAL). Control ids (BOS/EOS) decode to nothing. */
+int cvlm_tokenizer_decode(const struct cvlm_tokenizer *tok, const int32_t *ids, size_t n,
+                          char **text, size_t *len);
+
+/* Incremental detokenizer for streaming. Push ids one at a time; each push appends the
+ * newly complete text to a caller buffer. Text is emitted only in whole UTF-8 sequences;
+ * concatenating every push and the final flush equals cvlm_tokenizer_decode() of all
+ * pushed ids (byte pieces split across ids, invalid byte runs, BOS/EOS anywhere). */
+struct cvlm_detok {
+    const struct cvlm_tokenizer *tok;
+    int started;           /* text was emitted (or a leading U+2581 dropped): the
+                            * leading-space rule no longer applies */
+    unsigned char pend[8]; /* bytes of an incomplete UTF-8 sequence held back (<= 3) */
+    int n_pend;
+};
+
+void cvlm_detok_init(struct cvlm_detok *d, const struct cvlm_tokenizer *tok);
+/* Writes the new text to out (capacity cap, always NUL-terminated) and sets *n to its
+ * length. An id needs at most 3 * 3 (held-back bytes) + its piece's length + 1 bytes, so
+ * cap >= 64 is enough for LLaMA-2 (longest piece 48 bytes); with less, CVLM_ETOOBIG and
+ * the id is not consumed. An id out of range is CVLM_EINVAL (nothing consumed). */
+int cvlm_detok_push(struct cvlm_detok *d, int32_t id, char *out, size_t cap, size_t *n);
+/* Emits whatever is held back (an incomplete sequence becomes U+FFFD as in decode). */
+int cvlm_detok_flush(struct cvlm_detok *d, char *out, size_t cap, size_t *n);
+
+#endif

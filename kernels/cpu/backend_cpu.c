@@ -1,0 +1,337 @@
+/* backend_cpu.c - the CPU backend: op table, memory, and the element-wise/norm ops.
+ *
+ * Activations are F32 host memory. Every op is split over the backend's thread pool by
+ * rows. GEMM and attention live in gemm.c and attention.c.
+ */
+#include "kernels/cpu/cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+float *cvlm_cpu_scratch(struct cpu_backend *cb, size_t n)
+{
+    if (n > cb->scratch_cap) {
+        float *p = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        if (!p)
+            return NULL;
+        free(cb->scratch);
+        cb->scratch = p;
+        cb->scratch_cap = n;
+    }
+    return cb->scratch;
+}
+
+static void *cpu_alloc(struct cvlm_backend *be, size_t bytes)
+{
+    (void)be;
+    return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+}
+
+static void cpu_free(struct cvlm_backend *be, void *p)
+{
+    (void)be;
+    free(p);
+}
+
+static void cpu_to_host(struct cvlm_backend *be, float *dst, const void *src, size_t n)
+{
+    (void)be;
+    memcpy(dst, src, n * sizeof(float));
+}
+
+static void cpu_from_host(struct cvlm_backend *be, void *dst, const float *src, size_t n)
+{
+    (void)be;
+    memcpy(dst, src, n * sizeof(float));
+}
+
+static void cpu_copy_rows(struct cvlm_backend *be, void *dst, const void *src,
+                          const int32_t *rows, int n, int width)
+{
+    (void)be;
+    for (int i = 0; i < n; i++)
+        memcpy((float *)dst + (size_t)i * width, (const float *)src + (size_t)rows[i] * width,
+               (size_t)width * sizeof(float));
+}
+
+static void cpu_embed(struct cvlm_backend *be, void *out, const struct cvlm_tensor *table,
+                      const int32_t *ids, int M, int D)
+{
+    (void)be;
+    for (int i = 0; i < M; i++)
+        cvlm_cpu_widen(table, ids[i], D, (float *)out + (size_t)i * D);
+}
+
+/* ---- row-parallel helpers ----------------------------------------------------------- */
+
+struct norm_job {
+    float *y;
+    const float *x;
+    const struct cvlm_tensor *w, *b;
+    int M, D;
+    float eps;
+    float *wf, *bf; /* widened weight/bias */
+};
+
+static void rms_task(void *ctx, int i, int thread)
+{
+    struct norm_job *j = ctx;
+    const float *x = j->x + (size_t)i * j->D;
+    float *y = j->y + (size_t)i * j->D;
+    double ss = 0; /* double accumulation: D can be 4096+, keep the mean exact to float */
+    (void)thread;
+    for (int d = 0; d < j->D; d++)
+        ss += (double)x[d] * x[d];
+    float r = 1.0f / sqrtf((float)(ss / j->D) + j->eps);
+    for (int d = 0; d < j->D; d++)
+        y[d] = x[d] * r * j->wf[d];
+}
+
+static void ln_task(void *ctx, int i, int thread)
+{
+    struct norm_job *j = ctx;
+    const float *x = j->x + (size_t)i * j->D;
+    float *y = j->y + (size_t)i * j->D;
+    double s = 0, ss = 0;
+    (void)thread;
+    for (int d = 0; d < j->D; d++)
+        s += x[d];
+    float mean = (float)(s / j->D);
+    for (int d = 0; d < j->D; d++)
+        ss += (double)(x[d] - mean) * (x[d] - mean);
+    float r = 1.0f / sqrtf((float)(ss / j->D) + j->eps);
+    for (int d = 0; d < j->D; d++)
+        y[d] = (x[d] - mean) * r * j->wf[d] + j->bf[d];
+}
+
+/* Widens the norm's weight and bias once into scratch, then runs one task per row. */
+static void run_norm(struct cvlm_backend *be, struct norm_job *j, cvlm_pool_fn fn)
+{
+    float *wf = cvlm_cpu_scratch(cpu_of(be), (size_t)j->D * 2);
+    if (!wf) /* cannot happen for sane D after the first GEMM grew the scratch */
+        return;
+    j->wf = wf;
+    j->bf = wf + j->D;
+    cvlm_cpu_widen(j->w, 0, j->D, j->wf);
+    if (j->b)
+        cvlm_cpu_widen(j->b, 0, j->D, j->bf);
+    cvlm_pool_run(cpu_of(be)->pool, j->M, fn, j);
+}
+
+static void cpu_rmsnorm(struct cvlm_backend *be, void *y, const void *x,
+                        const struct cvlm_tensor *w, int M, int D, float eps)
+{
+    struct norm_job j = {y, x, w, NULL, M, D, eps, NULL, NULL};
+    run_norm(be, &j, rms_task);
+}
+
+static void cpu_layernorm(struct cvlm_backend *be, void *y, const void *x,
+                          const struct cvlm_tensor *w, const struct cvlm_tensor *b, int M, int D,
+                          float eps)
+{
+    struct norm_job j = {y, x, w, b, M, D, eps, NULL, NULL};
+    run_norm(be, &j, ln_task);
+}
+
+/* ---- element-wise ops ---------------------------------------------------------------- */
+
+struct ew_job {
+    float *y;
+    const float *x, *x2;
+    size_t n, chunk;
+    int M, N, stride;
+    const struct cpu_vec_ops *vec;
+};
+
+#define EW_CHUNK 16384
+
+static void add_task(void *ctx, int t, int thread)
+{
+    struct ew_job *j = ctx;
+    size_t a = (size_t)t * j->chunk, b = a + j->chunk < j->n ? a + j->chunk : j->n;
+    (void)thread;
+    j->vec->add(j->y + a, j->x + a, b - a);
+}
+
+static void cpu_add(struct cvlm_backend *be, void *y, const void *x, size_t n)
+{
+    struct ew_job j = {.y = y, .x = x, .n = n, .chunk = EW_CHUNK, .vec = cpu_of(be)->vec};
+    cvlm_pool_run(cpu_of(be)->pool, (int)((n + EW_CHUNK - 1) / EW_CHUNK), add_task, &j);
+}
+
+static void cpu_add_row(struct cvlm_backend *be, void *y, const struct cvlm_tensor *b, int M,
+                        int D)
+{
+    float *bf = cvlm_cpu_scratch(cpu_of(be), (size_t)D);
+    if (!bf)
+        return;
+    cvlm_cpu_widen(b, 0, D, bf);
+    for (int i = 0; i < M; i++)
+        for (int d = 0; d < D; d++)
+            ((float *)y)[(size_t)i * D + d] += bf[d];
+}
+
+static void gelu_task(void *ctx, int t, int thread)
+{
+    struct ew_job *j = ctx;
+    size_t a = (size_t)t * j->chunk, b = a + j->chunk < j->n ? a + j->chunk : j->n;
+    (void)thread;
+    j->vec->gelu(j->y + a, b - a);
+}
+
+static void cpu_gelu(struct cvlm_backend *be, void *x, size_t n)
+{
+    struct ew_job j = {.y = x, .n = n, .chunk = EW_CHUNK, .vec = cpu_of(be)->vec};
+    cvlm_pool_run(cpu_of(be)->pool, (int)((n + EW_CHUNK - 1) / EW_CHUNK), gelu_task, &j);
+}
+
+static void silu_task(void *ctx, int i, int thread)
+{
+    struct ew_job *j = ctx;
+    const float *g = j->x + (size_t)i * j->stride, *u = j->x2 + (size_t)i * j->stride;
+    float *o = j->y + (size_t)i * j->N;
+    (void)thread;
+    j->vec->silu_mul(o, g, u, j->N);
+}
+
+static void cpu_silu_mul(struct cvlm_backend *be, void *out, const void *gate, const void *up,
+                         int g_stride, int M, int N)
+{
+    struct ew_job j = {.y = out, .x = gate, .x2 = up, .M = M, .N = N, .stride = g_stride,
+                       .vec = cpu_of(be)->vec};
+    cvlm_pool_run(cpu_of(be)->pool, M, silu_task, &j);
+}
+
+struct rope_job {
+    float *x;
+    int stride, n_heads, head_dim;
+    const int32_t *pos;
+    const float *inv_freq;
+};
+
+static void rope_task(void *ctx, int i, int thread)
+{
+    struct rope_job *j = ctx;
+    float *row = j->x + (size_t)i * j->stride;
+    int half = j->head_dim / 2;
+    (void)thread;
+    for (int k = 0; k < half; k++) {
+        float ang = (float)j->pos[i] * j->inv_freq[k];
+        float c = cosf(ang), s = sinf(ang);
+        for (int h = 0; h < j->n_heads; h++) {
+            float *v = row + (size_t)h * j->head_dim;
+            float a = v[k], b = v[k + half];
+            v[k] = a * c - b * s;
+            v[k + half] = b * c + a * s;
+        }
+    }
+}
+
+static void cpu_rope(struct cvlm_backend *be, void *x, int stride, const int32_t *pos, int M,
+                     int n_heads, int head_dim, const float *inv_freq)
+{
+    struct rope_job j = {x, stride, n_heads, head_dim, pos, inv_freq};
+    cvlm_pool_run(cpu_of(be)->pool, M, rope_task, &j);
+}
+
+static void cpu_patchify(struct cvlm_backend *be, void *out, const float *px, int C, int H,
+                         int W, int P)
+{
+    int gw = W / P, gh = H / P, row = C * P * P;
+    (void)be;
+    for (int py = 0; py < gh; py++)
+        for (int pxi = 0; pxi < gw; pxi++) {
+            float *o = (float *)out + ((size_t)py * gw + pxi) * row;
+            for (int c = 0; c < C; c++)
+                for (int ky = 0; ky < P; ky++)
+                    memcpy(o + ((size_t)c * P + ky) * P,
+                           px + ((size_t)c * H + (size_t)py * P + ky) * W + (size_t)pxi * P,
+                           (size_t)P * sizeof(float));
+        }
+}
+
+static void cpu_destroy(struct cvlm_backend *be)
+{
+    struct cpu_backend *cb = cpu_of(be);
+    if (!cb)
+        return;
+    cvlm_pool_destroy(cb->pool);
+    free(cb->scratch);
+    free(cb);
+}
+
+static const struct cvlm_backend_i cpu_ops = {
+    .name = "cpu",
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .to_host = cpu_to_host,
+    .from_host = cpu_from_host,
+    .copy_rows = cpu_copy_rows,
+    .gemm = cvlm_cpu_gemm,
+    .embed = cpu_embed,
+    .rmsnorm = cpu_rmsnorm,
+    .layernorm = cpu_layernorm,
+    .add = cpu_add,
+    .add_row = cpu_add_row,
+    .gelu = cpu_gelu,
+    .silu_mul = cpu_silu_mul,
+    .rope = cpu_rope,
+    .attention_full = cvlm_cpu_attention_full,
+    .kv_write = cvlm_cpu_kv_write,
+    .attention_paged = cvlm_cpu_attention_paged,
+    .patchify = cpu_patchify,
+    .destroy = cpu_destroy,
+};
+
+const char *cvlm_cpu_isa_name(enum cpu_isa isa)
+{
+    return isa == CPU_ISA_AVX512 ? "avx512" : isa == CPU_ISA_AVX2 ? "avx2" : "scalar";
+}
+
+enum cpu_isa cvlm_cpu_detect_isa(void)
+{
+    enum cpu_isa isa = CPU_ISA_SCALAR;
+    const char *env = getenv("COGVLM_CPU_ISA");
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+        isa = CPU_ISA_AVX2;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+            isa = CPU_ISA_AVX512;
+    }
+#endif
+    /* a forced path may only lower the choice: never run code the CPU lacks */
+    if (env && !strcmp(env, "scalar"))
+        isa = CPU_ISA_SCALAR;
+    else if (env && !strcmp(env, "avx2") && isa > CPU_ISA_AVX2)
+        isa = CPU_ISA_AVX2;
+    return isa;
+}
+
+struct cvlm_backend *cvlm_backend_cpu_create(int n_threads)
+{
+    struct cpu_backend *cb = calloc(1, sizeof(*cb));
+    if (!cb)
+        return NULL;
+    if (n_threads <= 0) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = n > 0 ? (int)n : 1;
+    }
+    cb->pool = cvlm_pool_create(n_threads);
+    if (!cb->pool) {
+        free(cb);
+        return NULL;
+    }
+    cb->base.ops = &cpu_ops;
+    cb->base.act_dtype = CVLM_DTYPE_F32;
+    cb->base.n_threads = cvlm_pool_size(cb->pool);
+    cb->isa = cvlm_cpu_detect_isa();
+    cb->has_avx2 = cb->isa >= CPU_ISA_AVX2;
+    cb->has_avx512 = cb->isa >= CPU_ISA_AVX512;
+    cb->vec = cvlm_cpu_vec_ops(cb->isa);
+    return &cb->base;
+}

@@ -1,0 +1,127 @@
+/* cpu.h - internals shared by the CPU backend's files (not for engine/ use).
+ *
+ * The CPU backend computes activations in F32. Weights of any stored dtype are widened
+ * to F32 inside the kernels (registers, or per-thread packed panels); F16/BF16 are never
+ * expanded in place, so a BF16 checkpoint keeps its 2-byte footprint.
+ *
+ * Instruction sets: the library is compiled for baseline x86-64 (or any other target);
+ * AVX2 and AVX-512 kernels are functions with __attribute__((target)) in their own files
+ * and are only called when the CPU reports the features at backend creation. The
+ * environment variable COGVLM_CPU_ISA=scalar|avx2|avx512 forces a lower path (tests use
+ * it to cover every path the machine supports).
+ */
+#ifndef CVLM_CPU_H
+#define CVLM_CPU_H
+
+#include "engine/backend.h"
+#include "kernels/cpu/pool.h"
+
+enum cpu_isa { CPU_ISA_SCALAR = 0, CPU_ISA_AVX2 = 1, CPU_ISA_AVX512 = 2 };
+
+struct cpu_backend {
+    struct cvlm_backend base;
+    struct cvlm_pool *pool;
+    enum cpu_isa isa; /* the path in use: the best supported, or a lower forced one */
+    int has_avx2;     /* isa >= AVX2: AVX2 + FMA + F16C */
+    int has_avx512;   /* isa >= AVX512: AVX-512 F/BW/VL/DQ (+ the AVX2 set) */
+    const struct cpu_vec_ops *vec; /* element-wise and attention helpers for `isa` */
+    float *scratch;   /* grows on demand; ops run one at a time */
+    size_t scratch_cap;
+};
+
+/* The ISA the CPU supports, lowered to `COGVLM_CPU_ISA` when that names a lower path. */
+enum cpu_isa cvlm_cpu_detect_isa(void);
+const char *cvlm_cpu_isa_name(enum cpu_isa isa);
+
+/* Per-call scratch of at least n floats (64-byte aligned), owned by the backend; NULL if
+ * out of memory. One op at a time uses it; its contents do not survive the op. */
+float *cvlm_cpu_scratch(struct cpu_backend *cb, size_t n);
+
+static inline struct cpu_backend *cpu_of(struct cvlm_backend *be)
+{
+    return (struct cpu_backend *)be;
+}
+
+/* Widens n elements of row `row` of a 2-D weight (or a 1-D vector, row 0) to F32. */
+void cvlm_cpu_widen(const struct cvlm_tensor *w, int64_t row, int64_t n, float *out);
+
+/* ---- GEMM building blocks (gemm.c drives them; one set per ISA) ----------------------- */
+
+#define GEMM_MR 12  /* rows of x per micro-tile */
+#define GEMM_NR 32  /* rows of W (output columns) per micro-tile */
+#define GEMV_MMAX 4 /* rows of x one matrix-vector pass serves */
+#define GEMM_KC 256 /* k slice: a packed NR panel is KC * NR * 4 = 32 KiB (L1) */
+
+/* y[m][n] = sum_k x[m][k] * W[n][k] for m < M (<= GEMV_MMAX), n in [n0, n1): every W row
+ * is streamed once and widened in registers. y rows are ldy apart. */
+typedef void (*cpu_gemv_fn)(float *y, int ldy, const float *x, int ldx, int M,
+                            const struct cvlm_tensor *w, int n0, int n1, int K);
+/* Bp[k][c] = W[n0 + c][k0 + k] (F32) for k < kc, c < GEMM_NR; rows n0 + c >= N are 0. */
+typedef void (*cpu_pack_b_fn)(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
+                              int kc, int K);
+/* C[i][j] (+)= sum_k ap[k][i] * bp[k][j] for i < mr, j < nr (a GEMM_MR x GEMM_NR tile);
+ * `acc` 0 stores, 1 adds to C. */
+typedef void (*cpu_tile_fn)(const float *ap, const float *bp, int kc, float *c, int ldc,
+                            int mr, int nr, int acc);
+
+void cvlm_cpu_gemv_scalar(float *y, int ldy, const float *x, int ldx, int M,
+                          const struct cvlm_tensor *w, int n0, int n1, int K);
+void cvlm_cpu_pack_b_scalar(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
+                            int kc, int K);
+void cvlm_cpu_tile_scalar(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
+                          int nr, int acc);
+#if defined(__x86_64__)
+void cvlm_cpu_gemv_avx2(float *y, int ldy, const float *x, int ldx, int M,
+                        const struct cvlm_tensor *w, int n0, int n1, int K);
+void cvlm_cpu_pack_b_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
+                          int kc, int K);
+void cvlm_cpu_tile_avx2(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
+                        int nr, int acc);
+void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
+                          const struct cvlm_tensor *w, int n0, int n1, int K);
+void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
+                            int kc, int K);
+void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
+                          int nr, int acc);
+#endif
+
+/* ---- vector math and attention helpers (vec_*.c; one set per ISA) ------------------- */
+
+struct cpu_vec_ops {
+    /* x[i] = 0.5 x (1 + erf(x / sqrt 2)) in place */
+    void (*gelu)(float *x, size_t n);
+    /* o[i] = g[i] / (1 + exp(-g[i])) * u[i] (o may alias g) */
+    void (*silu_mul)(float *o, const float *g, const float *u, int n);
+    /* p[j] = exp(p[j] - mx); returns the sum of the new p */
+    float (*exp_sum)(float *p, int n, float mx);
+    /* s[j] = scale * dot(q, k + j * ldk) over hd elements, for j < n */
+    void (*scores)(float *s, const float *q, const float *k, int ldk, int n, int hd,
+                   float scale);
+    /* o[d] += sum_j p[j] * v[j * ldv + d] for d < hd, j < n */
+    void (*pv)(float *o, const float *p, const float *v, int ldv, int n, int hd);
+    /* y[i] += x[i] */
+    void (*add)(float *y, const float *x, size_t n);
+};
+
+/* The helpers for an ISA (scalar ones in vec_scalar.c). */
+const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa);
+extern const struct cpu_vec_ops cvlm_cpu_vec_scalar;
+#if defined(__x86_64__)
+extern const struct cpu_vec_ops cvlm_cpu_vec_avx2;
+extern const struct cpu_vec_ops cvlm_cpu_vec_avx512;
+#endif
+
+/* The kernel families, each in its own file. */
+void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride,
+                   const struct cvlm_tensor *w, const struct cvlm_tensor *bias, int M, int N,
+                   int K);
+void cvlm_cpu_attention_full(struct cvlm_backend *be, void *out, const void *qkv, int N,
+                             int n_heads, int head_dim);
+void cvlm_cpu_kv_write(struct cvlm_backend *be, struct cvlm_kv_layer *kv, const void *k,
+                       const void *v, int stride, const struct cvlm_attn_batch *b, int n_heads,
+                       int head_dim);
+void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int stride,
+                              const struct cvlm_kv_layer *kv, const struct cvlm_attn_batch *b,
+                              int n_heads, int head_dim);
+
+#endif

@@ -1,0 +1,234 @@
+/* gemm_avx512.c - AVX-512 GEMM kernels: the widening matrix-vector kernel (decode), the
+ * W panel packer and the 12 x 32 register-blocked micro-kernel (prefill, ViT).
+ *
+ * Every function here carries __attribute__((target)) and is only reached when the
+ * backend detected AVX-512 F/BW/VL/DQ (see cpu.h); the rest of the library stays baseline.
+ * Widening: BF16 -> F32 is a 16-bit shift into the high half; F16 -> F32 uses F16C
+ * (vcvtph2ps). Accumulation is F32 with FMA.
+ */
+#include "kernels/cpu/cpu.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define INLINE512 static inline __attribute__((always_inline, target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+
+/* 16 consecutive elements of a weight at element index i, widened; `m` masks a tail
+ * (masked-off lanes read nothing and are 0). `dt` is a compile-time constant at every
+ * call site, so the switch folds away. */
+INLINE512 __m512 ld16(const void *base, int dt, size_t i, __mmask16 m)
+{
+    if (dt == CVLM_DTYPE_F32)
+        return _mm512_maskz_loadu_ps(m, (const float *)base + i);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i);
+    if (dt == CVLM_DTYPE_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+INLINE512 __m512 ld16_full(const void *base, int dt, size_t i)
+{
+    if (dt == CVLM_DTYPE_F32)
+        return _mm512_loadu_ps((const float *)base + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    if (dt == CVLM_DTYPE_F16)
+        return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* Sums each of 4 vectors; returns [sum a, sum b, sum c, sum d]. */
+INLINE512 __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
+{
+    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
+    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b8), _mm256_extractf128_ps(b8, 1));
+    __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c8), _mm256_extractf128_ps(c8, 1));
+    __m128 d4 = _mm_add_ps(_mm256_castps256_ps128(d8), _mm256_extractf128_ps(d8, 1));
+    return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
+}
+
+/* ---- matrix-vector: R = 4 W rows per pass, M (1..4) x rows ------------------------------ */
+
+INLINE512 void gemv4(float *y, int ldy, const float *x, int ldx, const int M, const void *w,
+                     const int dt, size_t n, int K)
+{
+    __m512 acc[4][GEMV_MMAX];
+    const size_t K_ = (size_t)K;
+    for (int r = 0; r < 4; r++)
+        for (int m = 0; m < M; m++)
+            acc[r][m] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 w0 = ld16_full(w, dt, n * K_ + k), w1 = ld16_full(w, dt, (n + 1) * K_ + k);
+        __m512 w2 = ld16_full(w, dt, (n + 2) * K_ + k), w3 = ld16_full(w, dt, (n + 3) * K_ + k);
+        for (int m = 0; m < M; m++) {
+            __m512 xv = _mm512_loadu_ps(x + (size_t)m * ldx + k);
+            acc[0][m] = _mm512_fmadd_ps(w0, xv, acc[0][m]);
+            acc[1][m] = _mm512_fmadd_ps(w1, xv, acc[1][m]);
+            acc[2][m] = _mm512_fmadd_ps(w2, xv, acc[2][m]);
+            acc[3][m] = _mm512_fmadd_ps(w3, xv, acc[3][m]);
+        }
+    }
+    if (k < K) {
+        __mmask16 t = (__mmask16)((1u << (K - k)) - 1);
+        __m512 w0 = ld16(w, dt, n * K_ + k, t), w1 = ld16(w, dt, (n + 1) * K_ + k, t);
+        __m512 w2 = ld16(w, dt, (n + 2) * K_ + k, t), w3 = ld16(w, dt, (n + 3) * K_ + k, t);
+        for (int m = 0; m < M; m++) {
+            __m512 xv = _mm512_maskz_loadu_ps(t, x + (size_t)m * ldx + k);
+            acc[0][m] = _mm512_fmadd_ps(w0, xv, acc[0][m]);
+            acc[1][m] = _mm512_fmadd_ps(w1, xv, acc[1][m]);
+            acc[2][m] = _mm512_fmadd_ps(w2, xv, acc[2][m]);
+            acc[3][m] = _mm512_fmadd_ps(w3, xv, acc[3][m]);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        _mm_storeu_ps(y + (size_t)m * ldy + n, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+}
+
+/* One W row (the < 4 leftover rows of a range). */
+INLINE512 void gemv1(float *y, int ldy, const float *x, int ldx, int M, const void *w,
+                     const int dt, size_t n, int K)
+{
+    for (int m = 0; m < M; m++) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        const float *xr = x + (size_t)m * ldx;
+        int k = 0;
+        for (; k + 32 <= K; k += 32) {
+            a0 = _mm512_fmadd_ps(ld16_full(w, dt, n * K + k), _mm512_loadu_ps(xr + k), a0);
+            a1 = _mm512_fmadd_ps(ld16_full(w, dt, n * K + k + 16), _mm512_loadu_ps(xr + k + 16),
+                                 a1);
+        }
+        for (; k < K; k += 16) {
+            __mmask16 t = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+            a0 = _mm512_fmadd_ps(ld16(w, dt, n * K + k, t), _mm512_maskz_loadu_ps(t, xr + k), a0);
+        }
+        y[(size_t)m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+}
+
+INLINE512 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M,
+                          const void *w, const int dt, int n0, int n1, int K)
+{
+    int n = n0;
+    for (; n + 4 <= n1; n += 4)
+        gemv4(y, ldy, x, ldx, M, w, dt, (size_t)n, K);
+    for (; n < n1; n++)
+        gemv1(y, ldy, x, ldx, M, w, dt, (size_t)n, K);
+}
+
+#define GEMV_CASES(DT)                                                                     \
+    switch (M) {                                                                           \
+    case 1: gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K); break;                  \
+    case 2: gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K); break;                  \
+    case 3: gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K); break;                  \
+    default: gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K); break;                 \
+    }
+
+AVX512 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
+                                 const struct cvlm_tensor *w, int n0, int n1, int K)
+{
+    if (w->dtype == CVLM_DTYPE_BF16)
+        GEMV_CASES(CVLM_DTYPE_BF16)
+    else if (w->dtype == CVLM_DTYPE_F16)
+        GEMV_CASES(CVLM_DTYPE_F16)
+    else
+        GEMV_CASES(CVLM_DTYPE_F32)
+}
+
+/* ---- packing W: 16 x 16 in-register transposes ------------------------------------------ */
+
+/* r[0..16) := its transpose, by 4 butterfly stages: stage b swaps element (i, c | b) with
+ * (i | b, c) for every i, c with bit b clear. */
+INLINE512 void transpose16(__m512 r[16])
+{
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int b = 8; b >= 1; b >>= 1) {
+        __m512i vb = _mm512_set1_epi32(b), v16 = _mm512_set1_epi32(16);
+        __mmask16 hi = _mm512_test_epi32_mask(iota, vb); /* lanes c with bit b set */
+        /* low row: c (bit clear) from itself, c (bit set) from the partner's c & ~b */
+        __m512i lo_idx = _mm512_mask_or_epi32(iota, hi, _mm512_andnot_si512(vb, iota), v16);
+        /* high row: c (bit clear) from the low row's c | b, c (bit set) from itself */
+        __m512i hi_idx = _mm512_mask_or_epi32(_mm512_or_si512(iota, vb), hi, iota, v16);
+        for (int i = 0; i < 16; i++) {
+            if (i & b)
+                continue;
+            __m512 a = r[i], c = r[i | b];
+            r[i] = _mm512_permutex2var_ps(a, lo_idx, c);
+            r[i | b] = _mm512_permutex2var_ps(a, hi_idx, c);
+        }
+    }
+}
+
+INLINE512 void pack_group(float *bp, const void *w, const int dt, int n0, int N, int k0, int kc,
+                          int K)
+{
+    __m512 r[16];
+    for (int kk = 0; kk < kc; kk += 16) {
+        int cnt = kc - kk < 16 ? kc - kk : 16;
+        __mmask16 t = (__mmask16)((1u << cnt) - 1);
+        for (int i = 0; i < 16; i++)
+            r[i] = n0 + i < N ? ld16(w, dt, (size_t)(n0 + i) * K + k0 + kk, t)
+                              : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < cnt; i++)
+            _mm512_store_ps(bp + (size_t)(kk + i) * GEMM_NR, r[i]);
+    }
+}
+
+AVX512 void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
+                                   int kc, int K)
+{
+    for (int g = 0; g < GEMM_NR; g += 16) {
+        if (w->dtype == CVLM_DTYPE_BF16)
+            pack_group(bp + g, w->data, CVLM_DTYPE_BF16, n0 + g, N, k0, kc, K);
+        else if (w->dtype == CVLM_DTYPE_F16)
+            pack_group(bp + g, w->data, CVLM_DTYPE_F16, n0 + g, N, k0, kc, K);
+        else
+            pack_group(bp + g, w->data, CVLM_DTYPE_F32, n0 + g, N, k0, kc, K);
+    }
+}
+
+/* ---- the 12 x 32 micro-kernel ----------------------------------------------------------- */
+
+AVX512 void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float *c, int ldc,
+                                 int mr, int nr, int acc)
+{
+    __m512 t[GEMM_MR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < GEMM_MR; i++)
+        t[i][0] = t[i][1] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++) {
+        __m512 b0 = _mm512_load_ps(bp + (size_t)k * GEMM_NR);
+        __m512 b1 = _mm512_load_ps(bp + (size_t)k * GEMM_NR + 16);
+        const float *a = ap + (size_t)k * GEMM_MR;
+#pragma GCC unroll 12
+        for (int i = 0; i < GEMM_MR; i++) {
+            __m512 av = _mm512_set1_ps(a[i]);
+            t[i][0] = _mm512_fmadd_ps(av, b0, t[i][0]);
+            t[i][1] = _mm512_fmadd_ps(av, b1, t[i][1]);
+        }
+    }
+    __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
+    __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff
+                 : nr > 16  ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+#pragma GCC unroll 12
+    for (int i = 0; i < GEMM_MR; i++) {
+        if (i >= mr)
+            break;
+        float *ci = c + (size_t)i * ldc;
+        __m512 v0 = t[i][0], v1 = t[i][1];
+        if (acc) {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ci));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ci + 16));
+        }
+        _mm512_mask_storeu_ps(ci, m0, v0);
+        _mm512_mask_storeu_ps(ci + 16, m1, v1);
+    }
+}
+
+#endif /* __x86_64__ */

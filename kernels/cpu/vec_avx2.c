@@ -1,0 +1,186 @@
+/* vec_avx2.c - AVX2 + FMA element-wise and attention helpers (struct cpu_vec_ops).
+ *
+ * Same approximations as vec_avx512.c (exp: range reduction + degree-7 polynomial, 2^n
+ * built in the exponent bits; erf: Abramowitz & Stegun 7.1.26); tails run the scalar
+ * formulas on a zero-padded 8-lane buffer so every element takes the vector path.
+ */
+#include "kernels/cpu/cpu.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE2 static inline __attribute__((always_inline, target("avx2,fma")))
+
+INLINE2 __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    /* n in [-126, 128]: 2^n as (n + 127) << 23; n = 128 only at the clamp edge, split */
+    __m256i e = _mm256_cvtps_epi32(n);
+    __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
+    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
+    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+INLINE2 __m256 gelu8(__m256 x)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_andnot_ps(sign, _mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+    __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f),
+                             _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+    __m256 p = _mm256_set1_ps(1.061405429f);
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+    p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+    p = _mm256_mul_ps(p, t);
+    __m256 e = exp8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), a), a));
+    __m256 erf = _mm256_fnmadd_ps(p, e, _mm256_set1_ps(1.0f));
+    erf = _mm256_or_ps(erf, _mm256_and_ps(x, sign));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x),
+                         _mm256_add_ps(_mm256_set1_ps(1.0f), erf));
+}
+
+AVX2 static void gelu(float *x, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        float buf[8] = {0};
+        memcpy(buf, x + i, (n - i) * sizeof(float));
+        _mm256_storeu_ps(buf, gelu8(_mm256_loadu_ps(buf)));
+        memcpy(x + i, buf, (n - i) * sizeof(float));
+    }
+}
+
+INLINE2 __m256 silu_mul8(__m256 g, __m256 u)
+{
+    __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
+}
+
+AVX2 static void silu_mul(float *o, const float *g, const float *u, int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(o + i, silu_mul8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    if (i < n) {
+        float bg[8] = {0}, bu[8] = {0};
+        memcpy(bg, g + i, (size_t)(n - i) * sizeof(float));
+        memcpy(bu, u + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(bg, silu_mul8(_mm256_loadu_ps(bg), _mm256_loadu_ps(bu)));
+        memcpy(o + i, bg, (size_t)(n - i) * sizeof(float));
+    }
+}
+
+INLINE2 float hsum8(__m256 v)
+{
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
+AVX2 static float exp_sum(float *p, int n, float mx)
+{
+    __m256 s = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
+        _mm256_storeu_ps(p + j, e);
+        s = _mm256_add_ps(s, e);
+    }
+    float sum = hsum8(s);
+    if (j < n) {
+        float buf[8];
+        for (int i = 0; i < 8; i++)
+            buf[i] = j + i < n ? p[j + i] - mx : -INFINITY;
+        _mm256_storeu_ps(buf, exp8(_mm256_loadu_ps(buf)));
+        for (int i = 0; j + i < n; i++) {
+            p[j + i] = buf[i];
+            sum += buf[i];
+        }
+    }
+    return sum;
+}
+
+INLINE2 float dot8(const float *a, const float *b, int n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float r = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        r += a[i] * b[i];
+    return r;
+}
+
+AVX2 static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd,
+                        float scale)
+{
+    for (int j = 0; j < n; j++)
+        s[j] = dot8(q, k + (size_t)j * ldk, hd) * scale;
+}
+
+/* Up to 64 output columns stay in 8 accumulators while the value rows stream by. */
+AVX2 static void pv(float *o, const float *p, const float *v, int ldv, int n, int hd)
+{
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (int j = 0; j < n; j++) {
+            __m256 pj = _mm256_set1_ps(p[j]);
+            const float *vr = v + (size_t)j * ldv + d0;
+            for (int i = 0; i < 8; i++)
+                acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        __m256 acc = _mm256_loadu_ps(o + d0);
+        for (int j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + (size_t)j * ldv + d0),
+                                  acc);
+        _mm256_storeu_ps(o + d0, acc);
+    }
+    for (; d0 < hd; d0++)
+        for (int j = 0; j < n; j++)
+            o[d0] += p[j] * v[(size_t)j * ldv + d0];
+}
+
+AVX2 static void add(float *y, const float *x, size_t n)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_add_ps(_mm256_loadu_ps(y + i), _mm256_loadu_ps(x + i)));
+    for (; i < n; i++)
+        y[i] += x[i];
+}
+
+const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {gelu, silu_mul, exp_sum, scores, pv, add};
+
+#endif /* __x86_64__ */

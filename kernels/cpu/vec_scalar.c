@@ -1,0 +1,80 @@
+/* vec_scalar.c - portable element-wise and attention helpers (struct cpu_vec_ops), and
+ * the choice of a helper set by instruction set.
+ *
+ * These use libm (erff, expf) and plain loops; they are the reference behaviour the
+ * vectorised sets (vec_avx2.c, vec_avx512.c) approximate to a few ulp.
+ */
+#include "kernels/cpu/cpu.h"
+
+#include <math.h>
+
+static void gelu(float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+}
+
+static void silu_mul(float *o, const float *g, const float *u, int n)
+{
+    for (int i = 0; i < n; i++)
+        o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+static float exp_sum(float *p, int n, float mx)
+{
+    float sum = 0;
+    for (int j = 0; j < n; j++) {
+        p[j] = expf(p[j] - mx);
+        sum += p[j];
+    }
+    return sum;
+}
+
+static float dotf(const float *a, const float *b, int n)
+{
+    float acc[4] = {0, 0, 0, 0};
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int l = 0; l < 4; l++)
+            acc[l] += a[i + l] * b[i + l];
+    for (; i < n; i++)
+        acc[0] += a[i] * b[i];
+    return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+}
+
+static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd,
+                   float scale)
+{
+    for (int j = 0; j < n; j++)
+        s[j] = dotf(q, k + (size_t)j * ldk, hd) * scale;
+}
+
+static void pv(float *o, const float *p, const float *v, int ldv, int n, int hd)
+{
+    for (int j = 0; j < n; j++) {
+        const float *vj = v + (size_t)j * ldv;
+        for (int d = 0; d < hd; d++)
+            o[d] += p[j] * vj[d];
+    }
+}
+
+static void add(float *y, const float *x, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        y[i] += x[i];
+}
+
+const struct cpu_vec_ops cvlm_cpu_vec_scalar = {gelu, silu_mul, exp_sum, scores, pv, add};
+
+const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa)
+{
+#if defined(__x86_64__)
+    if (isa >= CPU_ISA_AVX512)
+        return &cvlm_cpu_vec_avx512;
+    if (isa >= CPU_ISA_AVX2)
+        return &cvlm_cpu_vec_avx2;
+#else
+    (void)isa;
+#endif
+    return &cvlm_cpu_vec_scalar;
+}
