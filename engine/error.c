@@ -19,6 +19,9 @@ const char *cvlm_strerror(int code)
     case CVLM_ETOOBIG: return "too large";
     case CVLM_ENOENT: return "not found";
     case CVLM_ESHAPE: return "shape mismatch";
+    case CVLM_EBUSY: return "busy";
+    case CVLM_ECANCELED: return "cancelled";
+    case CVLM_ESTATE: return "not possible in the current state";
     default: return "unknown error";
     }
 }

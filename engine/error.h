@@ -19,6 +19,9 @@ enum {
     CVLM_ETOOBIG = -6,      /* exceeds a configured or hard limit */
     CVLM_ENOENT = -7,       /* file or named item not found */
     CVLM_ESHAPE = -8,       /* tensor shape, dtype or size does not match the model */
+    CVLM_EBUSY = -9,        /* queue full: retry later */
+    CVLM_ECANCELED = -10,   /* the request was cancelled */
+    CVLM_ESTATE = -11,      /* not possible in the current state (draining, not loaded) */
 };
 
 /* Static description of a code ("malformed data", ...). Never NULL. */

@@ -257,6 +257,8 @@ static int check_batch(const struct cvlm_model *m, const struct cvlm_batch *b)
         if ((!b->img_row || b->img_row[t] < 0) &&
             (b->ids[t] < 0 || b->ids[t] >= m->c->vocab_size))
             return cvlm_errf(CVLM_EINVAL, "token id %d outside the vocabulary", b->ids[t]);
+        if (b->img_row && b->img_row[t] >= cvlm_config_image_tokens(m->c))
+            return cvlm_errf(CVLM_EINVAL, "image row %d outside the image", b->img_row[t]);
     }
     return 0;
 }
@@ -338,8 +340,8 @@ static void decoder_layer(struct cvlm_model *m, int l, const struct cvlm_attn_ba
 }
 
 /* Replaces the embeddings of image slots by their feature rows, one copy per run of
- * consecutive permuted rows. */
-static void splice_image(struct cvlm_model *m, const struct cvlm_batch *b, int n)
+ * consecutive permuted rows of the same sequence. */
+static int splice_image(struct cvlm_model *m, const struct cvlm_batch *b, int n)
 {
     int D = m->c->hidden_size;
     for (int q = 0; q < n;) {
@@ -347,13 +349,16 @@ static void splice_image(struct cvlm_model *m, const struct cvlm_batch *b, int n
             q++;
             continue;
         }
-        int e = q;
-        while (e < n && m->img_p[e] >= 0)
+        int e = q, s = m->seq_p[q];
+        while (e < n && m->img_p[e] >= 0 && m->seq_p[e] == s)
             e++;
-        m->op->copy_rows(m->be, cvlm_be_row(m->be, m->x, (size_t)q, (size_t)D), b->img_feats,
+        if (!b->img_feats || !b->img_feats[s])
+            return cvlm_errf(CVLM_EINVAL, "image slots without image features");
+        m->op->copy_rows(m->be, cvlm_be_row(m->be, m->x, (size_t)q, (size_t)D), b->img_feats[s],
                          m->img_p + q, e - q, D);
         q = e;
     }
+    return 0;
 }
 
 static void logits_out(struct cvlm_model *m, const struct cvlm_batch *b, float *logits)
@@ -382,7 +387,8 @@ int cvlm_model_forward(struct cvlm_model *m, const struct cvlm_batch *b, float *
     int n = b->n_tokens, nl = permute(m, b);
     struct cvlm_attn_batch ab = {n, m->seq_p, m->slot_p, b->seqs, m->block_size};
     m->op->embed(m->be, m->x, &m->w->embed, m->ids_p, n, D);
-    splice_image(m, b, n);
+    if ((rc = splice_image(m, b, n)))
+        return rc;
     for (int l = 0; l < m->c->num_layers; l++) {
         debug_rows(m, b, l, m->x, n, m->inv);
         decoder_layer(m, l, &ab, nl);

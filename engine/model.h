@@ -37,8 +37,9 @@ struct cvlm_batch {
     const uint8_t *expert;   /* [n] CVLM_EXPERT_LANG / CVLM_EXPERT_VISION */
     const int32_t *seq;      /* [n] index into seqs */
     const int32_t *slot;     /* [n] KV slot of the token inside its sequence */
-    const int32_t *img_row;  /* [n] row of img_feats replacing the embedding, or -1; may be NULL */
-    const void *img_feats;   /* backend buffer of image features [rows, hidden] */
+    const int32_t *img_row;  /* [n] row of its sequence's image features replacing the
+                                embedding, or -1; may be NULL (no image slots) */
+    const void *const *img_feats; /* [n_seqs] backend buffers [image rows, hidden], or NULL */
     const struct cvlm_seq_kv *seqs;
     int n_seqs;
     const uint8_t *want_logits; /* [n] 1 where logits are wanted; NULL = last token only */

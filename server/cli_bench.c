@@ -25,7 +25,7 @@
 #include <unistd.h>
 
 struct bench_opts {
-    const char *preset, *config, *json, *ckpt;
+    const char *preset, *config, *json, *ckpt, *logits_out;
     enum cvlm_dtype dtype;
     int threads, prompt, decode, vit_layers;
     uint64_t seed;
@@ -107,11 +107,12 @@ static int usage(int rc)
             "usage: cogvlm bench [--preset NAME | --config config.json] [--dtype bf16|f16|f32]\n"
             "                    [--threads N] [--prompt-tokens 512] [--decode-tokens 64]\n"
             "                    [--vision-layers 4] [--seed S] [--json FILE]\n"
-            "                    [--write-checkpoint DIR]\n"
+            "                    [--write-checkpoint DIR] [--logits-out FILE]\n"
             "Presets: llama-2048 (default; LLaMA-shaped, hidden 2048, 22 layers, 32 heads,\n"
             "MLP 5632, vocab 32000), llama-small, cogvlm-17b-l2, vit-17b.\n"
             "--vision-layers 0 skips the vision tower; --prompt-tokens 0 skips the text\n"
-            "model. --write-checkpoint saves the text model's random weights.\n");
+            "model. --write-checkpoint saves the text model's random weights;\n"
+            "--logits-out writes the last prompt token's logits (raw float32).\n");
     return rc;
 }
 
@@ -149,6 +150,7 @@ static int parse(int argc, char **argv, struct bench_opts *o)
         else if (!strcmp(a, "--seed")) o->seed = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--json")) o->json = v;
         else if (!strcmp(a, "--write-checkpoint")) o->ckpt = v;
+        else if (!strcmp(a, "--logits-out")) o->logits_out = v;
         else return -1;
     }
     if (o->threads < 0 || o->prompt < 0 || o->decode < 0 || o->vit_layers < 0 ||
@@ -317,6 +319,17 @@ static void free_run(struct text_run *t)
     free(t->logits);
 }
 
+static int save_floats(const char *path, const float *v, int n)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f)
+        return cvlm_errf(CVLM_EIO, "%s: cannot create", path);
+    size_t ok = fwrite(v, sizeof(float), (size_t)n, f);
+    if (fclose(f) || ok != (size_t)n)
+        return cvlm_errf(CVLM_EIO, "%s: write failed", path);
+    return 0;
+}
+
 static int time_text(const struct bench_opts *o, struct cvlm_model *m,
                      const struct cvlm_config *c, struct bench_result *r)
 {
@@ -333,6 +346,8 @@ static int time_text(const struct bench_opts *o, struct cvlm_model *m,
     if ((rc = step(&t, 0, P)))
         goto out;
     r->t_prefill = now_s() - t0;
+    if (o->logits_out && (rc = save_floats(o->logits_out, t.logits, c->vocab_size)))
+        goto out;
     t0 = now_s();
     for (int k = 0; k < o->decode; k++) {
         t.ids[P + k] = argmax(t.logits, c->vocab_size);

@@ -143,7 +143,8 @@ static int prefill(struct cvlm_model *m, struct run *r, int from, int to)
     }
     struct cvlm_batch b = {.n_tokens = n, .ids = r->p.ids + from, .pos = r->p.pos + from,
                            .expert = r->p.expert + from, .seq = seq, .slot = slot,
-                           .img_row = img, .img_feats = r->feats, .seqs = &r->seq, .n_seqs = 1,
+                           .img_row = img, .img_feats = (const void *const *)&r->feats,
+                           .seqs = &r->seq, .n_seqs = 1,
                            .want_logits = want, .on_hidden = on_hidden, .dbg_ctx = &r->cap};
     r->cap.offset = from;
     rc = cvlm_model_forward(m, &b, r->logits + (size_t)from * V);

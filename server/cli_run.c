@@ -205,7 +205,8 @@ static int feed(struct session *s, int from, int to, const int32_t *pos, const u
         img[i] = s->p.image_start >= 0 && rel >= 0 && rel < img_len ? rel : -1;
     }
     struct cvlm_batch b = {.n_tokens = n, .ids = s->tokens + from, .pos = pos, .expert = expert,
-                           .seq = seq, .slot = slot, .img_row = img, .img_feats = s->feats,
+                           .seq = seq, .slot = slot, .img_row = img,
+                           .img_feats = (const void *const *)&s->feats,
                            .seqs = &kv, .n_seqs = 1};
     rc = cvlm_model_forward(s->m, &b, s->logits);
 out:

@@ -8,12 +8,30 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* 64-byte aligned memory; large blocks are 2 MiB aligned and asked to be backed by
+ * transparent huge pages (weights and activations are streamed: fewer TLB misses). */
+static void *big_alloc(size_t bytes)
+{
+    if (bytes < 2 * HUGE_PAGE)
+        return aligned_alloc(64, (bytes + 63) / 64 * 64);
+    bytes = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    void *p = aligned_alloc(HUGE_PAGE, bytes);
+#if defined(MADV_HUGEPAGE)
+    if (p)
+        madvise(p, bytes, MADV_HUGEPAGE); /* a hint: failure changes nothing */
+#endif
+    return p;
+}
 
 float *cvlm_cpu_scratch(struct cpu_backend *cb, size_t n)
 {
     if (n > cb->scratch_cap) {
-        float *p = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        float *p = big_alloc(n * sizeof(float));
         if (!p)
             return NULL;
         free(cb->scratch);
@@ -26,7 +44,7 @@ float *cvlm_cpu_scratch(struct cpu_backend *cb, size_t n)
 static void *cpu_alloc(struct cvlm_backend *be, size_t bytes)
 {
     (void)be;
-    return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+    return big_alloc(bytes + 64);
 }
 
 static void cpu_free(struct cvlm_backend *be, void *p)
@@ -287,7 +305,8 @@ static const struct cvlm_backend_i cpu_ops = {
 
 const char *cvlm_cpu_isa_name(enum cpu_isa isa)
 {
-    return isa == CPU_ISA_AVX512 ? "avx512" : isa == CPU_ISA_AVX2 ? "avx2" : "scalar";
+    static const char *const names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+    return names[isa];
 }
 
 enum cpu_isa cvlm_cpu_detect_isa(void)
@@ -302,13 +321,14 @@ enum cpu_isa cvlm_cpu_detect_isa(void)
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
             isa = CPU_ISA_AVX512;
+        if (isa == CPU_ISA_AVX512 && __builtin_cpu_supports("avx512bf16"))
+            isa = CPU_ISA_AVX512BF16;
     }
 #endif
     /* a forced path may only lower the choice: never run code the CPU lacks */
-    if (env && !strcmp(env, "scalar"))
-        isa = CPU_ISA_SCALAR;
-    else if (env && !strcmp(env, "avx2") && isa > CPU_ISA_AVX2)
-        isa = CPU_ISA_AVX2;
+    for (int i = CPU_ISA_SCALAR; env && i < (int)isa; i++)
+        if (!strcmp(env, cvlm_cpu_isa_name((enum cpu_isa)i)))
+            isa = (enum cpu_isa)i;
     return isa;
 }
 

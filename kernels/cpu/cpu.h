@@ -7,8 +7,8 @@
  * Instruction sets: the library is compiled for baseline x86-64 (or any other target);
  * AVX2 and AVX-512 kernels are functions with __attribute__((target)) in their own files
  * and are only called when the CPU reports the features at backend creation. The
- * environment variable COGVLM_CPU_ISA=scalar|avx2|avx512 forces a lower path (tests use
- * it to cover every path the machine supports).
+ * environment variable COGVLM_CPU_ISA=scalar|avx2|avx512|avx512bf16 forces a lower path
+ * (tests use it to cover every path the machine supports).
  */
 #ifndef CVLM_CPU_H
 #define CVLM_CPU_H
@@ -16,7 +16,14 @@
 #include "engine/backend.h"
 #include "kernels/cpu/pool.h"
 
-enum cpu_isa { CPU_ISA_SCALAR = 0, CPU_ISA_AVX2 = 1, CPU_ISA_AVX512 = 2 };
+/* Ordered: each level includes the ones below it. AVX512BF16 adds vdpbf16ps (used for
+ * the BF16-weight matrix-vector kernel). */
+enum cpu_isa {
+    CPU_ISA_SCALAR = 0,
+    CPU_ISA_AVX2 = 1,
+    CPU_ISA_AVX512 = 2,
+    CPU_ISA_AVX512BF16 = 3,
+};
 
 struct cpu_backend {
     struct cvlm_backend base;
@@ -50,12 +57,26 @@ void cvlm_cpu_widen(const struct cvlm_tensor *w, int64_t row, int64_t n, float *
 #define GEMM_MR 12  /* rows of x per micro-tile */
 #define GEMM_NR 32  /* rows of W (output columns) per micro-tile */
 #define GEMV_MMAX 4 /* rows of x one matrix-vector pass serves */
-#define GEMM_KC 256 /* k slice: a packed NR panel is KC * NR * 4 = 32 KiB (L1) */
+/* k slice: a packed NR panel is KC * NR * 4 = 64 KiB (L2), an x micro-panel 24 KiB (L1);
+ * 512 measured a few % faster than 256 on Zen 5 (fewer passes over y) */
+#ifndef GEMM_KC
+#define GEMM_KC 512
+#endif
 
 /* y[m][n] = sum_k x[m][k] * W[n][k] for m < M (<= GEMV_MMAX), n in [n0, n1): every W row
  * is streamed once and widened in registers. y rows are ldy apart. */
 typedef void (*cpu_gemv_fn)(float *y, int ldy, const float *x, int ldx, int M,
                             const struct cvlm_tensor *w, int n0, int n1, int K);
+/* BF16 weights on AVX512_BF16 CPUs: x is first split once per call into two BF16 terms,
+ * x = hi + lo + r with |r| <= 2^-17 |x| (hi = bf16(x), lo = bf16(x - hi)), stored as
+ * xs[m][2][Kp] (Kp = K rounded up to 32, zero padded); the kernel then runs two vdpbf16ps
+ * per 32 weights (each product exact, F32 accumulation). This reads 64 bytes of W per
+ * three instructions, which is what lets one core approach the memory bandwidth. */
+#define GEMV_KPAD(K) (((K) + 31) / 32 * 32)
+void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int M, int K);
+void cvlm_cpu_gemv_bf16x2_avx512(float *y, int ldy, const uint16_t *xs, int M,
+                                 const struct cvlm_tensor *w, int n0, int n1, int K);
+
 /* Bp[k][c] = W[n0 + c][k0 + k] (F32) for k < kc, c < GEMM_NR; rows n0 + c >= N are 0. */
 typedef void (*cpu_pack_b_fn)(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
                               int kc, int K);
@@ -63,6 +84,15 @@ typedef void (*cpu_pack_b_fn)(float *bp, const struct cvlm_tensor *w, int n0, in
  * `acc` 0 stores, 1 adds to C. */
 typedef void (*cpu_tile_fn)(const float *ap, const float *bp, int kc, float *c, int ldc,
                             int mr, int nr, int acc);
+
+struct cpu_gemm_kernels {
+    cpu_gemv_fn gemv;
+    cpu_pack_b_fn pack_b;
+    cpu_tile_fn tile;
+};
+
+/* The GEMM kernels of an ISA (also used by the blocked attention). */
+struct cpu_gemm_kernels cvlm_cpu_gemm_kernels(enum cpu_isa isa);
 
 void cvlm_cpu_gemv_scalar(float *y, int ldy, const float *x, int ldx, int M,
                           const struct cvlm_tensor *w, int n0, int n1, int K);
@@ -101,7 +131,12 @@ struct cpu_vec_ops {
     void (*pv)(float *o, const float *p, const float *v, int ldv, int n, int hd);
     /* y[i] += x[i] */
     void (*add)(float *y, const float *x, size_t n);
+    /* dst[c * ldd + r] = src[r * lds + c] for r < rows (<= 16), c < cols */
+    void (*transpose)(float *dst, int ldd, const float *src, int lds, int rows, int cols);
 };
+
+void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows,
+                               int cols);
 
 /* The helpers for an ISA (scalar ones in vec_scalar.c). */
 const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa);

@@ -18,8 +18,12 @@
 #include <string.h>
 
 #define GEMV_MAX_M 8 /* above this, the packed GEMM wins */
-#define GEMM_MC 192  /* rows of x per pass over a thread's W block (L2), multiple of MR */
-#define GEMM_NC 256  /* max output columns per task */
+#ifndef GEMM_MC
+#define GEMM_MC 192 /* rows of x per pass over a thread's W block (L2), multiple of MR */
+#endif
+#ifndef GEMM_NC
+#define GEMM_NC 256 /* max output columns per task */
+#endif
 
 /* ---- scalar kernels -------------------------------------------------------------------- */
 
@@ -105,21 +109,17 @@ void cvlm_cpu_tile_scalar(const float *ap, const float *bp, int kc, float *c, in
 
 /* ---- driver ----------------------------------------------------------------------------- */
 
-struct gemm_kernels {
-    cpu_gemv_fn gemv;
-    cpu_pack_b_fn pack_b;
-    cpu_tile_fn tile;
-};
-
-static struct gemm_kernels kernels_for(enum cpu_isa isa)
+struct cpu_gemm_kernels cvlm_cpu_gemm_kernels(enum cpu_isa isa)
 {
-    struct gemm_kernels k = {cvlm_cpu_gemv_scalar, cvlm_cpu_pack_b_scalar, cvlm_cpu_tile_scalar};
+    struct cpu_gemm_kernels k = {cvlm_cpu_gemv_scalar, cvlm_cpu_pack_b_scalar,
+                                 cvlm_cpu_tile_scalar};
 #if defined(__x86_64__)
     if (isa >= CPU_ISA_AVX512)
-        k = (struct gemm_kernels){cvlm_cpu_gemv_avx512, cvlm_cpu_pack_b_avx512,
-                                  cvlm_cpu_tile_avx512};
+        k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx512, cvlm_cpu_pack_b_avx512,
+                                      cvlm_cpu_tile_avx512};
     else if (isa >= CPU_ISA_AVX2)
-        k = (struct gemm_kernels){cvlm_cpu_gemv_avx2, cvlm_cpu_pack_b_avx2, cvlm_cpu_tile_avx2};
+        k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx2, cvlm_cpu_pack_b_avx2,
+                                      cvlm_cpu_tile_avx2};
 #else
     (void)isa;
 #endif
@@ -129,10 +129,11 @@ static struct gemm_kernels kernels_for(enum cpu_isa isa)
 struct gemm_job {
     float *y;
     const float *x;
+    const uint16_t *xs; /* x split into BF16 hi/lo terms (BF16 weights, AVX512_BF16) */
     int x_stride;
     const struct cvlm_tensor *w, *bias;
     int M, N, K;
-    struct gemm_kernels kn;
+    struct cpu_gemm_kernels kn;
     int cols_per_task; /* a multiple of 4 (gemv) or GEMM_NR (packed) */
     /* packed path */
     int k0, kc;
@@ -161,6 +162,14 @@ static void gemv_task(void *ctx, int task, int thread)
     (void)thread;
     for (int m = 0; m < j->M; m += GEMV_MMAX) {
         int mc = j->M - m < GEMV_MMAX ? j->M - m : GEMV_MMAX;
+#if defined(__x86_64__)
+        if (j->xs) {
+            cvlm_cpu_gemv_bf16x2_avx512(j->y + (size_t)m * j->N, j->N,
+                                        j->xs + (size_t)m * 2 * GEMV_KPAD(j->K), mc, j->w, n0,
+                                        n1, j->K);
+            continue;
+        }
+#endif
         j->kn.gemv(j->y + (size_t)m * j->N, j->N, j->x + (size_t)m * j->x_stride, j->x_stride,
                    mc, j->w, n0, n1, j->K);
     }
@@ -241,11 +250,15 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
     struct cpu_backend *cb = cpu_of(be);
     int nt = cvlm_pool_size(cb->pool);
     struct gemm_job j = {.y = y, .x = x, .x_stride = x_stride, .w = w, .bias = bias,
-                         .M = M, .N = N, .K = K, .kn = kernels_for(cb->isa)};
+                         .M = M, .N = N, .K = K, .kn = cvlm_cpu_gemm_kernels(cb->isa)};
     if (M <= 0 || N <= 0)
         return;
     size_t need = bias ? (size_t)N : 0, bias_off = 0;
-    if (M > GEMV_MAX_M) {
+    int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
+    if (split) { /* xs: M x 2 x Kp uint16 = M x Kp floats, then the bias */
+        bias_off = (size_t)M * GEMV_KPAD(K);
+        need += bias_off;
+    } else if (M > GEMV_MAX_M) {
         int cols = split_cols(N, nt, GEMM_NR, GEMM_NC);
         bias_off = (size_t)((M + GEMM_MR - 1) / GEMM_MR) * GEMM_MR * GEMM_KC +
                    (size_t)nt * cols * GEMM_KC;
@@ -272,6 +285,12 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
         return;
     }
     if (M <= GEMV_MAX_M) {
+#if defined(__x86_64__)
+        if (split) {
+            cvlm_cpu_split_bf16_avx512((uint16_t *)s, x, x_stride, M, K);
+            j.xs = (const uint16_t *)s;
+        }
+#endif
         /* enough tasks to balance uneven progress; rows in groups of 8 for the kernels */
         j.cols_per_task = split_cols(N, nt, 8, N < 64 * nt ? 64 : (N + 4 * nt - 1) / (4 * nt));
         cvlm_pool_run(cb->pool, (N + j.cols_per_task - 1) / j.cols_per_task, gemv_task, &j);

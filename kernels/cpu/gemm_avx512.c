@@ -168,9 +168,15 @@ INLINE512 void pack_group(float *bp, const void *w, const int dt, int n0, int N,
                           int K)
 {
     __m512 r[16];
+    const size_t es = dt == CVLM_DTYPE_F32 ? 4 : 2;
     for (int kk = 0; kk < kc; kk += 16) {
         int cnt = kc - kk < 16 ? kc - kk : 16;
         __mmask16 t = (__mmask16)((1u << cnt) - 1);
+        /* the rows of the next panel: scattered short row segments defeat the hardware
+         * prefetcher, and this W block comes from DRAM exactly once */
+        for (int i = 0; i < 16; i++)
+            _mm_prefetch((const char *)w + ((size_t)(n0 + GEMM_NR + i) * K + k0 + kk) * es,
+                         _MM_HINT_T0);
         for (int i = 0; i < 16; i++)
             r[i] = n0 + i < N ? ld16(w, dt, (size_t)(n0 + i) * K + k0 + kk, t)
                               : _mm512_setzero_ps();
@@ -228,6 +234,81 @@ AVX512 void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float
         }
         _mm512_mask_storeu_ps(ci, m0, v0);
         _mm512_mask_storeu_ps(ci + 16, m1, v1);
+    }
+}
+
+/* ---- BF16 weights with vdpbf16ps (AVX512_BF16) ------------------------------------------ */
+
+#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+#define INLINEBF16 static inline __attribute__((always_inline, target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+
+BF16 void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int M, int K)
+{
+    const int Kp = GEMV_KPAD(K);
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * ldx;
+        uint16_t *hi = xs + (size_t)m * 2 * Kp, *lo = hi + Kp;
+        for (int k = 0; k < Kp; k += 16) {
+            __mmask16 t = K - k >= 16 ? (__mmask16)0xffff
+                        : K > k      ? (__mmask16)((1u << (K - k)) - 1) : (__mmask16)0;
+            __m512 v = _mm512_maskz_loadu_ps(t, xr + k);
+            __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+            __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+            _mm256_storeu_si256((__m256i *)(hi + k), h);
+            _mm256_storeu_si256((__m256i *)(lo + k), l);
+        }
+    }
+}
+
+/* 4 W rows x M (1..4) x rows: y[m][n + r] = sum_k W[n + r][k] * (hi[m][k] + lo[m][k]) */
+INLINEBF16 void gemv4_bf16(float *y, int ldy, const uint16_t *xs, const int M,
+                           const uint16_t *w, size_t n, int K, int rows)
+{
+    const int Kp = GEMV_KPAD(K);
+    const uint16_t *r[4];
+    __m512 acc[4][GEMV_MMAX];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        r[i] = w + (n + (size_t)(i < rows ? i : 0)) * K; /* missing rows repeat row 0 */
+        for (int m = 0; m < M; m++)
+            acc[i][m] = _mm512_setzero_ps();
+    }
+    for (int k = 0; k < K; k += 32) {
+        __mmask32 t = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(t, r[i] + k);
+        for (int m = 0; m < M; m++) {
+            __m512bh xh = (__m512bh)_mm512_loadu_si512(xs + (size_t)m * 2 * Kp + k);
+            __m512bh xl = (__m512bh)_mm512_loadu_si512(xs + (size_t)m * 2 * Kp + Kp + k);
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++)
+                acc[i][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i][m], wv[i], xh), wv[i], xl);
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        float out[4];
+        _mm_storeu_ps(out, hsum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+        for (int i = 0; i < rows && i < 4; i++)
+            y[(size_t)m * ldy + n + i] = out[i];
+    }
+}
+
+BF16 void cvlm_cpu_gemv_bf16x2_avx512(float *y, int ldy, const uint16_t *xs, int M,
+                                      const struct cvlm_tensor *w, int n0, int n1, int K)
+{
+    const uint16_t *wd = w->data;
+    for (int n = n0; n < n1; n += 4) {
+        int rows = n1 - n;
+        switch (M) {
+        case 1: gemv4_bf16(y, ldy, xs, 1, wd, (size_t)n, K, rows); break;
+        case 2: gemv4_bf16(y, ldy, xs, 2, wd, (size_t)n, K, rows); break;
+        case 3: gemv4_bf16(y, ldy, xs, 3, wd, (size_t)n, K, rows); break;
+        default: gemv4_bf16(y, ldy, xs, 4, wd, (size_t)n, K, rows); break;
+        }
     }
 }
 

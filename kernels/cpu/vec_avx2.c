@@ -181,6 +181,7 @@ AVX2 static void add(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {gelu, silu_mul, exp_sum, scores, pv, add};
+const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {gelu,   silu_mul, exp_sum, scores,
+                                              pv,     add,      cvlm_cpu_transpose_scalar};
 
 #endif /* __x86_64__ */

@@ -190,6 +190,42 @@ AVX512 static void add(float *y, const float *x, size_t n)
     }
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_avx512 = {gelu, silu_mul, exp_sum, scores, pv, add};
+/* r[0..16) := its transpose (4 butterfly stages of two-source permutes, see gemm_avx512.c) */
+INLINE512 void transpose16(__m512 r[16])
+{
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int b = 8; b >= 1; b >>= 1) {
+        __m512i vb = _mm512_set1_epi32(b), v16 = _mm512_set1_epi32(16);
+        __mmask16 hi = _mm512_test_epi32_mask(iota, vb);
+        __m512i lo_idx = _mm512_mask_or_epi32(iota, hi, _mm512_andnot_si512(vb, iota), v16);
+        __m512i hi_idx = _mm512_mask_or_epi32(_mm512_or_si512(iota, vb), hi, iota, v16);
+        for (int i = 0; i < 16; i++) {
+            if (i & b)
+                continue;
+            __m512 a = r[i], c = r[i | b];
+            r[i] = _mm512_permutex2var_ps(a, lo_idx, c);
+            r[i | b] = _mm512_permutex2var_ps(a, hi_idx, c);
+        }
+    }
+}
+
+/* 16-column slabs: rows loaded (masked), transposed in registers, rows-wide stores. */
+AVX512 static void transpose(float *dst, int ldd, const float *src, int lds, int rows, int cols)
+{
+    __mmask16 rm = tail_mask(rows);
+    __m512 r[16];
+    for (int c0 = 0; c0 < cols; c0 += 16) {
+        __mmask16 cm = tail_mask(cols - c0);
+        for (int i = 0; i < 16; i++)
+            r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + (size_t)i * lds + c0)
+                            : _mm512_setzero_ps();
+        transpose16(r);
+        for (int c = 0; c < 16 && c0 + c < cols; c++)
+            _mm512_mask_storeu_ps(dst + (size_t)(c0 + c) * ldd, rm, r[c]);
+    }
+}
+
+const struct cpu_vec_ops cvlm_cpu_vec_avx512 = {gelu, silu_mul, exp_sum,  scores,
+                                                pv,   add,      transpose};
 
 #endif /* __x86_64__ */

@@ -64,7 +64,16 @@ static void add(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_scalar = {gelu, silu_mul, exp_sum, scores, pv, add};
+void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows,
+                               int cols)
+{
+    for (int c = 0; c < cols; c++)
+        for (int r = 0; r < rows; r++)
+            dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
+}
+
+const struct cpu_vec_ops cvlm_cpu_vec_scalar = {gelu,   silu_mul, exp_sum, scores,
+                                                pv,     add,      cvlm_cpu_transpose_scalar};
 
 const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa)
 {

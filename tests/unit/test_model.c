@@ -78,7 +78,8 @@ static int step(struct fx *f, const struct cvlm_prompt *p, const int32_t *bt, in
     }
     struct cvlm_batch b = {.n_tokens = n, .ids = p->ids + from, .pos = p->pos + from,
                            .expert = p->expert + from, .seq = seq, .slot = slot,
-                           .img_row = img, .img_feats = feats, .seqs = &kv, .n_seqs = 1,
+                           .img_row = img, .img_feats = (const void *const *)&feats,
+                           .seqs = &kv, .n_seqs = 1,
                            .want_logits = want};
     return cvlm_model_forward(f->m, &b, logits);
 }
@@ -149,8 +150,9 @@ static int mixed_step(struct fx *f, const struct part *parts, int np,
             img[n] = p->image_start >= 0 && rel >= 0 && rel < img_len ? rel : -1;
             want[n] = 1;
         }
+    const void *fs[4] = {feats, feats, feats, feats}; /* every sequence shows the same image */
     struct cvlm_batch b = {.n_tokens = n, .ids = ids, .pos = pos, .expert = expert, .seq = seq,
-                           .slot = slot, .img_row = img, .img_feats = feats, .seqs = seqs,
+                           .slot = slot, .img_row = img, .img_feats = fs, .seqs = seqs,
                            .n_seqs = ns, .want_logits = want};
     return cvlm_model_forward(f->m, &b, logits);
 }

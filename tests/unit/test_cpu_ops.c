@@ -1,0 +1,538 @@
+/* test_cpu_ops.c - every op of the CPU backend against a naive double-precision reference.
+ *
+ * Each test runs on every instruction-set path this machine supports (forced with
+ * COGVLM_CPU_ISA at backend creation: scalar, avx2, avx512, avx512bf16) and with 1 and 2
+ * threads. GEMMs cover F32/F16/BF16 weights and awkward shapes (M = 1, 3, 9, 13, 30; N and
+ * K off every multiple of 8/16/32; K = 4100; strided x; bias). The reference widens the
+ * stored weights exactly as the kernels must, so the only difference allowed is F32
+ * rounding: |y - ref| <= tol * sum_k |x_k w_k| with tol 1e-5 (F32 accumulation over up to
+ * 4100 terms), and the element-wise ops are held to a few ulp of their double reference.
+ */
+#include "kernels/cpu/cpu.h"
+#include "tests/unit/harness.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- helpers ------------------------------------------------------------------------- */
+
+static const char *const isa_names[] = {"scalar", "avx2", "avx512", "avx512bf16"};
+
+/* Number of ISA paths to test: those up to the best one this CPU has. */
+static int n_isas(void)
+{
+    char *saved = getenv("COGVLM_CPU_ISA") ? strdup(getenv("COGVLM_CPU_ISA")) : NULL;
+    unsetenv("COGVLM_CPU_ISA");
+    int best = (int)cvlm_cpu_detect_isa();
+    if (saved) {
+        setenv("COGVLM_CPU_ISA", saved, 1);
+        free(saved);
+    }
+    return best + 1;
+}
+
+static struct cvlm_backend *make_backend(int isa, int threads)
+{
+    setenv("COGVLM_CPU_ISA", isa_names[isa], 1);
+    struct cvlm_backend *be = cvlm_backend_cpu_create(threads);
+    unsetenv("COGVLM_CPU_ISA");
+    return be;
+}
+
+static uint64_t rng_state = 88172645463325252ull;
+
+static float frand(void) /* uniform in [-1, 1) */
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return (float)((rng_state >> 40) * (1.0 / 8388608.0) - 1.0);
+}
+
+static float *rand_floats(size_t n, float scale)
+{
+    float *p = malloc(n * sizeof(float) + 64);
+    for (size_t i = 0; p && i < n; i++)
+        p[i] = frand() * scale;
+    return p;
+}
+
+/* IEEE half from float (round to nearest even; test values are in the normal range). */
+static uint16_t to_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, man = u & 0x7fffffu;
+    int e = (int)((u >> 23) & 0xff) - 127 + 15;
+    if (e <= 0)
+        return (uint16_t)sign; /* flush tiny values: fine for test data */
+    uint32_t h = sign | ((uint32_t)e << 10) | (man >> 13), rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1)))
+        h++;
+    return (uint16_t)h;
+}
+
+/* A weight tensor [rows, cols] (cols 0: 1-D) of random values in dtype; *wide receives the
+ * exactly widened values for the reference. */
+static struct cvlm_tensor make_weight(enum cvlm_dtype dt, int rows, int cols, float scale,
+                                      float **wide)
+{
+    size_t n = (size_t)rows * (cols ? cols : 1);
+    struct cvlm_tensor t = {.dtype = dt, .ndim = cols ? 2 : 1, .shape = {rows, cols}};
+    float *f = rand_floats(n, scale);
+    void *data = malloc(n * cvlm_dtype_size(dt) + 64);
+    for (size_t i = 0; i < n; i++) {
+        if (dt == CVLM_DTYPE_BF16)
+            ((uint16_t *)data)[i] = cvlm_f32_to_bf16(f[i]);
+        else if (dt == CVLM_DTYPE_F16)
+            ((uint16_t *)data)[i] = to_f16(f[i]);
+        else
+            ((float *)data)[i] = f[i];
+    }
+    t.data = data;
+    for (size_t i = 0; i < n; i++)
+        f[i] = cvlm_tensor_get_f32(&t, (int64_t)i);
+    *wide = f;
+    return t;
+}
+
+/* Backend buffer holding host floats. */
+static float *dev_copy(struct cvlm_backend *be, const float *src, size_t n)
+{
+    float *p = be->ops->alloc(be, n * sizeof(float));
+    if (p)
+        be->ops->from_host(be, p, src, n);
+    return p;
+}
+
+/* ---- GEMM ---------------------------------------------------------------------------- */
+
+struct gemm_case {
+    int M, N, K, stride_pad, bias;
+};
+
+static const struct gemm_case gemm_cases[] = {
+    {1, 1, 1, 0, 0},     {1, 37, 100, 0, 1},  {1, 256, 4096, 0, 0}, {2, 70, 33, 5, 1},
+    {3, 70, 4100, 0, 0}, {4, 129, 257, 3, 1}, {5, 31, 17, 0, 1},     {8, 64, 300, 0, 0},
+    {9, 45, 259, 0, 1},  {13, 100, 513, 7, 0}, {30, 67, 1000, 0, 1}, {64, 96, 32, 0, 1},
+    {17, 300, 70, 0, 0}, {200, 33, 48, 2, 1}, {4, 32, 588, 0, 1},  {5, 96, 32, 0, 1},
+    {4, 172, 64, 0, 0},  {4, 64, 172, 0, 0},
+};
+
+/* Runs one case; returns the worst error / (sum |x w| + tiny), or -1 on setup failure. */
+static double gemm_err(struct cvlm_backend *be, const struct gemm_case *c, enum cvlm_dtype dt)
+{
+    int M = c->M, N = c->N, K = c->K, ld = K + c->stride_pad;
+    float *wf, *bf = NULL, *x = rand_floats((size_t)M * ld, 1.0f), *y = malloc((size_t)M * N * 4);
+    struct cvlm_tensor w = make_weight(dt, N, K, 0.5f, &wf), b = {0};
+    if (c->bias)
+        b = make_weight(dt, N, 0, 1.0f, &bf);
+    float *dx = dev_copy(be, x, (size_t)M * ld), *dy = be->ops->alloc(be, (size_t)M * N * 4);
+    double worst = -1;
+    if (x && y && dx && dy) {
+        be->ops->gemm(be, dy, dx, ld, &w, c->bias ? &b : NULL, M, N, K);
+        be->ops->to_host(be, y, dy, (size_t)M * N);
+        worst = 0;
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) {
+                double ref = bf ? bf[n] : 0, mag = bf ? fabs(bf[n]) : 0;
+                for (int k = 0; k < K; k++) {
+                    double p = (double)x[(size_t)m * ld + k] * wf[(size_t)n * K + k];
+                    ref += p;
+                    mag += fabs(p);
+                }
+                double e = fabs(y[(size_t)m * N + n] - ref) / (mag + 1e-30);
+                worst = e > worst || isnan(e) ? e : worst;
+            }
+    }
+    be->ops->free(be, dx);
+    be->ops->free(be, dy);
+    free(x);
+    free(y);
+    free(wf);
+    free(bf);
+    free((void *)w.data);
+    free((void *)b.data);
+    return worst;
+}
+
+TEST(cpu_gemm_all_paths)
+{
+    static const enum cvlm_dtype dts[] = {CVLM_DTYPE_F32, CVLM_DTYPE_F16, CVLM_DTYPE_BF16};
+    int nisa = n_isas();
+    for (int isa = 0; isa < nisa; isa++)
+        for (int threads = 1; threads <= 2; threads++) {
+            struct cvlm_backend *be = make_backend(isa, threads);
+            REQUIRE(be);
+            for (size_t i = 0; i < sizeof(gemm_cases) / sizeof(gemm_cases[0]); i++)
+                for (int d = 0; d < 3; d++) {
+                    const struct gemm_case *c = &gemm_cases[i];
+                    double e = gemm_err(be, c, dts[d]);
+                    CHECKF(e >= 0 && e <= 1e-5, "%s t=%d %s M=%d N=%d K=%d: rel err %.3g",
+                           isa_names[isa], threads, cvlm_dtype_name(dts[d]), c->M, c->N, c->K,
+                           e);
+                }
+            be->ops->destroy(be);
+        }
+}
+
+/* ---- element-wise ops, norms, embedding ------------------------------------------------ */
+
+/* Runs `body` once per (ISA path, thread count) with a fresh backend `be`. */
+#define FOR_EACH_BACKEND(be, isa, threads)                                                 \
+    for (int isa = 0, nisa_ = n_isas(); isa < nisa_; isa++)                                \
+        for (int threads = 1; threads <= 2; threads++)                                     \
+            for (struct cvlm_backend *be = make_backend(isa, threads); be;                 \
+                 be->ops->destroy(be), be = NULL)
+
+TEST(cpu_norms)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        static const int Ds[] = {1, 7, 64, 100, 4100};
+        for (size_t di = 0; di < 5; di++)
+            for (int d = 0; d < 3; d++) {
+                int M = 3, D = Ds[di];
+                float *wf, *bf, *x = rand_floats((size_t)M * D, 3.0f), *y = malloc((size_t)M * D * 4);
+                struct cvlm_tensor w = make_weight((enum cvlm_dtype)d, D, 0, 1.0f, &wf);
+                struct cvlm_tensor b = make_weight((enum cvlm_dtype)d, D, 0, 1.0f, &bf);
+                float *dx = dev_copy(be, x, (size_t)M * D), *dy = be->ops->alloc(be, (size_t)M * D * 4);
+                double worst = 0;
+                for (int ln = 0; ln < 2; ln++) {
+                    if (ln)
+                        be->ops->layernorm(be, dy, dx, &w, &b, M, D, 1e-5f);
+                    else
+                        be->ops->rmsnorm(be, dy, dx, &w, M, D, 1e-6f);
+                    be->ops->to_host(be, y, dy, (size_t)M * D);
+                    for (int m = 0; m < M; m++) {
+                        const float *xr = x + (size_t)m * D;
+                        double mean = 0, var = 0;
+                        for (int i = 0; i < D; i++)
+                            mean += ln ? xr[i] : 0;
+                        mean /= D;
+                        for (int i = 0; i < D; i++)
+                            var += (xr[i] - mean) * (xr[i] - mean);
+                        double r = 1.0 / sqrt(var / D + (ln ? 1e-5 : 1e-6));
+                        for (int i = 0; i < D; i++) {
+                            double ref = (xr[i] - mean) * r * wf[i] + (ln ? bf[i] : 0);
+                            double mag = fabs((xr[i] - mean) * r * wf[i]) + (ln ? fabs(bf[i]) : 0);
+                            double e = fabs(y[(size_t)m * D + i] - ref) / (mag + 1e-30);
+                            worst = e > worst || isnan(e) ? e : worst;
+                        }
+                    }
+                    CHECKF(worst <= 2e-6, "%s t=%d %s D=%d %s: rel err %.3g", isa_names[isa],
+                           threads, cvlm_dtype_name(w.dtype), D, ln ? "layernorm" : "rmsnorm",
+                           worst);
+                }
+                be->ops->free(be, dx);
+                be->ops->free(be, dy);
+                free(x), free(y), free(wf), free(bf), free((void *)w.data), free((void *)b.data);
+            }
+    }
+}
+
+/* max over i of |got - ref| / (tol_rel |ref| + tol_abs_i) where tol_abs_i = abs_scale |x_i| */
+static double ew_check(const float *got, const double *ref, const float *x, size_t n,
+                       double rel, double abs_scale)
+{
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double tol = rel * fabs(ref[i]) + abs_scale * fabs(x[i]) + 1e-37;
+        double e = fabs(got[i] - ref[i]) / tol;
+        worst = e > worst || isnan(e) ? e : worst;
+    }
+    return worst;
+}
+
+TEST(cpu_elementwise)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        static const size_t ns[] = {1, 15, 17, 33, 40000};
+        for (size_t ni = 0; ni < 5; ni++) {
+            size_t n = ns[ni];
+            float *x = rand_floats(n, 8.0f), *x2 = rand_floats(n, 2.0f), *y = malloc(n * 4);
+            double *ref = malloc(n * sizeof(double));
+            float *dx = dev_copy(be, x, n), *dx2 = dev_copy(be, x2, n);
+            /* gelu: the vector paths use an erf with |error| <= 1.5e-7 */
+            be->ops->gelu(be, dx, n);
+            be->ops->to_host(be, y, dx, n);
+            for (size_t i = 0; i < n; i++)
+                ref[i] = 0.5 * x[i] * (1.0 + erf(x[i] / sqrt(2.0)));
+            double e = ew_check(y, ref, x, n, 4e-7, 1e-7);
+            CHECKF(e <= 1, "%s t=%d gelu n=%zu: err %.3g of tolerance", isa_names[isa], threads,
+                   n, e);
+            /* add: exact */
+            be->ops->from_host(be, dx, x, n);
+            be->ops->add(be, dx, dx2, n);
+            be->ops->to_host(be, y, dx, n);
+            for (size_t i = 0; i < n; i++)
+                ref[i] = (double)(x[i] + x2[i]);
+            CHECKF(ew_check(y, ref, x, n, 0, 0) == 0, "%s add n=%zu", isa_names[isa], n);
+            be->ops->free(be, dx);
+            be->ops->free(be, dx2);
+            free(x), free(x2), free(y), free(ref);
+        }
+    }
+}
+
+TEST(cpu_silu_mul_and_add_row)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        int M = 3, N = 37, stride = 2 * N + 3; /* fused [gate | up] rows */
+        float *gu = rand_floats((size_t)M * stride, 12.0f), *y = malloc((size_t)M * N * 4);
+        double *ref = malloc((size_t)M * N * sizeof(double));
+        float *dgu = dev_copy(be, gu, (size_t)M * stride), *dy = be->ops->alloc(be, (size_t)M * N * 4);
+        be->ops->silu_mul(be, dy, dgu, (float *)dgu + N, stride, M, N);
+        be->ops->to_host(be, y, dy, (size_t)M * N);
+        for (int m = 0; m < M; m++)
+            for (int i = 0; i < N; i++) {
+                double g = gu[(size_t)m * stride + i], u = gu[(size_t)m * stride + N + i];
+                ref[(size_t)m * N + i] = g / (1 + exp(-g)) * u;
+            }
+        double e = ew_check(y, ref, y, (size_t)M * N, 1e-6, 0);
+        CHECKF(e <= 1, "%s t=%d silu_mul: err %.3g of tolerance", isa_names[isa], threads, e);
+        /* in place (out == gate, row stride N), as the model calls it */
+        float *g = malloc((size_t)M * N * 4), *u = malloc((size_t)M * N * 4);
+        for (int m = 0; m < M; m++) {
+            memcpy(g + (size_t)m * N, gu + (size_t)m * stride, (size_t)N * 4);
+            memcpy(u + (size_t)m * N, gu + (size_t)m * stride + N, (size_t)N * 4);
+        }
+        float *dg = dev_copy(be, g, (size_t)M * N), *du = dev_copy(be, u, (size_t)M * N);
+        be->ops->silu_mul(be, dg, dg, du, N, M, N);
+        be->ops->to_host(be, y, dg, (size_t)M * N);
+        CHECK(ew_check(y, ref, y, (size_t)M * N, 1e-6, 0) <= 1);
+        be->ops->free(be, dg);
+        be->ops->free(be, du);
+        free(g), free(u);
+        for (int d = 0; d < 3; d++) {
+            float *bf, *x = rand_floats((size_t)M * N, 1.0f);
+            struct cvlm_tensor b = make_weight((enum cvlm_dtype)d, N, 0, 1.0f, &bf);
+            be->ops->from_host(be, dy, x, (size_t)M * N);
+            be->ops->add_row(be, dy, &b, M, N);
+            be->ops->to_host(be, y, dy, (size_t)M * N);
+            for (int i = 0; i < M * N; i++)
+                ref[i] = (double)(x[i] + bf[i % N]);
+            CHECK(ew_check(y, ref, y, (size_t)M * N, 0, 0) == 0);
+            free(x), free(bf), free((void *)b.data);
+        }
+        be->ops->free(be, dgu);
+        be->ops->free(be, dy);
+        free(gu), free(y), free(ref);
+    }
+}
+
+TEST(cpu_embed_copy_rows_patchify)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        int V = 50, D = 19;
+        int32_t ids[5] = {3, 0, 49, 3, 17};
+        float *y = malloc(5 * (size_t)D * 4), *dy = be->ops->alloc(be, 5 * (size_t)D * 4);
+        for (int d = 0; d < 3; d++) {
+            float *tf;
+            struct cvlm_tensor t = make_weight((enum cvlm_dtype)d, V, D, 1.0f, &tf);
+            be->ops->embed(be, dy, &t, ids, 5, D);
+            be->ops->to_host(be, y, dy, 5 * (size_t)D);
+            for (int i = 0; i < 5; i++)
+                CHECK(!memcmp(y + i * D, tf + (size_t)ids[i] * D, (size_t)D * 4));
+            free(tf), free((void *)t.data);
+        }
+        float *src = rand_floats(6 * (size_t)D, 1.0f), *dsrc = dev_copy(be, src, 6 * (size_t)D);
+        int32_t rows[4] = {5, 0, 5, 2};
+        be->ops->copy_rows(be, dy, dsrc, rows, 4, D);
+        be->ops->to_host(be, y, dy, 4 * (size_t)D);
+        for (int i = 0; i < 4; i++)
+            CHECK(!memcmp(y + i * D, src + (size_t)rows[i] * D, (size_t)D * 4));
+        /* patchify: C=3, 6x4 image, P=2 -> 6 patches of 12 values ordered (c, ky, kx) */
+        float px[3 * 6 * 4], out[6 * 12], *dout = be->ops->alloc(be, sizeof(out));
+        for (int i = 0; i < 72; i++)
+            px[i] = (float)i;
+        be->ops->patchify(be, dout, px, 3, 6, 4, 2);
+        be->ops->to_host(be, out, dout, 72);
+        for (int p = 0, ok = 1; p < 6 && ok; p++)
+            for (int c = 0; c < 3; c++)
+                for (int ky = 0; ky < 2; ky++)
+                    for (int kx = 0; kx < 2; kx++) {
+                        float want = px[(c * 6 + (p / 2) * 2 + ky) * 4 + (p % 2) * 2 + kx];
+                        ok &= out[p * 12 + (c * 2 + ky) * 2 + kx] == want;
+                        CHECK(ok);
+                    }
+        be->ops->free(be, dy);
+        be->ops->free(be, dsrc);
+        be->ops->free(be, dout);
+        free(y), free(src);
+    }
+}
+
+TEST(cpu_rope)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        int M = 4, H = 3, hd = 10, stride = H * hd + 6;
+        int32_t pos[4] = {0, 1, 77, 4095};
+        float inv[5], *x = rand_floats((size_t)M * stride, 2.0f), *y = malloc((size_t)M * stride * 4);
+        for (int j = 0; j < 5; j++)
+            inv[j] = 1.0f / powf(10000.0f, (float)(2 * j) / (float)hd);
+        float *dx = dev_copy(be, x, (size_t)M * stride);
+        be->ops->rope(be, dx, stride, pos, M, H, hd, inv);
+        be->ops->to_host(be, y, dx, (size_t)M * stride);
+        double worst = 0;
+        for (int m = 0; m < M; m++)
+            for (int h = 0; h < H; h++)
+                for (int k = 0; k < hd / 2; k++) {
+                    const float *v = x + (size_t)m * stride + h * hd;
+                    double ang = (double)((float)pos[m] * inv[k]); /* angle in F32 */
+                    double a = v[k], b = v[k + hd / 2], c = cos(ang), s = sin(ang);
+                    double r0 = a * c - b * s, r1 = b * c + a * s, mag = fabs(a) + fabs(b);
+                    const float *g = y + (size_t)m * stride + h * hd;
+                    double e = fmax(fabs(g[k] - r0), fabs(g[k + hd / 2] - r1)) / mag;
+                    worst = e > worst ? e : worst;
+                }
+        CHECKF(worst <= 1e-6, "%s t=%d rope: rel err %.3g", isa_names[isa], threads, worst);
+        for (int m = 0; m < M; m++) /* columns past the heads are untouched */
+            CHECK(!memcmp(y + (size_t)m * stride + H * hd, x + (size_t)m * stride + H * hd, 24));
+        be->ops->free(be, dx);
+        free(x), free(y);
+    }
+}
+
+/* ---- attention ---------------------------------------------------------------------- */
+
+/* o[hd] = softmax(scale q.k_j) v_j over n keys/values rows ldk apart, in double */
+static void ref_attend(double *o, const float *q, const float *k, const float *v, int ld, int n,
+                       int hd)
+{
+    double *s = malloc((size_t)n * sizeof(double)), mx = -INFINITY, sum = 0;
+    for (int j = 0; j < n; j++) {
+        double d = 0;
+        for (int i = 0; i < hd; i++)
+            d += (double)q[i] * k[(size_t)j * ld + i];
+        s[j] = d / sqrt((double)hd);
+        mx = s[j] > mx ? s[j] : mx;
+    }
+    for (int j = 0; j < n; j++)
+        sum += (s[j] = exp(s[j] - mx));
+    for (int i = 0; i < hd; i++) {
+        o[i] = 0;
+        for (int j = 0; j < n; j++)
+            o[i] += s[j] / sum * v[(size_t)j * ld + i];
+    }
+    free(s);
+}
+
+TEST(cpu_attention_full)
+{
+    static const int shapes[][3] = {{1, 1, 16}, {5, 2, 16}, {37, 3, 112}, {70, 2, 64}, {19, 1, 20}};
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        for (int si = 0; si < 5; si++) {
+            int N = shapes[si][0], H = shapes[si][1], hd = shapes[si][2], D = H * hd;
+            float *qkv = rand_floats((size_t)N * 3 * D, 2.0f), *o = malloc((size_t)N * D * 4);
+            float *dqkv = dev_copy(be, qkv, (size_t)N * 3 * D), *dout = be->ops->alloc(be, (size_t)N * D * 4);
+            double ref[112], worst = 0;
+            be->ops->attention_full(be, dout, dqkv, N, H, hd);
+            be->ops->to_host(be, o, dout, (size_t)N * D);
+            for (int t = 0; t < N; t++)
+                for (int h = 0; h < H; h++) {
+                    ref_attend(ref, qkv + (size_t)t * 3 * D + h * hd, qkv + D + h * hd,
+                               qkv + 2 * D + h * hd, 3 * D, N, hd);
+                    for (int i = 0; i < hd; i++) {
+                        double e = fabs(o[(size_t)t * D + h * hd + i] - ref[i]);
+                        worst = e > worst || isnan(e) ? e : worst;
+                    }
+                }
+            CHECKF(worst <= 2e-6, "%s t=%d N=%d H=%d hd=%d: abs err %.3g (values in [-2, 2))",
+                   isa_names[isa], threads, N, H, hd, worst);
+            be->ops->free(be, dqkv);
+            be->ops->free(be, dout);
+            free(qkv), free(o);
+        }
+    }
+}
+
+/* Three sequences over a shared paged cache with scattered block tables: a history written
+ * first, then one batch mixing prefill tokens of two sequences and a decode token. */
+struct paged_fixture {
+    int H, hd, bs, n_blocks;
+    int32_t tables[3][8];
+    struct cvlm_seq_kv seqs[3];
+    float *hk[3], *hv[3]; /* host mirror: [64 slots][H*hd] per sequence */
+};
+
+static void paged_write(struct cvlm_backend *be, struct paged_fixture *f, struct cvlm_kv_layer *kv,
+                        const int32_t *seq, const int32_t *slot, int n, float *rows)
+{
+    int W = f->H * f->hd, stride = 3 * W;
+    struct cvlm_attn_batch b = {n, seq, slot, f->seqs, f->bs};
+    for (int t = 0; t < n; t++) {
+        memcpy(f->hk[seq[t]] + (size_t)slot[t] * W, rows + (size_t)t * stride + W, (size_t)W * 4);
+        memcpy(f->hv[seq[t]] + (size_t)slot[t] * W, rows + (size_t)t * stride + 2 * W,
+               (size_t)W * 4);
+    }
+    float *d = dev_copy(be, rows, (size_t)n * stride);
+    be->ops->kv_write(be, kv, d + W, d + 2 * W, stride, &b, f->H, f->hd);
+    be->ops->free(be, d);
+}
+
+static double paged_case(struct cvlm_backend *be, int H, int hd, int bs)
+{
+    struct paged_fixture f = {.H = H, .hd = hd, .bs = bs, .n_blocks = 24};
+    int W = H * hd, per_seq = 32 / bs; /* 32 slots per sequence, at most 8 blocks */
+    for (int s = 0; s < 3; s++) { /* blocks interleaved backwards: nothing contiguous */
+        for (int i = 0; i < per_seq; i++)
+            f.tables[s][i] = f.n_blocks - 1 - (i * 3 + s);
+        f.seqs[s] = (struct cvlm_seq_kv){f.tables[s], per_seq};
+        f.hk[s] = calloc(64, (size_t)W * 4);
+        f.hv[s] = calloc(64, (size_t)W * 4);
+    }
+    struct cvlm_kv_layer kv = {be->ops->alloc(be, (size_t)f.n_blocks * bs * W * 4),
+                               be->ops->alloc(be, (size_t)f.n_blocks * bs * W * 4)};
+    int32_t hseq[40], hslot[40];
+    for (int i = 0; i < 40; i++) { /* history: seq 0 slots 0..19, seq 2 slots 0..19 */
+        hseq[i] = i < 20 ? 0 : 2;
+        hslot[i] = i % 20;
+    }
+    float *hist = rand_floats(40 * (size_t)3 * W, 1.0f);
+    paged_write(be, &f, &kv, hseq, hslot, 40, hist);
+    int32_t seq[7] = {1, 0, 1, 2, 0, 1, 1}, slot[7] = {0, 20, 1, 20, 21, 2, 3};
+    float *rows = rand_floats(7 * (size_t)3 * W, 1.0f), *o = malloc(7 * (size_t)W * 4);
+    paged_write(be, &f, &kv, seq, slot, 7, rows);
+    struct cvlm_attn_batch b = {7, seq, slot, f.seqs, bs};
+    float *dq = dev_copy(be, rows, 7 * (size_t)3 * W), *dout = be->ops->alloc(be, 7 * (size_t)W * 4);
+    be->ops->attention_paged(be, dout, dq, 3 * W, &kv, &b, H, hd);
+    be->ops->to_host(be, o, dout, 7 * (size_t)W);
+    double ref[128], worst = 0;
+    for (int t = 0; t < 7; t++)
+        for (int h = 0; h < H; h++) {
+            ref_attend(ref, rows + (size_t)t * 3 * W + h * hd, f.hk[seq[t]] + h * hd,
+                       f.hv[seq[t]] + h * hd, W, slot[t] + 1, hd);
+            for (int i = 0; i < hd; i++) {
+                double e = fabs(o[(size_t)t * W + h * hd + i] - ref[i]);
+                worst = e > worst || isnan(e) ? e : worst;
+            }
+        }
+    be->ops->free(be, kv.k);
+    be->ops->free(be, kv.v);
+    be->ops->free(be, dq);
+    be->ops->free(be, dout);
+    for (int s = 0; s < 3; s++)
+        free(f.hk[s]), free(f.hv[s]);
+    free(hist), free(rows), free(o);
+    return worst;
+}
+
+TEST(cpu_attention_paged)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        static const int shapes[][3] = {{2, 16, 16}, {3, 64, 4}, {1, 112, 8}, {2, 20, 16}};
+        for (int si = 0; si < 4; si++) {
+            double e = paged_case(be, shapes[si][0], shapes[si][1], shapes[si][2]);
+            CHECKF(e <= 2e-6, "%s t=%d H=%d hd=%d bs=%d: abs err %.3g (values in [-1, 1))",
+                   isa_names[isa], threads, shapes[si][0], shapes[si][1], shapes[si][2], e);
+        }
+    }
+}

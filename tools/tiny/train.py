@@ -1,0 +1,395 @@
+"""train.py - trains cogvlm-tiny-shapes on the synthetic shapes task (tiny-model.md).
+
+Deterministic from --seed: the weights are initialised from the seed and the images of step k
+come from numpy's Generator seeded with (seed, k), so a run interrupted and resumed from its
+checkpoint sees exactly the data and state it would have seen without the interruption.
+Rerunning the same command on an existing run directory resumes it.
+
+Recipe (the README of the exported model keeps the log of what each change did):
+  * every image is asked ALL its questions at once (5 for one shape, 8 for two); the
+    [BOS][image] prefix runs once per image and the questions attend to its cached keys and
+    values (model.run_prefix / run_text), ~3x less compute per question than full sequences;
+  * auxiliary per-patch heads on the vision-tower output (kind / colour / box of the shape
+    covering the patch), weight decaying over the first --aux-steps steps: dense supervision
+    for the vision tower, which is where the naive recipe got stuck;
+  * ViT post-sub-layer LayerNorm gains initialised small (--vit-norm-gain), so every block
+    starts near the identity;
+  * separate (higher) learning rate for the vision tower + adapter;
+  * curriculum on the fraction of two-shape images (--p-two-start -> --p-two over --p-two-ramp);
+  * loss on the answer tokens + EOS, each answer's tokens weighted 1/sqrt(len).
+
+    nice -n 10 python3 tools/tiny/train.py --run tools/tiny/runs/main --minutes 60
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shapes  # noqa: E402
+from model import CogVLM, default_config, preprocess, bf16_round  # noqa: E402
+
+EVAL_STREAM = 1_000_003  # eval images: Generator((seed, EVAL_STREAM, i)), never used for training
+
+
+class Tok:
+    """Caching SentencePiece wrapper (the task has few distinct strings)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.cache = {}
+
+    def encode(self, s):
+        r = self.cache.get(s)
+        if r is None:
+            r = self.cache[s] = self.sp.encode(s)
+        return r
+
+    def decode(self, ids):
+        return self.sp.decode(ids)
+
+
+class AuxHead(nn.Module):
+    """Per-patch kind (none + 3), colour (none + 6) and box (4) from the ViT output."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.proj = nn.Linear(d, 4 + 7 + 4)
+
+    def forward(self, vit):
+        o = self.proj(vit[:, 1:])
+        return o[..., :4], o[..., 4:11], o[..., 11:]
+
+
+def aux_targets(scene, grid):
+    """Per patch: index of the shape covering most of it (>= 15 %), else -1."""
+    m = shapes.masks(scene)  # [n, 224, 224]
+    cell = shapes.CANVAS // grid
+    cov = m.reshape(len(scene.shapes), grid, cell, grid, cell).mean((2, 4)).reshape(
+        len(scene.shapes), -1)
+    best = cov.argmax(0)
+    return np.where(cov.max(0) >= 0.15, best, -1)
+
+
+def make_batch(step, a, cfg, tok, eval_index=None):
+    """The images and questions of one training step (or one eval image)."""
+    S = cfg["vision_config"]["image_size"]
+    grid = S // cfg["vision_config"]["patch_size"]
+    if eval_index is None:
+        rng = np.random.default_rng([a.seed, step])
+        p_two = a.p_two_start + (a.p_two - a.p_two_start) * min(1.0, step / max(1, a.p_two_ramp))
+        n = a.batch
+    else:
+        rng = np.random.default_rng([a.seed, EVAL_STREAM, eval_index])
+        p_two, n = 0.5, 1
+    px, kinds, cols, boxes, rows = [], [], [], [], []
+    for b in range(n):
+        sc = shapes.random_scene(rng, p_two)
+        px.append(preprocess(shapes.render(sc), S))
+        if eval_index is None:
+            t = aux_targets(sc, grid)
+            kinds.append([0 if i < 0 else 1 + shapes.KINDS.index(sc.shapes[i].kind) for i in t])
+            cols.append([0 if i < 0 else 1 + shapes.COLOUR_NAMES.index(sc.shapes[i].colour)
+                         for i in t])
+            boxes.append([[0.0] * 4 if i < 0 else [v / shapes.CANVAS for v in sc.shapes[i].box]
+                          for i in t])
+        for qk, q, ans, sh in shapes.questions(sc):
+            rows.append((b, qk, q, ans, sh, sc))
+    return torch.stack(px), kinds, cols, boxes, rows
+
+
+def pack_text(rows, tok):
+    """[N, L] ids (prompt + answer + EOS), per-token targets and weights for the loss."""
+    seqs, tgts = [], []
+    for (_, qk, q, ans, _, _) in rows:
+        p = tok.encode(shapes.chat_prompt(q))
+        r = tok.encode(ans) + [2]
+        seqs.append(p + r[:-1])
+        tgts.append((len(p) - 1, r))
+    L = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    tg = torch.full((len(seqs), L), -100, dtype=torch.long)
+    w = torch.zeros(len(seqs), L)
+    for i, (s, (st, r)) in enumerate(zip(seqs, tgts)):
+        ids[i, :len(s)] = torch.tensor(s)
+        tg[i, st:st + len(r)] = torch.tensor(r)
+        w[i, st:st + len(r)] = 1.0 / math.sqrt(len(r))
+    return ids, tg, w
+
+
+@torch.no_grad()
+def greedy(net, kvs, img_idx, prompts, max_new, eos=2):
+    """Batched greedy decoding after cached prefixes. prompts: list of id lists."""
+    N = len(prompts)
+    seqs = [list(p) for p in prompts]
+    out = [[] for _ in range(N)]
+    done = [False] * N
+    for _ in range(max_new):
+        act = [i for i in range(N) if not done[i]]
+        if not act:
+            break
+        L = max(len(seqs[i]) for i in act)
+        ids = torch.zeros(len(act), L, dtype=torch.long)
+        for j, i in enumerate(act):
+            ids[j, :len(seqs[i])] = torch.tensor(seqs[i])
+        h = net.run_text(kvs, img_idx[torch.tensor(act)], ids, return_hidden=True)
+        last = torch.stack([h[j, len(seqs[i]) - 1] for j, i in enumerate(act)])
+        nxt = net.lm_head(last).argmax(-1).tolist()
+        for j, i in enumerate(act):
+            if nxt[j] == eos:
+                done[i] = True
+            else:
+                out[i].append(nxt[j])
+                seqs[i].append(nxt[j])
+    return out
+
+
+MAX_NEW = {"colour": 4, "shape": 4, "count": 4, "description": 14, "grounding": 22}
+
+
+@torch.no_grad()
+def evaluate(net, tok, a, cfg, n_images, first=0, chunk=25, show=0):
+    """Greedy accuracy per question kind on fresh eval images (grounding: IoU >= 0.5)."""
+    net.eval()
+    stats = {k: [0, 0] for k in shapes.QKINDS}
+    subset = {"colour_two": [0, 0], "shape_two": [0, 0]}
+    shown = 0
+    for c0 in range(first, first + n_images, chunk):
+        px, rows = [], []
+        for i in range(c0, min(first + n_images, c0 + chunk)):
+            p, _, _, _, r = make_batch(0, a, cfg, tok, eval_index=i)
+            px.append(p[0])
+            rows += [(len(px) - 1,) + x[1:] for x in r]
+        feats, _ = net.vision_features(torch.stack(px))
+        kvs = net.run_prefix(feats)
+        for qk in shapes.QKINDS:
+            sel = [r for r in rows if r[1] == qk]
+            img_idx = torch.tensor([r[0] for r in sel])
+            outs = greedy(net, kvs, img_idx, [tok.encode(shapes.chat_prompt(r[2])) for r in sel],
+                          MAX_NEW[qk])
+            for r, o in zip(sel, outs):
+                ans = tok.decode(o)
+                ok = shapes.is_correct(qk, ans, r[3], r[4])
+                stats[qk][0] += ok
+                stats[qk][1] += 1
+                two = len(r[5].shapes) == 2
+                if two and qk in ("colour", "shape"):
+                    subset[qk + "_two"][0] += ok
+                    subset[qk + "_two"][1] += 1
+                if show and shown < show and not ok:
+                    print("  wrong:", qk, r[2], "->", repr(ans), "want", r[3])
+                    shown += 1
+    net.train()
+    res = {k: v[0] / max(1, v[1]) for k, v in stats.items()}
+    res.update({k: v[0] / max(1, v[1]) for k, v in subset.items()})
+    return res
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return (step + 1) / a.warmup
+    t = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
+    return a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run directory (checkpoints, logs); resumes if it has one")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6000, help="length of the LR schedule")
+    ap.add_argument("--minutes", type=float, default=0, help="stop (after a checkpoint) after this much wall time in this process")
+    ap.add_argument("--batch", type=int, default=8, help="images per step (all their questions)")
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--vit-lr-mult", type=float, default=2.0)
+    ap.add_argument("--min-lr-frac", type=float, default=0.05)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--wd", type=float, default=0.01)
+    ap.add_argument("--vit-norm-gain", type=float, default=0.1)
+    ap.add_argument("--aux-weight", type=float, default=1.0)
+    ap.add_argument("--aux-steps", type=int, default=2000, help="aux weight decays linearly to --aux-final over these steps")
+    ap.add_argument("--aux-final", type=float, default=0.1)
+    ap.add_argument("--p-two-start", type=float, default=0.25)
+    ap.add_argument("--p-two", type=float, default=0.6)
+    ap.add_argument("--p-two-ramp", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-images", type=int, default=100)
+    ap.add_argument("--ckpt-seconds", type=float, default=300)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokenizer", default=None, help="default: RUN/tokenizer.model (trained if missing)")
+    ap.add_argument("--config", default=None, help="JSON file with a model config (default: model.default_config)")
+    return ap.parse_args(argv)
+
+
+def save(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main():
+    a = parse_args()
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.run, exist_ok=True)
+    ck_path = os.path.join(a.run, "ckpt.pt")
+    log_path = os.path.join(a.run, "train.log")
+    logf = open(log_path, "a")
+
+    def log(*s):
+        line = " ".join(str(x) for x in s)
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    tok_path = a.tokenizer or os.path.join(a.run, "tokenizer.model")
+    if not os.path.exists(tok_path):
+        import tokenizer as tk
+        tk.train(tok_path)
+    tok = Tok(tok_path)
+    if a.config:
+        cfg = json.load(open(a.config))
+    else:
+        cfg = default_config()
+    cfg["vocab_size"] = tok.sp.get_piece_size()
+    net = CogVLM(cfg)
+    cfg = net.cfg
+    aux = AuxHead(cfg["vision_config"]["hidden_size"])
+    step, elapsed = 0, 0.0
+    state = None
+    if os.path.exists(ck_path):
+        state = torch.load(ck_path)
+        net.load_state_dict(state["model"])
+        aux.load_state_dict(state["aux"])
+        step, elapsed = state["step"], state["elapsed"]
+        log("resumed %s at step %d (%.1f min trained so far)" % (ck_path, step, elapsed / 60))
+    else:
+        net.init_weights(a.seed, vit_norm_gain=a.vit_norm_gain)
+        torch.manual_seed(a.seed)
+        nn.init.normal_(aux.proj.weight, std=0.02)
+        nn.init.zeros_(aux.proj.bias)
+        log("new run", json.dumps(vars(a)))
+        log("machine:", platform.node(), platform.processor() or platform.machine(),
+            "torch", torch.__version__, "threads", a.threads, "cpus", os.cpu_count())
+        log("config", json.dumps(cfg))
+    nparam = sum(p.numel() for p in net.parameters())
+    log("parameters: %d (%.1f MB in bf16)" % (nparam, nparam * 2 / 1e6))
+
+    vis_params = [p for n, p in net.named_parameters() if n.startswith("model.vision.")] + list(aux.parameters())
+    lm_params = [p for n, p in net.named_parameters() if not n.startswith("model.vision.")]
+
+    def groups(ps, mult):
+        dec = [p for p in ps if p.dim() >= 2]
+        nod = [p for p in ps if p.dim() < 2]
+        return [{"params": dec, "weight_decay": a.wd, "mult": mult},
+                {"params": nod, "weight_decay": 0.0, "mult": mult}]
+
+    opt = torch.optim.AdamW(groups(lm_params, 1.0) + groups(vis_params, a.vit_lr_mult),
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+    t_start = time.time()
+    t_ck = time.time()
+    acc = {}
+    meter = {"n": 0}
+
+    def checkpoint(tag=""):
+        nonlocal t_ck
+        save(ck_path, {"model": net.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(),
+                       "step": step, "elapsed": elapsed + time.time() - t_start, "cfg": cfg,
+                       "args": vars(a), "tokenizer": tok_path})
+        t_ck = time.time()
+        log("checkpoint step %d %s" % (step, tag))
+
+    # Adaptive thread count: the 2 cores are shared with other jobs, and 2 OpenMP threads on
+    # one free core are slower than 1 thread. Every 100 steps the other count is tried for 10
+    # steps and the faster one (mean step time) is kept. (The thread count changes only the
+    # order of float reductions, not the data or the recipe.)
+    cand = sorted({1, a.threads})
+    best, timing = a.threads, {}
+    net.train()
+    while step < a.steps:
+        if a.minutes and time.time() - t_start > a.minutes * 60:
+            break
+        if len(cand) > 1:
+            ph = step % 100
+            if ph == 0:
+                timing = {}
+            use = [c for c in cand if c != best][0] if ph < 10 else best
+            if ph == 99 and len(timing) == 2:
+                best = min(timing, key=lambda c: np.mean(timing[c]))
+            torch.set_num_threads(use)
+            t_step = time.time()
+        f = lr_at(step, a)
+        for g in opt.param_groups:
+            g["lr"] = a.lr * f * g["mult"]
+        px, kinds, cols, boxes, rows = make_batch(step, a, cfg, tok)
+        feats, vit = net.vision_features(px)
+        kvs = net.run_prefix(feats)
+        # two length buckets (grounding answers are long) to waste less on padding
+        loss, qlog = 0.0, []
+        for bucket in ([r for r in rows if r[1] == "grounding"], [r for r in rows if r[1] != "grounding"]):
+            ids, tg, w = pack_text(bucket, tok)
+            logits = net.run_text(kvs, torch.tensor([r[0] for r in bucket]), ids)
+            tl = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tg.reshape(-1),
+                                 ignore_index=-100, reduction="none").view(tg.shape)
+            loss = loss + (tl * w).sum() / len(rows)
+            with torch.no_grad():
+                qlog += list(zip([r[1] for r in bucket], (tl.sum(1) / (tg >= 0).sum(1).clamp(min=1)).tolist()))
+        aw = a.aux_weight * max(a.aux_final / max(a.aux_weight, 1e-9),
+                                1 - step / max(1, a.aux_steps)) if a.aux_weight > 0 else 0.0
+        if aw > 0:
+            ok_, oc, ob = aux(vit)
+            kt, ct, bt = torch.tensor(kinds), torch.tensor(cols), torch.tensor(boxes)
+            la = F.cross_entropy(ok_.reshape(-1, 4), kt.reshape(-1)) + \
+                F.cross_entropy(oc.reshape(-1, 7), ct.reshape(-1))
+            has = kt > 0
+            if has.any():
+                la = la + 5.0 * F.smooth_l1_loss(torch.sigmoid(ob[has]), bt[has], beta=0.05)
+            loss = loss + aw * la
+        else:
+            la = torch.zeros(())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(list(net.parameters()) + list(aux.parameters()), 1.0)
+        opt.step()
+        step += 1
+        if len(cand) > 1 and 2 <= (step - 1) % 100:  # skip the first steps after a switch
+            timing.setdefault(use, []).append(time.time() - t_step)
+        # per-kind token losses for the log
+        with torch.no_grad():
+            for k, v in qlog:
+                meter.setdefault(k, []).append(v)
+            meter.setdefault("aux", []).append(float(la))
+            meter.setdefault("gn", []).append(float(gn))
+            meter["n"] += 1
+        if step % 20 == 0:
+            el = elapsed + time.time() - t_start
+            parts = " ".join("%s %.3f" % (k, np.mean(meter[k])) for k in list(shapes.QKINDS) + ["aux", "gn"] if k in meter)
+            log("step %d  %.1f min  lr %.2e  aux_w %.2f  %s  (%.2f s/step, %d thr)" % (
+                step, el / 60, a.lr * f, aw, parts,
+                (time.time() - t_start) / max(1, step - (state["step"] if state else 0)), torch.get_num_threads()))
+            if timing:
+                log("  step time by threads: %s" % {c: round(float(np.mean(v)), 2) for c, v in timing.items()})
+            meter = {"n": 0}
+        if step % a.eval_every == 0 or step == a.steps:
+            t0 = time.time()
+            acc = evaluate(net, tok, a, cfg, a.eval_images)
+            log("eval step %d  %.1f min: %s  (%.0f s)" % (step, (elapsed + time.time() - t_start) / 60,
+                " ".join("%s %.3f" % kv for kv in acc.items()), time.time() - t0))
+            checkpoint("(after eval)")
+        elif time.time() - t_ck > a.ckpt_seconds:
+            checkpoint()
+    checkpoint("(end of this process)")
+    log("stopped at step %d, %.1f min trained in total" % (step, (elapsed + time.time() - t_start) / 60))
+
+
+if __name__ == "__main__":
+    main()
