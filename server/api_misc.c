@@ -1,0 +1,56 @@
+/* api_misc.c - GET routes: /health, /metrics, /v1/models, /v1/models/{id}. */
+#include "server/server.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static struct MHD_Response *text(char *body, size_t len, const char *ctype)
+{
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    if (!r) {
+        free(body);
+        return NULL;
+    }
+    MHD_add_response_header(r, "Content-Type", ctype);
+    return r;
+}
+
+static struct MHD_Response *json_body(json_t *j)
+{
+    char *s = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    return s ? text(s, strlen(s), "application/json") : NULL;
+}
+
+static json_t *model_obj(const struct cvlm_srv *s)
+{
+    return json_pack("{sssssIss}", "id", s->model_id, "object", "model", "created",
+                     (json_int_t)0, "owned_by", "cogvlm-server");
+}
+
+struct MHD_Response *cvlm_api_misc(struct cvlm_srv *s, const char *url, int *status)
+{
+    *status = 200;
+    if (!strcmp(url, "/health")) {
+        const char *st = s->draining ? "draining" : s->ready ? "ok" : "loading";
+        *status = !s->draining && s->ready ? 200 : 503;
+        return json_body(json_pack("{ss}", "status", st));
+    }
+    if (!strcmp(url, "/metrics")) {
+        struct cvlm_engine_stats st = {0};
+        size_t len = 0;
+        if (s->engine)
+            cvlm_engine_get_stats(s->engine, &st);
+        char *body = cvlm_metrics_render(&s->metrics, &st, &len);
+        return body ? text(body, len, "text/plain; version=0.0.4; charset=utf-8") : NULL;
+    }
+    if (!strcmp(url, "/v1/models"))
+        return json_body(json_pack("{sss[o]}", "object", "list", "data", model_obj(s)));
+    /* /v1/models/{id} */
+    if (!strcmp(url + 11, s->model_id))
+        return json_body(model_obj(s));
+    *status = 404;
+    return json_body(json_pack("{s{sssssnss}}", "error", "message", "no such model", "type",
+                               "not_found_error", "param", "code", "model_not_found"));
+}

@@ -1,0 +1,439 @@
+/* api_parse.c - request bodies to engine requests (runs on the libuv work pool).
+ *
+ * Validates the JSON of /v1/chat/completions and /v1/completions field by field (a wrong
+ * type is a 400 naming the field; unknown fields are ignored as OpenAI does), decodes
+ * data-URL images (base64 alphabet checked first: libb64 silently skips bad characters),
+ * turns the conversation into the template's history + query, and prepares one engine
+ * request per choice. Everything it writes lives in the conn, which the loop does not
+ * touch until the job completes.
+ */
+#include "server/server.h"
+
+#include <b64/cdecode.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#define MAX_STOP 16
+
+/* Everything parsed before the engine requests are made; owns its strings. */
+struct parsed {
+    struct cvlm_request_params p;
+    char *system, *query, **users, **assistants;
+    struct cvlm_chat_turn *turns;
+    int n_turns;
+    const char *stops[MAX_STOP];
+    unsigned char *image;
+    size_t image_len;
+    int have_seed;
+};
+
+static int bad(struct conn *c, const char *param, const char *fmt, const char *arg)
+{
+    cvlm_api_error(c, 400, "invalid_request_error", param, NULL, fmt, arg);
+    return -1;
+}
+
+/* Optional number field in [lo, hi]; absent/null leaves *out. */
+static int num(struct conn *c, json_t *o, const char *k, double lo, double hi, double *out)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_number(v))
+        return bad(c, k, "'%s' must be a number", k);
+    double d = json_number_value(v);
+    if (!(d >= lo && d <= hi)) {
+        cvlm_api_error(c, 400, "invalid_request_error", k, NULL, "'%s' must be between %g and %g",
+                       k, lo, hi);
+        return -1;
+    }
+    *out = d;
+    return 0;
+}
+
+static int integer(struct conn *c, json_t *o, const char *k, long long lo, long long hi,
+                   long long *out)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_integer(v))
+        return bad(c, k, "'%s' must be an integer", k);
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi) {
+        cvlm_api_error(c, 400, "invalid_request_error", k, NULL,
+                       "'%s' must be between %lld and %lld", k, lo, hi);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int boolean(struct conn *c, json_t *o, const char *k, int *out)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_boolean(v))
+        return bad(c, k, "'%s' must be a boolean", k);
+    *out = json_is_true(v);
+    return 0;
+}
+
+/* Strict base64: alphabet, padding only at the end, length consistent. */
+static int b64_valid(const char *s, size_t n)
+{
+    size_t pad = 0;
+    if (n == 0 || n % 4 == 1)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char ch = s[i];
+        int ok = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9') ||
+                 ch == '+' || ch == '/';
+        if (ch == '=') {
+            pad++;
+            continue;
+        }
+        if (!ok || pad)
+            return 0;
+    }
+    return pad <= 2 && (pad == 0 || n % 4 == 0);
+}
+
+/* data:image/...;base64,XXXX -> decoded bytes in pp->image. */
+static int data_url(struct conn *c, const char *url, struct parsed *pp)
+{
+    const char *comma = strchr(url, ',');
+    if (strncmp(url, "data:", 5))
+        return bad(c, "messages", "%s", "image_url must be a data: URL (fetching remote images "
+                                         "is disabled)");
+    if (!comma || (size_t)(comma - url) < 12 || strncmp(comma - 7, ";base64", 7))
+        return bad(c, "messages", "%s", "image_url data URL must be base64 (data:image/...;base64,)");
+    if (strncmp(url + 5, "image/", 6))
+        return bad(c, "messages", "%s", "image_url data URL must have an image/* media type");
+    const char *b = comma + 1;
+    size_t n = strlen(b);
+    if (!b64_valid(b, n))
+        return bad(c, "messages", "%s", "image_url: invalid base64 data");
+    if (!(pp->image = malloc(n / 4 * 3 + 4)))
+        return bad(c, NULL, "%s", "out of memory");
+    base64_decodestate st;
+    base64_init_decodestate(&st);
+    pp->image_len = (size_t)base64_decode_block(b, (int)n, (char *)pp->image, &st);
+    return 0;
+}
+
+/* Joins a to *dst with a newline (both may be NULL); returns 0 or -1 (no memory). */
+static int join(char **dst, const char *a)
+{
+    size_t l0 = *dst ? strlen(*dst) : 0, l1 = strlen(a);
+    char *n = realloc(*dst, l0 + l1 + 2);
+    if (!n)
+        return -1;
+    if (l0)
+        n[l0++] = '\n';
+    memcpy(n + l0, a, l1 + 1);
+    *dst = n;
+    return 0;
+}
+
+/* A message's content: a string, null, or a list of text / image_url parts. */
+static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, char **text)
+{
+    json_t *ct = json_object_get(m, "content"), *part;
+    size_t i;
+    *text = strdup("");
+    if (!*text)
+        return bad(c, NULL, "%s", "out of memory");
+    if (!ct || json_is_null(ct))
+        return 0;
+    if (json_is_string(ct)) {
+        free(*text);
+        *text = strdup(json_string_value(ct));
+        return *text ? 0 : -1;
+    }
+    if (!json_is_array(ct))
+        return bad(c, "messages", "%s", "message content must be a string or a list of parts");
+    free(*text);
+    *text = NULL;
+    json_array_foreach(ct, i, part) {
+        const char *type = json_string_value(json_object_get(part, "type"));
+        if (type && !strcmp(type, "text") && json_is_string(json_object_get(part, "text"))) {
+            if (join(text, json_string_value(json_object_get(part, "text"))))
+                return -1;
+        } else if (type && !strcmp(type, "image_url") && is_user) {
+            json_t *iu = json_object_get(part, "image_url");
+            const char *url = json_is_string(iu) ? json_string_value(iu)
+                                                 : json_string_value(json_object_get(iu, "url"));
+            if (!url)
+                return bad(c, "messages", "%s", "image_url part needs image_url.url");
+            if (pp->image)
+                return bad(c, "messages", "%s", "CogVLM takes one image per conversation; "
+                                                "this request has more than one");
+            if (data_url(c, url, pp))
+                return -1;
+        } else {
+            return bad(c, "messages", "%s", "content parts must be {type: text} or "
+                                            "{type: image_url} (images in user messages only)");
+        }
+    }
+    if (!*text && !(*text = strdup("")))
+        return -1;
+    return 0;
+}
+
+/* messages -> system text, history turns and the final query. */
+static int conversation(struct conn *c, json_t *msgs, struct parsed *pp)
+{
+    size_t n = json_array_size(msgs), i;
+    char *pending = NULL;
+    json_t *m;
+    if (!json_is_array(msgs) || n == 0)
+        return bad(c, "messages", "%s", "'messages' must be a non-empty array");
+    pp->turns = calloc(n, sizeof(*pp->turns));
+    pp->users = calloc(n, sizeof(char *));
+    pp->assistants = calloc(n, sizeof(char *));
+    if (!pp->turns || !pp->users || !pp->assistants)
+        return bad(c, NULL, "%s", "out of memory");
+    json_array_foreach(msgs, i, m) {
+        const char *role = json_string_value(json_object_get(m, "role"));
+        char *text = NULL;
+        if (!json_is_object(m) || !role)
+            return bad(c, "messages", "%s", "each message needs a string 'role'");
+        int user = !strcmp(role, "user"), asst = !strcmp(role, "assistant");
+        int sys = !strcmp(role, "system") || !strcmp(role, "developer");
+        if (!user && !asst && !sys)
+            return bad(c, "messages", "unsupported message role '%s'", role);
+        if (content(c, m, user, pp, &text)) {
+            free(text);
+            return -1;
+        }
+        int rc = 0;
+        if (sys)
+            rc = join(&pp->system, text);
+        else if (user)
+            rc = join(&pending, text);
+        else { /* an assistant turn closes the exchange */
+            int t = pp->n_turns++;
+            pp->users[t] = pending ? pending : strdup("");
+            pp->assistants[t] = text;
+            pp->turns[t] = (struct cvlm_chat_turn){pp->users[t], text};
+            pending = NULL;
+            text = NULL;
+        }
+        free(text);
+        if (rc)
+            return bad(c, NULL, "%s", "out of memory");
+    }
+    if (!pending)
+        return bad(c, "messages", "%s", "the last message must be from the user");
+    pp->query = pending;
+    if (pp->system) { /* CogVLM's templates have no system slot: it opens the first question */
+        char **first = pp->n_turns ? &pp->users[0] : &pp->query;
+        char *joined = strdup(pp->system);
+        if (!joined || join(&joined, *first))
+            return bad(c, NULL, "%s", "out of memory");
+        free(*first);
+        *first = joined;
+        if (pp->n_turns)
+            pp->turns[0].user = joined;
+    }
+    return 0;
+}
+
+static int stops(struct conn *c, json_t *root, struct parsed *pp)
+{
+    json_t *v = json_object_get(root, "stop"), *s;
+    size_t i;
+    if (!v || json_is_null(v))
+        return 0;
+    if (json_is_string(v)) {
+        pp->stops[0] = json_string_value(v);
+        pp->p.n_stop = *pp->stops[0] ? 1 : 0;
+        return 0;
+    }
+    if (!json_is_array(v) || json_array_size(v) > MAX_STOP)
+        return bad(c, "stop", "%s", "'stop' must be a string or a list of up to 16 strings");
+    json_array_foreach(v, i, s) {
+        if (!json_is_string(s))
+            return bad(c, "stop", "%s", "'stop' must be a string or a list of strings");
+        if (*json_string_value(s))
+            pp->stops[pp->p.n_stop++] = json_string_value(s);
+    }
+    return 0;
+}
+
+/* Sampling and output-shape fields shared by both routes. */
+static int sampling(struct conn *c, json_t *r, struct parsed *pp)
+{
+    struct cvlm_request_params *p = &pp->p;
+    double temp = 1.0, top_p = 1.0, min_p = 0, rep = 1.0, pres = 0, freq = 0;
+    long long top_k = 0, n = 1, seed = 0, max_tokens = c->o.chat ? 0 : 16, mct = 0;
+    json_t *so = json_object_get(r, "stream_options");
+    if (num(c, r, "temperature", 0, 2, &temp) || num(c, r, "top_p", 0, 1, &top_p) ||
+        integer(c, r, "top_k", -1, 1000000, &top_k) || num(c, r, "min_p", 0, 1, &min_p) ||
+        num(c, r, "repetition_penalty", 0.01, 10, &rep) ||
+        num(c, r, "presence_penalty", -2, 2, &pres) ||
+        num(c, r, "frequency_penalty", -2, 2, &freq) ||
+        integer(c, r, "n", 1, c->s->cfg->max_n, &n) ||
+        integer(c, r, "seed", INT64_MIN, INT64_MAX, &seed) ||
+        integer(c, r, "max_tokens", 1, 1 << 30, &max_tokens) ||
+        integer(c, r, "max_completion_tokens", 1, 1 << 30, &mct) ||
+        boolean(c, r, "stream", &c->o.stream) || stops(c, r, pp))
+        return -1;
+    if (top_p <= 0)
+        return bad(c, "top_p", "%s", "'top_p' must be greater than 0");
+    if (so && !json_is_null(so) && (!json_is_object(so) ||
+                                    boolean(c, so, "include_usage", &c->o.include_usage)))
+        return c->status ? -1 : bad(c, "stream_options", "%s", "'stream_options' must be an object");
+    pp->have_seed = json_is_integer(json_object_get(r, "seed"));
+    cvlm_sampling_defaults(&p->sampling);
+    p->sampling.temperature = (float)temp;
+    p->sampling.top_p = (float)top_p;
+    p->sampling.top_k = top_k < 0 ? 0 : (int)top_k;
+    p->sampling.min_p = (float)min_p;
+    p->sampling.repetition_penalty = (float)rep;
+    p->sampling.presence_penalty = (float)pres;
+    p->sampling.frequency_penalty = (float)freq;
+    p->sampling.seed = (uint64_t)seed;
+    p->max_tokens = (int)(mct ? mct : max_tokens);
+    p->stop = pp->stops;
+    c->o.n = (int)n;
+    return 0;
+}
+
+static int logprob_fields(struct conn *c, json_t *r)
+{
+    c->o.logprobs = -1;
+    if (c->o.chat) {
+        int want = 0;
+        long long top = -1;
+        if (boolean(c, r, "logprobs", &want) || integer(c, r, "top_logprobs", 0, 20, &top))
+            return -1;
+        if (top >= 0 && !want)
+            return bad(c, "top_logprobs", "%s", "'top_logprobs' needs 'logprobs': true");
+        c->o.logprobs = want ? (int)(top < 0 ? 0 : top) : -1;
+        return 0;
+    }
+    long long lp = -1;
+    json_t *echo = json_object_get(r, "echo"), *suffix = json_object_get(r, "suffix");
+    if (integer(c, r, "logprobs", 0, 5, &lp))
+        return -1;
+    if (echo && json_is_true(echo))
+        return bad(c, "echo", "%s", "'echo' is not supported");
+    if (suffix && !json_is_null(suffix))
+        return bad(c, "suffix", "%s", "'suffix' is not supported");
+    c->o.logprobs = (int)lp;
+    return 0;
+}
+
+static int prompt_field(struct conn *c, json_t *r, struct parsed *pp)
+{
+    json_t *v = json_object_get(r, "prompt");
+    if (json_is_array(v) && json_array_size(v) == 1)
+        v = json_array_get(v, 0);
+    if (!json_is_string(v))
+        return bad(c, "prompt", "%s", "'prompt' must be a string (or a list of one string)");
+    pp->query = strdup(json_string_value(v));
+    pp->p.raw = 1;
+    return pp->query ? 0 : -1;
+}
+
+/* Engine error -> HTTP status and error body. */
+static void engine_error(struct conn *c, int rc)
+{
+    const char *msg = cvlm_last_error();
+    if (rc == CVLM_ETOOBIG && strstr(msg, "context"))
+        cvlm_api_error(c, 400, "invalid_request_error", "max_tokens", "context_length_exceeded",
+                       "%s", msg);
+    else if (rc == CVLM_ETOOBIG)
+        cvlm_api_error(c, 413, "invalid_request_error", "messages", "image_too_large", "%s", msg);
+    else if (rc == CVLM_EFORMAT || rc == CVLM_EUNSUPPORTED)
+        cvlm_api_error(c, 400, "invalid_request_error", "messages", "invalid_image",
+                       "invalid image: %s", msg);
+    else if (rc == CVLM_EINVAL)
+        cvlm_api_error(c, 400, "invalid_request_error", NULL, NULL, "%s", msg);
+    else
+        cvlm_api_error(c, 500, "server_error", NULL, NULL, "%s", msg);
+}
+
+static void parsed_free(struct parsed *pp)
+{
+    for (int i = 0; i < pp->n_turns; i++) {
+        free(pp->users[i]);
+        free(pp->assistants[i]);
+    }
+    free(pp->users);
+    free(pp->assistants);
+    free(pp->turns);
+    free(pp->system);
+    free(pp->query);
+    free(pp->image);
+}
+
+/* One engine request per choice; seeds are the request's seed + index, or random. */
+static int make_choices(struct conn *c, struct parsed *pp)
+{
+    if (!(c->ch = calloc((size_t)c->o.n, sizeof(*c->ch))))
+        return bad(c, NULL, "%s", "out of memory");
+    c->n_ch = c->o.n;
+    pp->p.prompt = pp->query;
+    pp->p.history = pp->turns;
+    pp->p.n_history = pp->n_turns;
+    pp->p.image = pp->image;
+    pp->p.image_len = pp->image_len;
+    pp->p.logprobs = c->o.logprobs;
+    uint64_t base = pp->p.sampling.seed;
+    if (!pp->have_seed && getrandom(&base, sizeof(base), 0) != sizeof(base))
+        base = (uint64_t)c->t_start * 2654435761u;
+    for (int i = 0; i < c->n_ch; i++) {
+        pp->p.sampling.seed = base + (uint64_t)i;
+        int rc = cvlm_request_create(c->s->engine, &pp->p, &c->ch[i].r);
+        if (rc) {
+            engine_error(c, rc);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+void cvlm_api_prepare(struct conn *c)
+{
+    struct parsed pp = {0};
+    json_error_t jerr;
+    json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, &jerr), *model;
+    c->o.chat = !strcmp(c->route, "/v1/chat/completions");
+    if (!root) {
+        cvlm_api_error(c, 400, "invalid_request_error", NULL, "invalid_json",
+                       "invalid JSON body: %s (at byte %d)", jerr.text, jerr.position);
+        return;
+    }
+    if (!json_is_object(root)) {
+        bad(c, NULL, "%s", "the request body must be a JSON object");
+        goto out;
+    }
+    model = json_object_get(root, "model");
+    if (!json_is_string(model)) {
+        bad(c, "model", "%s", "'model' is required and must be a string");
+        goto out;
+    }
+    if (strcmp(json_string_value(model), c->s->model_id)) {
+        cvlm_api_error(c, 404, "not_found_error", "model", "model_not_found",
+                       "the model '%.200s' does not exist (this server serves '%s')",
+                       json_string_value(model), c->s->model_id);
+        goto out;
+    }
+    snprintf(c->o.model, sizeof(c->o.model), "%s", c->s->model_id);
+    if (sampling(c, root, &pp) || logprob_fields(c, root))
+        goto out;
+    if (c->o.chat ? conversation(c, json_object_get(root, "messages"), &pp)
+                  : prompt_field(c, root, &pp))
+        goto out;
+    make_choices(c, &pp);
+out:
+    if (c->status && !c->err_msg[0])
+        snprintf(c->err_msg, sizeof(c->err_msg), "invalid request");
+    parsed_free(&pp);
+    json_decref(root);
+}

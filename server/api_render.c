@@ -1,0 +1,363 @@
+/* api_render.c - OpenAI-shaped response bodies: errors, completions, SSE chunks.
+ *
+ * Runs on the loop thread (cvlm_api_error also on the work pool, before the loop looks
+ * at the conn). Output text from the engine is whole UTF-8 already; token strings for
+ * logprobs may be partial byte sequences, so they are made valid (U+FFFD) for JSON and
+ * carried exactly in `bytes`.
+ */
+#include "server/server.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+void cvlm_api_error(struct conn *c, int status, const char *type, const char *param,
+                    const char *code, const char *fmt, ...)
+{
+    va_list ap;
+    if (c->status) /* keep the first error */
+        return;
+    c->status = status;
+    va_start(ap, fmt);
+    vsnprintf(c->err_msg, sizeof(c->err_msg), fmt, ap);
+    va_end(ap);
+    snprintf(c->err_type, sizeof(c->err_type), "%s", type);
+    snprintf(c->err_param, sizeof(c->err_param), "%s", param ? param : "");
+    snprintf(c->err_code, sizeof(c->err_code), "%s", code ? code : "");
+}
+
+/* Replaces invalid UTF-8 with U+FFFD (the engine's messages and token pieces may carry
+ * arbitrary bytes; JSON strings may not). */
+static char *utf8_clean(const char *s, size_t n)
+{
+    char *o = malloc(n * 3 + 1), *p = o;
+    if (!o)
+        return NULL;
+    for (size_t i = 0; i < n;) {
+        unsigned char b = (unsigned char)s[i];
+        int len = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+        int ok = len > 0 && i + (size_t)len <= n;
+        for (int k = 1; ok && k < len; k++)
+            ok = ((unsigned char)s[i + k] >> 6) == 2;
+        if (ok && len == 2)
+            ok = b >= 0xc2;
+        if (ok && len == 3) {
+            unsigned cp = (b & 15u) << 12 | ((unsigned char)s[i + 1] & 63u) << 6 |
+                          ((unsigned char)s[i + 2] & 63u);
+            ok = cp >= 0x800 && (cp < 0xd800 || cp > 0xdfff);
+        }
+        if (ok && len == 4) {
+            unsigned cp = (b & 7u) << 18 | ((unsigned char)s[i + 1] & 63u) << 12;
+            ok = cp >= 0x10000 && cp <= 0x10ffff;
+        }
+        if (!ok) {
+            memcpy(p, "\xef\xbf\xbd", 3);
+            p += 3;
+            i++;
+            continue;
+        }
+        memcpy(p, s + i, (size_t)len);
+        p += len;
+        i += (size_t)len;
+    }
+    *p = 0;
+    return o;
+}
+
+static json_t *jstr(const char *s, size_t n)
+{
+    char *clean = utf8_clean(s, n);
+    json_t *j = clean ? json_string(clean) : NULL;
+    free(clean);
+    return j ? j : json_string("");
+}
+
+static char *dump(json_t *j, size_t *len)
+{
+    char *s = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    *len = s ? strlen(s) : 0;
+    return s;
+}
+
+char *cvlm_api_error_body(const struct conn *c, size_t *len)
+{
+    json_t *e = json_object();
+    json_object_set_new(e, "message", jstr(c->err_msg, strlen(c->err_msg)));
+    json_object_set_new(e, "type", json_string(c->err_type[0] ? c->err_type : "server_error"));
+    json_object_set_new(e, "param", c->err_param[0] ? json_string(c->err_param) : json_null());
+    json_object_set_new(e, "code", c->err_code[0] ? json_string(c->err_code) : json_null());
+    return dump(json_pack("{so}", "error", e), len);
+}
+
+static const char *finish_name(enum cvlm_finish f)
+{
+    return f == CVLM_FINISH_LENGTH || f == CVLM_FINISH_CANCELLED ? "length" : "stop";
+}
+
+/* ---- logprobs ---------------------------------------------------------------------------- */
+
+static json_t *token_obj(struct cvlm_srv *s, int32_t id, float lp, int with_bytes)
+{
+    char buf[256];
+    size_t n = cvlm_engine_token_text(s->engine, id, buf, sizeof(buf));
+    json_t *o = json_object(), *bytes = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(bytes, json_integer((unsigned char)buf[i]));
+    json_object_set_new(o, "token", jstr(buf, n));
+    json_object_set_new(o, "logprob", json_real(lp));
+    if (with_bytes)
+        json_object_set_new(o, "bytes", bytes);
+    else
+        json_decref(bytes);
+    return o;
+}
+
+/* Chat-format entries for the tokens of one take. */
+static json_t *lp_entries(struct cvlm_srv *s, const struct cvlm_output *o)
+{
+    json_t *arr = json_array();
+    for (int i = 0; i < o->n_tokens; i++) {
+        const struct cvlm_token_out *t = &o->tokens[i];
+        json_t *e = token_obj(s, t->id, t->logprob, 1), *top = json_array();
+        for (int k = 0; k < t->n_top; k++)
+            json_array_append_new(top, token_obj(s, t->top_id[k], t->top_logprob[k], 1));
+        json_object_set_new(e, "top_logprobs", top);
+        json_array_append_new(arr, e);
+    }
+    return arr;
+}
+
+/* Completions format ({tokens, token_logprobs, top_logprobs, text_offset}) from chat
+ * entries; offsets count bytes of the text from `offset0`. */
+static json_t *lp_legacy(json_t *entries, size_t offset0)
+{
+    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(), *offs = json_array();
+    json_t *e, *t;
+    size_t i, k, off = offset0;
+    json_array_foreach(entries, i, e) {
+        json_t *tok = json_object_get(e, "token"), *top = json_object();
+        json_array_append(tokens, tok);
+        json_array_append(lps, json_object_get(e, "logprob"));
+        json_array_foreach(json_object_get(e, "top_logprobs"), k, t)
+            json_object_set(top, json_string_value(json_object_get(t, "token")),
+                            json_object_get(t, "logprob"));
+        json_array_append_new(tops, top);
+        json_array_append_new(offs, json_integer((json_int_t)off));
+        off += json_array_size(json_object_get(e, "bytes"));
+    }
+    return json_pack("{sosososo}", "tokens", tokens, "token_logprobs", lps, "top_logprobs",
+                     tops, "text_offset", offs);
+}
+
+/* ---- chunks and bodies ------------------------------------------------------------------- */
+
+static json_t *envelope(const struct conn *c, int chunk)
+{
+    json_t *j = json_object();
+    char id[80];
+    snprintf(id, sizeof(id), "%s-%s", c->o.chat ? "chatcmpl" : "cmpl", c->id);
+    json_object_set_new(j, "id", json_string(id));
+    json_object_set_new(j, "object", json_string(c->o.chat ? (chunk ? "chat.completion.chunk"
+                                                                    : "chat.completion")
+                                                           : "text_completion"));
+    json_object_set_new(j, "created", json_integer(c->created));
+    json_object_set_new(j, "model", json_string(c->o.model));
+    json_object_set_new(j, "system_fingerprint", json_string("cogvlm-server"));
+    return j;
+}
+
+static json_t *usage(const struct conn *c)
+{
+    int p = 0, g = 0;
+    for (int i = 0; i < c->n_ch; i++) {
+        p += i == 0 ? c->ch[i].prompt_tokens : 0; /* the choices share one prompt */
+        g += c->ch[i].completion_tokens;
+    }
+    return json_pack("{sisisi}", "prompt_tokens", p, "completion_tokens", g, "total_tokens", p + g);
+}
+
+/* Appends `data: <json>\n\n` (consumes j). */
+static void sse_event(struct conn *c, json_t *j)
+{
+    size_t n;
+    char *s = dump(j, &n);
+    if (!s)
+        return;
+    size_t need = c->sse_len + n + 9;
+    if (need > c->sse_cap) {
+        size_t nc = need * 2;
+        char *b = realloc(c->sse, nc);
+        if (!b) {
+            free(s);
+            return;
+        }
+        c->sse = b;
+        c->sse_cap = nc;
+    }
+    memcpy(c->sse + c->sse_len, "data: ", 6);
+    memcpy(c->sse + c->sse_len + 6, s, n);
+    memcpy(c->sse + c->sse_len + 6 + n, "\n\n", 2);
+    c->sse_len += n + 8;
+    free(s);
+}
+
+/* One streamed chunk for choice i: a role/content delta, and/or the finish. */
+static void stream_chunk(struct conn *c, int i, const char *text, size_t len, json_t *lp,
+                         const char *finish, int role)
+{
+    json_t *j = envelope(c, 1), *ch = json_object(), *lpo = json_null();
+    json_object_set_new(ch, "index", json_integer(i));
+    if (lp && json_array_size(lp))
+        lpo = c->o.chat ? json_pack("{sO}", "content", lp) : lp_legacy(lp, c->ch[i].len);
+    if (c->o.chat) {
+        json_t *delta = json_object();
+        if (role)
+            json_object_set_new(delta, "role", json_string("assistant"));
+        if (role || len)
+            json_object_set_new(delta, "content", jstr(text, len));
+        json_object_set_new(ch, "delta", delta);
+    } else {
+        json_object_set_new(ch, "text", jstr(text, len));
+    }
+    json_object_set_new(ch, "logprobs", lpo);
+    json_object_set_new(ch, "finish_reason", finish ? json_string(finish) : json_null());
+    json_object_set_new(j, "choices", json_pack("[o]", ch));
+    if (c->o.include_usage)
+        json_object_set_new(j, "usage", json_null());
+    sse_event(c, j);
+}
+
+static void observe(struct cvlm_srv *s, const struct cvlm_output *o)
+{
+    struct cvlm_metrics *m = &s->metrics;
+    if (o->finish == CVLM_FINISH_CANCELLED || o->finish == CVLM_FINISH_ERROR)
+        return;
+    cvlm_hist_observe(&m->e2e, o->e2e_ms / 1e3);
+    cvlm_hist_observe(&m->queue, o->queue_ms / 1e3);
+    if (o->completion_tokens > 0)
+        cvlm_hist_observe(&m->ttft, o->ttft_ms / 1e3);
+    if (o->vision_ms > 0)
+        cvlm_hist_observe(&m->vision, o->vision_ms / 1e3);
+    for (int k = 1; k < o->completion_tokens; k++) /* each gap, at the request's mean */
+        cvlm_hist_observe(&m->itl, (o->e2e_ms - o->ttft_ms) / 1e3 / (o->completion_tokens - 1));
+}
+
+/* Moves one take of choice i into the stream or the accumulators. */
+static void collect_one(struct conn *c, int i, struct cvlm_output *o)
+{
+    struct choice *ch = &c->ch[i];
+    json_t *lp = o->n_tokens && c->o.logprobs >= 0 ? lp_entries(c->s, o) : NULL;
+    ch->prompt_tokens = o->prompt_tokens;
+    ch->completion_tokens = o->completion_tokens;
+    if (c->o.stream) {
+        if (c->o.chat && !ch->role_sent) /* the first delta carries the role alone */
+            stream_chunk(c, i, "", 0, NULL, NULL, 1);
+        ch->role_sent = 1;
+        if (o->text_len || lp)
+            stream_chunk(c, i, o->text ? o->text : "", o->text_len, lp, NULL, 0);
+        ch->len += o->text_len;
+        if (o->finish)
+            stream_chunk(c, i, "", 0, NULL, finish_name(o->finish), 0);
+    } else {
+        if (o->text_len && ch->len + o->text_len + 1 > ch->cap) {
+            size_t nc = (ch->len + o->text_len + 1) * 2;
+            char *b = realloc(ch->text, nc);
+            if (b) {
+                ch->text = b;
+                ch->cap = nc;
+            }
+        }
+        if (o->text_len && ch->len + o->text_len + 1 <= ch->cap) {
+            memcpy(ch->text + ch->len, o->text, o->text_len);
+            ch->len += o->text_len;
+            ch->text[ch->len] = 0;
+        }
+        if (lp) {
+            if (!ch->lp)
+                ch->lp = json_array();
+            json_array_extend(ch->lp, lp);
+        }
+    }
+    json_decref(lp);
+    if (o->finish) {
+        ch->done = 1;
+        ch->finish = o->finish;
+        observe(c->s, o);
+        if (o->finish == CVLM_FINISH_ERROR) {
+            c->gen_failed = 1;
+            if (!c->o.stream) /* streams report it in an error event instead */
+                cvlm_api_error(c, 500, "server_error", NULL, NULL, "generation failed: %s",
+                               o->error);
+            else
+                snprintf(c->err_msg, sizeof(c->err_msg), "generation failed: %s", o->error);
+        }
+    }
+}
+
+int cvlm_api_collect(struct conn *c)
+{
+    struct cvlm_output o;
+    int was_done = 1;
+    for (int i = 0; i < c->n_ch; i++)
+        was_done &= !c->ch[i].r || c->ch[i].done;
+    if (was_done)
+        return 1;
+    for (int i = 0; i < c->n_ch; i++)
+        while (c->ch[i].r && !c->ch[i].done && cvlm_request_take(c->ch[i].r, &o)) {
+            collect_one(c, i, &o);
+            cvlm_output_free(&o);
+        }
+    for (int i = 0; i < c->n_ch; i++)
+        if (c->ch[i].r && !c->ch[i].done)
+            return 0;
+    if (c->o.stream && !c->sse_end) {
+        if (c->gen_failed) /* a failed generation: say so in the stream */
+            sse_event(c, json_pack("{s{ssss}}", "error", "message", c->err_msg, "type",
+                                   "server_error"));
+        if (c->o.include_usage) {
+            json_t *j = envelope(c, 1);
+            json_object_set_new(j, "choices", json_array());
+            json_object_set_new(j, "usage", usage(c));
+            sse_event(c, j);
+        }
+        size_t need = c->sse_len + 14;
+        char *b = need > c->sse_cap ? realloc(c->sse, need) : c->sse;
+        if (b) {
+            c->sse = b;
+            c->sse_cap = need > c->sse_cap ? need : c->sse_cap;
+            memcpy(c->sse + c->sse_len, "data: [DONE]\n\n", 14);
+            c->sse_len += 14;
+        }
+        c->sse_end = 1;
+    }
+    return 1;
+}
+
+char *cvlm_api_final_body(struct conn *c, size_t *len)
+{
+    if (c->status)
+        return NULL; /* the error reply is built from c->err_* */
+    json_t *j = envelope(c, 0), *choices = json_array();
+    for (int i = 0; i < c->n_ch; i++) {
+        struct choice *ch = &c->ch[i];
+        json_t *o = json_object(), *lp = json_null();
+        json_object_set_new(o, "index", json_integer(i));
+        if (c->o.logprobs >= 0)
+            lp = c->o.chat ? json_pack("{so}", "content", ch->lp ? json_incref(ch->lp) : json_array())
+                           : lp_legacy(ch->lp, 0);
+        if (c->o.chat)
+            json_object_set_new(o, "message",
+                                json_pack("{ssso}", "role", "assistant", "content",
+                                          jstr(ch->text ? ch->text : "", ch->len)));
+        else
+            json_object_set_new(o, "text", jstr(ch->text ? ch->text : "", ch->len));
+        json_object_set_new(o, "logprobs", lp);
+        json_object_set_new(o, "finish_reason", json_string(finish_name(ch->finish)));
+        json_array_append_new(choices, o);
+    }
+    json_object_set_new(j, "choices", choices);
+    json_object_set_new(j, "usage", usage(c));
+    return dump(j, len);
+}

@@ -1,0 +1,614 @@
+/* http.c - libmicrohttpd driven by the libuv loop, and the life of a connection.
+ *
+ * MHD runs without threads of its own in epoll mode: its epoll fd is a uv_poll_t and its
+ * timeout a uv_timer_t. A generation request is a small state machine (server.h):
+ * the body is received (bounded while reading), the connection is suspended while the
+ * work pool parses it and prepares the engine requests, then while the engine works.
+ * The engine's wake hook queues the connection on the wake list and pokes a uv_async_t;
+ * the loop then drains outputs, resumes the connection and runs MHD. A streaming
+ * response is a content-reader callback that suspends the connection when it has
+ * nothing to send. A periodic tick notices clients that hung up on a suspended
+ * connection, enforces the request timeout and drives draining.
+ */
+#include "server/server.h"
+
+#include "server/log.h"
+
+#include <arpa/inet.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* ---- connection lifetime ------------------------------------------------------------ */
+
+static int all_done(const struct conn *c)
+{
+    for (int i = 0; i < c->n_ch; i++)
+        if (c->ch[i].r && !c->ch[i].done)
+            return 0;
+    return 1;
+}
+
+static void conn_free(struct conn *c)
+{
+    struct cvlm_srv *s = c->s;
+    for (int i = 0; i < c->n_ch; i++) {
+        cvlm_request_unref(c->ch[i].r);
+        free(c->ch[i].text);
+        json_decref(c->ch[i].lp);
+    }
+    free(c->ch);
+    free(c->body);
+    free(c->sse);
+    free(c->reply);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->live = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    free(c);
+}
+
+/* Frees the connection once MHD, the work pool and the engine are all done with it. */
+static void conn_maybe_free(struct conn *c)
+{
+    int queued;
+    if (!c->mhd_done || c->state == CONN_PREP || !all_done(c))
+        return;
+    pthread_mutex_lock(&c->s->wake_mu);
+    queued = c->wake_queued;
+    pthread_mutex_unlock(&c->s->wake_mu);
+    if (!queued)
+        conn_free(c);
+}
+
+static void cancel_all(struct conn *c)
+{
+    for (int i = 0; i < c->n_ch; i++)
+        if (c->ch[i].r && !c->ch[i].done)
+            cvlm_engine_cancel(c->s->engine, c->ch[i].r);
+}
+
+static void resume(struct conn *c)
+{
+    if (c->suspended) {
+        c->suspended = 0;
+        MHD_resume_connection(c->mc);
+    }
+}
+
+static void suspend(struct conn *c)
+{
+    if (!c->suspended) {
+        c->suspended = 1;
+        MHD_suspend_connection(c->mc);
+    }
+}
+
+static struct conn *conn_new(struct cvlm_srv *s, struct MHD_Connection *mc, const char *route)
+{
+    struct conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->s = s;
+    c->mc = mc;
+    c->route = route;
+    c->t_start = now_ms();
+    c->created = (long long)time(NULL);
+    snprintf(c->id, sizeof(c->id), "%016llx%08x", (unsigned long long)++s->next_id,
+             (unsigned)(c->t_start * 1000) ^ (unsigned)rand());
+    c->next = s->live;
+    if (s->live)
+        s->live->prev = c;
+    s->live = c;
+    return c;
+}
+
+/* ---- responses ------------------------------------------------------------------------ */
+
+static enum MHD_Result queue(struct conn *c, int status, char *body, size_t len,
+                             const char *ctype)
+{
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    enum MHD_Result ok;
+    if (!r) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, "Content-Type", ctype);
+    MHD_add_response_header(r, "X-Request-Id", c->id);
+    if (status == 429)
+        MHD_add_response_header(r, "Retry-After", "1");
+    if (status == 405)
+        MHD_add_response_header(r, "Allow", strstr(c->route, "/v1/c") ? "POST" : "GET");
+    if (status == 401)
+        MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+    ok = MHD_queue_response(c->mc, (unsigned)status, r);
+    MHD_destroy_response(r);
+    c->status = status;
+    c->state = CONN_SENT;
+    return ok;
+}
+
+static enum MHD_Result queue_error(struct conn *c)
+{
+    size_t len;
+    char *body = cvlm_api_error_body(c, &len);
+    if (!body)
+        return MHD_NO;
+    return queue(c, c->status, body, len, "application/json");
+}
+
+static enum MHD_Result reply_error(struct conn *c, int status, const char *type,
+                                   const char *code, const char *msg)
+{
+    cvlm_api_error(c, status, type, NULL, code, "%s", msg);
+    return queue_error(c);
+}
+
+/* Streaming body: hands over what the engine produced, suspends when there is nothing. */
+static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct conn *c = cls;
+    (void)pos;
+    if (c->sse_off < c->sse_len) {
+        size_t n = c->sse_len - c->sse_off < max ? c->sse_len - c->sse_off : max;
+        memcpy(buf, c->sse + c->sse_off, n);
+        c->sse_off += n;
+        if (c->sse_off == c->sse_len)
+            c->sse_off = c->sse_len = 0;
+        return (ssize_t)n;
+    }
+    if (c->sse_end)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    suspend(c); /* resumed by the wake-up that brings more output */
+    return 0;
+}
+
+static enum MHD_Result queue_stream(struct conn *c)
+{
+    struct MHD_Response *r =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, sse_reader, c, NULL);
+    enum MHD_Result ok;
+    if (!r)
+        return MHD_NO;
+    MHD_add_response_header(r, "Content-Type", "text/event-stream; charset=utf-8");
+    MHD_add_response_header(r, "Cache-Control", "no-cache");
+    MHD_add_response_header(r, "X-Accel-Buffering", "no"); /* nginx: do not buffer SSE */
+    MHD_add_response_header(r, "X-Request-Id", c->id);
+    ok = MHD_queue_response(c->mc, 200, r);
+    MHD_destroy_response(r);
+    c->status = 200;
+    c->state = CONN_SENT;
+    return ok;
+}
+
+/* ---- routing ---------------------------------------------------------------------------- */
+
+static const char *route_of(const char *url)
+{
+    static const char *const routes[] = {"/v1/chat/completions", "/v1/completions", "/v1/models",
+                                         "/health", "/metrics"};
+    for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++)
+        if (!strcmp(url, routes[i]))
+            return routes[i];
+    if (!strncmp(url, "/v1/models/", 11))
+        return "/v1/models/{id}";
+    return NULL;
+}
+
+/* Constant-time comparison of the bearer token with the configured key. */
+static int authorized(struct cvlm_srv *s, struct MHD_Connection *mc)
+{
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+    size_t kl = strlen(s->api_key);
+    unsigned char diff = 0;
+    if (!kl)
+        return 1;
+    if (!h || strncmp(h, "Bearer ", 7))
+        return 0;
+    h += 7;
+    size_t hl = strlen(h);
+    for (size_t i = 0; i < kl; i++)
+        diff |= (unsigned char)s->api_key[i] ^ (unsigned char)(i < hl ? h[i] : 0);
+    return diff == 0 && hl == kl;
+}
+
+/* ---- the request state machine ----------------------------------------------------------- */
+
+static void work_cb(uv_work_t *w)
+{
+    cvlm_api_prepare(w->data);
+}
+
+static void on_engine_wake(void *ctx)
+{
+    struct conn *c = ctx;
+    struct cvlm_srv *s = c->s;
+    pthread_mutex_lock(&s->wake_mu);
+    if (!c->wake_queued) {
+        c->wake_queued = 1;
+        c->wake_next = s->wake_head;
+        s->wake_head = c;
+    }
+    pthread_mutex_unlock(&s->wake_mu);
+    uv_async_send(&s->wake);
+}
+
+/* Prepared (or failed): submit every choice, or turn the error into the reply. */
+static void after_work(uv_work_t *w, int status)
+{
+    struct conn *c = w->data;
+    (void)status;
+    c->state = CONN_RUN;
+    if (c->mhd_done) { /* gone while being prepared: nothing was submitted */
+        for (int i = 0; i < c->n_ch; i++) {
+            cvlm_request_unref(c->ch[i].r);
+            c->ch[i].r = NULL;
+        }
+        conn_maybe_free(c);
+        return;
+    }
+    for (int i = 0; i < c->n_ch && !c->status; i++) {
+        int rc = cvlm_engine_submit(c->s->engine, c->ch[i].r, on_engine_wake, c);
+        c->ch[i].submitted = rc == 0;
+        if (rc)
+            cvlm_api_error(c, rc == CVLM_EBUSY ? 429 : 503,
+                           rc == CVLM_EBUSY ? "rate_limit_error" : "service_unavailable", NULL,
+                           rc == CVLM_EBUSY ? "queue_full" : NULL, "%s", cvlm_last_error());
+    }
+    if (c->status) {
+        /* drop what was never submitted; what was finishes as cancelled */
+        for (int i = 0; i < c->n_ch; i++)
+            if (c->ch[i].r && !c->ch[i].submitted) {
+                cvlm_request_unref(c->ch[i].r);
+                c->ch[i].r = NULL;
+            }
+        cancel_all(c);
+        c->state = CONN_REPLY;
+    }
+    if (c->state == CONN_REPLY || c->o.stream)
+        resume(c); /* the handler queues the error or the stream */
+    cvlm_http_kick(c->s);
+}
+
+/* First call for a request: route, method, auth and body-size checks. */
+static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *mc,
+                                     const char *url, const char *method, void **con_cls)
+{
+    const char *route = route_of(url);
+    struct conn *c = conn_new(s, mc, route ? route : "other");
+    int post = !strcmp(method, "POST"), get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    if (!c)
+        return MHD_NO;
+    *con_cls = c;
+    if (!route)
+        return reply_error(c, 404, "not_found_error", "not_found", "no such route");
+    int gen = !strncmp(route, "/v1/c", 5);
+    if ((gen && !post) || (!gen && !get))
+        return reply_error(c, 405, "invalid_request_error", "method_not_allowed",
+                           "method not allowed on this route");
+    if (!strncmp(route, "/v1/", 4) && !authorized(s, mc))
+        return reply_error(c, 401, "authentication_error", "invalid_api_key",
+                           "missing or invalid API key");
+    if (!gen) {
+        int status = 200;
+        struct MHD_Response *r = cvlm_api_misc(s, url, &status);
+        if (!r)
+            return MHD_NO;
+        MHD_add_response_header(r, "X-Request-Id", c->id);
+        enum MHD_Result ok = MHD_queue_response(mc, (unsigned)status, r);
+        MHD_destroy_response(r);
+        c->status = status;
+        c->state = CONN_SENT;
+        return ok;
+    }
+    if (s->draining || !s->ready)
+        return reply_error(c, 503, "service_unavailable", NULL,
+                           s->draining ? "the server is draining" : "the model is loading");
+    const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
+    if (cl && strtoull(cl, NULL, 10) > s->cfg->max_body_bytes)
+        return reply_error(c, 413, "invalid_request_error", "body_too_large",
+                           "request body too large");
+    return MHD_YES;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload, size_t *upload_size, void **con_cls)
+{
+    struct cvlm_srv *s = cls;
+    struct conn *c = *con_cls;
+    (void)version;
+    if (!c)
+        return start_request(s, mc, url, method, con_cls);
+    if (c->state == CONN_SENT)
+        return MHD_YES; /* a reply was queued on the first call; discard any body */
+    if (c->state == CONN_BODY && *upload_size) {
+        size_t n = *upload_size;
+        *upload_size = 0;
+        if (c->too_big || c->len + n > s->cfg->max_body_bytes) {
+            c->too_big = 1; /* keep reading (and dropping) so the 413 can be delivered */
+            return MHD_YES;
+        }
+        if (c->len + n + 1 > c->cap) {
+            size_t nc = (c->len + n + 1) * 2;
+            char *nb = realloc(c->body, nc);
+            if (!nb)
+                return MHD_NO;
+            c->body = nb;
+            c->cap = nc;
+        }
+        memcpy(c->body + c->len, upload, n);
+        c->len += n;
+        c->body[c->len] = 0;
+        return MHD_YES;
+    }
+    if (c->state == CONN_BODY) { /* the whole body is here */
+        if (c->too_big)
+            return reply_error(c, 413, "invalid_request_error", "body_too_large",
+                               "request body too large");
+        c->state = CONN_PREP;
+        c->work.data = c;
+        suspend(c);
+        if (uv_queue_work(s->loop, &c->work, work_cb, after_work)) {
+            resume(c);
+            return reply_error(c, 500, "server_error", NULL, "cannot queue work");
+        }
+        return MHD_YES;
+    }
+    if (c->state == CONN_REPLY) {
+        char *body = c->reply; /* MHD owns it from here */
+        c->reply = NULL;
+        return body ? queue(c, 200, body, c->reply_len, "application/json") : queue_error(c);
+    }
+    if (c->state == CONN_RUN && c->o.stream)
+        return queue_stream(c);
+    return MHD_YES;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    struct cvlm_srv *s = cls;
+    struct conn *c = *con_cls;
+    (void)mc;
+    if (!c)
+        return;
+    *con_cls = NULL;
+    c->mhd_done = 1;
+    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+        cancel_all(c); /* the client went away (or the daemon stops): free its KV now */
+    int status = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? c->status : 499;
+    cvlm_metrics_http(&s->metrics, c->route, status ? status : 499);
+    LOG_INFO("%s %s %d %.1fms%s", c->id, c->route, status, now_ms() - c->t_start,
+             toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (client gone)");
+    conn_maybe_free(c);
+}
+
+/* Engine output arrived for some connections: move it on, resume, run MHD. */
+static void on_wake(uv_async_t *a)
+{
+    struct cvlm_srv *s = a->data;
+    struct conn *list;
+    pthread_mutex_lock(&s->wake_mu);
+    list = s->wake_head;
+    s->wake_head = NULL;
+    for (struct conn *c = list; c; c = c->wake_next)
+        c->wake_queued = 0;
+    pthread_mutex_unlock(&s->wake_mu);
+    while (list) {
+        struct conn *c = list;
+        list = c->wake_next;
+        int done = cvlm_api_collect(c);
+        if (!c->mhd_done && c->o.stream && (c->sse_len || c->sse_end)) {
+            resume(c);
+        } else if (!c->mhd_done && !c->o.stream && done && c->state == CONN_RUN) {
+            c->reply = cvlm_api_final_body(c, &c->reply_len);
+            c->state = CONN_REPLY;
+            if (!c->reply)
+                cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory");
+            resume(c);
+        }
+        conn_maybe_free(c);
+    }
+    cvlm_http_kick(s);
+}
+
+/* A suspended connection whose peer has closed: recv(MSG_PEEK) returns 0. */
+static int peer_closed(struct conn *c)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c->mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+    char b;
+    if (!ci)
+        return 0;
+    return recv(ci->connect_fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+static void drain_progress(struct cvlm_srv *s);
+
+static void on_tick(uv_timer_t *t)
+{
+    struct cvlm_srv *s = t->data;
+    double now = now_ms();
+    for (struct conn *c = s->live; c; c = c->next) {
+        if (c->mhd_done || c->state != CONN_RUN)
+            continue;
+        int gone = c->suspended && peer_closed(c);
+        int late = s->cfg->request_timeout > 0 && now - c->t_start > s->cfg->request_timeout * 1e3;
+        if (gone || late) {
+            if (late)
+                LOG_WARN("%s request timeout after %d s: cancelled", c->id, s->cfg->request_timeout);
+            cancel_all(c);
+        }
+    }
+    if (s->draining)
+        drain_progress(s);
+}
+
+/* Draining: wait for in-flight work up to the deadline, then cancel it; stop the loop
+ * when nothing is left. */
+static void drain_progress(struct cvlm_srv *s)
+{
+    int busy = 0;
+    for (struct conn *c = s->live; c; c = c->next)
+        busy |= c->state == CONN_PREP || c->state == CONN_RUN;
+    busy |= s->engine && cvlm_engine_pending(s->engine) > 0;
+    if (busy && now_ms() < s->drain_deadline)
+        return;
+    if (busy) {
+        LOG_WARN("drain timeout: cancelling what is still running");
+        for (struct conn *c = s->live; c; c = c->next)
+            cancel_all(c);
+        s->drain_deadline = now_ms() + 5000; /* cancellations complete within a step */
+        s->exit_code = 0;
+        return;
+    }
+    LOG_INFO("drained; stopping");
+    uv_stop(s->loop);
+}
+
+static void on_mhd_timer(uv_timer_t *t)
+{
+    cvlm_http_kick(t->data);
+}
+
+static void on_mhd_poll(uv_poll_t *p, int status, int events)
+{
+    (void)status;
+    (void)events;
+    cvlm_http_kick(p->data);
+}
+
+void cvlm_http_kick(struct cvlm_srv *s)
+{
+    MHD_UNSIGNED_LONG_LONG to = 0;
+    if (!s->mhd)
+        return; /* stopping */
+    MHD_run(s->mhd);
+    if (MHD_get_timeout(s->mhd, &to) == MHD_YES)
+        uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
+    else
+        uv_timer_stop(&s->mhd_timer);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    char msg[512];
+    (void)cls;
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    msg[strcspn(msg, "\n")] = 0;
+    LOG_DEBUG("http: %s", msg);
+}
+
+/* Listening address from --host: IPv4 or IPv6 literal. */
+static int make_addr(const struct cvlm_server_config *cfg, struct sockaddr_storage *ss,
+                     unsigned *flags)
+{
+    memset(ss, 0, sizeof(*ss));
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, cfg->host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)cfg->port);
+        return 0;
+    }
+    if (inet_pton(AF_INET6, cfg->host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons((uint16_t)cfg->port);
+        *flags |= MHD_USE_IPv6;
+        return 0;
+    }
+    return -1;
+}
+
+int cvlm_http_start(struct cvlm_srv *s)
+{
+    struct sockaddr_storage ss;
+    unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+    if (make_addr(s->cfg, &ss, &flags)) {
+        LOG_ERROR("--host %s is not an IPv4 or IPv6 address", s->cfg->host);
+        return -1;
+    }
+    s->mhd = MHD_start_daemon(
+        flags, (uint16_t)s->cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, &ss,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)s->cfg->connection_timeout, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)s->cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        (size_t)64 * 1024, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_END);
+    if (!s->mhd) {
+        LOG_ERROR("cannot listen on %s:%d", s->cfg->host, s->cfg->port);
+        return -1;
+    }
+    const union MHD_DaemonInfo *ei = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_EPOLL_FD);
+    const union MHD_DaemonInfo *pi = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
+    if (!ei)
+        return -1;
+    uv_poll_init(s->loop, &s->mhd_poll, ei->epoll_fd);
+    uv_timer_init(s->loop, &s->mhd_timer);
+    uv_timer_init(s->loop, &s->tick);
+    uv_async_init(s->loop, &s->wake, on_wake);
+    s->mhd_poll.data = s->mhd_timer.data = s->tick.data = s->wake.data = s;
+    uv_poll_start(&s->mhd_poll, UV_READABLE, on_mhd_poll);
+    uv_timer_start(&s->tick, on_tick, 250, 250);
+    cvlm_http_kick(s);
+    LOG_INFO("listening on http://%s%s%s:%u", strchr(s->cfg->host, ':') ? "[" : "",
+             s->cfg->host, strchr(s->cfg->host, ':') ? "]" : "",
+             pi ? (unsigned)pi->port : (unsigned)s->cfg->port);
+    return 0;
+}
+
+void cvlm_http_begin_drain(struct cvlm_srv *s)
+{
+    if (s->draining)
+        return;
+    s->draining = 1;
+    s->drain_deadline = now_ms() + s->cfg->drain_timeout * 1e3;
+    cvlm_engine_drain(s->engine);
+    LOG_INFO("draining (up to %d s)", s->cfg->drain_timeout);
+    drain_progress(s);
+}
+
+static void close_cb(uv_handle_t *h)
+{
+    (void)h;
+}
+
+void cvlm_http_stop(struct cvlm_srv *s)
+{
+    if (!s->mhd)
+        return;
+    /* cancel everything and hand every connection back to MHD, which completes them all */
+    for (struct conn *c = s->live; c; c = c->next) {
+        cancel_all(c);
+        if (!c->mhd_done)
+            resume(c);
+    }
+    uv_poll_stop(&s->mhd_poll);
+    MHD_stop_daemon(s->mhd);
+    s->mhd = NULL;
+    /* let the work pool and the engine finish with the remaining connections */
+    for (int i = 0; s->live && i < 2000; i++) {
+        struct timespec ts = {0, 5 * 1000 * 1000};
+        uv_run(s->loop, UV_RUN_NOWAIT);
+        nanosleep(&ts, NULL);
+    }
+    uv_close((uv_handle_t *)&s->mhd_poll, close_cb);
+    uv_close((uv_handle_t *)&s->mhd_timer, close_cb);
+    uv_close((uv_handle_t *)&s->tick, close_cb);
+    uv_close((uv_handle_t *)&s->wake, close_cb);
+    uv_run(s->loop, UV_RUN_NOWAIT);
+}

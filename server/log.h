@@ -1,0 +1,17 @@
+/* log.h - leveled logging to stderr, as text or JSON lines (one object per line).
+ * Thread-safe (one fprintf per line). */
+#ifndef CVLM_SERVER_LOG_H
+#define CVLM_SERVER_LOG_H
+
+enum cvlm_log_level { CVLM_LOG_DEBUG, CVLM_LOG_INFO, CVLM_LOG_WARN, CVLM_LOG_ERROR };
+
+/* Returns -1 for an unknown level or format name. */
+int cvlm_log_setup(const char *level, const char *format);
+void cvlm_log(enum cvlm_log_level lvl, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define LOG_DEBUG(...) cvlm_log(CVLM_LOG_DEBUG, __VA_ARGS__)
+#define LOG_INFO(...) cvlm_log(CVLM_LOG_INFO, __VA_ARGS__)
+#define LOG_WARN(...) cvlm_log(CVLM_LOG_WARN, __VA_ARGS__)
+#define LOG_ERROR(...) cvlm_log(CVLM_LOG_ERROR, __VA_ARGS__)
+
+#endif

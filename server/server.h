@@ -1,0 +1,126 @@
+/* server.h - shared state of the HTTP front end (loop thread) and its modules.
+ *
+ * Thread rules: everything here belongs to the libuv loop thread except
+ * - conn fields written by the work-pool job (parse + request preparation) before its
+ *   completion callback runs on the loop, and
+ * - the wake list (wake_mu), which the engine thread's wake hook appends to before
+ *   uv_async_send().
+ * A conn is freed when MHD is done with it and no engine request can still wake it
+ * (every choice's finish has been taken).
+ */
+#ifndef CVLM_SERVER_H
+#define CVLM_SERVER_H
+
+#include "engine/engine.h"
+#include "server/config.h"
+#include "server/metrics.h"
+
+#include <jansson.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <uv.h>
+
+enum conn_state {
+    CONN_BODY = 0, /* receiving the body */
+    CONN_PREP,     /* parse + request preparation on the work pool (suspended) */
+    CONN_RUN,      /* generating (suspended between outputs) */
+    CONN_REPLY,    /* a response is ready to be queued when resumed */
+    CONN_SENT,     /* response queued */
+};
+
+struct choice {
+    struct cvlm_request *r;
+    int done;               /* its finish has been taken */
+    enum cvlm_finish finish;
+    char *text;             /* accumulated (non-streaming) */
+    size_t len, cap;
+    json_t *lp;             /* accumulated logprobs entries (chat: array of objects) */
+    int prompt_tokens, completion_tokens;
+    int role_sent;          /* streaming: first delta sent */
+    int submitted;          /* handed to the engine (it will wake us until its finish) */
+};
+
+/* What the client asked for, beyond the engine's parameters. */
+struct api_opts {
+    int chat;               /* chat.completions vs completions */
+    int stream, include_usage;
+    int n;
+    int logprobs;           /* -1 none, else top-N */
+    char model[256];
+};
+
+struct conn {
+    struct cvlm_srv *s;
+    struct MHD_Connection *mc;
+    const char *route;       /* for metrics: "/v1/chat/completions", ... */
+    char id[48];
+    long long created;
+    double t_start;
+    char *body;
+    size_t len, cap;
+    int too_big;
+    enum conn_state state;
+    int suspended, mhd_done, refs;
+    /* set by the work-pool job */
+    struct api_opts o;
+    struct choice *ch;
+    int n_ch;
+    int gen_failed;          /* a choice finished with an engine error */
+    int status;              /* error reply: HTTP status, message, type, param, code */
+    char err_msg[512], err_type[40], err_param[64], err_code[40];
+    /* streaming output not yet handed to MHD */
+    char *sse;
+    size_t sse_len, sse_cap, sse_off;
+    int sse_end;             /* [DONE] appended: end of stream after sse drains */
+    uv_work_t work;
+    int wake_queued;         /* wake_mu */
+    struct conn *wake_next;  /* wake_mu */
+    struct conn *prev, *next; /* live list */
+    char *reply;             /* CONN_REPLY: body to send */
+    size_t reply_len;
+};
+
+struct cvlm_srv {
+    struct cvlm_server_config *cfg;
+    uv_loop_t *loop;
+    struct MHD_Daemon *mhd;
+    uv_poll_t mhd_poll;
+    uv_timer_t mhd_timer, tick;
+    uv_async_t wake;
+    uv_signal_t sig_term, sig_int;
+    struct cvlm_engine *engine;
+    struct cvlm_engine_info info;
+    char model_id[256];
+    char api_key[512];
+    int ready, draining, exit_code;
+    double drain_deadline;
+    struct cvlm_metrics metrics;
+    pthread_mutex_t wake_mu;
+    struct conn *wake_head;
+    struct conn *live;
+    uint64_t next_id;
+};
+
+/* http.c */
+int cvlm_http_start(struct cvlm_srv *s);
+void cvlm_http_stop(struct cvlm_srv *s);
+void cvlm_http_kick(struct cvlm_srv *s); /* run MHD now and re-arm its timer */
+void cvlm_http_begin_drain(struct cvlm_srv *s);
+
+/* api_parse.c (work pool): body -> options + prepared engine requests, or an error */
+void cvlm_api_prepare(struct conn *c);
+
+/* api_render.c (loop) */
+void cvlm_api_error(struct conn *c, int status, const char *type, const char *param,
+                    const char *code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+char *cvlm_api_error_body(const struct conn *c, size_t *len);
+/* Drains new engine output of every choice into the stream buffer (stream) or the
+ * choices' accumulators; returns 1 when all choices are finished. */
+int cvlm_api_collect(struct conn *c);
+/* The final non-streaming body. */
+char *cvlm_api_final_body(struct conn *c, size_t *len);
+
+/* api_misc.c (loop) */
+struct MHD_Response *cvlm_api_misc(struct cvlm_srv *s, const char *url, int *status);
+
+#endif
