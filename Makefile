@@ -40,7 +40,13 @@ SERVER_OBJS = $(SERVER_SRCS:%.c=$(BUILD)/%.o)
 TEST_OBJS   = $(TEST_SRCS:%.c=$(BUILD)/%.o)
 LIB         = $(BUILD)/libcvlm.a
 
-MODEL ?= $(firstword $(wildcard models/cogvlm-tiny-shapes) ../shared/data/golden-tiny/model-bf16)
+# The embedded default model; until it is trained, the random-weight reference model.
+ifneq ($(wildcard models/cogvlm-tiny-shapes/config.json),)
+MODEL_ARGS ?= --model models/cogvlm-tiny-shapes
+else
+MODEL_ARGS ?= --model ../shared/data/golden-tiny/model-bf16 \
+              --tokenizer ../shared/data/llama2-tokenizer.model
+endif
 
 .PHONY: all deps test unit-test asan check-cuda run clean bench
 .DEFAULT_GOAL := all
@@ -60,8 +66,11 @@ $(BUILD)/cogvlm: $(CLI_OBJS) $(LIB)
 $(BUILD)/cogvlm-server: $(SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(SERVER_OBJS) $(LIB) $(SERVER_LIBS) $(LDLIBS_ALL)
 
-$(BUILD)/tests/unit-tests: $(TEST_OBJS) $(LIB)
-	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(LIB) $(LDLIBS_ALL)
+# the tests also exercise the server's pure modules (option table)
+TEST_SERVER_OBJS = $(BUILD)/server/config.o
+
+$(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB) $(LDLIBS_ALL)
 
 # Installs the Debian packages the project needs, only those that are missing.
 deps:
@@ -94,9 +103,19 @@ else
 	done
 endif
 
-# Serves the default model (until the HTTP server lands: loads and describes it).
+# Serves the default model on http://127.0.0.1:8000 (ARGS="--port 9000 ..." adds options).
 run: deps all
-	$(BUILD)/cogvlm info --model $(MODEL)
+	$(BUILD)/cogvlm-server $(MODEL_ARGS) $(ARGS)
+
+# CPU benchmark (docs/PERFORMANCE.md): prefill/decode/vision throughput of `cogvlm bench` on
+# random LLaMA-shaped BF16 and F16 weights, the same weights through llama.cpp
+# (llama-cpp-python) with the same threads, tables and machine description. About 4
+# minutes on 2 cores, plus ~8 the first time, when --install builds llama-cpp-python;
+# BENCH_ARGS=--no-llama skips the comparison.
+BENCH_ARGS ?= --install
+bench: $(BUILD)/cogvlm
+	$(Q)python3 tools/bench/bench_all.py --cogvlm $(BUILD)/cogvlm --work $(BUILD)/bench \
+	    --out docs/PERFORMANCE.md $(BENCH_ARGS)
 
 clean:
 	rm -rf build build-asan

@@ -156,7 +156,10 @@ static int read_file(struct cvlm_server_config *c, const char *path, char *err, 
             fclose(f);
             return -1;
         }
-        char *v = trim(eq + 1);
+        char *v = trim(eq + 1), *hash;
+        if (*v != '"' && ((hash = strstr(v, " #")) || (hash = strstr(v, "\t#"))))
+            *hash = 0; /* a trailing comment (unquoted values only) */
+        v = trim(v);
         size_t vl = strlen(v);
         if (vl >= 2 && v[0] == '"' && v[vl - 1] == '"') { /* optional quotes */
             v[vl - 1] = 0;

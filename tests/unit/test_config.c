@@ -1,0 +1,85 @@
+/* test_config.c - the option table: config/cogvlm.conf documents every key with its
+ * default, precedence default < file < env < CLI, and bad input is refused. */
+#include "server/config.h"
+#include "tests/unit/harness.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+TEST(config_file_documents_every_option)
+{
+    size_t len;
+    char *text = (char *)cvlm_test_read_file("config/cogvlm.conf", &len), line[256];
+    REQUIRE(text);
+    for (int i = 0; i < cvlm_n_options; i++) {
+        const struct cvlm_option *o = &cvlm_options[i];
+        snprintf(line, sizeof(line), "\n#%s = %s\n", o->key, *o->def ? o->def : "\"\"");
+        CHECKF(strstr(text, line), "config/cogvlm.conf lacks '%s'", line + 1);
+    }
+    /* and every documented key is a real option */
+    for (char *p = strstr(text, "\n#"); p; p = strstr(p + 1, "\n#")) {
+        char key[64];
+        if (sscanf(p + 2, "%63[a-z_] =", key) == 1 && strstr(p + 2, " = ") &&
+            strchr(p + 2, '\n') > strstr(p + 2, " = ")) {
+            int found = 0;
+            for (int i = 0; i < cvlm_n_options; i++)
+                found |= !strcmp(cvlm_options[i].key, key);
+            CHECKF(found, "config/cogvlm.conf documents unknown key '%s'", key);
+        }
+    }
+    free(text);
+}
+
+/* Writes a config file and parses argv with it. */
+static int parse_with(const char *file_text, char **argv, int argc, struct cvlm_server_config *c,
+                      char *err)
+{
+    char path[600], flag[700];
+    snprintf(path, sizeof(path), "%s/test.conf", cvlm_test_tmpdir());
+    cvlm_test_write_file(path, file_text, strlen(file_text));
+    snprintf(flag, sizeof(flag), "--config=%s", path);
+    char *args[8] = {"cogvlm-server", flag};
+    for (int i = 0; i < argc && i < 6; i++)
+        args[2 + i] = argv[i];
+    return cvlm_config_parse_all(c, 2 + argc, args, err, 256);
+}
+
+TEST(config_precedence_and_errors)
+{
+    struct cvlm_server_config c;
+    char err[256];
+    char *cli[] = {"--port", "3333", "--kv-memory", "1G", "--prefix-cache", "false"};
+    unsetenv("COGVLM_PORT");
+    REQUIRE(parse_with("port = 1111\nthreads = 3 # comment\n", NULL, 0, &c, err) == 0);
+    CHECK(c.port == 1111 && c.threads == 3 && c.max_seqs == 64 && c.kv_memory == 256ull << 20);
+    cvlm_config_free(&c);
+    setenv("COGVLM_PORT", "2222", 1);
+    REQUIRE(parse_with("port = 1111\n", NULL, 0, &c, err) == 0);
+    CHECK(c.port == 2222);
+    cvlm_config_free(&c);
+    REQUIRE(parse_with("port = 1111\n", cli, 6, &c, err) == 0);
+    CHECK(c.port == 3333 && c.kv_memory == 1ull << 30 && c.prefix_cache == 0);
+    cvlm_config_free(&c);
+    unsetenv("COGVLM_PORT");
+    CHECK(parse_with("bogus = 1\n", NULL, 0, &c, err) < 0 && strstr(err, "unknown"));
+    cvlm_config_free(&c);
+    CHECK(parse_with("port = ten\n", NULL, 0, &c, err) < 0 && strstr(err, "port"));
+    cvlm_config_free(&c);
+    char *bad[] = {"--no-such-flag", "1"};
+    CHECK(parse_with("", bad, 2, &c, err) < 0 && strstr(err, "no-such-flag"));
+    cvlm_config_free(&c);
+    char *badsize[] = {"--kv-memory", "12Q"};
+    CHECK(parse_with("", badsize, 2, &c, err) < 0 && strstr(err, "kv_memory"));
+    cvlm_config_free(&c);
+    /* the shipped file, uncommented, parses to the defaults */
+    size_t len;
+    char *text = (char *)cvlm_test_read_file("config/cogvlm.conf", &len);
+    REQUIRE(text);
+    for (char *p = strstr(text, "\n#"); p; p = strstr(p + 1, "\n#"))
+        if (p[2] >= 'a' && p[2] <= 'z' && strchr(p + 2, '=') < strchr(p + 2, '\n'))
+            p[1] = ' ';
+    REQUIRE(parse_with(text, NULL, 0, &c, err) == 0 || (printf("  %s\n", err), 0));
+    CHECK(c.port == 8000 && c.max_body_bytes == 20ull << 20 && c.prefix_cache == 1);
+    cvlm_config_free(&c);
+    free(text);
+}
