@@ -15,6 +15,7 @@ static const struct cli_cmd cmds[] = {
     {"info", cvlm_cli_info, "load a checkpoint (config.json + safetensors) and describe it"},
     {"tokenize", cvlm_cli_tokenize, "JSON lines {\"text\":...} on stdin -> {\"ids\":[...]}"},
     {"preprocess", cvlm_cli_preprocess, "decode + resize an image, write raw RGB bytes"},
+    {"bench-batch", cvlm_cli_bench_batch, "scheduler throughput at several concurrencies"},
     {"golden", cvlm_cli_golden, "check the engine against a reference fixture"},
     {"bench", cvlm_cli_bench, "CPU prefill/decode/vision throughput on random weights"},
 };

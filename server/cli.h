@@ -12,6 +12,7 @@ int cvlm_cli_preprocess(int argc, char **argv);
 int cvlm_cli_info(int argc, char **argv);
 int cvlm_cli_golden(int argc, char **argv);
 int cvlm_cli_run(int argc, char **argv);
+int cvlm_cli_bench_batch(int argc, char **argv);
 int cvlm_cli_bench(int argc, char **argv);
 
 #endif
