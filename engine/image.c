@@ -143,3 +143,26 @@ void cvlm_image_normalize(const struct cvlm_image *img, float *chw)
             dst[i] = lut[c][src[i * 3]];
     }
 }
+
+int cvlm_image_preprocess(const void *data, size_t len, const struct cvlm_image_limits *lim,
+                          int size, float **chw, uint64_t *hash)
+{
+    struct cvlm_image img = {0}, sized = {0};
+    int rc = cvlm_image_decode(data, len, lim, &img);
+    *chw = NULL;
+    if (!rc)
+        rc = cvlm_image_resize_bicubic(&img, size, size, &sized);
+    cvlm_image_free(&img);
+    if (!rc && !(*chw = malloc((size_t)3 * size * size * sizeof(float))))
+        rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
+    if (!rc)
+        cvlm_image_normalize(&sized, *chw);
+    if (!rc && hash) { /* FNV-1a over the pixels, seeded with the size */
+        uint64_t h = 1469598103934665603ull ^ (uint64_t)size;
+        for (size_t i = 0; i < (size_t)3 * size * size; i++)
+            h = (h ^ sized.rgb[i]) * 1099511628211ull;
+        *hash = h ? h : 1;
+    }
+    cvlm_image_free(&sized);
+    return rc;
+}

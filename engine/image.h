@@ -44,4 +44,10 @@ int cvlm_image_resize_bicubic(const struct cvlm_image *in, int out_w, int out_h,
  * computed in float32 as torchvision does. `chw` holds 3 * width * height floats. */
 void cvlm_image_normalize(const struct cvlm_image *img, float *chw);
 
+/* The whole model input path: decode, resize to size x size, normalize into a malloc'd
+ * float CHW array (*chw, free() it). If `hash` is given it receives a 64-bit hash of the
+ * resized pixels (what the vision tower sees), for caching. */
+int cvlm_image_preprocess(const void *data, size_t len, const struct cvlm_image_limits *lim,
+                          int size, float **chw, uint64_t *hash);
+
 #endif

@@ -76,28 +76,11 @@ static int prepare_image(struct cvlm_engine *e, const struct cvlm_request_params
                          struct cvlm_request *r)
 {
     const struct cvlm_config *c = &e->w->cfg;
-    struct cvlm_image img = {0}, sized = {0};
     struct cvlm_image_limits lim = {e->opts.max_image_pixels};
-    int S = c->vision.image_size, rc;
     if (!c->has_vision)
         return cvlm_errf(CVLM_EINVAL, "this model does not take images");
-    if ((rc = cvlm_image_decode(p->image, p->image_len, &lim, &img)))
-        return rc;
-    rc = cvlm_image_resize_bicubic(&img, S, S, &sized);
-    cvlm_image_free(&img);
-    if (rc)
-        return rc;
-    if (!(r->pixels = malloc((size_t)3 * S * S * sizeof(float)))) {
-        cvlm_image_free(&sized);
-        return cvlm_errf(CVLM_ENOMEM, "out of memory");
-    }
-    cvlm_image_normalize(&sized, r->pixels);
-    uint64_t h = 1469598103934665603ull ^ (uint64_t)S;
-    for (size_t i = 0; i < (size_t)3 * S * S; i++)
-        h = (h ^ sized.rgb[i]) * 1099511628211ull;
-    r->img_hash = h ? h : 1;
-    cvlm_image_free(&sized);
-    return 0;
+    return cvlm_image_preprocess(p->image, p->image_len, &lim, c->vision.image_size, &r->pixels,
+                                 &r->img_hash);
 }
 
 static enum cvlm_template template_of(const struct cvlm_engine *e, const char *name)

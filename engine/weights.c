@@ -8,6 +8,7 @@
 #include "engine/weights.h"
 
 #include "engine/error.h"
+#include "engine/fileio.h"
 
 #include <jansson.h>
 #include <stdarg.h>
@@ -153,24 +154,14 @@ int cvlm_config_parse(const char *json, size_t len, struct cvlm_config *cfg)
 
 int cvlm_config_load(const char *path, struct cvlm_config *cfg)
 {
-    FILE *f = fopen(path, "rb");
-    char *buf;
-    long n;
-    int rc;
-    if (!f)
+    unsigned char *buf;
+    size_t n;
+    int rc = cvlm_read_file(path, 1 << 20, &buf, &n);
+    if (rc == CVLM_ENOENT)
         return cvlm_errf(CVLM_ENOENT, "%s: cannot open", path);
-    if (fseek(f, 0, SEEK_END) || (n = ftell(f)) < 0 || n > (1 << 20) || fseek(f, 0, SEEK_SET)) {
-        fclose(f);
-        return cvlm_errf(CVLM_EFORMAT, "%s: unreadable or larger than 1 MiB", path);
-    }
-    buf = malloc((size_t)n + 1);
-    if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        fclose(f);
-        return cvlm_errf(buf ? CVLM_EIO : CVLM_ENOMEM, "%s: read failed", path);
-    }
-    fclose(f);
-    rc = cvlm_config_parse(buf, (size_t)n, cfg);
+    if (rc)
+        return rc;
+    rc = cvlm_config_parse((const char *)buf, n, cfg);
     free(buf);
     return rc;
 }

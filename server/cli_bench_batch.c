@@ -7,6 +7,7 @@
  * cache off) and with a prefix-cache hit.
  */
 #include "engine/engine.h"
+#include "engine/fileio.h"
 #include "server/cli.h"
 
 #include <pthread.h>
@@ -87,23 +88,6 @@ static int run_batch(struct cvlm_engine *e, const struct cvlm_request_params *ba
     free(text);
     free(done);
     return rc;
-}
-
-static unsigned char *read_all(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    unsigned char *b = NULL;
-    long n;
-    if (f && !fseek(f, 0, SEEK_END) && (n = ftell(f)) > 0 && !fseek(f, 0, SEEK_SET) &&
-        (b = malloc((size_t)n)) && fread(b, 1, (size_t)n, f) == (size_t)n)
-        *len = (size_t)n;
-    else if (b) {
-        free(b);
-        b = NULL;
-    }
-    if (f)
-        fclose(f);
-    return b;
 }
 
 /* TTFT of one image request on engine e (after what e has already seen). */
@@ -202,7 +186,9 @@ int cvlm_cli_bench_batch(int argc, char **argv)
     cvlm_engine_destroy(e);
     if (image) {
         size_t len = 0;
-        unsigned char *img = read_all(image, &len);
+        unsigned char *img = NULL;
+        if (cvlm_read_file(image, (size_t)1 << 30, &img, &len))
+            fprintf(stderr, "bench-batch: %s\n", cvlm_last_error());
         struct cvlm_engine *e2;
         eo.no_prefix_cache = 1;
         if (img && !cvlm_engine_create(&eo, &e2)) {

@@ -9,6 +9,7 @@
  * fixture's config.json. Exit status 0 only if every case is within tolerance.
  */
 #include "engine/error.h"
+#include "engine/fileio.h"
 #include "engine/image.h"
 #include "engine/model.h"
 #include "engine/template.h"
@@ -339,32 +340,13 @@ static int open_model(struct golden *g, const char *key, enum cvlm_rope_freq rf,
 /* Decodes, resizes and normalizes the fixture image with our pipeline into g->pixels. */
 static int preprocess_image(struct golden *g, const char *path, int S)
 {
-    size_t len = 0;
-    struct cvlm_image img = {0}, sized = {0};
-    unsigned char *buf = NULL;
-    FILE *f = fopen(path, "rb");
-    int rc;
-    if (f && fseek(f, 0, SEEK_END) == 0 && (len = (size_t)ftell(f)) > 0 && !fseek(f, 0, SEEK_SET)) {
-        buf = malloc(len);
-        if (buf && fread(buf, 1, len, f) != len)
-            len = 0;
-    }
-    if (f)
-        fclose(f);
-    if (!buf || !len) {
-        free(buf);
-        return cvlm_errf(CVLM_EIO, "%s: cannot read", path);
-    }
-    rc = cvlm_image_decode(buf, len, NULL, &img);
+    unsigned char *buf;
+    size_t len;
+    int rc = cvlm_read_file(path, (size_t)1 << 30, &buf, &len);
+    if (rc)
+        return rc;
+    rc = cvlm_image_preprocess(buf, len, NULL, S, &g->pixels, NULL);
     free(buf);
-    if (!rc)
-        rc = cvlm_image_resize_bicubic(&img, S, S, &sized);
-    cvlm_image_free(&img);
-    if (!rc && !(g->pixels = malloc((size_t)3 * S * S * sizeof(float))))
-        rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
-    if (!rc)
-        cvlm_image_normalize(&sized, g->pixels);
-    cvlm_image_free(&sized);
     return rc;
 }
 

@@ -6,6 +6,7 @@
  * decode tokens/s.
  */
 #include "engine/error.h"
+#include "engine/fileio.h"
 #include "engine/image.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -81,30 +82,13 @@ static int parse(int argc, char **argv, struct run_opts *o)
 /* Reads, decodes, resizes and normalizes an image into a malloc'd CHW float array. */
 static int load_pixels(const char *path, int size, float **out)
 {
-    FILE *f = fopen(path, "rb");
-    unsigned char *buf = NULL;
-    long n = -1;
-    struct cvlm_image img = {0}, sized = {0};
-    int rc;
-    if (f && !fseek(f, 0, SEEK_END) && (n = ftell(f)) > 0 && !fseek(f, 0, SEEK_SET) &&
-        (buf = malloc((size_t)n)) && fread(buf, 1, (size_t)n, f) != (size_t)n)
-        n = -1;
-    if (f)
-        fclose(f);
-    if (!buf || n <= 0) {
-        free(buf);
-        return cvlm_errf(CVLM_EIO, "%s: cannot read", path);
-    }
-    rc = cvlm_image_decode(buf, (size_t)n, NULL, &img);
+    unsigned char *buf;
+    size_t len;
+    int rc = cvlm_read_file(path, (size_t)1 << 30, &buf, &len);
+    if (rc)
+        return rc;
+    rc = cvlm_image_preprocess(buf, len, NULL, size, out, NULL);
     free(buf);
-    if (!rc)
-        rc = cvlm_image_resize_bicubic(&img, size, size, &sized);
-    cvlm_image_free(&img);
-    if (!rc && !(*out = malloc((size_t)3 * size * size * sizeof(float))))
-        rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
-    if (!rc)
-        cvlm_image_normalize(&sized, *out);
-    cvlm_image_free(&sized);
     return rc;
 }
 
