@@ -80,8 +80,9 @@ deps:
 # The last line printed is the suite's "N passed, N failed".
 test: deps all check-cuda unit-test
 
-unit-test: $(BUILD)/tests/unit-tests $(BUILD)/cogvlm
-	$(Q)COGVLM_BIN=$(BUILD)/cogvlm $(BUILD)/tests/unit-tests $(TESTS)
+unit-test: $(BUILD)/tests/unit-tests $(BUILD)/cogvlm $(BUILD)/cogvlm-server
+	$(Q)COGVLM_BIN=$(abspath $(BUILD)/cogvlm) COGVLM_SERVER_BIN=$(abspath $(BUILD)/cogvlm-server) \
+	    $(BUILD)/tests/unit-tests $(TESTS)
 
 # The test suite under AddressSanitizer + UndefinedBehaviorSanitizer, in its own tree.
 asan: deps
@@ -109,13 +110,68 @@ run: deps all
 
 # CPU benchmark (docs/PERFORMANCE.md): prefill/decode/vision throughput of `cogvlm bench` on
 # random LLaMA-shaped BF16 and F16 weights, the same weights through llama.cpp
-# (llama-cpp-python) with the same threads, tables and machine description. About 4
-# minutes on 2 cores, plus ~8 the first time, when --install builds llama-cpp-python;
-# BENCH_ARGS=--no-llama skips the comparison.
+# (llama-cpp-python) with the same threads (3 interleaved runs each, best kept), tables
+# and machine description. About 6 minutes on 2 cores, plus ~8 the first time, when
+# --install builds llama-cpp-python; BENCH_ARGS=--no-llama skips the comparison.
 BENCH_ARGS ?= --install
 bench: $(BUILD)/cogvlm
 	$(Q)python3 tools/bench/bench_all.py --cogvlm $(BUILD)/cogvlm --work $(BUILD)/bench \
 	    --out docs/PERFORMANCE.md $(BENCH_ARGS)
+
+# Install / uninstall (docs/DEPLOY.md). PREFIX and DESTDIR as usual (DESTDIR stages the
+# tree for a package). Installs:
+#   $(PREFIX)/bin/cogvlm-server, $(PREFIX)/bin/cogvlm
+#   $(SYSCONFDIR)/cogvlm/cogvlm.conf  - every option, commented; an existing one is kept
+#   $(SYSTEMDUNITDIR)/cogvlm-server.service - paths rewritten for PREFIX and SYSCONFDIR
+#   $(PREFIX)/share/cogvlm/models/cogvlm-tiny-shapes - the default model, when it is built
+#   $(PREFIX)/share/cogvlm/cogvlm.conf.default, systemd/gpu.conf (GPU drop-in), and
+#   $(PREFIX)/share/doc/cogvlm/DEPLOY.md
+# SYSTEMDUNITDIR defaults to $(PREFIX)/lib/systemd/system: systemd reads units from
+# /usr/local/lib/systemd/system and /usr/lib/systemd/system; with another PREFIX pass
+# SYSTEMDUNITDIR=/etc/systemd/system. Then: systemctl daemon-reload &&
+# systemctl enable --now cogvlm-server. uninstall removes all of it except a cogvlm.conf
+# that differs from the one installed (local settings) and the shared parent directories.
+PREFIX         ?= /usr/local
+SYSCONFDIR     ?= /etc
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+INSTALL        ?= install
+DEFAULT_MODEL   = cogvlm-tiny-shapes
+I_BIN  = $(DESTDIR)$(PREFIX)/bin
+I_ETC  = $(DESTDIR)$(SYSCONFDIR)/cogvlm
+I_UNIT = $(DESTDIR)$(SYSTEMDUNITDIR)
+I_DATA = $(DESTDIR)$(PREFIX)/share/cogvlm
+I_DOC  = $(DESTDIR)$(PREFIX)/share/doc/cogvlm
+
+.PHONY: install uninstall
+install: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
+	$(Q)$(INSTALL) -d $(I_BIN) $(I_ETC) $(I_UNIT) $(I_DATA)/systemd $(I_DOC)
+	$(Q)$(INSTALL) -m 755 $(BUILD)/cogvlm-server $(BUILD)/cogvlm $(I_BIN)/
+	$(Q)$(INSTALL) -m 644 config/cogvlm.conf $(I_DATA)/cogvlm.conf.default
+	$(Q)if [ -e $(I_ETC)/cogvlm.conf ]; then \
+	    echo "install: keeping $(I_ETC)/cogvlm.conf (the new default: $(I_DATA)/cogvlm.conf.default)"; \
+	else $(INSTALL) -m 644 config/cogvlm.conf $(I_ETC)/cogvlm.conf; fi
+	$(Q)sed -e 's#/usr/local#$(PREFIX)#g' -e 's#/etc/cogvlm#$(SYSCONFDIR)/cogvlm#g' \
+	    systemd/cogvlm-server.service > $(I_UNIT)/cogvlm-server.service
+	$(Q)chmod 644 $(I_UNIT)/cogvlm-server.service
+	$(Q)$(INSTALL) -m 644 systemd/gpu.conf $(I_DATA)/systemd/gpu.conf
+	$(Q)$(INSTALL) -m 644 docs/DEPLOY.md $(I_DOC)/DEPLOY.md
+	$(Q)if [ -f models/$(DEFAULT_MODEL)/config.json ]; then \
+	    rm -rf $(I_DATA)/models/$(DEFAULT_MODEL) && $(INSTALL) -d $(I_DATA)/models && \
+	    cp -R models/$(DEFAULT_MODEL) $(I_DATA)/models/ && \
+	    chmod -R u=rwX,go=rX $(I_DATA)/models/$(DEFAULT_MODEL); \
+	else echo "install: models/$(DEFAULT_MODEL) not built: no default model installed" \
+	    "(set model = in $(SYSCONFDIR)/cogvlm/cogvlm.conf)"; fi
+	@echo "installed under $(DESTDIR)$(PREFIX); unit $(I_UNIT)/cogvlm-server.service"
+
+uninstall:
+	$(Q)rm -f $(I_BIN)/cogvlm-server $(I_BIN)/cogvlm $(I_UNIT)/cogvlm-server.service
+	$(Q)c=$(I_ETC)/cogvlm.conf; d=$(I_DATA)/cogvlm.conf.default; [ -e $$d ] || d=config/cogvlm.conf; \
+	if [ -e $$c ] && ! cmp -s $$c $$d; then echo "uninstall: keeping the edited $$c"; \
+	else rm -f $$c; fi
+	$(Q)rm -rf $(I_DATA)/models/$(DEFAULT_MODEL)
+	$(Q)rm -f $(I_DATA)/cogvlm.conf.default $(I_DATA)/systemd/gpu.conf $(I_DOC)/DEPLOY.md
+	$(Q)for d in $(I_DATA)/models $(I_DATA)/systemd $(I_DATA) $(I_DOC) $(I_ETC); do \
+	    [ ! -d $$d ] || rmdir $$d 2>/dev/null || echo "uninstall: $$d not empty, kept"; done
 
 clean:
 	rm -rf build build-asan

@@ -259,17 +259,27 @@ void cvlm_engine_cancel(struct cvlm_engine *e, struct cvlm_request *r)
 
 size_t cvlm_engine_token_text(const struct cvlm_engine *e, int32_t id, char *buf, size_t cap)
 {
-    char *text = NULL;
-    size_t len = 0;
-    if (cvlm_tokenizer_decode(e->tok, &id, 1, &text, &len)) {
-        free(text);
+    /* the piece itself, with its word-boundary space kept ("\xe2\x96\x81" -> ' '), so that
+     * the tokens of a completion concatenate to its text; byte pieces are their byte */
+    const char *p = cvlm_tokenizer_piece(e->tok, id);
+    size_t n = 0;
+    unsigned v;
+    if (!p || id == e->w->cfg.bos_token_id || id == e->w->cfg.eos_token_id)
         return 0;
+    if (strlen(p) == 6 && sscanf(p, "<0x%2X>", &v) == 1) {
+        if (cap)
+            buf[n++] = (char)v;
+        return n;
     }
-    if (len > cap)
-        len = cap;
-    memcpy(buf, text, len);
-    free(text);
-    return len;
+    while (*p && n < cap) {
+        if (!strncmp(p, "\xe2\x96\x81", 3)) {
+            buf[n++] = ' ';
+            p += 3;
+        } else {
+            buf[n++] = *p++;
+        }
+    }
+    return n;
 }
 
 void cvlm_engine_get_stats(struct cvlm_engine *e, struct cvlm_engine_stats *s)

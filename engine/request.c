@@ -130,7 +130,8 @@ static int build_prompt(struct cvlm_engine *e, const struct cvlm_request_params 
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
     }
     pr->ids[0] = c->bos_token_id;
-    memcpy(pr->ids + 1, ids, n * sizeof(int32_t));
+    if (n)
+        memcpy(pr->ids + 1, ids, n * sizeof(int32_t));
     free(ids);
     pr->image_start = -1;
     pr->next_pos = cvlm_position_ids(pr->types, pr->n, pr->pos);
@@ -219,6 +220,9 @@ int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params 
     r->logprobs = p->logprobs;
     cvlm_rng_seed(&r->rng, p->sampling.seed);
     cvlm_detok_init(&r->dt, e->tok);
+    /* a completion continues its prompt, so its first word keeps its leading space; a
+     * chat answer is decoded on its own, as the reference demos do */
+    r->dt.started = p->raw;
     if ((p->image && (rc = prepare_image(e, p, r))) || (rc = build_prompt(e, p, &pr)) ||
         (rc = adopt(e, p, &pr, r)) || (rc = copy_stops(p, r))) {
         cvlm_prompt_free(&pr);

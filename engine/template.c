@@ -125,7 +125,8 @@ int cvlm_prompt_build(const struct cvlm_config *cfg, const struct cvlm_tokenizer
         out->ids[1 + i] = cfg->pad_token_id;
         out->types[1 + i] = CVLM_TOKEN_VIS;
     }
-    memcpy(out->ids + 1 + n_img, text_ids, n_text * sizeof(int32_t));
+    if (n_text)
+        memcpy(out->ids + 1 + n_img, text_ids, n_text * sizeof(int32_t));
     free(text_ids);
     out->image_start = n_img ? 1 : -1;
     out->next_pos = cvlm_position_ids(out->types, out->n, out->pos);

@@ -167,8 +167,8 @@ int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uin
 
 struct write_ctx {
     FILE *f;
-    int pass;        /* 0: header JSON, 1: data */
-    size_t off;      /* data offset so far */
+    int pass;   /* 0: header JSON, 1: data */
+    size_t off; /* data offset so far */
     int first, err;
 };
 
@@ -202,22 +202,24 @@ static int write_config(const struct cvlm_config *c, const char *path)
     FILE *f = fopen(path, "w");
     if (!f)
         return cvlm_errf(CVLM_EIO, "%s: cannot create", path);
-    fprintf(f, "{\n  \"architectures\": [\"%s\"],\n", c->has_vision ? "CogVLMForCausalLM"
-                                                                     : "LlamaForCausalLM");
-    fprintf(f, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n"
-               "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
-               "  \"max_position_embeddings\": %d,\n  \"rms_norm_eps\": %.9g,\n"
-               "  \"rope_theta\": %.9g,\n  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n"
-               "  \"pad_token_id\": %d,\n  \"template_version\": \"%s\"",
+    fprintf(f, "{\n  \"architectures\": [\"%s\"],\n",
+            c->has_vision ? "CogVLMForCausalLM" : "LlamaForCausalLM");
+    fprintf(f,
+            "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n"
+            "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
+            "  \"max_position_embeddings\": %d,\n  \"rms_norm_eps\": %.9g,\n"
+            "  \"rope_theta\": %.9g,\n  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n"
+            "  \"pad_token_id\": %d,\n  \"template_version\": \"%s\"",
             c->vocab_size, c->hidden_size, c->intermediate_size, c->num_layers, c->num_heads,
             c->max_position_embeddings, (double)c->rms_norm_eps, (double)c->rope_theta,
             c->bos_token_id, c->eos_token_id, c->pad_token_id, tmpl[c->template_version]);
     if (c->has_vision) {
         const struct cvlm_vision_config *v = &c->vision;
-        fprintf(f, ",\n  \"vision_config\": {\"image_size\": %d, \"patch_size\": %d, "
-                   "\"in_channels\": %d, \"hidden_size\": %d, \"num_heads\": %d, "
-                   "\"num_hidden_layers\": %d, \"intermediate_size\": %d, "
-                   "\"num_positions\": %d, \"layer_norm_eps\": %.9g}",
+        fprintf(f,
+                ",\n  \"vision_config\": {\"image_size\": %d, \"patch_size\": %d, "
+                "\"in_channels\": %d, \"hidden_size\": %d, \"num_heads\": %d, "
+                "\"num_hidden_layers\": %d, \"intermediate_size\": %d, "
+                "\"num_positions\": %d, \"layer_norm_eps\": %.9g}",
                 v->image_size, v->patch_size, v->in_channels, v->hidden_size, v->num_heads,
                 v->num_layers, v->intermediate_size, v->num_positions, (double)v->layer_norm_eps);
     }

@@ -26,7 +26,7 @@ static struct MHD_Response *json_body(json_t *j)
 static json_t *model_obj(const struct cvlm_srv *s)
 {
     return json_pack("{sssssIss}", "id", s->model_id, "object", "model", "created",
-                     (json_int_t)0, "owned_by", "cogvlm-server");
+                     (json_int_t)s->started, "owned_by", "cogvlm-server");
 }
 
 struct MHD_Response *cvlm_api_misc(struct cvlm_srv *s, const char *url, int *status)

@@ -147,7 +147,7 @@ static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, ch
     if (!*text)
         return bad(c, NULL, "%s", "out of memory");
     if (!ct || json_is_null(ct))
-        return 0;
+        return is_user ? bad(c, "messages", "%s", "a user message needs 'content'") : 0;
     if (json_is_string(ct)) {
         free(*text);
         *text = strdup(json_string_value(ct));
@@ -425,6 +425,11 @@ void cvlm_api_prepare(struct conn *c)
         goto out;
     }
     snprintf(c->o.model, sizeof(c->o.model), "%s", c->s->model_id);
+    json_t *user = json_object_get(root, "user");
+    if (user && !json_is_null(user) && !json_is_string(user)) {
+        bad(c, "user", "%s", "'user' must be a string");
+        goto out;
+    }
     if (sampling(c, root, &pp) || logprob_fields(c, root))
         goto out;
     if (c->o.chat ? conversation(c, json_object_get(root, "messages"), &pp)

@@ -210,7 +210,8 @@ static void stream_chunk(struct conn *c, int i, const char *text, size_t len, js
     json_t *j = envelope(c, 1), *ch = json_object(), *lpo = json_null();
     json_object_set_new(ch, "index", json_integer(i));
     if (lp && json_array_size(lp))
-        lpo = c->o.chat ? json_pack("{sO}", "content", lp) : lp_legacy(lp, c->ch[i].len);
+        lpo = c->o.chat ? json_pack("{sOsn}", "content", lp, "refusal")
+                        : lp_legacy(lp, c->ch[i].len);
     if (c->o.chat) {
         json_t *delta = json_object();
         if (role)
@@ -224,7 +225,7 @@ static void stream_chunk(struct conn *c, int i, const char *text, size_t len, js
     json_object_set_new(ch, "logprobs", lpo);
     json_object_set_new(ch, "finish_reason", finish ? json_string(finish) : json_null());
     json_object_set_new(j, "choices", json_pack("[o]", ch));
-    if (c->o.include_usage)
+    if (c->o.include_usage && c->o.chat) /* the completions chunk schema has no null usage */
         json_object_set_new(j, "usage", json_null());
     sse_event(c, j);
 }
@@ -345,12 +346,13 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
         json_t *o = json_object(), *lp = json_null();
         json_object_set_new(o, "index", json_integer(i));
         if (c->o.logprobs >= 0)
-            lp = c->o.chat ? json_pack("{so}", "content", ch->lp ? json_incref(ch->lp) : json_array())
+            lp = c->o.chat ? json_pack("{sosn}", "content",
+                                       ch->lp ? json_incref(ch->lp) : json_array(), "refusal")
                            : lp_legacy(ch->lp, 0);
         if (c->o.chat)
             json_object_set_new(o, "message",
-                                json_pack("{ssso}", "role", "assistant", "content",
-                                          jstr(ch->text ? ch->text : "", ch->len)));
+                                json_pack("{sssosn}", "role", "assistant", "content",
+                                          jstr(ch->text ? ch->text : "", ch->len), "refusal"));
         else
             json_object_set_new(o, "text", jstr(ch->text ? ch->text : "", ch->len));
         json_object_set_new(o, "logprobs", lp);

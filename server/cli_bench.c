@@ -24,6 +24,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
 struct bench_opts {
     const char *preset, *config, *json, *ckpt, *logits_out;
     enum cvlm_dtype dtype;
@@ -93,8 +97,10 @@ static int preset(const char *name, int vit_layers, struct cvlm_config *c)
         lm_shape(c, 1024, 512, 1, 8, 1024);
         vit_17b(c, vit_layers > 0 ? vit_layers : 1);
     } else {
-        return cvlm_errf(CVLM_EINVAL, "unknown preset '%s' (llama-2048, llama-small, "
-                                      "cogvlm-17b-l2, vit-17b)", name);
+        return cvlm_errf(CVLM_EINVAL,
+                         "unknown preset '%s' (llama-2048, llama-small, "
+                         "cogvlm-17b-l2, vit-17b)",
+                         name);
     }
     return 0;
 }
@@ -131,8 +137,12 @@ static int parse_dtype(const char *s, enum cvlm_dtype *dt)
 
 static int parse(int argc, char **argv, struct bench_opts *o)
 {
-    *o = (struct bench_opts){.preset = "llama-2048", .dtype = CVLM_DTYPE_BF16, .prompt = 512,
-                             .decode = 64, .vit_layers = 4, .seed = 1};
+    *o = (struct bench_opts){.preset = "llama-2048",
+                             .dtype = CVLM_DTYPE_BF16,
+                             .prompt = 512,
+                             .decode = 64,
+                             .vit_layers = 4,
+                             .seed = 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help"))
@@ -140,18 +150,31 @@ static int parse(int argc, char **argv, struct bench_opts *o)
         if (!v)
             return -1;
         i++;
-        if (!strcmp(a, "--preset")) o->preset = v;
-        else if (!strcmp(a, "--config")) o->config = v;
-        else if (!strcmp(a, "--dtype")) { if (parse_dtype(v, &o->dtype)) return -1; }
-        else if (!strcmp(a, "--threads")) o->threads = atoi(v);
-        else if (!strcmp(a, "--prompt-tokens")) o->prompt = atoi(v);
-        else if (!strcmp(a, "--decode-tokens")) o->decode = atoi(v);
-        else if (!strcmp(a, "--vision-layers")) o->vit_layers = atoi(v);
-        else if (!strcmp(a, "--seed")) o->seed = strtoull(v, NULL, 10);
-        else if (!strcmp(a, "--json")) o->json = v;
-        else if (!strcmp(a, "--write-checkpoint")) o->ckpt = v;
-        else if (!strcmp(a, "--logits-out")) o->logits_out = v;
-        else return -1;
+        if (!strcmp(a, "--preset"))
+            o->preset = v;
+        else if (!strcmp(a, "--config"))
+            o->config = v;
+        else if (!strcmp(a, "--dtype")) {
+            if (parse_dtype(v, &o->dtype))
+                return -1;
+        } else if (!strcmp(a, "--threads"))
+            o->threads = atoi(v);
+        else if (!strcmp(a, "--prompt-tokens"))
+            o->prompt = atoi(v);
+        else if (!strcmp(a, "--decode-tokens"))
+            o->decode = atoi(v);
+        else if (!strcmp(a, "--vision-layers"))
+            o->vit_layers = atoi(v);
+        else if (!strcmp(a, "--seed"))
+            o->seed = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--json"))
+            o->json = v;
+        else if (!strcmp(a, "--write-checkpoint"))
+            o->ckpt = v;
+        else if (!strcmp(a, "--logits-out"))
+            o->logits_out = v;
+        else
+            return -1;
     }
     if (o->threads < 0 || o->prompt < 0 || o->decode < 0 || o->vit_layers < 0 ||
         o->vit_layers > 63 || (o->decode > 0 && o->prompt == 0))
@@ -170,20 +193,44 @@ struct bw_arg {
     uint64_t sum;
 };
 
-static void *bw_worker(void *p)
+/* Sum of n bytes (a multiple of 256) read as 4 interleaved sequential streams: one
+ * stream per core leaves the prefetchers short of memory-level parallelism (the decode
+ * kernels read 4 weight rows at once too). SSE2 is part of x86-64, so no dispatch. */
+static uint64_t read_pass(const unsigned char *p, size_t n)
 {
-    struct bw_arg *a = p;
-    if (!a->read_only) {
-        memcpy(a->dst, a->src, a->n);
-        return NULL;
-    }
-    const uint64_t *s = (const uint64_t *)a->src;
-    uint64_t acc[8] = {0};
-    for (size_t i = 0; i + 8 <= a->n / 8; i += 8)
+#if defined(__x86_64__)
+    const __m128i *q = (const __m128i *)p;
+    size_t part = n / 16 / 4 / 4 * 4; /* vectors per stream */
+    __m128i a0 = _mm_setzero_si128(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i < part; i += 4)
+        for (size_t st = 0; st < 4; st++) {
+            const __m128i *r = q + st * part + i;
+            a0 = _mm_add_epi64(a0, _mm_loadu_si128(r));
+            a1 = _mm_add_epi64(a1, _mm_loadu_si128(r + 1));
+            a2 = _mm_add_epi64(a2, _mm_loadu_si128(r + 2));
+            a3 = _mm_add_epi64(a3, _mm_loadu_si128(r + 3));
+        }
+    a0 = _mm_add_epi64(_mm_add_epi64(a0, a1), _mm_add_epi64(a2, a3));
+    return (uint64_t)_mm_cvtsi128_si64(a0);
+#else
+    const uint64_t *s = (const uint64_t *)p;
+    uint64_t acc[8] = {0}, sum = 0;
+    for (size_t i = 0; i + 8 <= n / 8; i += 8)
         for (int l = 0; l < 8; l++)
             acc[l] += s[i + l];
     for (int l = 0; l < 8; l++)
-        a->sum += acc[l];
+        sum += acc[l];
+    return sum;
+#endif
+}
+
+static void *bw_worker(void *p)
+{
+    struct bw_arg *a = p;
+    if (a->read_only)
+        a->sum = read_pass(a->src, a->n);
+    else
+        memcpy(a->dst, a->src, a->n);
     return NULL;
 }
 
@@ -274,9 +321,14 @@ struct text_run {
 static int step(struct text_run *t, int from, int n)
 {
     struct cvlm_seq_kv kv = {t->blocks, t->n_blocks};
-    struct cvlm_batch b = {.n_tokens = n, .ids = t->ids + from, .pos = t->pos + from,
-                           .expert = t->expert + from, .seq = t->seq + from,
-                           .slot = t->slot + from, .seqs = &kv, .n_seqs = 1};
+    struct cvlm_batch b = {.n_tokens = n,
+                           .ids = t->ids + from,
+                           .pos = t->pos + from,
+                           .expert = t->expert + from,
+                           .seq = t->seq + from,
+                           .slot = t->slot + from,
+                           .seqs = &kv,
+                           .n_seqs = 1};
     return cvlm_model_forward(t->m, &b, t->logits);
 }
 
@@ -330,8 +382,8 @@ static int save_floats(const char *path, const float *v, int n)
     return 0;
 }
 
-static int time_text(const struct bench_opts *o, struct cvlm_model *m,
-                     const struct cvlm_config *c, struct bench_result *r)
+static int time_text(const struct bench_opts *o, struct cvlm_model *m, const struct cvlm_config *c,
+                     struct bench_result *r)
 {
     int P = o->prompt, total = P + o->decode, rc, bs = cvlm_model_block_size(m);
     struct text_run t = {.m = m, .n_blocks = cvlm_model_kv_blocks(m)};
@@ -387,8 +439,8 @@ static int bench_text(const struct bench_opts *o, struct bench_result *r)
         goto out;
     }
     r->threads = be->n_threads;
-    struct cvlm_model_opts mo = {.max_tokens = o->prompt, .block_size = bs,
-                                 .kv_blocks = (o->prompt + o->decode + bs) / bs};
+    struct cvlm_model_opts mo = {
+        .max_tokens = o->prompt, .block_size = bs, .kv_blocks = (o->prompt + o->decode + bs) / bs};
     if ((rc = cvlm_model_create(w, be, &mo, &m)))
         goto out;
     r->weight_bytes = decode_weight_bytes(w);
@@ -464,10 +516,10 @@ out:
 static void report(const struct bench_opts *o, const struct bench_result *r, FILE *f)
 {
     const char *dt = cvlm_dtype_name(o->dtype);
-    fprintf(f, "cogvlm bench: %s, %s weights, %d threads\n", o->config ? o->config : o->preset,
-            dt, r->threads);
-    fprintf(f, "  memory bandwidth      copy %.1f GB/s (read+write), read %.1f GB/s\n",
-            r->bw_copy, r->bw_read);
+    fprintf(f, "cogvlm bench: %s, %s weights, %d threads\n", o->config ? o->config : o->preset, dt,
+            r->threads);
+    fprintf(f, "  memory bandwidth      copy %.1f GB/s (read+write), read %.1f GB/s\n", r->bw_copy,
+            r->bw_read);
     if (o->prompt > 0) {
         fprintf(f, "  weights init          %.1f s\n", r->t_init);
         fprintf(f, "  prefill %4d tokens    %.1f tokens/s  (%.1f GFLOP/s, %.2f s)\n", o->prompt,
@@ -482,11 +534,13 @@ static void report(const struct bench_opts *o, const struct bench_result *r, FIL
                 100.0 * r->weight_bytes / step / 1e9 / r->bw_read);
     }
     if (o->vit_layers > 0)
-        fprintf(f, "  vision tower          %d of 63 layers (17B shapes): %.2f s, %.1f GFLOP/s "
-                   "(%.1f GFLOP; est. 63 layers %.1f s)\n",
+        fprintf(f,
+                "  vision tower          %d of 63 layers (17B shapes): %.2f s, %.1f GFLOP/s "
+                "(%.1f GFLOP; est. 63 layers %.1f s)\n",
                 o->vit_layers, r->t_vit, r->vit_flop / r->t_vit / 1e9, r->vit_flop / 1e9,
-                r->t_vit * (63.0 * r->vit_layer_flop + r->vit_flop -
-                            o->vit_layers * r->vit_layer_flop) / r->vit_flop);
+                r->t_vit *
+                    (63.0 * r->vit_layer_flop + r->vit_flop - o->vit_layers * r->vit_layer_flop) /
+                    r->vit_flop);
 }
 
 static int write_json(const struct bench_opts *o, const struct bench_result *r)
@@ -498,16 +552,20 @@ static int write_json(const struct bench_opts *o, const struct bench_result *r)
     fprintf(f, "{\"model\": \"%s\", \"dtype\": \"%s\", \"threads\": %d,\n",
             o->config ? o->config : o->preset, cvlm_dtype_name(o->dtype), r->threads);
     fprintf(f, " \"copy_gbs\": %.3f, \"read_gbs\": %.3f,\n", r->bw_copy, r->bw_read);
-    fprintf(f, " \"prompt_tokens\": %d, \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
-               " \"prefill_gflops\": %.3f,\n", o->prompt, r->t_prefill,
-            r->t_prefill > 0 ? o->prompt / r->t_prefill : 0,
+    fprintf(f,
+            " \"prompt_tokens\": %d, \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
+            " \"prefill_gflops\": %.3f,\n",
+            o->prompt, r->t_prefill, r->t_prefill > 0 ? o->prompt / r->t_prefill : 0,
             r->t_prefill > 0 ? r->prefill_flop / r->t_prefill / 1e9 : 0);
-    fprintf(f, " \"decode_tokens\": %d, \"decode_s\": %.6f, \"decode_tok_s\": %.3f,"
-               " \"decode_weight_gb\": %.4f, \"decode_gbs\": %.3f,\n", o->decode, r->t_decode,
-            step > 0 ? 1 / step : 0, r->weight_bytes / 1e9,
+    fprintf(f,
+            " \"decode_tokens\": %d, \"decode_s\": %.6f, \"decode_tok_s\": %.3f,"
+            " \"decode_weight_gb\": %.4f, \"decode_gbs\": %.3f,\n",
+            o->decode, r->t_decode, step > 0 ? 1 / step : 0, r->weight_bytes / 1e9,
             step > 0 ? r->weight_bytes / step / 1e9 : 0);
-    fprintf(f, " \"vision_layers\": %d, \"vision_s\": %.6f, \"vision_gflop\": %.3f,"
-               " \"vision_gflops\": %.3f}\n", o->vit_layers, r->t_vit, r->vit_flop / 1e9,
+    fprintf(f,
+            " \"vision_layers\": %d, \"vision_s\": %.6f, \"vision_gflop\": %.3f,"
+            " \"vision_gflops\": %.3f}\n",
+            o->vit_layers, r->t_vit, r->vit_flop / 1e9,
             r->t_vit > 0 ? r->vit_flop / r->t_vit / 1e9 : 0);
     return fclose(f) ? cvlm_errf(CVLM_EIO, "%s: write failed", o->json) : 0;
 }

@@ -4,6 +4,7 @@
  * loads on the work pool; SIGTERM/SIGINT start draining (health 503, new generations
  * 503, in-flight ones finish within --drain-timeout), a second signal stops at once.
  */
+#include "server/daemon.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -11,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static uv_work_t load_work;
 static int load_rc;
@@ -44,6 +46,7 @@ static void load_done(uv_work_t *w, int status)
     }
     cvlm_engine_get_info(s->engine, &s->info);
     s->ready = 1;
+    cvlm_notifyf("READY=1\nSTATUS=serving %s", s->model_id); /* systemd Type=notify */
     LOG_INFO("model %s ready: context %d tokens, %d KV blocks of %d, %s", s->model_id,
              s->info.context_length, s->info.kv_blocks, s->info.block_size,
              s->info.has_vision ? "vision" : "text only");
@@ -60,6 +63,7 @@ static void on_signal(uv_signal_t *h, int signum)
         return;
     }
     LOG_INFO("signal %d: draining", signum);
+    cvlm_notify("STOPPING=1\nSTATUS=draining");
     if (!s->engine) { /* still loading: nothing in flight */
         s->draining = 1;
         uv_stop(s->loop);
@@ -122,6 +126,7 @@ int main(int argc, char **argv)
     }
     signal(SIGPIPE, SIG_IGN);
     s.cfg = &cfg;
+    s.started = (long long)time(NULL);
     s.loop = uv_default_loop();
     cvlm_metrics_init(&s.metrics);
     pthread_mutex_init(&s.wake_mu, NULL);
@@ -135,6 +140,7 @@ int main(int argc, char **argv)
     s.sig_term.data = s.sig_int.data = &s;
     uv_signal_start(&s.sig_term, on_signal, SIGTERM);
     uv_signal_start(&s.sig_int, on_signal, SIGINT);
+    cvlm_watchdog_start(s.loop); /* WATCHDOG=1 every WATCHDOG_USEC/2 when systemd asks */
     load_work.data = &s;
     uv_queue_work(s.loop, &load_work, load_cb, load_done);
     LOG_INFO("loading %s as '%s'", cfg.model, s.model_id);
@@ -142,6 +148,7 @@ int main(int argc, char **argv)
     cvlm_http_stop(&s);
     uv_close((uv_handle_t *)&s.sig_term, NULL);
     uv_close((uv_handle_t *)&s.sig_int, NULL);
+    cvlm_watchdog_stop();
     uv_run(s.loop, UV_RUN_NOWAIT);
     cvlm_engine_destroy(s.engine);
     uv_loop_close(s.loop);

@@ -93,6 +93,7 @@ struct cvlm_srv {
     char model_id[256];
     char api_key[512];
     int ready, draining, exit_code;
+    long long started;             /* unix time the server started (model "created") */
     double drain_deadline;
     struct cvlm_metrics metrics;
     pthread_mutex_t wake_mu;
