@@ -19,6 +19,10 @@ ifeq ($(SAN),1)
 SANFLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 LDFLAGS += -fsanitize=address,undefined
 endif
+ifeq ($(FUZZ),1)
+SANFLAGS = -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
+           -fno-sanitize-recover=all
+endif
 
 ifeq ($(V),0)
 Q = @
@@ -48,7 +52,7 @@ MODEL_ARGS ?= --model ../shared/data/golden-tiny/model-bf16 \
               --tokenizer ../shared/data/llama2-tokenizer.model
 endif
 
-.PHONY: all deps test unit-test asan check-cuda run clean bench
+.PHONY: all deps test unit-test asan check-cuda run clean bench fuzz fuzz-run fuzz-smoke
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
@@ -72,13 +76,46 @@ TEST_SERVER_OBJS = $(BUILD)/server/config.o
 $(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB) $(LDLIBS_ALL)
 
+# ---- fuzzing (libFuzzer, clang, ASan + UBSan) ----------------------------------------
+# Targets in tests/fuzz/fuzz_<name>.c, seeds in tests/fuzz/corpus/<name>/ (plus the unit
+# image fixtures for the image target). New inputs go to build-fuzz/corpus/, crashes to
+# build-fuzz/crashes/. `make fuzz` runs each for FUZZ_SECONDS (default 120); `make test`
+# runs each for 20 s.
+FUZZ_TARGETS  = $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_SECONDS ?= 120
+FUZZ_SERVER_OBJS = $(addprefix $(BUILD)/server/,api_parse.o api_render.o metrics.o config.o)
+
+$(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(LIB) $(FUZZ_SERVER_OBJS)
+	@mkdir -p $(dir $@)
+	$(call say,FUZZ,$@)$(CC) $(CFLAGS_ALL) -fsanitize=fuzzer $< $(FUZZ_SERVER_OBJS) $(LIB) \
+	    -o $@ -fsanitize=fuzzer,address,undefined $(SERVER_LIBS) $(LDLIBS_ALL)
+
+fuzz-run: $(addprefix $(BUILD)/fuzz/fuzz_,$(FUZZ_TARGETS))
+	$(Q)for t in $(FUZZ_TARGETS); do \
+	    mkdir -p $(BUILD)/corpus/$$t $(BUILD)/crashes; \
+	    extra=""; [ $$t = image ] && extra=tests/unit/images; \
+	    printf '  %-6s %s (%ss)\n' FUZZ $$t $(FUZZ_SECONDS); \
+	    $(BUILD)/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	        -max_len=65536 -artifact_prefix=$(BUILD)/crashes/$$t- -print_final_stats=0 \
+	        $(BUILD)/corpus/$$t tests/fuzz/corpus/$$t $$extra > $(BUILD)/fuzz-$$t.log 2>&1 \
+	        || { tail -40 $(BUILD)/fuzz-$$t.log; exit 1; }; \
+	    grep -h "^#[0-9]*.*DONE" $(BUILD)/fuzz-$$t.log | tail -1; \
+	done
+
+fuzz: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz FUZZ=1 CC=clang OPT=-O1 fuzz-run
+
+fuzz-smoke: deps
+	$(Q)$(MAKE) --no-print-directory BUILD=build-fuzz FUZZ=1 CC=clang OPT=-O1 FUZZ_SECONDS=20 \
+	    fuzz-run
+
 # Installs the Debian packages the project needs, only those that are missing.
 deps:
 	$(Q)tools/deps.sh
 
 # The whole suite: deps, build, CUDA compile check (when nvcc exists), unit tests.
 # The last line printed is the suite's "N passed, N failed".
-test: deps all check-cuda unit-test
+test: deps all check-cuda fuzz-smoke unit-test
 
 unit-test: $(BUILD)/tests/unit-tests $(BUILD)/cogvlm $(BUILD)/cogvlm-server
 	$(Q)COGVLM_BIN=$(abspath $(BUILD)/cogvlm) COGVLM_SERVER_BIN=$(abspath $(BUILD)/cogvlm-server) \
@@ -174,6 +211,6 @@ uninstall:
 	    [ ! -d $$d ] || rmdir $$d 2>/dev/null || echo "uninstall: $$d not empty, kept"; done
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -187,8 +187,9 @@ static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, ch
 static int conversation(struct conn *c, json_t *msgs, struct parsed *pp)
 {
     size_t n = json_array_size(msgs), i;
-    char *pending = NULL;
     json_t *m;
+    /* pp->query collects the user text since the last assistant turn (pp owns it, so
+     * every error path frees it) */
     if (!json_is_array(msgs) || n == 0)
         return bad(c, "messages", "%s", "'messages' must be a non-empty array");
     pp->turns = calloc(n, sizeof(*pp->turns));
@@ -213,22 +214,21 @@ static int conversation(struct conn *c, json_t *msgs, struct parsed *pp)
         if (sys)
             rc = join(&pp->system, text);
         else if (user)
-            rc = join(&pending, text);
+            rc = join(&pp->query, text);
         else { /* an assistant turn closes the exchange */
             int t = pp->n_turns++;
-            pp->users[t] = pending ? pending : strdup("");
+            pp->users[t] = pp->query ? pp->query : strdup("");
             pp->assistants[t] = text;
             pp->turns[t] = (struct cvlm_chat_turn){pp->users[t], text};
-            pending = NULL;
+            pp->query = NULL;
             text = NULL;
         }
         free(text);
         if (rc)
             return bad(c, NULL, "%s", "out of memory");
     }
-    if (!pending)
+    if (!pp->query)
         return bad(c, "messages", "%s", "the last message must be from the user");
-    pp->query = pending;
     if (pp->system) { /* CogVLM's templates have no system slot: it opens the first question */
         char **first = pp->n_turns ? &pp->users[0] : &pp->query;
         char *joined = strdup(pp->system);
