@@ -95,11 +95,11 @@ static int alloc_vision(struct cvlm_model *m)
 {
     const struct cvlm_config *c = m->c;
     const struct cvlm_vision_config *v = &c->vision;
+    if (!c->has_vision) /* a text-only model: no vision config to size anything from */
+        return 0;
     size_t np = (size_t)cvlm_config_num_patches(c), N = np + 1, d = (size_t)v->hidden_size;
     size_t D = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
     int fail = 0;
-    if (!c->has_vision)
-        return 0;
     m->vx = arena(m, N, d, &fail);
     m->vqkv = arena(m, N, 3 * d, &fail);
     m->va = arena(m, N, d, &fail);

@@ -39,6 +39,7 @@ struct bench_result {
     double bw_copy, bw_read;            /* GB/s */
     double t_init, t_prefill, t_decode; /* seconds */
     double prefill_flop, weight_bytes;  /* per prompt / per decode step */
+    double kv_bytes;                    /* KV cache read by an average decode step */
     double t_vit, vit_flop, vit_layer_flop;
     int threads;
 };
@@ -444,6 +445,9 @@ static int bench_text(const struct bench_opts *o, struct bench_result *r)
     if ((rc = cvlm_model_create(w, be, &mo, &m)))
         goto out;
     r->weight_bytes = decode_weight_bytes(w);
+    /* keys + values of every layer at the mean context of the decode steps, in act_dtype */
+    r->kv_bytes = 2.0 * c.num_layers * c.hidden_size * cvlm_dtype_size(be->act_dtype) *
+                  (o->prompt + (o->decode + 1) / 2.0);
     r->prefill_flop = prefill_flop(&c, o->prompt);
     rc = time_text(o, m, &c, r);
 out:
@@ -532,6 +536,8 @@ static void report(const struct bench_opts *o, const struct bench_result *r, FIL
         fprintf(f, "  decode weight stream  %.1f GB/s of %.2f GB/token (%.0f%% of read bw)\n",
                 r->weight_bytes / step / 1e9, r->weight_bytes / 1e9,
                 100.0 * r->weight_bytes / step / 1e9 / r->bw_read);
+        fprintf(f, "  + KV cache reads      %.1f GB/s in all (%.3f GB/token of F32 keys/values)\n",
+                (r->weight_bytes + r->kv_bytes) / step / 1e9, r->kv_bytes / 1e9);
     }
     if (o->vit_layers > 0)
         fprintf(f,
@@ -559,9 +565,9 @@ static int write_json(const struct bench_opts *o, const struct bench_result *r)
             r->t_prefill > 0 ? r->prefill_flop / r->t_prefill / 1e9 : 0);
     fprintf(f,
             " \"decode_tokens\": %d, \"decode_s\": %.6f, \"decode_tok_s\": %.3f,"
-            " \"decode_weight_gb\": %.4f, \"decode_gbs\": %.3f,\n",
+            " \"decode_weight_gb\": %.4f, \"decode_gbs\": %.3f, \"decode_kv_gb\": %.4f,\n",
             o->decode, r->t_decode, step > 0 ? 1 / step : 0, r->weight_bytes / 1e9,
-            step > 0 ? r->weight_bytes / step / 1e9 : 0);
+            step > 0 ? r->weight_bytes / step / 1e9 : 0, r->kv_bytes / 1e9);
     fprintf(f,
             " \"vision_layers\": %d, \"vision_s\": %.6f, \"vision_gflop\": %.3f,"
             " \"vision_gflops\": %.3f}\n",

@@ -1,10 +1,15 @@
-/* backend_cpu.c - the CPU backend: op table, memory, and the element-wise/norm ops.
+/* backend_cpu.c - the CPU backend: op table, ISA detection, memory, and the element-wise
+ * and norm ops.
  *
  * Activations are F32 host memory. Every op is split over the backend's thread pool by
- * rows. GEMM and attention live in gemm.c and attention.c.
+ * rows or chunks. GEMM lives in gemm*.c, attention in attention*.c, the vectorised
+ * element-wise helpers in vec_*.c (one file per ISA, chosen once at creation).
  */
 #include "kernels/cpu/cpu.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,8 +70,8 @@ static void cpu_from_host(struct cvlm_backend *be, void *dst, const float *src, 
     memcpy(dst, src, n * sizeof(float));
 }
 
-static void cpu_copy_rows(struct cvlm_backend *be, void *dst, const void *src,
-                          const int32_t *rows, int n, int width)
+static void cpu_copy_rows(struct cvlm_backend *be, void *dst, const void *src, const int32_t *rows,
+                          int n, int width)
 {
     (void)be;
     for (int i = 0; i < n; i++)
@@ -179,8 +184,7 @@ static void cpu_add(struct cvlm_backend *be, void *y, const void *x, size_t n)
     cvlm_pool_run(cpu_of(be)->pool, (int)((n + EW_CHUNK - 1) / EW_CHUNK), add_task, &j);
 }
 
-static void cpu_add_row(struct cvlm_backend *be, void *y, const struct cvlm_tensor *b, int M,
-                        int D)
+static void cpu_add_row(struct cvlm_backend *be, void *y, const struct cvlm_tensor *b, int M, int D)
 {
     float *bf = cvlm_cpu_scratch(cpu_of(be), (size_t)D);
     if (!bf)
@@ -217,8 +221,8 @@ static void silu_task(void *ctx, int i, int thread)
 static void cpu_silu_mul(struct cvlm_backend *be, void *out, const void *gate, const void *up,
                          int g_stride, int M, int N)
 {
-    struct ew_job j = {.y = out, .x = gate, .x2 = up, .M = M, .N = N, .stride = g_stride,
-                       .vec = cpu_of(be)->vec};
+    struct ew_job j = {
+        .y = out, .x = gate, .x2 = up, .M = M, .N = N, .stride = g_stride, .vec = cpu_of(be)->vec};
     cvlm_pool_run(cpu_of(be)->pool, M, silu_task, &j);
 }
 
@@ -254,8 +258,8 @@ static void cpu_rope(struct cvlm_backend *be, void *x, int stride, const int32_t
     cvlm_pool_run(cpu_of(be)->pool, M, rope_task, &j);
 }
 
-static void cpu_patchify(struct cvlm_backend *be, void *out, const float *px, int C, int H,
-                         int W, int P)
+static void cpu_patchify(struct cvlm_backend *be, void *out, const float *px, int C, int H, int W,
+                         int P)
 {
     int gw = W / P, gh = H / P, row = C * P * P;
     (void)be;
@@ -309,14 +313,22 @@ const char *cvlm_cpu_isa_name(enum cpu_isa isa)
     return names[isa];
 }
 
+#if defined(__x86_64__)
+/* CPUID leaf 1, ECX bit 29 (not every compiler's __builtin_cpu_supports knows "f16c") */
+static int has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
 enum cpu_isa cvlm_cpu_detect_isa(void)
 {
     enum cpu_isa isa = CPU_ISA_SCALAR;
     const char *env = getenv("COGVLM_CPU_ISA");
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c()) {
         isa = CPU_ISA_AVX2;
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))

@@ -28,11 +28,11 @@ enum cpu_isa {
 struct cpu_backend {
     struct cvlm_backend base;
     struct cvlm_pool *pool;
-    enum cpu_isa isa; /* the path in use: the best supported, or a lower forced one */
-    int has_avx2;     /* isa >= AVX2: AVX2 + FMA + F16C */
-    int has_avx512;   /* isa >= AVX512: AVX-512 F/BW/VL/DQ (+ the AVX2 set) */
+    enum cpu_isa isa;              /* the path in use: the best supported, or a lower forced one */
+    int has_avx2;                  /* isa >= AVX2: AVX2 + FMA + F16C */
+    int has_avx512;                /* isa >= AVX512: AVX-512 F/BW/VL/DQ (+ the AVX2 set) */
     const struct cpu_vec_ops *vec; /* element-wise and attention helpers for `isa` */
-    float *scratch;   /* grows on demand; ops run one at a time */
+    float *scratch;                /* grows on demand; ops run one at a time */
     size_t scratch_cap;
 };
 
@@ -78,12 +78,12 @@ void cvlm_cpu_gemv_bf16x2_avx512(float *y, int ldy, const uint16_t *xs, int M,
                                  const struct cvlm_tensor *w, int n0, int n1, int K);
 
 /* Bp[k][c] = W[n0 + c][k0 + k] (F32) for k < kc, c < GEMM_NR; rows n0 + c >= N are 0. */
-typedef void (*cpu_pack_b_fn)(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
-                              int kc, int K);
+typedef void (*cpu_pack_b_fn)(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
+                              int K);
 /* C[i][j] (+)= sum_k ap[k][i] * bp[k][j] for i < mr, j < nr (a GEMM_MR x GEMM_NR tile);
  * `acc` 0 stores, 1 adds to C. */
-typedef void (*cpu_tile_fn)(const float *ap, const float *bp, int kc, float *c, int ldc,
-                            int mr, int nr, int acc);
+typedef void (*cpu_tile_fn)(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
+                            int nr, int acc);
 
 struct cpu_gemm_kernels {
     cpu_gemv_fn gemv;
@@ -96,21 +96,21 @@ struct cpu_gemm_kernels cvlm_cpu_gemm_kernels(enum cpu_isa isa);
 
 void cvlm_cpu_gemv_scalar(float *y, int ldy, const float *x, int ldx, int M,
                           const struct cvlm_tensor *w, int n0, int n1, int K);
-void cvlm_cpu_pack_b_scalar(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
-                            int kc, int K);
+void cvlm_cpu_pack_b_scalar(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
+                            int K);
 void cvlm_cpu_tile_scalar(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
                           int nr, int acc);
 #if defined(__x86_64__)
 void cvlm_cpu_gemv_avx2(float *y, int ldy, const float *x, int ldx, int M,
                         const struct cvlm_tensor *w, int n0, int n1, int K);
-void cvlm_cpu_pack_b_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
-                          int kc, int K);
-void cvlm_cpu_tile_avx2(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
-                        int nr, int acc);
+void cvlm_cpu_pack_b_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
+                          int K);
+void cvlm_cpu_tile_avx2(const float *ap, const float *bp, int kc, float *c, int ldc, int mr, int nr,
+                        int acc);
 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
                           const struct cvlm_tensor *w, int n0, int n1, int K);
-void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
-                            int kc, int K);
+void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
+                            int K);
 void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float *c, int ldc, int mr,
                           int nr, int acc);
 #endif
@@ -125,8 +125,7 @@ struct cpu_vec_ops {
     /* p[j] = exp(p[j] - mx); returns the sum of the new p */
     float (*exp_sum)(float *p, int n, float mx);
     /* s[j] = scale * dot(q, k + j * ldk) over hd elements, for j < n */
-    void (*scores)(float *s, const float *q, const float *k, int ldk, int n, int hd,
-                   float scale);
+    void (*scores)(float *s, const float *q, const float *k, int ldk, int n, int hd, float scale);
     /* o[d] += sum_j p[j] * v[j * ldv + d] for d < hd, j < n */
     void (*pv)(float *o, const float *p, const float *v, int ldv, int n, int hd);
     /* y[i] += x[i] */
@@ -135,8 +134,7 @@ struct cpu_vec_ops {
     void (*transpose)(float *dst, int ldd, const float *src, int lds, int rows, int cols);
 };
 
-void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows,
-                               int cols);
+void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows, int cols);
 
 /* The helpers for an ISA (scalar ones in vec_scalar.c). */
 const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa);
@@ -145,6 +143,10 @@ extern const struct cpu_vec_ops cvlm_cpu_vec_scalar;
 extern const struct cpu_vec_ops cvlm_cpu_vec_avx2;
 extern const struct cpu_vec_ops cvlm_cpu_vec_avx512;
 #endif
+
+/* Shared by the attention files: max of p[0..n); o[0..hd) /= sum. */
+float cvlm_cpu_max_of(const float *p, int n);
+void cvlm_cpu_scale_out(float *o, int hd, float sum);
 
 /* The kernel families, each in its own file. */
 void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride,

@@ -7,10 +7,10 @@
  *   in registers, and serves up to GEMV_MMAX rows of x per pass (more rows: another pass,
  *   the W rows then come from cache).
  * - Many rows (prefill, the ViT): compute bound. Blocked like a classic packed GEMM:
- *   for each slice of KC columns of K, x is packed once into MR-row micro-panels (shared
- *   by all threads), then every thread takes blocks of NC output columns, widens and
- *   transposes its W block into NR-column micro-panels (per-thread scratch, reused by
- *   all M rows), and runs the MR x NR register-blocked micro-kernel over it.
+ *   x is packed once into MR-row micro-panels (all of K; shared by the threads), then
+ *   every thread takes blocks of NC output columns and, slice by slice of KC, widens and
+ *   transposes its W block into NR-column micro-panels (per-thread scratch, reused by all
+ *   M rows) and runs the MR x NR register-blocked micro-kernel over it.
  * All accumulation is F32; the k order differs from a naive loop only by blocking.
  */
 #include "kernels/cpu/cpu.h"
@@ -18,9 +18,6 @@
 #include <string.h>
 
 #define GEMV_MAX_M 8 /* above this, the packed GEMM wins */
-#ifndef GEMM_MC
-#define GEMM_MC 192 /* rows of x per pass over a thread's W block (L2), multiple of MR */
-#endif
 #ifndef GEMM_NC
 #define GEMM_NC 256 /* max output columns per task */
 #endif
@@ -74,13 +71,14 @@ void cvlm_cpu_gemv_scalar(float *y, int ldy, const float *x, int ldx, int M,
         }
         for (int m = 0; m < M; m++) {
             float *a = acc[m];
-            y[(size_t)m * ldy + n] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            y[(size_t)m * ldy + n] =
+                ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
         }
     }
 }
 
-void cvlm_cpu_pack_b_scalar(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
-                            int kc, int K)
+void cvlm_cpu_pack_b_scalar(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
+                            int K)
 {
     float wr[GEMM_KC];
     for (int c = 0; c < GEMM_NR; c++) {
@@ -118,8 +116,7 @@ struct cpu_gemm_kernels cvlm_cpu_gemm_kernels(enum cpu_isa isa)
         k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx512, cvlm_cpu_pack_b_avx512,
                                       cvlm_cpu_tile_avx512};
     else if (isa >= CPU_ISA_AVX2)
-        k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx2, cvlm_cpu_pack_b_avx2,
-                                      cvlm_cpu_tile_avx2};
+        k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx2, cvlm_cpu_pack_b_avx2, cvlm_cpu_tile_avx2};
 #else
     (void)isa;
 #endif
@@ -134,13 +131,13 @@ struct gemm_job {
     const struct cvlm_tensor *w, *bias;
     int M, N, K;
     struct cpu_gemm_kernels kn;
+    const struct cpu_vec_ops *vec;
     int cols_per_task; /* a multiple of 4 (gemv) or GEMM_NR (packed) */
     /* packed path */
-    int k0, kc;
-    float *ap;          /* [ceil(M/MR)][kc][MR] */
-    float *bp;          /* per thread: [NC/NR][kc][NR] */
-    size_t bp_stride;   /* floats per thread */
-    float *bias_f;      /* widened bias [N] or NULL */
+    float *ap;        /* [ceil(M/MR)][K][MR] */
+    float *bp;        /* per thread: [NC/NR][KC][NR] */
+    size_t bp_stride; /* floats per thread */
+    float *bias_f;    /* widened bias [N] or NULL */
 };
 
 static void add_bias(const struct gemm_job *j, int n0, int n1)
@@ -157,67 +154,63 @@ static void add_bias(const struct gemm_job *j, int n0, int n1)
 static void gemv_task(void *ctx, int task, int thread)
 {
     struct gemm_job *j = ctx;
-    int n0 = task * j->cols_per_task, n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task
-                                                                         : j->N;
+    int n0 = task * j->cols_per_task,
+        n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
     (void)thread;
     for (int m = 0; m < j->M; m += GEMV_MMAX) {
         int mc = j->M - m < GEMV_MMAX ? j->M - m : GEMV_MMAX;
 #if defined(__x86_64__)
         if (j->xs) {
             cvlm_cpu_gemv_bf16x2_avx512(j->y + (size_t)m * j->N, j->N,
-                                        j->xs + (size_t)m * 2 * GEMV_KPAD(j->K), mc, j->w, n0,
-                                        n1, j->K);
+                                        j->xs + (size_t)m * 2 * GEMV_KPAD(j->K), mc, j->w, n0, n1,
+                                        j->K);
             continue;
         }
 #endif
-        j->kn.gemv(j->y + (size_t)m * j->N, j->N, j->x + (size_t)m * j->x_stride, j->x_stride,
-                   mc, j->w, n0, n1, j->K);
+        j->kn.gemv(j->y + (size_t)m * j->N, j->N, j->x + (size_t)m * j->x_stride, j->x_stride, mc,
+                   j->w, n0, n1, j->K);
     }
     add_bias(j, n0, n1);
 }
 
-/* Packs rows [m0, m0 + MR) of x's current k slice into ap[k][i] (zero rows past M). */
+/* Packs rows [m0, m0 + MR) of x, all of K, into ap[k][i] (zero rows past M). */
 static void pack_a_task(void *ctx, int mb, int thread)
 {
     struct gemm_job *j = ctx;
-    float *ap = j->ap + (size_t)mb * j->kc * GEMM_MR;
-    int m0 = mb * GEMM_MR;
+    float *ap = j->ap + (size_t)mb * j->K * GEMM_MR;
+    int m0 = mb * GEMM_MR, mr = j->M - m0 < GEMM_MR ? j->M - m0 : GEMM_MR;
     (void)thread;
-    for (int i = 0; i < GEMM_MR; i++) {
-        const float *xr = j->x + (size_t)(m0 + i) * j->x_stride + j->k0;
-        if (m0 + i >= j->M) {
-            for (int k = 0; k < j->kc; k++)
-                ap[(size_t)k * GEMM_MR + i] = 0.0f;
-            continue;
-        }
-        for (int k = 0; k < j->kc; k++)
-            ap[(size_t)k * GEMM_MR + i] = xr[k];
-    }
+    if (mr < GEMM_MR)
+        memset(ap, 0, (size_t)j->K * GEMM_MR * sizeof(float));
+    j->vec->transpose(ap, GEMM_MR, j->x + (size_t)m0 * j->x_stride, j->x_stride, mr, j->K);
 }
 
+/* One task: output columns [n0, n1) for all rows, K in GEMM_KC slices; each slice of W
+ * is widened into the thread's panels once and used by every row. */
 static void packed_task(void *ctx, int task, int thread)
 {
     struct gemm_job *j = ctx;
     int n0 = task * j->cols_per_task;
     int n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
-    int np = (n1 - n0 + GEMM_NR - 1) / GEMM_NR, acc = j->k0 > 0;
-    size_t panel = (size_t)j->kc * GEMM_NR;
+    int np = (n1 - n0 + GEMM_NR - 1) / GEMM_NR;
     float *bp = j->bp + (size_t)thread * j->bp_stride;
-    for (int p = 0; p < np; p++)
-        j->kn.pack_b(bp + p * panel, j->w, n0 + p * GEMM_NR, n1, j->k0, j->kc, j->K);
-    for (int mc = 0; mc < j->M; mc += GEMM_MC) {
-        int mc_end = mc + GEMM_MC < j->M ? mc + GEMM_MC : j->M;
-        for (int p = 0; p < np; p++) {
-            int n = n0 + p * GEMM_NR, nr = n1 - n < GEMM_NR ? n1 - n : GEMM_NR;
-            for (int m = mc; m < mc_end; m += GEMM_MR) {
-                int mr = mc_end - m < GEMM_MR ? mc_end - m : GEMM_MR;
-                j->kn.tile(j->ap + (size_t)(m / GEMM_MR) * j->kc * GEMM_MR, bp + p * panel,
-                           j->kc, j->y + (size_t)m * j->N + n, j->N, mr, nr, acc);
+    for (int k0 = 0; k0 < j->K; k0 += GEMM_KC) {
+        int kc = j->K - k0 < GEMM_KC ? j->K - k0 : GEMM_KC;
+        size_t panel = (size_t)kc * GEMM_NR;
+        for (int p = 0; p < np; p++)
+            j->kn.pack_b(bp + p * panel, j->w, n0 + p * GEMM_NR, n1, k0, kc, j->K);
+        /* an x micro-panel stays in L1 while the thread's W panels stream from L2 */
+        for (int m = 0; m < j->M; m += GEMM_MR) {
+            int mr = j->M - m < GEMM_MR ? j->M - m : GEMM_MR;
+            const float *ap = j->ap + (size_t)(m / GEMM_MR) * j->K * GEMM_MR + (size_t)k0 * GEMM_MR;
+            for (int p = 0; p < np; p++) {
+                int n = n0 + p * GEMM_NR, nr = n1 - n < GEMM_NR ? n1 - n : GEMM_NR;
+                j->kn.tile(ap, bp + p * panel, kc, j->y + (size_t)m * j->N + n, j->N, mr, nr,
+                           k0 > 0);
             }
         }
     }
-    if (j->k0 + j->kc == j->K)
-        add_bias(j, n0, n1);
+    add_bias(j, n0, n1);
 }
 
 /* Columns per task: a multiple of `unit`, at most `max`, and a task count that is a
@@ -230,48 +223,85 @@ static int split_cols(int N, int nt, int unit, int max)
     return per < unit ? unit : per;
 }
 
+/* x packed once (all of K), then one task per block of output columns: two hand-offs
+ * to the pool per GEMM (a barrier per K slice measured a few % slower). */
 static void gemm_packed(struct cpu_backend *cb, struct gemm_job *j, int nt)
 {
-    int mblocks = (j->M + GEMM_MR - 1) / GEMM_MR;
     j->cols_per_task = split_cols(j->N, nt, GEMM_NR, GEMM_NC);
-    int tasks = (j->N + j->cols_per_task - 1) / j->cols_per_task;
     j->bp_stride = (size_t)j->cols_per_task * GEMM_KC;
-    for (j->k0 = 0; j->k0 < j->K; j->k0 += GEMM_KC) {
-        j->kc = j->K - j->k0 < GEMM_KC ? j->K - j->k0 : GEMM_KC;
-        cvlm_pool_run(cb->pool, mblocks, pack_a_task, j);
-        cvlm_pool_run(cb->pool, tasks, packed_task, j);
+    cvlm_pool_run(cb->pool, (j->M + GEMM_MR - 1) / GEMM_MR, pack_a_task, j);
+    cvlm_pool_run(cb->pool, (j->N + j->cols_per_task - 1) / j->cols_per_task, packed_task, j);
+}
+
+/* Floats of the packed x, rounded up to whole 64-byte lines. */
+static size_t ap_floats(int M, int K)
+{
+    return ((size_t)((M + GEMM_MR - 1) / GEMM_MR) * GEMM_MR * (size_t)K + 15) / 16 * 16;
+}
+
+/* Floats of scratch a call needs, and where the widened bias goes in it. */
+static size_t scratch_plan(const struct gemm_job *j, int nt, int split, size_t *bias_off)
+{
+    *bias_off = 0;
+    if (split) /* xs: M x 2 x Kp uint16 = M x Kp floats */
+        *bias_off = (size_t)j->M * GEMV_KPAD(j->K);
+    else if (j->M > GEMV_MAX_M) /* ap, then one bp per thread */
+        *bias_off =
+            ap_floats(j->M, j->K) + (size_t)nt * split_cols(j->N, nt, GEMM_NR, GEMM_NC) * GEMM_KC;
+    return *bias_off + (j->bias ? (size_t)j->N : 0) + 1;
+}
+
+/* Without scratch memory: the matrix-vector kernels need none (slow for large M). */
+static void gemm_no_scratch(struct gemm_job *j)
+{
+    const struct cvlm_tensor *bias = j->bias;
+    j->bias = NULL;
+    j->cols_per_task = j->N;
+    gemv_task(j, 0, 0);
+    for (int m = 0; bias && m < j->M; m++)
+        for (int n = 0; n < j->N; n++)
+            j->y[(size_t)m * j->N + n] += cvlm_tensor_get_f32(bias, n);
+}
+
+static void gemm_vector(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s, int split)
+{
+#if defined(__x86_64__)
+    if (split) {
+        cvlm_cpu_split_bf16_avx512((uint16_t *)s, j->x, j->x_stride, j->M, j->K);
+        j->xs = (const uint16_t *)s;
     }
+#else
+    (void)s;
+    (void)split;
+#endif
+    /* about 4 tasks per thread to balance uneven progress, rows in groups of 8 */
+    int N = j->N, max = N < 64 * nt ? 64 : (N + 4 * nt - 1) / (4 * nt);
+    j->cols_per_task = split_cols(N, nt, 8, max);
+    cvlm_pool_run(cb->pool, (N + j->cols_per_task - 1) / j->cols_per_task, gemv_task, j);
 }
 
 void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride,
-                   const struct cvlm_tensor *w, const struct cvlm_tensor *bias, int M, int N,
-                   int K)
+                   const struct cvlm_tensor *w, const struct cvlm_tensor *bias, int M, int N, int K)
 {
     struct cpu_backend *cb = cpu_of(be);
     int nt = cvlm_pool_size(cb->pool);
-    struct gemm_job j = {.y = y, .x = x, .x_stride = x_stride, .w = w, .bias = bias,
-                         .M = M, .N = N, .K = K, .kn = cvlm_cpu_gemm_kernels(cb->isa)};
+    struct gemm_job j = {.y = y,
+                         .x = x,
+                         .x_stride = x_stride,
+                         .w = w,
+                         .bias = bias,
+                         .M = M,
+                         .N = N,
+                         .K = K,
+                         .kn = cvlm_cpu_gemm_kernels(cb->isa),
+                         .vec = cb->vec};
+    int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
+    size_t bias_off;
     if (M <= 0 || N <= 0)
         return;
-    size_t need = bias ? (size_t)N : 0, bias_off = 0;
-    int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
-    if (split) { /* xs: M x 2 x Kp uint16 = M x Kp floats, then the bias */
-        bias_off = (size_t)M * GEMV_KPAD(K);
-        need += bias_off;
-    } else if (M > GEMV_MAX_M) {
-        int cols = split_cols(N, nt, GEMM_NR, GEMM_NC);
-        bias_off = (size_t)((M + GEMM_MR - 1) / GEMM_MR) * GEMM_MR * GEMM_KC +
-                   (size_t)nt * cols * GEMM_KC;
-        need += bias_off;
-    }
-    float *s = cvlm_cpu_scratch(cb, need ? need : 1);
-    if (!s) { /* no memory for scratch: the matrix-vector path needs none */
-        j.bias = NULL;
-        j.cols_per_task = N;
-        gemv_task(&j, 0, 0);
-        for (int m = 0; bias && m < M; m++)
-            for (int n = 0; n < N; n++)
-                ((float *)y)[(size_t)m * N + n] += cvlm_tensor_get_f32(bias, n);
+    float *s = cvlm_cpu_scratch(cb, scratch_plan(&j, nt, split, &bias_off));
+    if (!s) {
+        gemm_no_scratch(&j);
         return;
     }
     if (bias) {
@@ -281,22 +311,12 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
     if (K <= 0) { /* empty sum: y = bias or 0 */
         for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n++)
-                ((float *)y)[(size_t)m * N + n] = j.bias_f ? j.bias_f[n] : 0.0f;
-        return;
+                j.y[(size_t)m * N + n] = j.bias_f ? j.bias_f[n] : 0.0f;
+    } else if (M <= GEMV_MAX_M) {
+        gemm_vector(cb, &j, nt, s, split);
+    } else {
+        j.ap = s;
+        j.bp = s + ap_floats(M, K); /* 64-byte aligned: the packers use aligned stores */
+        gemm_packed(cb, &j, nt);
     }
-    if (M <= GEMV_MAX_M) {
-#if defined(__x86_64__)
-        if (split) {
-            cvlm_cpu_split_bf16_avx512((uint16_t *)s, x, x_stride, M, K);
-            j.xs = (const uint16_t *)s;
-        }
-#endif
-        /* enough tasks to balance uneven progress; rows in groups of 8 for the kernels */
-        j.cols_per_task = split_cols(N, nt, 8, N < 64 * nt ? 64 : (N + 4 * nt - 1) / (4 * nt));
-        cvlm_pool_run(cb->pool, (N + j.cols_per_task - 1) / j.cols_per_task, gemv_task, &j);
-        return;
-    }
-    j.ap = s;
-    j.bp = s + (size_t)((M + GEMM_MR - 1) / GEMM_MR) * GEMM_MR * GEMM_KC;
-    gemm_packed(cb, &j, nt);
 }

@@ -79,12 +79,20 @@ INLINE2 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M,
         gemv2(y, ldy, x, ldx, M, w, dt, (size_t)n, n1 - n, K);
 }
 
-#define GEMV_CASES(DT)                                                                     \
-    switch (M) {                                                                           \
-    case 1: gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K); break;                  \
-    case 2: gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K); break;                  \
-    case 3: gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K); break;                  \
-    default: gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K); break;                 \
+#define GEMV_CASES(DT)                                                                             \
+    switch (M) {                                                                                   \
+    case 1:                                                                                        \
+        gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
+    default:                                                                                       \
+        gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
     }
 
 AVX2 void cvlm_cpu_gemv_avx2(float *y, int ldy, const float *x, int ldx, int M,
@@ -129,8 +137,8 @@ AVX2 void cvlm_cpu_pack_b_avx2(float *bp, const struct cvlm_tensor *w, int n0, i
 }
 
 /* rows [i0, i0 + 6) x columns [j0, j0 + 16) of the tile */
-INLINE2 void sub_tile(const float *ap, const float *bp, int kc, float *c, int ldc, int i0,
-                      int mr, int j0, int nr, int acc)
+INLINE2 void sub_tile(const float *ap, const float *bp, int kc, float *c, int ldc, int i0, int mr,
+                      int j0, int nr, int acc)
 {
     __m256 t[6][2];
     for (int i = 0; i < 6; i++)

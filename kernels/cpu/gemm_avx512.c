@@ -12,8 +12,9 @@
 #include <immintrin.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define INLINE512 static inline __attribute__((always_inline, target( \
-    "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#define INLINE512                                                                                  \
+    static inline                                                                                  \
+        __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
 /* 16 consecutive elements of a weight at element index i, widened; `m` masks a tail
  * (masked-off lanes read nothing and are 0). `dt` is a compile-time constant at every
@@ -91,8 +92,8 @@ INLINE512 void gemv4(float *y, int ldy, const float *x, int ldx, const int M, co
 }
 
 /* One W row (the < 4 leftover rows of a range). */
-INLINE512 void gemv1(float *y, int ldy, const float *x, int ldx, int M, const void *w,
-                     const int dt, size_t n, int K)
+INLINE512 void gemv1(float *y, int ldy, const float *x, int ldx, int M, const void *w, const int dt,
+                     size_t n, int K)
 {
     for (int m = 0; m < M; m++) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
@@ -100,8 +101,8 @@ INLINE512 void gemv1(float *y, int ldy, const float *x, int ldx, int M, const vo
         int k = 0;
         for (; k + 32 <= K; k += 32) {
             a0 = _mm512_fmadd_ps(ld16_full(w, dt, n * K + k), _mm512_loadu_ps(xr + k), a0);
-            a1 = _mm512_fmadd_ps(ld16_full(w, dt, n * K + k + 16), _mm512_loadu_ps(xr + k + 16),
-                                 a1);
+            a1 =
+                _mm512_fmadd_ps(ld16_full(w, dt, n * K + k + 16), _mm512_loadu_ps(xr + k + 16), a1);
         }
         for (; k < K; k += 16) {
             __mmask16 t = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
@@ -111,8 +112,8 @@ INLINE512 void gemv1(float *y, int ldy, const float *x, int ldx, int M, const vo
     }
 }
 
-INLINE512 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M,
-                          const void *w, const int dt, int n0, int n1, int K)
+INLINE512 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M, const void *w,
+                          const int dt, int n0, int n1, int K)
 {
     int n = n0;
     for (; n + 4 <= n1; n += 4)
@@ -121,12 +122,20 @@ INLINE512 void gemv_range(float *y, int ldy, const float *x, int ldx, const int 
         gemv1(y, ldy, x, ldx, M, w, dt, (size_t)n, K);
 }
 
-#define GEMV_CASES(DT)                                                                     \
-    switch (M) {                                                                           \
-    case 1: gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K); break;                  \
-    case 2: gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K); break;                  \
-    case 3: gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K); break;                  \
-    default: gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K); break;                 \
+#define GEMV_CASES(DT)                                                                             \
+    switch (M) {                                                                                   \
+    case 1:                                                                                        \
+        gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
+    default:                                                                                       \
+        gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K);                                     \
+        break;                                                                                     \
     }
 
 AVX512 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
@@ -147,6 +156,7 @@ AVX512 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int
 INLINE512 void transpose16(__m512 r[16])
 {
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+#pragma GCC unroll 4
     for (int b = 8; b >= 1; b >>= 1) {
         __m512i vb = _mm512_set1_epi32(b), v16 = _mm512_set1_epi32(16);
         __mmask16 hi = _mm512_test_epi32_mask(iota, vb); /* lanes c with bit b set */
@@ -154,6 +164,7 @@ INLINE512 void transpose16(__m512 r[16])
         __m512i lo_idx = _mm512_mask_or_epi32(iota, hi, _mm512_andnot_si512(vb, iota), v16);
         /* high row: c (bit clear) from the low row's c | b, c (bit set) from itself */
         __m512i hi_idx = _mm512_mask_or_epi32(_mm512_or_si512(iota, vb), hi, iota, v16);
+#pragma GCC unroll 16
         for (int i = 0; i < 16; i++) {
             if (i & b)
                 continue;
@@ -174,15 +185,23 @@ INLINE512 void pack_group(float *bp, const void *w, const int dt, int n0, int N,
         __mmask16 t = (__mmask16)((1u << cnt) - 1);
         /* the rows of the next panel: scattered short row segments defeat the hardware
          * prefetcher, and this W block comes from DRAM exactly once */
+#pragma GCC unroll 16
         for (int i = 0; i < 16; i++)
             _mm_prefetch((const char *)w + ((size_t)(n0 + GEMM_NR + i) * K + k0 + kk) * es,
                          _MM_HINT_T0);
-        for (int i = 0; i < 16; i++)
-            r[i] = n0 + i < N ? ld16(w, dt, (size_t)(n0 + i) * K + k0 + kk, t)
-                              : _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            size_t at = (size_t)(n0 + i) * K + k0 + kk;
+            r[i] = n0 + i >= N ? _mm512_setzero_ps()
+                   : cnt == 16 ? ld16_full(w, dt, at) /* masked loads cost more */
+                               : ld16(w, dt, at, t);
+        }
         transpose16(r);
-        for (int i = 0; i < cnt; i++)
-            _mm512_store_ps(bp + (size_t)(kk + i) * GEMM_NR, r[i]);
+        /* unrolled with a test per row, so r[] stays in registers */
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++)
+            if (i < cnt)
+                _mm512_store_ps(bp + (size_t)(kk + i) * GEMM_NR, r[i]);
     }
 }
 
@@ -220,8 +239,9 @@ AVX512 void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float
         }
     }
     __mmask16 m0 = nr >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << nr) - 1);
-    __mmask16 m1 = nr >= 32 ? (__mmask16)0xffff
-                 : nr > 16  ? (__mmask16)((1u << (nr - 16)) - 1) : (__mmask16)0;
+    __mmask16 m1 = nr >= 32  ? (__mmask16)0xffff
+                   : nr > 16 ? (__mmask16)((1u << (nr - 16)) - 1)
+                             : (__mmask16)0;
 #pragma GCC unroll 12
     for (int i = 0; i < GEMM_MR; i++) {
         if (i >= mr)
@@ -240,8 +260,9 @@ AVX512 void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float
 /* ---- BF16 weights with vdpbf16ps (AVX512_BF16) ------------------------------------------ */
 
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
-#define INLINEBF16 static inline __attribute__((always_inline, target( \
-    "avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
+#define INLINEBF16                                                                                 \
+    static inline __attribute__((                                                                  \
+        always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
 
 BF16 void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int M, int K)
 {
@@ -251,7 +272,8 @@ BF16 void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int 
         uint16_t *hi = xs + (size_t)m * 2 * Kp, *lo = hi + Kp;
         for (int k = 0; k < Kp; k += 16) {
             __mmask16 t = K - k >= 16 ? (__mmask16)0xffff
-                        : K > k      ? (__mmask16)((1u << (K - k)) - 1) : (__mmask16)0;
+                          : K > k     ? (__mmask16)((1u << (K - k)) - 1)
+                                      : (__mmask16)0;
             __m512 v = _mm512_maskz_loadu_ps(t, xr + k);
             __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
             __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -262,9 +284,23 @@ BF16 void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int 
     }
 }
 
+/* acc[i][m] += W rows i (32 weights at r[i] + k, masked by t) . (hi + lo)[m] at k */
+#define BF16_STEP(LOAD)                                                                            \
+    do {                                                                                           \
+        __m512bh wv[4];                                                                            \
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) wv[i] = (__m512bh)(LOAD);              \
+        for (int m = 0; m < M; m++) {                                                              \
+            const uint16_t *xm = xs + (size_t)m * 2 * Kp + k;                                      \
+            __m512bh xh = (__m512bh)_mm512_loadu_si512(xm);                                        \
+            __m512bh xl = (__m512bh)_mm512_loadu_si512(xm + Kp);                                   \
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[i][m] =                        \
+                _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i][m], wv[i], xh), wv[i], xl);               \
+        }                                                                                          \
+    } while (0)
+
 /* 4 W rows x M (1..4) x rows: y[m][n + r] = sum_k W[n + r][k] * (hi[m][k] + lo[m][k]) */
-INLINEBF16 void gemv4_bf16(float *y, int ldy, const uint16_t *xs, const int M,
-                           const uint16_t *w, size_t n, int K, int rows)
+INLINEBF16 void gemv4_bf16(float *y, int ldy, const uint16_t *xs, const int M, const uint16_t *w,
+                           size_t n, int K, int rows)
 {
     const int Kp = GEMV_KPAD(K);
     const uint16_t *r[4];
@@ -275,19 +311,12 @@ INLINEBF16 void gemv4_bf16(float *y, int ldy, const uint16_t *xs, const int M,
         for (int m = 0; m < M; m++)
             acc[i][m] = _mm512_setzero_ps();
     }
-    for (int k = 0; k < K; k += 32) {
-        __mmask32 t = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
-        __m512bh wv[4];
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-            wv[i] = (__m512bh)_mm512_maskz_loadu_epi16(t, r[i] + k);
-        for (int m = 0; m < M; m++) {
-            __m512bh xh = (__m512bh)_mm512_loadu_si512(xs + (size_t)m * 2 * Kp + k);
-            __m512bh xl = (__m512bh)_mm512_loadu_si512(xs + (size_t)m * 2 * Kp + Kp + k);
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++)
-                acc[i][m] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i][m], wv[i], xh), wv[i], xl);
-        }
+    int k = 0;
+    for (; k + 32 <= K; k += 32) /* plain loads: masked ones cost more on some cores */
+        BF16_STEP(_mm512_loadu_si512(r[i] + k));
+    if (k < K) {
+        __mmask32 t = (__mmask32)((1u << (K - k)) - 1);
+        BF16_STEP(_mm512_maskz_loadu_epi16(t, r[i] + k));
     }
     for (int m = 0; m < M; m++) {
         float out[4];
@@ -304,10 +333,18 @@ BF16 void cvlm_cpu_gemv_bf16x2_avx512(float *y, int ldy, const uint16_t *xs, int
     for (int n = n0; n < n1; n += 4) {
         int rows = n1 - n;
         switch (M) {
-        case 1: gemv4_bf16(y, ldy, xs, 1, wd, (size_t)n, K, rows); break;
-        case 2: gemv4_bf16(y, ldy, xs, 2, wd, (size_t)n, K, rows); break;
-        case 3: gemv4_bf16(y, ldy, xs, 3, wd, (size_t)n, K, rows); break;
-        default: gemv4_bf16(y, ldy, xs, 4, wd, (size_t)n, K, rows); break;
+        case 1:
+            gemv4_bf16(y, ldy, xs, 1, wd, (size_t)n, K, rows);
+            break;
+        case 2:
+            gemv4_bf16(y, ldy, xs, 2, wd, (size_t)n, K, rows);
+            break;
+        case 3:
+            gemv4_bf16(y, ldy, xs, 3, wd, (size_t)n, K, rows);
+            break;
+        default:
+            gemv4_bf16(y, ldy, xs, 4, wd, (size_t)n, K, rows);
+            break;
         }
     }
 }

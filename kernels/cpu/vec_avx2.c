@@ -32,8 +32,10 @@ INLINE2 __m256 exp8(__m256 x)
     /* n in [-126, 128]: 2^n as (n + 127) << 23; n = 128 only at the clamp edge, split */
     __m256i e = _mm256_cvtps_epi32(n);
     __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
-    __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
-    __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
+    __m256 s1 =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
+    __m256 s2 =
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
     return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
 }
 
@@ -181,7 +183,7 @@ AVX2 static void add(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {gelu,   silu_mul, exp_sum, scores,
-                                              pv,     add,      cvlm_cpu_transpose_scalar};
+const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {
+    gelu, silu_mul, exp_sum, scores, pv, add, cvlm_cpu_transpose_scalar};
 
 #endif /* __x86_64__ */

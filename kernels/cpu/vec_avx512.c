@@ -12,8 +12,8 @@
 #include <immintrin.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define INLINE512 static inline __attribute__((always_inline, target( \
-    "avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define INLINE512                                                                                  \
+    static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 static inline __mmask16 tail_mask(int n)
 {
@@ -52,7 +52,7 @@ INLINE512 __m512 gelu16(__m512 x)
     p = _mm512_mul_ps(p, t);
     __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a));
     __m512 erf = _mm512_fnmadd_ps(p, e, _mm512_set1_ps(1.0f)); /* erf(|x| / sqrt 2) */
-    erf = _mm512_or_ps(erf, _mm512_and_ps(x, sign));            /* odd function */
+    erf = _mm512_or_ps(erf, _mm512_and_ps(x, sign));           /* odd function */
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x),
                          _mm512_add_ps(_mm512_set1_ps(1.0f), erf));
 }
@@ -81,8 +81,8 @@ AVX512 static void silu_mul(float *o, const float *g, const float *u, int n)
         _mm512_storeu_ps(o + i, silu_mul16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i)));
     if (i < n) {
         __mmask16 m = tail_mask(n - i);
-        _mm512_mask_storeu_ps(o + i, m, silu_mul16(_mm512_maskz_loadu_ps(m, g + i),
-                                                   _mm512_maskz_loadu_ps(m, u + i)));
+        _mm512_mask_storeu_ps(
+            o + i, m, silu_mul16(_mm512_maskz_loadu_ps(m, g + i), _mm512_maskz_loadu_ps(m, u + i)));
     }
 }
 
@@ -117,6 +117,13 @@ INLINE512 __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
     return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
 }
 
+/* 16 elements at p + d: a plain load for whole chunks (masked loads cost more on some
+ * cores), a masked one for the tail. */
+INLINE512 __m512 ld(const float *p, int d, int n)
+{
+    return d + 16 <= n ? _mm512_loadu_ps(p + d) : _mm512_maskz_loadu_ps(tail_mask(n - d), p + d);
+}
+
 /* Four keys at a time (independent FMA chains), the last < 4 one by one. */
 AVX512 static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd,
                           float scale)
@@ -127,23 +134,19 @@ AVX512 static void scores(float *s, const float *q, const float *k, int ldk, int
         const float *k0 = k + (size_t)j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int d = 0; d < hd; d += 16) {
-            __mmask16 m = tail_mask(hd - d);
-            __m512 qv = _mm512_maskz_loadu_ps(m, q + d);
-            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + d), a0);
-            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + d), a1);
-            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + d), a2);
-            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + d), a3);
+            __m512 qv = ld(q, d, hd);
+            a0 = _mm512_fmadd_ps(qv, ld(k0, d, hd), a0);
+            a1 = _mm512_fmadd_ps(qv, ld(k1, d, hd), a1);
+            a2 = _mm512_fmadd_ps(qv, ld(k2, d, hd), a2);
+            a3 = _mm512_fmadd_ps(qv, ld(k3, d, hd), a3);
         }
         _mm_storeu_ps(s + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), vs));
     }
     for (; j < n; j++) {
         const float *kj = k + (size_t)j * ldk;
         __m512 a = _mm512_setzero_ps();
-        for (int d = 0; d < hd; d += 16) {
-            __mmask16 m = tail_mask(hd - d);
-            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + d), _mm512_maskz_loadu_ps(m, kj + d),
-                                a);
-        }
+        for (int d = 0; d < hd; d += 16)
+            a = _mm512_fmadd_ps(ld(q, d, hd), ld(kj, d, hd), a);
         s[j] = _mm512_reduce_add_ps(a) * scale;
     }
 }
@@ -153,27 +156,24 @@ AVX512 static void pv(float *o, const float *p, const float *v, int ldv, int n, 
 {
     for (int d0 = 0; d0 < hd; d0 += 128) {
         int w = hd - d0 < 128 ? hd - d0 : 128, nv = (w + 15) / 16;
-        __mmask16 m[8];
         __m512 acc[8];
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; i++) {
-            m[i] = tail_mask(w - 16 * i > 0 ? w - 16 * i : 0);
+        for (int i = 0; i < 8; i++)
             acc[i] = _mm512_setzero_ps();
-        }
         for (int j = 0; j < n; j++) {
             __m512 pj = _mm512_set1_ps(p[j]);
             const float *vr = v + (size_t)j * ldv + d0;
 #pragma GCC unroll 8
             for (int i = 0; i < 8; i++)
                 if (i < nv)
-                    acc[i] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[i], vr + 16 * i), acc[i]);
+                    acc[i] = _mm512_fmadd_ps(pj, ld(vr, 16 * i, w), acc[i]);
         }
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             if (i < nv) {
+                __mmask16 m = tail_mask(w - 16 * i);
                 float *od = o + d0 + 16 * i;
-                _mm512_mask_storeu_ps(od, m[i],
-                                      _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(m[i], od)));
+                _mm512_mask_storeu_ps(od, m, _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(m, od)));
             }
     }
 }
@@ -185,8 +185,9 @@ AVX512 static void add(float *y, const float *x, size_t n)
         _mm512_storeu_ps(y + i, _mm512_add_ps(_mm512_loadu_ps(y + i), _mm512_loadu_ps(x + i)));
     if (i < n) {
         __mmask16 m = tail_mask((int)(n - i));
-        _mm512_mask_storeu_ps(y + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i),
-                                                      _mm512_maskz_loadu_ps(m, x + i)));
+        _mm512_mask_storeu_ps(
+            y + i, m,
+            _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
     }
 }
 
@@ -194,11 +195,13 @@ AVX512 static void add(float *y, const float *x, size_t n)
 INLINE512 void transpose16(__m512 r[16])
 {
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+#pragma GCC unroll 4
     for (int b = 8; b >= 1; b >>= 1) {
         __m512i vb = _mm512_set1_epi32(b), v16 = _mm512_set1_epi32(16);
         __mmask16 hi = _mm512_test_epi32_mask(iota, vb);
         __m512i lo_idx = _mm512_mask_or_epi32(iota, hi, _mm512_andnot_si512(vb, iota), v16);
         __m512i hi_idx = _mm512_mask_or_epi32(_mm512_or_si512(iota, vb), hi, iota, v16);
+#pragma GCC unroll 16
         for (int i = 0; i < 16; i++) {
             if (i & b)
                 continue;
@@ -216,12 +219,15 @@ AVX512 static void transpose(float *dst, int ldd, const float *src, int lds, int
     __m512 r[16];
     for (int c0 = 0; c0 < cols; c0 += 16) {
         __mmask16 cm = tail_mask(cols - c0);
+#pragma GCC unroll 16
         for (int i = 0; i < 16; i++)
             r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + (size_t)i * lds + c0)
                             : _mm512_setzero_ps();
         transpose16(r);
-        for (int c = 0; c < 16 && c0 + c < cols; c++)
-            _mm512_mask_storeu_ps(dst + (size_t)(c0 + c) * ldd, rm, r[c]);
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; c++)
+            if (c0 + c < cols)
+                _mm512_mask_storeu_ps(dst + (size_t)(c0 + c) * ldd, rm, r[c]);
     }
 }
 

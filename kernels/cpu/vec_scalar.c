@@ -42,8 +42,7 @@ static float dotf(const float *a, const float *b, int n)
     return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
-static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd,
-                   float scale)
+static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd, float scale)
 {
     for (int j = 0; j < n; j++)
         s[j] = dotf(q, k + (size_t)j * ldk, hd) * scale;
@@ -64,16 +63,15 @@ static void add(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows,
-                               int cols)
+void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows, int cols)
 {
     for (int c = 0; c < cols; c++)
         for (int r = 0; r < rows; r++)
             dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_scalar = {gelu,   silu_mul, exp_sum, scores,
-                                                pv,     add,      cvlm_cpu_transpose_scalar};
+const struct cpu_vec_ops cvlm_cpu_vec_scalar = {
+    gelu, silu_mul, exp_sum, scores, pv, add, cvlm_cpu_transpose_scalar};
 
 const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa)
 {

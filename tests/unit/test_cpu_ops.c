@@ -7,7 +7,10 @@
  * stored weights exactly as the kernels must, so the only difference allowed is F32
  * rounding: |y - ref| <= tol * sum_k |x_k w_k| with tol 1e-5 (F32 accumulation over up to
  * 4100 terms), and the element-wise ops are held to a few ulp of their double reference.
+ * Last, the random weights of engine/weights_dummy.c (used by `cogvlm bench`): seeded,
+ * scaled like an init, and identical after cvlm_weights_write + cvlm_weights_load.
  */
+#include "engine/weights.h"
 #include "kernels/cpu/cpu.h"
 #include "tests/unit/harness.h"
 
@@ -113,10 +116,10 @@ struct gemm_case {
 };
 
 static const struct gemm_case gemm_cases[] = {
-    {1, 1, 1, 0, 0},     {1, 37, 100, 0, 1},  {1, 256, 4096, 0, 0}, {2, 70, 33, 5, 1},
-    {3, 70, 4100, 0, 0}, {4, 129, 257, 3, 1}, {5, 31, 17, 0, 1},     {8, 64, 300, 0, 0},
+    {1, 1, 1, 0, 0},     {1, 37, 100, 0, 1},   {1, 256, 4096, 0, 0}, {2, 70, 33, 5, 1},
+    {3, 70, 4100, 0, 0}, {4, 129, 257, 3, 1},  {5, 31, 17, 0, 1},    {8, 64, 300, 0, 0},
     {9, 45, 259, 0, 1},  {13, 100, 513, 7, 0}, {30, 67, 1000, 0, 1}, {64, 96, 32, 0, 1},
-    {17, 300, 70, 0, 0}, {200, 33, 48, 2, 1}, {4, 32, 588, 0, 1},  {5, 96, 32, 0, 1},
+    {17, 300, 70, 0, 0}, {200, 33, 48, 2, 1},  {4, 32, 588, 0, 1},   {5, 96, 32, 0, 1},
     {4, 172, 64, 0, 0},  {4, 64, 172, 0, 0},
 };
 
@@ -157,7 +160,7 @@ static double gemm_err(struct cvlm_backend *be, const struct gemm_case *c, enum 
     return worst;
 }
 
-TEST(cpu_gemm_all_paths)
+TEST(cpu_ops_gemm)
 {
     static const enum cvlm_dtype dts[] = {CVLM_DTYPE_F32, CVLM_DTYPE_F16, CVLM_DTYPE_BF16};
     int nisa = n_isas();
@@ -170,8 +173,7 @@ TEST(cpu_gemm_all_paths)
                     const struct gemm_case *c = &gemm_cases[i];
                     double e = gemm_err(be, c, dts[d]);
                     CHECKF(e >= 0 && e <= 1e-5, "%s t=%d %s M=%d N=%d K=%d: rel err %.3g",
-                           isa_names[isa], threads, cvlm_dtype_name(dts[d]), c->M, c->N, c->K,
-                           e);
+                           isa_names[isa], threads, cvlm_dtype_name(dts[d]), c->M, c->N, c->K, e);
                 }
             be->ops->destroy(be);
         }
@@ -180,13 +182,13 @@ TEST(cpu_gemm_all_paths)
 /* ---- element-wise ops, norms, embedding ------------------------------------------------ */
 
 /* Runs `body` once per (ISA path, thread count) with a fresh backend `be`. */
-#define FOR_EACH_BACKEND(be, isa, threads)                                                 \
-    for (int isa = 0, nisa_ = n_isas(); isa < nisa_; isa++)                                \
-        for (int threads = 1; threads <= 2; threads++)                                     \
-            for (struct cvlm_backend *be = make_backend(isa, threads); be;                 \
+#define FOR_EACH_BACKEND(be, isa, threads)                                                         \
+    for (int isa = 0, nisa_ = n_isas(); isa < nisa_; isa++)                                        \
+        for (int threads = 1; threads <= 2; threads++)                                             \
+            for (struct cvlm_backend *be = make_backend(isa, threads); be;                         \
                  be->ops->destroy(be), be = NULL)
 
-TEST(cpu_norms)
+TEST(cpu_ops_norms)
 {
     FOR_EACH_BACKEND(be, isa, threads)
     {
@@ -194,10 +196,12 @@ TEST(cpu_norms)
         for (size_t di = 0; di < 5; di++)
             for (int d = 0; d < 3; d++) {
                 int M = 3, D = Ds[di];
-                float *wf, *bf, *x = rand_floats((size_t)M * D, 3.0f), *y = malloc((size_t)M * D * 4);
+                float *wf, *bf, *x = rand_floats((size_t)M * D, 3.0f),
+                                *y = malloc((size_t)M * D * 4);
                 struct cvlm_tensor w = make_weight((enum cvlm_dtype)d, D, 0, 1.0f, &wf);
                 struct cvlm_tensor b = make_weight((enum cvlm_dtype)d, D, 0, 1.0f, &bf);
-                float *dx = dev_copy(be, x, (size_t)M * D), *dy = be->ops->alloc(be, (size_t)M * D * 4);
+                float *dx = dev_copy(be, x, (size_t)M * D),
+                      *dy = be->ops->alloc(be, (size_t)M * D * 4);
                 double worst = 0;
                 for (int ln = 0; ln < 2; ln++) {
                     if (ln)
@@ -233,8 +237,8 @@ TEST(cpu_norms)
 }
 
 /* max over i of |got - ref| / (tol_rel |ref| + tol_abs_i) where tol_abs_i = abs_scale |x_i| */
-static double ew_check(const float *got, const double *ref, const float *x, size_t n,
-                       double rel, double abs_scale)
+static double ew_check(const float *got, const double *ref, const float *x, size_t n, double rel,
+                       double abs_scale)
 {
     double worst = 0;
     for (size_t i = 0; i < n; i++) {
@@ -245,7 +249,7 @@ static double ew_check(const float *got, const double *ref, const float *x, size
     return worst;
 }
 
-TEST(cpu_elementwise)
+TEST(cpu_ops_gelu_add)
 {
     FOR_EACH_BACKEND(be, isa, threads)
     {
@@ -261,8 +265,8 @@ TEST(cpu_elementwise)
             for (size_t i = 0; i < n; i++)
                 ref[i] = 0.5 * x[i] * (1.0 + erf(x[i] / sqrt(2.0)));
             double e = ew_check(y, ref, x, n, 4e-7, 1e-7);
-            CHECKF(e <= 1, "%s t=%d gelu n=%zu: err %.3g of tolerance", isa_names[isa], threads,
-                   n, e);
+            CHECKF(e <= 1, "%s t=%d gelu n=%zu: err %.3g of tolerance", isa_names[isa], threads, n,
+                   e);
             /* add: exact */
             be->ops->from_host(be, dx, x, n);
             be->ops->add(be, dx, dx2, n);
@@ -277,14 +281,15 @@ TEST(cpu_elementwise)
     }
 }
 
-TEST(cpu_silu_mul_and_add_row)
+TEST(cpu_ops_silu_mul_add_row)
 {
     FOR_EACH_BACKEND(be, isa, threads)
     {
         int M = 3, N = 37, stride = 2 * N + 3; /* fused [gate | up] rows */
         float *gu = rand_floats((size_t)M * stride, 12.0f), *y = malloc((size_t)M * N * 4);
         double *ref = malloc((size_t)M * N * sizeof(double));
-        float *dgu = dev_copy(be, gu, (size_t)M * stride), *dy = be->ops->alloc(be, (size_t)M * N * 4);
+        float *dgu = dev_copy(be, gu, (size_t)M * stride),
+              *dy = be->ops->alloc(be, (size_t)M * N * 4);
         be->ops->silu_mul(be, dy, dgu, (float *)dgu + N, stride, M, N);
         be->ops->to_host(be, y, dy, (size_t)M * N);
         for (int m = 0; m < M; m++)
@@ -324,7 +329,7 @@ TEST(cpu_silu_mul_and_add_row)
     }
 }
 
-TEST(cpu_embed_copy_rows_patchify)
+TEST(cpu_ops_embed_copy_rows_patchify)
 {
     FOR_EACH_BACKEND(be, isa, threads)
     {
@@ -367,13 +372,14 @@ TEST(cpu_embed_copy_rows_patchify)
     }
 }
 
-TEST(cpu_rope)
+TEST(cpu_ops_rope)
 {
     FOR_EACH_BACKEND(be, isa, threads)
     {
         int M = 4, H = 3, hd = 10, stride = H * hd + 6;
         int32_t pos[4] = {0, 1, 77, 4095};
-        float inv[5], *x = rand_floats((size_t)M * stride, 2.0f), *y = malloc((size_t)M * stride * 4);
+        float inv[5], *x = rand_floats((size_t)M * stride, 2.0f),
+                      *y = malloc((size_t)M * stride * 4);
         for (int j = 0; j < 5; j++)
             inv[j] = 1.0f / powf(10000.0f, (float)(2 * j) / (float)hd);
         float *dx = dev_copy(be, x, (size_t)M * stride);
@@ -423,7 +429,7 @@ static void ref_attend(double *o, const float *q, const float *k, const float *v
     free(s);
 }
 
-TEST(cpu_attention_full)
+TEST(cpu_ops_attention_full)
 {
     static const int shapes[][3] = {{1, 1, 16}, {5, 2, 16}, {37, 3, 112}, {70, 2, 64}, {19, 1, 20}};
     FOR_EACH_BACKEND(be, isa, threads)
@@ -431,7 +437,8 @@ TEST(cpu_attention_full)
         for (int si = 0; si < 5; si++) {
             int N = shapes[si][0], H = shapes[si][1], hd = shapes[si][2], D = H * hd;
             float *qkv = rand_floats((size_t)N * 3 * D, 2.0f), *o = malloc((size_t)N * D * 4);
-            float *dqkv = dev_copy(be, qkv, (size_t)N * 3 * D), *dout = be->ops->alloc(be, (size_t)N * D * 4);
+            float *dqkv = dev_copy(be, qkv, (size_t)N * 3 * D),
+                  *dout = be->ops->alloc(be, (size_t)N * D * 4);
             double ref[112], worst = 0;
             be->ops->attention_full(be, dout, dqkv, N, H, hd);
             be->ops->to_host(be, o, dout, (size_t)N * D);
@@ -457,7 +464,7 @@ TEST(cpu_attention_full)
  * first, then one batch mixing prefill tokens of two sequences and a decode token. */
 struct paged_fixture {
     int H, hd, bs, n_blocks;
-    int32_t tables[3][8];
+    int32_t tables[3][16];
     struct cvlm_seq_kv seqs[3];
     float *hk[3], *hv[3]; /* host mirror: [64 slots][H*hd] per sequence */
 };
@@ -477,11 +484,25 @@ static void paged_write(struct cvlm_backend *be, struct paged_fixture *f, struct
     be->ops->free(be, d);
 }
 
-static double paged_case(struct cvlm_backend *be, int H, int hd, int bs)
+/* Batch A: a few tokens of three sequences, interleaved (per-token path). Batch B: a
+ * 15-token chunk of seq 0 (slots 20..34), a decode token of seq 2, a 28-token prefill of
+ * seq 1 (slots 0..27): runs long enough for the blocked path, plus a leftover token. */
+static const int32_t seq_a[] = {1, 0, 1, 2, 0, 1, 1}, slot_a[] = {0, 20, 1, 20, 21, 2, 3};
+static int32_t seq_b[44], slot_b[44];
+
+static void make_batch_b(void)
 {
-    struct paged_fixture f = {.H = H, .hd = hd, .bs = bs, .n_blocks = 24};
-    int W = H * hd, per_seq = 32 / bs; /* 32 slots per sequence, at most 8 blocks */
-    for (int s = 0; s < 3; s++) { /* blocks interleaved backwards: nothing contiguous */
+    for (int i = 0; i < 44; i++) {
+        seq_b[i] = i < 15 ? 0 : i == 15 ? 2 : 1;
+        slot_b[i] = i < 15 ? 20 + i : i == 15 ? 20 : i - 16;
+    }
+}
+
+static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int batch_b)
+{
+    struct paged_fixture f = {.H = H, .hd = hd, .bs = bs, .n_blocks = 3 * (64 / bs)};
+    int W = H * hd, per_seq = 64 / bs; /* 64 slots per sequence, at most 16 blocks */
+    for (int s = 0; s < 3; s++) {      /* blocks interleaved backwards: nothing contiguous */
         for (int i = 0; i < per_seq; i++)
             f.tables[s][i] = f.n_blocks - 1 - (i * 3 + s);
         f.seqs[s] = (struct cvlm_seq_kv){f.tables[s], per_seq};
@@ -497,15 +518,18 @@ static double paged_case(struct cvlm_backend *be, int H, int hd, int bs)
     }
     float *hist = rand_floats(40 * (size_t)3 * W, 1.0f);
     paged_write(be, &f, &kv, hseq, hslot, 40, hist);
-    int32_t seq[7] = {1, 0, 1, 2, 0, 1, 1}, slot[7] = {0, 20, 1, 20, 21, 2, 3};
-    float *rows = rand_floats(7 * (size_t)3 * W, 1.0f), *o = malloc(7 * (size_t)W * 4);
-    paged_write(be, &f, &kv, seq, slot, 7, rows);
-    struct cvlm_attn_batch b = {7, seq, slot, f.seqs, bs};
-    float *dq = dev_copy(be, rows, 7 * (size_t)3 * W), *dout = be->ops->alloc(be, 7 * (size_t)W * 4);
+    make_batch_b();
+    const int32_t *seq = batch_b ? seq_b : seq_a, *slot = batch_b ? slot_b : slot_a;
+    int nb = batch_b ? 44 : 7;
+    float *rows = rand_floats(nb * (size_t)3 * W, 1.0f), *o = malloc(nb * (size_t)W * 4);
+    paged_write(be, &f, &kv, seq, slot, nb, rows);
+    struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs};
+    float *dq = dev_copy(be, rows, nb * (size_t)3 * W),
+          *dout = be->ops->alloc(be, nb * (size_t)W * 4);
     be->ops->attention_paged(be, dout, dq, 3 * W, &kv, &b, H, hd);
-    be->ops->to_host(be, o, dout, 7 * (size_t)W);
+    be->ops->to_host(be, o, dout, nb * (size_t)W);
     double ref[128], worst = 0;
-    for (int t = 0; t < 7; t++)
+    for (int t = 0; t < nb; t++)
         for (int h = 0; h < H; h++) {
             ref_attend(ref, rows + (size_t)t * 3 * W + h * hd, f.hk[seq[t]] + h * hd,
                        f.hv[seq[t]] + h * hd, W, slot[t] + 1, hd);
@@ -524,15 +548,90 @@ static double paged_case(struct cvlm_backend *be, int H, int hd, int bs)
     return worst;
 }
 
-TEST(cpu_attention_paged)
+TEST(cpu_ops_attention_paged)
 {
     FOR_EACH_BACKEND(be, isa, threads)
     {
         static const int shapes[][3] = {{2, 16, 16}, {3, 64, 4}, {1, 112, 8}, {2, 20, 16}};
-        for (int si = 0; si < 4; si++) {
-            double e = paged_case(be, shapes[si][0], shapes[si][1], shapes[si][2]);
-            CHECKF(e <= 2e-6, "%s t=%d H=%d hd=%d bs=%d: abs err %.3g (values in [-1, 1))",
-                   isa_names[isa], threads, shapes[si][0], shapes[si][1], shapes[si][2], e);
-        }
+        for (int si = 0; si < 4; si++)
+            for (int bb = 0; bb < 2; bb++) {
+                double e = paged_case(be, shapes[si][0], shapes[si][1], shapes[si][2], bb);
+                CHECKF(e <= 2e-6,
+                       "%s t=%d H=%d hd=%d bs=%d batch %c: abs err %.3g (values in "
+                       "[-1, 1))",
+                       isa_names[isa], threads, shapes[si][0], shapes[si][1], shapes[si][2],
+                       bb ? 'B' : 'A', e);
+            }
     }
+}
+
+/* ---- dummy weights (engine/weights_dummy.c) -------------------------------------------- */
+
+struct collect {
+    const struct cvlm_tensor *t[256];
+    char names[256][96];
+    int n;
+};
+
+static int collect_one(void *ctx, const char *name, struct cvlm_tensor *slot, int ndim,
+                       const int64_t *shape, int optional)
+{
+    struct collect *c = ctx;
+    (void)ndim, (void)shape, (void)optional;
+    if (slot->data && c->n < 256) {
+        snprintf(c->names[c->n], sizeof(c->names[0]), "%s", name);
+        c->t[c->n++] = slot;
+    }
+    return 0;
+}
+
+TEST(cpu_ops_dummy_weights_roundtrip)
+{
+    static const char cfg_json[] =
+        "{\"vocab_size\": 64, \"hidden_size\": 16, \"intermediate_size\": 24,"
+        " \"num_hidden_layers\": 2, \"num_attention_heads\": 2, \"vision_config\": {"
+        " \"image_size\": 28, \"patch_size\": 14, \"hidden_size\": 8, \"num_heads\": 2,"
+        " \"num_hidden_layers\": 1, \"intermediate_size\": 16, \"num_positions\": 5}}";
+    struct cvlm_config cfg;
+    struct cvlm_weights *a = NULL, *b = NULL, *c = NULL;
+    REQUIRE(cvlm_config_parse(cfg_json, sizeof(cfg_json) - 1, &cfg) == 0);
+    REQUIRE(cvlm_weights_dummy(&cfg, CVLM_DTYPE_BF16, 7, &a) == 0);
+    REQUIRE(cvlm_weights_dummy(&cfg, CVLM_DTYPE_BF16, 7, &c) == 0);
+    char dir[512];
+    snprintf(dir, sizeof(dir), "%s/dummy", cvlm_test_tmpdir());
+    REQUIRE(cvlm_weights_write(a, dir) == 0);
+    REQUIRE(cvlm_weights_load(dir, &b) == 0);
+    static struct collect ca, cb, cc;
+    memset(&ca, 0, sizeof(ca)), memset(&cb, 0, sizeof(cb)), memset(&cc, 0, sizeof(cc));
+    cvlm_weights_visit(a, collect_one, &ca);
+    cvlm_weights_visit(b, collect_one, &cb);
+    cvlm_weights_visit(c, collect_one, &cc);
+    REQUIRE(ca.n > 20 && ca.n == cb.n && ca.n == cc.n);
+    for (int i = 0; i < ca.n; i++) {
+        const struct cvlm_tensor *x = ca.t[i], *y = cb.t[i];
+        size_t bytes = (size_t)cvlm_tensor_numel(x) * cvlm_dtype_size(x->dtype);
+        CHECKF(x->dtype == y->dtype && x->ndim == y->ndim &&
+                   !memcmp(x->shape, y->shape, sizeof(x->shape)) &&
+                   !memcmp(x->data, y->data, bytes) && !memcmp(x->data, cc.t[i]->data, bytes),
+               "%s differs after write + load or between two seeded builds", ca.names[i]);
+        /* norms 1, biases 0, the rest random with std 0.02 */
+        double s = 0, s2 = 0;
+        int64_t n = cvlm_tensor_numel(x);
+        for (int64_t k = 0; k < n; k++) {
+            double v = cvlm_tensor_get_f32(x, k);
+            s += v, s2 += v * v;
+        }
+        const char *nm = ca.names[i];
+        size_t len = strlen(nm);
+        if (len > 5 && !strcmp(nm + len - 5, ".bias"))
+            CHECKF(s2 == 0, "%s: bias not zero", nm);
+        else if (strstr(nm, "norm") && !strcmp(nm + len - 7, ".weight"))
+            CHECKF(s == (double)n && s2 == (double)n, "%s: norm weight not 1", nm);
+        else if (n >= 1000)
+            CHECKF(fabs(sqrt(s2 / n) - 0.02) < 0.002 && fabs(s / n) < 0.002, "%s: std %.4f", nm,
+                   sqrt(s2 / n));
+    }
+    cvlm_weights_destroy(a);
+    cvlm_weights_destroy(b);
+    cvlm_weights_destroy(c);
 }

@@ -1,0 +1,274 @@
+/* attention_paged.c - causal attention of the language model over the paged KV cache,
+ * and the cache writes.
+ *
+ * A batch mixes prefill chunks (runs of consecutive slots of one sequence) and decode
+ * tokens. Runs of at least GEMM_MR tokens take the blocked path: per (run, head) the keys
+ * 0..last slot are gathered from their blocks into GEMM_NR-key panels [hd][NR] and the
+ * values into [keys][NR] column panels, once; then a task takes GEMM_MR queries of one
+ * head and runs the GEMM micro-kernel for S = (scale q) K^T over the key panels the block
+ * needs, masks keys past each query's slot (exactly zero weight), softmax, and O = P V.
+ * Every other token takes the per-token path: scores block by block (a block's slots are
+ * contiguous), softmax, weighted sum of the values, with the vector helpers. Both are F32
+ * with a two-pass softmax whose normalisation is applied to the output.
+ */
+#include "kernels/cpu/cpu.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static size_t slot_offset(const struct cvlm_attn_batch *b, int seq, int slot, int width)
+{
+    const struct cvlm_seq_kv *s = &b->seqs[seq];
+    int32_t block = s->block_table[slot / b->block_size];
+    return ((size_t)block * b->block_size + (size_t)(slot % b->block_size)) * width;
+}
+
+void cvlm_cpu_kv_write(struct cvlm_backend *be, struct cvlm_kv_layer *kv, const void *k,
+                       const void *v, int stride, const struct cvlm_attn_batch *b, int n_heads,
+                       int head_dim)
+{
+    int width = n_heads * head_dim;
+    (void)be;
+    for (int t = 0; t < b->n_tokens; t++) {
+        size_t off = slot_offset(b, b->seq[t], b->slot[t], width);
+        memcpy((float *)kv->k + off, (const float *)k + (size_t)t * stride,
+               (size_t)width * sizeof(float));
+        memcpy((float *)kv->v + off, (const float *)v + (size_t)t * stride,
+               (size_t)width * sizeof(float));
+    }
+}
+
+/* Tokens t0..t0+len-1 of one sequence at slots s0..s0+len-1. */
+struct run {
+    int t0, len, seq, s0;
+    int qb0;       /* index of its first query block among all runs' blocks */
+    size_t kp, vp; /* offsets of its packed keys / values (head 0) in the scratch */
+};
+
+struct paged_job {
+    float *out;
+    const float *q;
+    int stride, H, hd, width, nvp;
+    float scale;
+    const struct cvlm_kv_layer *kv;
+    const struct cvlm_attn_batch *b;
+    const struct cpu_vec_ops *vec;
+    struct cpu_gemm_kernels kn;
+    /* per-token path */
+    const int32_t *tokens;
+    int n_left, max_ctx;
+    float *scratch; /* per thread: max_ctx floats */
+    /* blocked path */
+    struct run *runs;
+    int n_runs, n_qb;
+    float *pack; /* keys and values of every (run, head) */
+    float *tls;  /* per thread: S [MR][np], qp [hd][MR], pt [nk][MR] */
+    size_t tls_stride;
+};
+
+static int keys_of(const struct run *r)
+{
+    return r->s0 + r->len;
+}
+
+static size_t kp_size(const struct paged_job *j, const struct run *r)
+{
+    return (size_t)((keys_of(r) + GEMM_NR - 1) / GEMM_NR) * j->hd * GEMM_NR;
+}
+
+static size_t vp_size(const struct paged_job *j, const struct run *r)
+{
+    return (size_t)j->nvp * keys_of(r) * GEMM_NR;
+}
+
+/* ---- per-token path ------------------------------------------------------------------ */
+
+static void token_task(void *ctx, int task, int thread)
+{
+    struct paged_job *j = ctx;
+    const struct cvlm_attn_batch *b = j->b;
+    /* head-major order: a thread walks consecutive tokens of one head (keys stay in L2) */
+    int h = task / j->n_left, t = task % j->n_left, n;
+    t = j->tokens ? j->tokens[t] : t;
+    n = b->slot[t] + 1;
+    int bs = b->block_size, width = j->width;
+    const int32_t *table = b->seqs[b->seq[t]].block_table;
+    const float *q = j->q + (size_t)t * j->stride + (size_t)h * j->hd;
+    const float *kb = (const float *)j->kv->k + (size_t)h * j->hd;
+    const float *vb = (const float *)j->kv->v + (size_t)h * j->hd;
+    float *o = j->out + (size_t)t * width + (size_t)h * j->hd;
+    float *p = j->scratch + (size_t)thread * j->max_ctx;
+    for (int s0 = 0; s0 < n; s0 += bs) {
+        size_t at = (size_t)table[s0 / bs] * bs * width;
+        j->vec->scores(p + s0, q, kb + at, width, n - s0 < bs ? n - s0 : bs, j->hd, j->scale);
+    }
+    float sum = j->vec->exp_sum(p, n, cvlm_cpu_max_of(p, n));
+    memset(o, 0, (size_t)j->hd * sizeof(float));
+    for (int s0 = 0; s0 < n; s0 += bs) {
+        size_t at = (size_t)table[s0 / bs] * bs * width;
+        j->vec->pv(o, p + s0, vb + at, width, n - s0 < bs ? n - s0 : bs, j->hd);
+    }
+    cvlm_cpu_scale_out(o, j->hd, sum);
+}
+
+/* ---- blocked path ---------------------------------------------------------------------- */
+
+/* kp[p][d][c] = K[slot p * NR + c][h * hd + d] (0 past the last key); vp[p][s][c] =
+ * V[slot s][h * hd + p * NR + c] (0 past hd). Slots are gathered block by block. */
+static void pack_task(void *ctx, int task, int thread)
+{
+    struct paged_job *j = ctx;
+    const struct run *r = &j->runs[task / j->H];
+    int h = task % j->H, nk = keys_of(r), bs = j->b->block_size, hd = j->hd;
+    const int32_t *table = j->b->seqs[r->seq].block_table;
+    float *kp = j->pack + r->kp + (size_t)h * kp_size(j, r);
+    float *vp = j->pack + r->vp + (size_t)h * vp_size(j, r);
+    (void)thread;
+    if (nk % GEMM_NR) /* the last panel's columns past the keys */
+        memset(kp + (size_t)(nk / GEMM_NR) * hd * GEMM_NR, 0, (size_t)hd * GEMM_NR * 4);
+    for (int s = 0; s < nk;) {
+        int c0 = s % GEMM_NR, in_blk = s % bs, cnt = bs - in_blk;
+        cnt = cnt < GEMM_NR - c0 ? cnt : GEMM_NR - c0;
+        cnt = cnt < 16 ? cnt : 16;
+        cnt = cnt < nk - s ? cnt : nk - s;
+        size_t at = ((size_t)table[s / bs] * bs + in_blk) * j->width + (size_t)h * hd;
+        j->vec->transpose(kp + (size_t)(s / GEMM_NR) * hd * GEMM_NR + c0, GEMM_NR,
+                          (const float *)j->kv->k + at, j->width, cnt, hd);
+        for (int i = 0; i < cnt; i++) {
+            const float *src = (const float *)j->kv->v + at + (size_t)i * j->width;
+            for (int p = 0; p < j->nvp; p++) {
+                int w = hd - p * GEMM_NR < GEMM_NR ? hd - p * GEMM_NR : GEMM_NR;
+                float *dst = vp + ((size_t)p * nk + s + i) * GEMM_NR;
+                memcpy(dst, src + p * GEMM_NR, (size_t)w * 4);
+                memset(dst + w, 0, (size_t)(GEMM_NR - w) * 4);
+            }
+        }
+        s += cnt;
+    }
+}
+
+/* Row i of S (query at slot `last`): softmax over keys 0..last, exactly 0 after. */
+static float causal_softmax(const struct cpu_vec_ops *vec, float *row, int last, int nk)
+{
+    float sum = vec->exp_sum(row, last + 1, cvlm_cpu_max_of(row, last + 1));
+    if (nk > last + 1)
+        memset(row + last + 1, 0, (size_t)(nk - last - 1) * sizeof(float));
+    return sum;
+}
+
+static void block_task(void *ctx, int task, int thread)
+{
+    struct paged_job *j = ctx;
+    int h = task / j->n_qb, qb = task % j->n_qb, ri = 0, hd = j->hd;
+    while (ri + 1 < j->n_runs && j->runs[ri + 1].qb0 <= qb)
+        ri++;
+    const struct run *r = &j->runs[ri];
+    int i0 = (qb - r->qb0) * GEMM_MR, mr = r->len - i0 < GEMM_MR ? r->len - i0 : GEMM_MR;
+    int nk = r->s0 + i0 + mr, nkp = (nk + GEMM_NR - 1) / GEMM_NR, np = nkp * GEMM_NR;
+    float *S = j->tls + (size_t)thread * j->tls_stride, sum[GEMM_MR];
+    float *qp = S + (size_t)GEMM_MR * np, *pt = qp + (size_t)hd * GEMM_MR;
+    const float *kp = j->pack + r->kp + (size_t)h * kp_size(j, r);
+    const float *vp = j->pack + r->vp + (size_t)h * vp_size(j, r);
+    for (int d = 0; d < hd; d++)
+        for (int i = 0; i < GEMM_MR; i++)
+            qp[d * GEMM_MR + i] =
+                i < mr ? j->scale * j->q[(size_t)(r->t0 + i0 + i) * j->stride + h * hd + d] : 0;
+    for (int p = 0; p < nkp; p++)
+        j->kn.tile(qp, kp + (size_t)p * hd * GEMM_NR, hd, S + p * GEMM_NR, np, mr, GEMM_NR, 0);
+    for (int i = 0; i < GEMM_MR; i++) {
+        if (i < mr)
+            sum[i] = causal_softmax(j->vec, S + (size_t)i * np, r->s0 + i0 + i, nk);
+        else
+            memset(S + (size_t)i * np, 0, (size_t)nk * sizeof(float));
+    }
+    j->vec->transpose(pt, GEMM_MR, S, np, GEMM_MR, nk);
+    float *o = j->out + (size_t)(r->t0 + i0) * j->width + (size_t)h * hd;
+    for (int p = 0; p < j->nvp; p++) {
+        int nr = hd - p * GEMM_NR < GEMM_NR ? hd - p * GEMM_NR : GEMM_NR;
+        j->kn.tile(pt, vp + (size_t)p * keys_of(r) * GEMM_NR, nk, o + p * GEMM_NR, j->width, mr, nr,
+                   0);
+    }
+    for (int i = 0; i < mr; i++)
+        cvlm_cpu_scale_out(o + (size_t)i * j->width, hd, sum[i]);
+}
+
+/* ---- planning -------------------------------------------------------------------------- */
+
+/* Splits the batch into runs (>= GEMM_MR consecutive slots of one sequence) and leftover
+ * tokens; returns the scratch floats the runs need, or 0 if there are none. */
+static size_t plan(struct paged_job *j, int32_t *left, struct run *runs)
+{
+    const struct cvlm_attn_batch *b = j->b;
+    size_t at = 0, max_np = 0, max_nk = 0;
+    j->n_runs = j->n_left = j->n_qb = 0;
+    for (int t = 0; t < b->n_tokens;) {
+        int e = t + 1;
+        while (e < b->n_tokens && b->seq[e] == b->seq[t] && b->slot[e] == b->slot[e - 1] + 1)
+            e++;
+        if (e - t < GEMM_MR) {
+            for (int i = t; i < e; i++)
+                left[j->n_left++] = i;
+        } else {
+            struct run *r = &runs[j->n_runs++];
+            *r = (struct run){t, e - t, b->seq[t], b->slot[t], j->n_qb, 0, 0};
+            j->n_qb += (e - t + GEMM_MR - 1) / GEMM_MR;
+            r->kp = at;
+            r->vp = at + (size_t)j->H * kp_size(j, r);
+            at = r->vp + (size_t)j->H * vp_size(j, r);
+            size_t nk = (size_t)keys_of(r), np = (nk + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
+            max_np = np > max_np ? np : max_np;
+            max_nk = nk > max_nk ? nk : max_nk;
+        }
+        t = e;
+    }
+    j->tls_stride = (size_t)GEMM_MR * (max_np + (size_t)j->hd + max_nk) + 16;
+    return j->n_runs ? at : 0;
+}
+
+void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int stride,
+                              const struct cvlm_kv_layer *kv, const struct cvlm_attn_batch *b,
+                              int n_heads, int head_dim)
+{
+    struct cpu_backend *cb = cpu_of(be);
+    int nt = cvlm_pool_size(cb->pool), n = b->n_tokens;
+    struct paged_job j = {.out = out,
+                          .q = q,
+                          .stride = stride,
+                          .H = n_heads,
+                          .hd = head_dim,
+                          .width = n_heads * head_dim,
+                          .scale = 1.0f / sqrtf((float)head_dim),
+                          .nvp = (head_dim + GEMM_NR - 1) / GEMM_NR,
+                          .kv = kv,
+                          .b = b,
+                          .vec = cb->vec,
+                          .kn = cvlm_cpu_gemm_kernels(cb->isa),
+                          .max_ctx = 1};
+    int32_t *left = malloc((size_t)n * sizeof(int32_t));
+    struct run *runs = malloc((size_t)(n / GEMM_MR + 1) * sizeof(struct run));
+    for (int t = 0; t < n; t++)
+        j.max_ctx = b->slot[t] + 1 > j.max_ctx ? b->slot[t] + 1 : j.max_ctx;
+    size_t pack = left && runs ? plan(&j, left, runs) : 0;
+    size_t need = pack ? pack + (size_t)nt * j.tls_stride : 0;
+    float *s = left && runs ? cvlm_cpu_scratch(cb, need + (size_t)nt * j.max_ctx) : NULL;
+    if (s) {
+        j.tokens = left;
+        j.runs = runs;
+        j.pack = s;
+        j.tls = s + pack;
+        j.scratch = s + need;
+        if (j.n_runs) {
+            cvlm_pool_run(cb->pool, j.n_runs * n_heads, pack_task, &j);
+            cvlm_pool_run(cb->pool, j.n_qb * n_heads, block_task, &j);
+        }
+        cvlm_pool_run(cb->pool, j.n_left * n_heads, token_task, &j);
+    } else if ((j.scratch = cvlm_cpu_scratch(cb, (size_t)nt * j.max_ctx))) {
+        /* low memory: every token on the per-token path (tokens NULL: all, in order) */
+        j.tokens = NULL;
+        j.n_left = n;
+        cvlm_pool_run(cb->pool, n * n_heads, token_task, &j);
+    }
+    free(left);
+    free(runs);
+}

@@ -1,0 +1,288 @@
+#!/usr/bin/env python3
+"""bench_all.py - `make bench`: measure the CPU backend, compare with llama.cpp, write
+docs/PERFORMANCE.md.
+
+Steps (about 5 minutes on a 2-core machine once llama-cpp-python is installed):
+1. `cogvlm bench` on the LLaMA-shaped preset (hidden 2048, 22 layers, 32 heads, MLP 5632,
+   vocab 32000) with BF16 weights, plus the 17B-shaped vision tower (--vision-layers), and
+   the same text model with F16 weights; each run saves its random weights;
+2. llama.cpp on each saved checkpoint (tools/bench/llama_compare.py: same weights, same
+   dtype, same thread count), interleaved with our runs, --reps times each (best kept),
+   unless llama-cpp-python is missing and cannot be installed;
+3. the tables, the machine description and the method into docs/PERFORMANCE.md.
+
+Usage: bench_all.py --cogvlm build/cogvlm --work build/bench --out docs/PERFORMANCE.md
+       [--threads N] [--vision-layers 4] [--no-llama] [--install]
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def sh(cmd):
+    print("+ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def machine():
+    info = {"cpu": platform.processor() or "unknown", "cores": os.cpu_count(), "flags": ""}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and info["cpu"] in ("unknown", "", "x86_64"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not info["flags"]:
+                flags = line.split(":", 1)[1].split()
+                keep = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                        "avx512_vnni"]
+                info["flags"] = " ".join(f for f in keep if f in flags)
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                info["mem_gb"] = int(line.split()[1]) / 1024 / 1024
+    except OSError:
+        pass
+    return info
+
+
+def load():
+    try:
+        return open("/proc/loadavg").read().split()[0]
+    except OSError:
+        return "?"
+
+
+def have_llama(install):
+    try:
+        import llama_cpp  # noqa: F401
+        import gguf  # noqa: F401
+        return True
+    except ImportError:
+        if not install:
+            return False
+    print("bench: installing llama-cpp-python (builds llama.cpp from source, several minutes)",
+          flush=True)
+    env = dict(os.environ, CMAKE_ARGS=os.environ.get("CMAKE_ARGS", "-DGGML_NATIVE=ON"))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "numpy", "gguf",
+                        "llama-cpp-python"], env=env)
+    return r.returncode == 0
+
+
+def run_ours(args, dtype, rep, vision_layers):
+    """One `cogvlm bench` run; the first of a dtype also saves the weights and logits."""
+    js = os.path.join(args.work, "ours-%s-%d.json" % (dtype, rep))
+    cmd = [args.cogvlm, "bench", "--preset", "llama-2048", "--dtype", dtype,
+           "--vision-layers", str(vision_layers), "--json", js]
+    if rep == 0:
+        cmd += ["--logits-out", os.path.join(args.work, "logits-%s.bin" % dtype),
+                "--write-checkpoint", os.path.join(args.work, "ckpt-" + dtype)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    sh(cmd)
+    return json.load(open(js))
+
+
+def best_of(runs):
+    """Per metric the fastest of the repeated runs (others' load only ever slows a run)."""
+    best = dict(runs[0])
+    for key in ("prefill_s", "decode_s"):
+        best[key] = min(r[key] for r in runs)
+    best["prefill_tok_s"] = best["prompt_tokens"] / best["prefill_s"]
+    best["prefill_gflops"] = max(r["prefill_gflops"] for r in runs)
+    if best["decode_tokens"]:
+        best["decode_tok_s"] = best["decode_tokens"] / best["decode_s"]
+        best["decode_gbs"] = best["decode_weight_gb"] * best["decode_tok_s"]
+    return best
+
+
+def measure(args, dtype, vision_layers, llama):
+    """`reps` interleaved runs of ours and llama.cpp; returns (ours, markdown or None)."""
+    import numpy as np
+
+    ck = os.path.join(args.work, "ckpt-" + dtype)
+    ours, theirs, md = [], [], None
+    for rep in range(args.reps):
+        ours.append(run_ours(args, dtype, rep, vision_layers if rep == 0 else 0))
+        if not llama:
+            continue
+        import llama_compare as lc
+        if rep == 0:
+            gguf = os.path.join(args.work, "model-%s.gguf" % dtype)
+            cfg, _ = lc.write_gguf(ck, gguf)
+        print("+ llama.cpp run %d (%s)" % (rep + 1, dtype), flush=True)
+        theirs.append(lc.run_llama(gguf, ours[0]["threads"], ours[0]["prompt_tokens"],
+                                   ours[0]["decode_tokens"], cfg["vocab_size"]))
+    best = best_of(ours)
+    if llama:
+        t = {k: min(r[k] for r in theirs) for k in ("prefill_s", "decode_s")}
+        md = lc.table(best, t, best["prompt_tokens"], best["decode_tokens"], dtype.upper(),
+                      best["threads"])
+        mine = np.fromfile(os.path.join(args.work, "logits-%s.bin" % dtype), dtype=np.float32)
+        ref = theirs[0]["logits"]
+        err = float(np.max(np.abs(mine - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
+        md += ("\n\nLast prompt token logits, cogvlm vs llama.cpp: max |diff| / max |logit| = "
+               "%.2e, same argmax: %s." % (err, "yes" if np.argmax(mine) == np.argmax(ref)
+                                         else "no"))
+        os.remove(gguf)
+    for f in os.listdir(ck):  # 2.5 GB each: keep the disk free
+        os.remove(os.path.join(ck, f))
+    os.rmdir(ck)
+    return best, md
+
+
+DESIGN = """\
+## How the CPU backend gets there
+
+- **Decode (matrix-vector, <= 8 rows of x).** Each thread streams a disjoint range of weight
+  rows once; 4 rows per pass, all x rows (up to 4) per weight load, widening in registers.
+  BF16 weights on AVX512_BF16 CPUs: x is split once per call into hi + lo BF16 terms and
+  each 64-byte weight load feeds two `vdpbf16ps` (exact products, F32 accumulation):
+  three instructions per cache line, which is what lets a core keep up with DRAM. Other
+  cases: BF16 -> F32 by a 16-bit shift, F16 by `vcvtph2ps`, F32 FMA. Plain (unmasked)
+  loads in the loops: masked loads measurably slowed the stream on Zen 5.
+- **Prefill and ViT (packed GEMM).** K is cut in 512-wide slices; x is packed once per
+  slice into 12-row micro-panels shared by the threads; each thread widens/transposes its
+  block of W (<= 256 output columns) into 32-column panels with 16x16 in-register
+  transposes (prefetching the next panel's rows), then runs a 12 x 32 AVX-512 micro-kernel
+  (24 accumulators, about 80 % of FMA peak per core). Every W element is widened once per
+  GEMM; accumulation is F32.
+- **Attention.** ViT (1226 x 1226, head 112) and prefill runs of >= 12 tokens use the same
+  micro-kernel: keys packed per head as 32-key panels, S = q K^T, row softmax (vector exp,
+  masked keys exactly 0), O = P V. Decode tokens: per (head, token) vector dot products
+  and value accumulation over the KV blocks, head-major so a thread's keys stay in L2.
+- **Thread pool.** A run is one 64-bit atomic word (generation | task count | next task);
+  workers spin on it (pause hint), claim tasks by compare-and-swap and count themselves
+  in and out; the caller runs tasks too and waits only for workers inside a task, never
+  for one that has not woken up. No lock or system call on the fast path: 0.1-0.5 us per
+  parallel op with 2 threads, against 11 us for the first mutex/condition-variable pool
+  (a loop of empty 2-task runs), and no collapse when other processes take a core (the
+  llama-small decode went from 16 to ~200 tokens/s in that situation).
+- **Element-wise.** GELU (erf via Abramowitz-Stegun 7.1.26, |error| <= 1.5e-7, as PyTorch's
+  vectorised CPU GELU), SiLU and softmax exp (range reduction + degree-7 polynomial) are
+  vectorised; norms, RoPE and embedding stay scalar (negligible time).
+- **Memory.** Weight and activation buffers >= 4 MiB are 2 MiB aligned and advised as
+  transparent huge pages (fewer TLB misses while streaming weights).
+
+"""
+
+HISTORY = """\
+| 2 threads, this machine | before (first CPU backend) | after |
+|---|---:|---:|
+| prefill 512 tokens, BF16 (tokens/s) | 24.1 | {pf:.1f} |
+| decode, BF16 (tokens/s) | 3.03 | {dc:.2f} |
+| decode weight stream (GB/s) | 7.3 | {gb:.1f} |
+| ViT, 4 layers at 17B shapes (GFLOP/s) | 41.6 | {vit:.1f} |
+
+"Before" is the backend as first written (row-by-row widening into scratch, one dot
+product per output, scalar element-wise ops), measured with the same `cogvlm bench`.
+"""
+
+
+def ours_table(o):
+    step = o["decode_s"] / max(1, o["decode_tokens"])
+    rows = ["| %s weights, %d threads | value |" % (o["dtype"], o["threads"]), "|---|---:|",
+            "| prefill %d tokens | %.1f tokens/s (%.0f GFLOP/s) |" % (
+                o["prompt_tokens"], o["prefill_tok_s"], o["prefill_gflops"]),
+            "| decode %d tokens | %.2f tokens/s (%.1f ms/token) |" % (
+                o["decode_tokens"], o["decode_tok_s"], step * 1e3),
+            "| decode weight stream | %.1f GB/s (%.2f GB of weights per token) |" % (
+                o["decode_gbs"], o["decode_weight_gb"]),
+            "| decode weights + KV cache stream | %.1f GB/s (+%.2f GB of F32 keys/values per "
+            "token at the mean context) |" % (
+                (o["decode_weight_gb"] + o.get("decode_kv_gb", 0)) * o["decode_tok_s"],
+                o.get("decode_kv_gb", 0)),
+            "| machine memcpy bandwidth | %.1f GB/s (read + write), read-only pass %.1f GB/s |" % (
+                o["copy_gbs"], o["read_gbs"])]
+    if o.get("vision_layers"):
+        rows.append("| vision tower, %d of 63 layers at 17B shapes | %.2f s, %.0f GFLOP/s "
+                    "(%.0f GFLOP incl. patch embedding and adapter) |" % (
+                        o["vision_layers"], o["vision_s"], o["vision_gflops"], o["vision_gflop"]))
+    return "\n".join(rows)
+
+
+def write_doc(args, m, results, tables):
+    bf = results["bf16"]
+    lines = ["# CPU performance", "",
+             "Generated by `make bench` (tools/bench/bench_all.py) on %s." % time.strftime(
+                 "%Y-%m-%d"), "",
+             "## Machine", "",
+             "- CPU: %s, %s cores/threads visible; ISA: %s" % (m["cpu"], m["cores"], m["flags"]),
+             "- Memory: %.0f GB; measured in the same run: memcpy %.1f GB/s (read + write "
+             "counted), read-only pass %.1f GB/s (%d threads)" % (
+                 m.get("mem_gb", 0), bf["copy_gbs"], bf["read_gbs"], bf["threads"]),
+             "- Load average when the run started / ended: %s / %s (other processes on the "
+             "machine share its cores and memory bandwidth; the llama.cpp runs are "
+             "interleaved with ours, so the ratios are fairer than the absolute numbers)." % (
+                 args.load_start, load())] + (["- " + args.note] if args.note else []) + ["",
+             "## Method", "",
+             "- `cogvlm bench --preset llama-2048`: random weights (uniform, std 0.02; norms 1)"
+             " of a LLaMA-shaped model: hidden 2048, 22 layers, 32 heads (multi-head), MLP 5632,"
+             " vocab 32000 (TinyLlama-1.1B's shapes). Prefill: one forward of a 512-token "
+             "prompt after a 64-token warm-up; decode: 64 greedy single-token steps after it.",
+             "- Decode weight stream = bytes of weights one decode step reads (all layers' "
+             "language weights + lm_head) / time per step.",
+             "- Vision: one 490x490 image through the ViT at CogVLM-17B's per-layer shapes "
+             "(hidden 1792, 16 heads, MLP 15360, 1226 tokens) with only the first layers; FLOPs "
+             "counted as 2N(4d^2 + 2dF) + 4N^2 d per layer plus patch embedding and adapter.",
+             "- llama.cpp: tools/bench/llama_compare.py converts the same checkpoint to GGUF "
+             "(same dtype; q/k rows permuted to llama.cpp's RoPE layout) and times the same "
+             "prompt ids and decode steps through llama-cpp-python with the same threads.",
+             "- Exactness: activations are F32 throughout. For BF16 weights on CPUs with "
+             "AVX512_BF16, matrix-vector products (decode, <= 8 rows) split each activation "
+             "into two BF16 terms (16 significant bits; |error| <= 2^-17 |x|) and use "
+             "vdpbf16ps; the golden conformance test still passes at 3e-5 (tolerance 1e-4)."
+             " llama.cpp rounds activations to BF16/F16, hence the logit difference below."
+             " The KV cache is F32 (the activation dtype of the op table); llama.cpp keeps an"
+             " F16 cache, which reads half as many bytes per decode step at long context.",
+             ""]
+    lines += ["## Results", "",
+              "Best of %d interleaved runs per engine and metric (prefill and decode times "
+              "taken separately; the vision tower runs once)." % args.reps, ""]
+    for dt in ("bf16", "f16"):
+        if dt not in results:
+            continue
+        lines += ["### %s weights" % dt.upper(), "", ours_table(results[dt]), ""]
+        if dt in tables:
+            lines += ["Same weights through llama.cpp:", "", tables[dt].strip(), ""]
+    lines += [DESIGN, "## Before / after", "",
+              HISTORY.format(pf=bf["prefill_tok_s"], dc=bf["decode_tok_s"], gb=bf["decode_gbs"],
+                             vit=bf.get("vision_gflops", 0.0))]
+    if not tables:
+        lines += ["llama.cpp comparison skipped (llama-cpp-python not installed; "
+                  "`make bench BENCH_ARGS=--install` installs it).", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print("bench: wrote %s" % args.out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cogvlm", default="build/cogvlm")
+    ap.add_argument("--work", default="build/bench")
+    ap.add_argument("--out", default="docs/PERFORMANCE.md")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--vision-layers", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved runs per engine, best kept")
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the machine section")
+    ap.add_argument("--install", action="store_true", help="pip install llama-cpp-python if missing")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    args.load_start = load()
+    llama = not args.no_llama and have_llama(args.install)
+    results, tables = {}, {}
+    for dt, vl in (("bf16", args.vision_layers), ("f16", 0)):
+        results[dt], md = measure(args, dt, vl, llama)
+        if md:
+            tables[dt] = md
+    write_doc(args, machine(), results, tables)
+
+
+if __name__ == "__main__":
+    main()
