@@ -17,6 +17,7 @@ Usage: bench_all.py --cogvlm build/cogvlm --work build/bench --out docs/PERFORMA
 import argparse
 import json
 import os
+import shutil
 import platform
 import subprocess
 import sys
@@ -205,6 +206,42 @@ def ours_table(o):
     return "\n".join(rows)
 
 
+def batch_bench(args):
+    """Scheduler throughput (cogvlm bench-batch) on the tiny model and on the LLaMA-shaped
+    random model: generated tokens/s at 1, 4, 16, 64 concurrent requests, image TTFT."""
+    out = []
+    shared = os.environ.get("COGVLM_SHARED_DATA", "../shared/data")
+    tok = os.path.join(shared, "llama2-tokenizer.model")
+    tiny = "models/cogvlm-tiny-shapes"
+    if os.path.exists(os.path.join(tiny, "config.json")):
+        models = [("cogvlm-tiny-shapes (the default model)", ["--model", tiny])]
+    else:
+        models = [("golden-tiny (random weights)",
+                   ["--model", os.path.join(shared, "golden-tiny/model-bf16"), "--tokenizer", tok])]
+    ckpt = os.path.join(args.work, "ckpt-batch")
+    sh([args.cogvlm, "bench", "--preset", "llama-2048", "--dtype", "bf16", "--prompt-tokens", "1",
+        "--decode-tokens", "0", "--vision-layers", "0", "--write-checkpoint", ckpt])
+    models.append(("LLaMA-shaped 1.1B, BF16 random weights", ["--model", ckpt, "--tokenizer", tok]))
+    for name, margs in models:
+        js = os.path.join(args.work, "batch.json")
+        extra = ["--image", os.path.join(shared, "images/demo.jpg")] if "tiny" in name else []
+        sh([args.cogvlm, "bench-batch"] + margs + ["--max-tokens", "32", "--json", js] + extra)
+        with open(js) as f:
+            r = json.load(f)
+        out += ["### %s" % name, "", "| concurrent requests | generated tokens/s | mean TTFT (ms) |",
+                "|---:|---:|---:|"]
+        out += ["| %d | %.1f | %.1f |" % (l["concurrency"], l["tokens_per_s"], l["ttft_ms"])
+                for l in r["levels"]]
+        if "image_ttft_ms" in r:
+            t = r["image_ttft_ms"]
+            out += ["", "Time to first token of a demo.jpg question: %.1f ms cold, %.1f ms with a "
+                    "vision-cache hit (prefix cache off), %.1f ms with a prefix-cache hit." % (
+                        t["cold"], t["vision_cache_hit"], t["prefix_cache_hit"])]
+        out.append("")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return out
+
+
 def write_doc(args, m, results, tables):
     bf = results["bf16"]
     lines = ["# CPU performance", "",
@@ -249,6 +286,11 @@ def write_doc(args, m, results, tables):
         lines += ["### %s weights" % dt.upper(), "", ours_table(results[dt]), ""]
         if dt in tables:
             lines += ["Same weights through llama.cpp:", "", tables[dt].strip(), ""]
+    if getattr(args, "batch", None):
+        lines += ["## Batched serving throughput (scheduler)", "",
+                  "`cogvlm bench-batch`: N requests submitted at once through the engine API "
+                  "(continuous batching, 32 generated tokens each, distinct prompts), generated "
+                  "tokens/s over the wall time.", ""] + args.batch
     lines += [DESIGN, "## Before / after", "",
               HISTORY.format(pf=bf["prefill_tok_s"], dc=bf["decode_tok_s"], gb=bf["decode_gbs"],
                              vit=bf.get("vision_gflops", 0.0))]
@@ -281,6 +323,7 @@ def main():
         results[dt], md = measure(args, dt, vl, llama)
         if md:
             tables[dt] = md
+    args.batch = batch_bench(args)
     write_doc(args, machine(), results, tables)
 
 
