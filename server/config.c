@@ -257,7 +257,11 @@ int cvlm_config_parse_all(struct cvlm_server_config *c, int argc, char **argv, c
         return -1;
     if (read_argv(c, argc, argv, 1, err, errlen))
         return -1;
-    if (*c->config && read_file(c, c->config, err, errlen))
+    /* a private copy: the file may itself set `config` (which then has no effect) */
+    char *path = *c->config ? strdup(c->config) : NULL;
+    int rc = path ? read_file(c, path, err, errlen) : 0;
+    free(path);
+    if (rc)
         return -1;
     if (read_env(c, err, errlen) || read_argv(c, argc, argv, 0, err, errlen))
         return -1;

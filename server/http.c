@@ -341,7 +341,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         *upload_size = 0;
         if (c->too_big || c->len + n > s->cfg->max_body_bytes) {
             c->too_big = 1; /* keep reading (and dropping) so the 413 can be delivered */
-            return MHD_YES;
+            c->len += n;    /* bytes received: past 4x the limit, give up and close */
+            return c->len > 4 * s->cfg->max_body_bytes ? MHD_NO : MHD_YES;
         }
         if (c->len + n + 1 > c->cap) {
             size_t nc = (c->len + n + 1) * 2;
@@ -398,6 +399,16 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     conn_maybe_free(c);
 }
 
+/* All choices finished: build the non-streaming reply and hand the connection back. */
+static void finish_reply(struct conn *c)
+{
+    c->reply = cvlm_api_final_body(c, &c->reply_len);
+    c->state = CONN_REPLY;
+    if (!c->reply)
+        cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory");
+    resume(c);
+}
+
 /* Engine output arrived for some connections: move it on, resume, run MHD. */
 static void on_wake(uv_async_t *a)
 {
@@ -416,11 +427,7 @@ static void on_wake(uv_async_t *a)
         if (!c->mhd_done && c->o.stream && (c->sse_len || c->sse_end)) {
             resume(c);
         } else if (!c->mhd_done && !c->o.stream && done && c->state == CONN_RUN) {
-            c->reply = cvlm_api_final_body(c, &c->reply_len);
-            c->state = CONN_REPLY;
-            if (!c->reply)
-                cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory");
-            resume(c);
+            finish_reply(c);
         }
         conn_maybe_free(c);
     }
@@ -445,8 +452,15 @@ static void on_tick(uv_timer_t *t)
     struct cvlm_srv *s = t->data;
     double now = now_ms();
     for (struct conn *c = s->live; c; c = c->next) {
-        if (c->mhd_done || c->state != CONN_RUN)
+        if (c->mhd_done || !(c->state == CONN_RUN || (c->state == CONN_SENT && c->o.stream)) ||
+            all_done(c)) /* streams are CONN_SENT once their headers are queued */
             continue;
+        /* a finished request whose reply was never queued (missed wake-up): finish it */
+        if (c->state == CONN_RUN && !c->o.stream && cvlm_api_collect(c)) {
+            LOG_DEBUG("%s completed by the tick", c->id);
+            finish_reply(c);
+            continue;
+        }
         int gone = c->suspended && peer_closed(c);
         int late = s->cfg->request_timeout > 0 && now - c->t_start > s->cfg->request_timeout * 1e3;
         if (gone || late) {
@@ -457,6 +471,7 @@ static void on_tick(uv_timer_t *t)
     }
     if (s->draining)
         drain_progress(s);
+    cvlm_http_kick(s);
 }
 
 /* Draining: wait for in-flight work up to the deadline, then cancel it; stop the loop
@@ -498,6 +513,9 @@ void cvlm_http_kick(struct cvlm_srv *s)
     MHD_UNSIGNED_LONG_LONG to = 0;
     if (!s->mhd)
         return; /* stopping */
+    /* twice: MHD moves connections resumed since its last run back to the ready list at
+     * the start of a run but only serves them in the next one */
+    MHD_run(s->mhd);
     MHD_run(s->mhd);
     if (MHD_get_timeout(s->mhd, &to) == MHD_YES)
         uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);

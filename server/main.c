@@ -76,6 +76,10 @@ static void on_signal(uv_signal_t *h, int signum)
 static int load_api_key(struct cvlm_srv *s)
 {
     const struct cvlm_server_config *c = s->cfg;
+    if (strlen(c->api_key) >= sizeof(s->api_key)) {
+        LOG_ERROR("the API key is longer than %zu bytes", sizeof(s->api_key) - 1);
+        return -1;
+    }
     snprintf(s->api_key, sizeof(s->api_key), "%s", c->api_key);
     if (!*c->api_key_file)
         return 0;
@@ -87,7 +91,13 @@ static int load_api_key(struct cvlm_srv *s)
         return -1;
     }
     fclose(f);
-    s->api_key[strcspn(s->api_key, "\r\n")] = 0;
+    size_t n = strcspn(s->api_key, "\r\n");
+    if (!n || (!s->api_key[n] && n == sizeof(s->api_key) - 1)) {
+        LOG_ERROR("%s: the first line must hold the API key (1 to %zu bytes)", c->api_key_file,
+                  sizeof(s->api_key) - 2);
+        return -1;
+    }
+    s->api_key[n] = 0;
     return 0;
 }
 

@@ -4,7 +4,9 @@
  *   (official openai client, OpenAI's JSON schemas, raw SSE, bad requests, lifecycle,
  *   schemathesis against openapi.yaml);
  * - tests/deploy/run.sh: systemd unit and notify protocol, install/uninstall, the
- *   deployment configs, nginx load balancing over two daemons.
+ *   deployment configs, nginx load balancing over two daemons;
+ * - tests/robust/run.sh: overload (429s), slow and abusive clients, image bombs, a soak
+ *   with cancellations (RSS, KV and counters balance), a valgrind leak check.
  * The daemon under test is COGVLM_SERVER_BIN (set by the Makefile: the ASan build under
  * `make asan`). */
 #include "tests/unit/harness.h"
@@ -44,4 +46,9 @@ TEST(zz_api_blackbox)
 TEST(zz_deploy_suite)
 {
     run_suite("tests/deploy/run.sh", "deploy");
+}
+
+TEST(zz_robust_suite)
+{
+    run_suite("tests/robust/run.sh", "robust");
 }

@@ -1,5 +1,8 @@
-/* test_golden.c - the engine against the reference fixture, through the CLI
- * (`cogvlm golden`): every case within 1e-4 relative, all greedy tokens equal. */
+/* test_golden.c - the engine against reference fixtures, through the CLI (`cogvlm
+ * golden`): every case within 1e-4 relative, all greedy tokens equal.
+ * - ../shared/data/golden-tiny: the reference implementation's outputs (random weights);
+ * - tests/tiny: the embedded default model against its PyTorch implementation
+ *   (tools/tiny/model.py), BF16 weights widened to float32 on both sides. */
 #include "tests/unit/harness.h"
 
 #include <stdio.h>
@@ -7,13 +10,13 @@
 #include <string.h>
 #include <sys/wait.h>
 
-TEST(golden_tiny_fixture)
+static void run_fixture(const char *dir, int want_cases)
 {
     const char *bin = getenv("COGVLM_BIN");
     char cmd[2048], line[512];
     int pass = 0, fail = 0;
     REQUIRE(bin);
-    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s 2>&1", bin, cvlm_test_data("golden-tiny"));
+    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s 2>&1", bin, dir);
     FILE *p = popen(cmd, "r");
     REQUIRE(p);
     while (fgets(line, sizeof(line), p)) {
@@ -24,5 +27,15 @@ TEST(golden_tiny_fixture)
     }
     int st = pclose(p);
     CHECKF(WIFEXITED(st) && WEXITSTATUS(st) == 0, "golden exit status %d", st);
-    CHECKF(pass == 6 && fail == 0, "%d cases passed, %d failures", pass, fail);
+    CHECKF(pass == want_cases && fail == 0, "%d cases passed, %d failures", pass, fail);
+}
+
+TEST(golden_tiny_fixture)
+{
+    run_fixture(cvlm_test_data("golden-tiny"), 6);
+}
+
+TEST(golden_tiny_shapes_vs_pytorch)
+{
+    run_fixture("tests/tiny", 3);
 }

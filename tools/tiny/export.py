@@ -136,8 +136,20 @@ if __name__ == "__main__":
     ap.add_argument("--run", required=True)
     ap.add_argument("--out", default="models/cogvlm-tiny-shapes")
     ap.add_argument("--ckpt", default="ckpt.pt")
+    ap.add_argument("--eval", type=int, default=0, metavar="N",
+                    help="then measure greedy accuracy of the exported BF16 model on N fresh images "
+                         "(PyTorch; eval stream indices from 100000, unseen by training and its evals)")
     a = ap.parse_args()
     st = export(a.run, a.out, a.ckpt)
-    print("exported step %d (%.1f min of training) to %s" % (st["step"], st["elapsed"] / 60, a.out))
+    print("exported step %d, vit stage %d (%.1f min of training) to %s" % (
+        st["step"], st.get("vstep", 0), st["elapsed"] / 60, a.out))
     for f in sorted(os.listdir(a.out)):
         print("  %-20s %9d bytes" % (f, os.path.getsize(os.path.join(a.out, f))))
+    if a.eval:
+        import train
+        torch.set_num_threads(1)
+        net, _ = load_exported(a.out)
+        targs = train.parse_args(["--run", a.run, "--seed", str(st["args"]["seed"])])
+        tok = train.Tok(os.path.join(a.out, "tokenizer.model"))
+        acc = train.evaluate(net, tok, targs, net.cfg, a.eval, first=100000)
+        print(json.dumps({"images": a.eval, "step": st["step"], "accuracy": acc}))

@@ -276,6 +276,23 @@ class CogVLM(nn.Module):
                         s = std / math.sqrt(2 * L)
                     p.copy_(torch.randn(p.shape, generator=g) * s)
 
+    def init_pos_sincos(self, scale=0.5):
+        """2-D sin-cos init of the ViT position embedding (MAE style; still a learned
+        parameter): gives the tower the grid structure from step 0 instead of learning it."""
+        pe = self.model.vision.patch_embedding.position_embedding.weight
+        d = pe.shape[1]
+        g = int(round(math.sqrt(pe.shape[0] - 1)))
+        q = d // 4
+        omega = 1.0 / (10000.0 ** (torch.arange(q, dtype=torch.float32) / q))
+        ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float32),
+                                torch.arange(g, dtype=torch.float32), indexing="ij")
+        ay = ys.reshape(-1, 1) * omega
+        ax = xs.reshape(-1, 1) * omega
+        emb = torch.cat([torch.sin(ay), torch.cos(ay), torch.sin(ax), torch.cos(ax)], 1)
+        with torch.no_grad():
+            pe.zero_()
+            pe[1:, :emb.shape[1]] = emb * scale
+
     # -- reference path (one sequence, any layout) ----------------------------------------
     def forward_full(self, input_ids, token_type_ids, pixel_values=None):
         """input_ids, token_type_ids: [T] int lists/tensors; pixel_values [3,S,S] or None.

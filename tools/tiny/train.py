@@ -5,20 +5,22 @@ come from numpy's Generator seeded with (seed, k), so a run interrupted and resu
 checkpoint sees exactly the data and state it would have seen without the interruption.
 Rerunning the same command on an existing run directory resumes it.
 
-Recipe (the README of the exported model keeps the log of what each change did):
-  * every image is asked ALL its questions at once (5 for one shape, 8 for two); the
-    [BOS][image] prefix runs once per image and the questions attend to its cached keys and
-    values (model.run_prefix / run_text), ~3x less compute per question than full sequences;
-  * auxiliary per-patch heads on the vision-tower output (kind / colour / box of the shape
-    covering the patch), weight decaying over the first --aux-steps steps: dense supervision
-    for the vision tower, which is where the naive recipe got stuck;
-  * ViT post-sub-layer LayerNorm gains initialised small (--vit-norm-gain), so every block
-    starts near the identity;
-  * separate (higher) learning rate for the vision tower + adapter;
+Recipe (the model README, models/cogvlm-tiny-shapes/README.md, logs what each change did):
+  * stage 1 (--vit-steps): the vision tower alone with per-patch auxiliary heads (kind,
+    colour, box, hundreds digit of each grounding coordinate of the shape covering the
+    patch), 16 images/step: the tower learns the kinds here (99 % per patch after 3000 steps),
+    which it never did when trained jointly with the decoder from the start;
+  * stage 2 (--steps): the whole model; every image is asked ALL its questions (5 for one
+    shape, 8 for two); the [BOS][image] prefix runs once per image and the questions attend to
+    its cached keys/values (model.run_prefix / run_text), ~3x less compute per question;
+    the auxiliary heads stay on (--aux-weight -> --aux-final), the tower learns at
+    --vit-lr-mult x the LR (a high one wrecks it early on);
+  * ViT post-sub-layer LayerNorm gains initialised small (--vit-norm-gain);
   * curriculum on the fraction of two-shape images (--p-two-start -> --p-two over --p-two-ramp);
-  * loss on the answer tokens + EOS, each answer's tokens weighted 1/sqrt(len).
+  * loss on the answer tokens + EOS, each answer weighted 1/sqrt(len), grounding answers
+    x --ground-weight, the units digit of each box coordinate x --units-weight.
 
-    nice -n 10 python3 tools/tiny/train.py --run tools/tiny/runs/main --minutes 60
+    nice -n 10 /usr/bin/python3 tools/tiny/train.py --run tools/tiny/runs/v3
 """
 import argparse
 import json
@@ -64,6 +66,9 @@ class AuxHead(nn.Module):
     def __init__(self, d):
         super().__init__()
         self.proj = nn.Linear(d, 4 + 7 + 4)
+        # hundreds digit (0-9) of each grounding coordinate of the shape covering the patch:
+        # makes the tower encode the answer's leading digits as directions the LM can copy
+        self.digits = nn.Linear(d, 4 * 10)
 
     def forward(self, vit):
         o = self.proj(vit[:, 1:])
@@ -80,41 +85,60 @@ def aux_targets(scene, grid):
     return np.where(cov.max(0) >= 0.15, best, -1)
 
 
-def make_batch(step, a, cfg, tok, eval_index=None):
+VIT_STREAM = 777_001  # stage-1 images: Generator((seed, VIT_STREAM, step))
+
+
+def make_batch(step, a, cfg, tok, eval_index=None, vit_stage=False):
     """The images and questions of one training step (or one eval image)."""
     S = cfg["vision_config"]["image_size"]
     grid = S // cfg["vision_config"]["patch_size"]
-    if eval_index is None:
+    if vit_stage:
+        rng = np.random.default_rng([a.seed, VIT_STREAM, step])
+        p_two, n = 0.5, a.vit_batch
+    elif eval_index is None:
         rng = np.random.default_rng([a.seed, step])
         p_two = a.p_two_start + (a.p_two - a.p_two_start) * min(1.0, step / max(1, a.p_two_ramp))
         n = a.batch
     else:
         rng = np.random.default_rng([a.seed, EVAL_STREAM, eval_index])
         p_two, n = 0.5, 1
-    px, kinds, cols, boxes, rows = [], [], [], [], []
+    px, kinds, cols, boxes, rows, digs = [], [], [], [], [], []
     for b in range(n):
         sc = shapes.random_scene(rng, p_two)
         px.append(preprocess(shapes.render(sc), S))
-        if eval_index is None:
+        if eval_index is None or vit_stage:
             t = aux_targets(sc, grid)
             kinds.append([0 if i < 0 else 1 + shapes.KINDS.index(sc.shapes[i].kind) for i in t])
             cols.append([0 if i < 0 else 1 + shapes.COLOUR_NAMES.index(sc.shapes[i].colour)
                          for i in t])
             boxes.append([[0.0] * 4 if i < 0 else [v / shapes.CANVAS for v in sc.shapes[i].box]
                           for i in t])
+            digs.append([[-100] * 4 if i < 0 else [shapes.grounding_value(v) // 100 for v in sc.shapes[i].box]
+                         for i in t])
         for qk, q, ans, sh in shapes.questions(sc):
             rows.append((b, qk, q, ans, sh, sc))
+    boxes = (boxes, digs)
     return torch.stack(px), kinds, cols, boxes, rows
 
 
-def pack_text(rows, tok):
-    """[N, L] ids (prompt + answer + EOS), per-token targets and weights for the loss."""
-    seqs, tgts = [], []
+def pack_text(rows, tok, ground_weight=1.0, units_weight=1.0):
+    """[N, L] ids (prompt + answer + EOS), per-token targets and weights for the loss.
+    Each answer's tokens weigh 1/sqrt(len); grounding answers are multiplied by
+    ground_weight, and the units digit of each coordinate (nearly irrelevant to IoU, and
+    almost pure noise to learn) by units_weight."""
+    seqs, tgts, gw = [], [], []
     for (_, qk, q, ans, _, _) in rows:
         p = tok.encode(shapes.chat_prompt(q))
         r = tok.encode(ans) + [2]
         seqs.append(p + r[:-1])
         tgts.append((len(p) - 1, r))
+        w = [1.0] * len(r)
+        if qk == "grounding":
+            w = [ground_weight] * len(r)
+            if len(r) == 18:  # [[ ddd , ddd , ddd , ddd ]] EOS: units digits at 3, 7, 11, 15
+                for i in (3, 7, 11, 15):
+                    w[i] *= units_weight
+        gw.append(w)
     L = max(len(s) for s in seqs)
     ids = torch.zeros(len(seqs), L, dtype=torch.long)
     tg = torch.full((len(seqs), L), -100, dtype=torch.long)
@@ -122,7 +146,7 @@ def pack_text(rows, tok):
     for i, (s, (st, r)) in enumerate(zip(seqs, tgts)):
         ids[i, :len(s)] = torch.tensor(s)
         tg[i, st:st + len(r)] = torch.tensor(r)
-        w[i, st:st + len(r)] = 1.0 / math.sqrt(len(r))
+        w[i, st:st + len(r)] = torch.tensor(gw[i]) / math.sqrt(len(r))
     return ids, tg, w
 
 
@@ -194,6 +218,67 @@ def evaluate(net, tok, a, cfg, n_images, first=0, chunk=25, show=0):
     return res
 
 
+def aux_loss(aux, vit, kinds, cols, boxes, kind_w=1.0, box_w=5.0):
+    """Per-patch auxiliary loss; also returns (kind acc, colour acc, box MAE px) on the
+    patches a shape covers."""
+    ok_, oc, ob = aux(vit)
+    boxes, digs = boxes
+    kt, ct, bt = torch.tensor(kinds), torch.tensor(cols), torch.tensor(boxes)
+    od = aux.digits(vit[:, 1:])
+    la = kind_w * F.cross_entropy(ok_.reshape(-1, 4), kt.reshape(-1)) + \
+        F.cross_entropy(oc.reshape(-1, 7), ct.reshape(-1))
+    has = kt > 0
+    if has.any():
+        pb = torch.sigmoid(ob[has])
+        la = la + box_w * F.smooth_l1_loss(pb, bt[has], beta=0.05)
+        la = la + F.cross_entropy(od.reshape(-1, 10), torch.tensor(digs).reshape(-1), ignore_index=-100)
+        with torch.no_grad():
+            m = ((ok_.argmax(-1)[has] == kt[has]).float().mean().item(),
+                 (oc.argmax(-1)[has] == ct[has]).float().mean().item(),
+                 (pb - bt[has]).abs().mean().item() * shapes.CANVAS)
+    else:
+        m = (0.0, 0.0, 0.0)
+    return la, m
+
+
+def vit_stage(net, aux, a, cfg, tok, state, log, save_fn):
+    """Stage 1: the vision tower alone (patch embedding + transformer) with the per-patch
+    auxiliary heads, on its own image stream; much cheaper per image than the full model, and
+    it gets the tower to recognise the shapes' kinds before the LM leans on it."""
+    v = net.model.vision
+    ps = list(v.patch_embedding.parameters()) + list(v.transformer.parameters()) + list(aux.parameters())
+    vopt = torch.optim.AdamW(ps, lr=a.vit_lr, betas=(0.9, 0.98), weight_decay=a.wd)
+    vstep = 0
+    if state is not None:
+        vstep = state.get("vstep", a.vit_steps)
+        if state.get("vopt") is not None and vstep < a.vit_steps:
+            vopt.load_state_dict(state["vopt"])
+    if vstep >= a.vit_steps:
+        return
+    t0, t_ck, hist = time.time(), time.time(), []
+    while vstep < a.vit_steps:
+        f = min(1.0, (vstep + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * vstep / a.vit_steps)))
+        for g in vopt.param_groups:
+            g["lr"] = a.vit_lr * f
+        px, kinds, cols, boxes, _ = make_batch(vstep, a, cfg, tok, vit_stage=True)
+        vit = v.transformer(v.patch_embedding(px))
+        la, m = aux_loss(aux, vit, kinds, cols, boxes, kind_w=a.vit_kind_weight, box_w=a.vit_box_weight)
+        vopt.zero_grad(set_to_none=True)
+        la.backward()
+        vopt.step()
+        vstep += 1
+        hist.append((la.item(),) + m)
+        if vstep % 100 == 0:
+            h = np.mean(hist, 0)
+            hist = []
+            log("vit step %d  %.1f min  loss %.3f  kind acc %.3f  colour acc %.3f  box mae %.1f px" % (
+                vstep, (time.time() - t0) / 60, *h))
+        if time.time() - t_ck > a.ckpt_seconds or vstep == a.vit_steps:
+            save_fn(extra={"vstep": vstep, "vopt": vopt.state_dict() if vstep < a.vit_steps else None},
+                    elapsed_add=time.time() - t0)
+            t0, t_ck = time.time(), time.time()
+
+
 def lr_at(step, a):
     if step < a.warmup:
         return (step + 1) / a.warmup
@@ -205,27 +290,35 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run directory (checkpoints, logs); resumes if it has one")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=6000, help="length of the LR schedule")
+    ap.add_argument("--steps", type=int, default=12000, help="length of the stage-2 LR schedule")
     ap.add_argument("--minutes", type=float, default=0, help="stop (after a checkpoint) after this much wall time in this process")
     ap.add_argument("--batch", type=int, default=8, help="images per step (all their questions)")
     ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--vit-lr-mult", type=float, default=2.0)
+    ap.add_argument("--vit-lr-mult", type=float, default=0.5, help="stage-2 LR multiplier of the vision tower + adapter + aux heads")
     ap.add_argument("--min-lr-frac", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--wd", type=float, default=0.01)
     ap.add_argument("--vit-norm-gain", type=float, default=0.1)
     ap.add_argument("--aux-weight", type=float, default=1.0)
     ap.add_argument("--aux-steps", type=int, default=2000, help="aux weight decays linearly to --aux-final over these steps")
-    ap.add_argument("--aux-final", type=float, default=0.1)
+    ap.add_argument("--aux-final", type=float, default=1.0)
     ap.add_argument("--p-two-start", type=float, default=0.25)
     ap.add_argument("--p-two", type=float, default=0.6)
     ap.add_argument("--p-two-ramp", type=int, default=1000)
+    ap.add_argument("--vit-steps", type=int, default=3000, help="stage 1: vision tower + aux heads alone")
+    ap.add_argument("--vit-batch", type=int, default=16)
+    ap.add_argument("--vit-lr", type=float, default=1e-3)
+    ap.add_argument("--vit-kind-weight", type=float, default=3.0)
+    ap.add_argument("--vit-box-weight", type=float, default=1.0)
+    ap.add_argument("--ground-weight", type=float, default=8.0, help="loss multiplier of grounding answers")
+    ap.add_argument("--units-weight", type=float, default=0.1, help="loss multiplier of the units digit of box coordinates")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-images", type=int, default=100)
     ap.add_argument("--ckpt-seconds", type=float, default=300)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="2 = probe 1 and 2 threads every 100 steps, keep the faster")
     ap.add_argument("--tokenizer", default=None, help="default: RUN/tokenizer.model (trained if missing)")
-    ap.add_argument("--config", default=None, help="JSON file with a model config (default: model.default_config)")
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config-small.json"),
+                    help="JSON file with the model shape (default: config-small.json, the shipped one)")
     return ap.parse_args(argv)
 
 
@@ -267,7 +360,11 @@ def main():
     if os.path.exists(ck_path):
         state = torch.load(ck_path)
         net.load_state_dict(state["model"])
-        aux.load_state_dict(state["aux"])
+        missing = aux.load_state_dict(state["aux"], strict=False).missing_keys
+        if missing:  # a checkpoint from before the digit head
+            torch.manual_seed(a.seed + 1)
+            nn.init.normal_(aux.digits.weight, std=0.02)
+            nn.init.zeros_(aux.digits.bias)
         step, elapsed = state["step"], state["elapsed"]
         log("resumed %s at step %d (%.1f min trained so far)" % (ck_path, step, elapsed / 60))
     else:
@@ -275,6 +372,8 @@ def main():
         torch.manual_seed(a.seed)
         nn.init.normal_(aux.proj.weight, std=0.02)
         nn.init.zeros_(aux.proj.bias)
+        nn.init.normal_(aux.digits.weight, std=0.02)
+        nn.init.zeros_(aux.digits.bias)
         log("new run", json.dumps(vars(a)))
         log("machine:", platform.node(), platform.processor() or platform.machine(),
             "torch", torch.__version__, "threads", a.threads, "cpus", os.cpu_count())
@@ -282,7 +381,7 @@ def main():
     nparam = sum(p.numel() for p in net.parameters())
     log("parameters: %d (%.1f MB in bf16)" % (nparam, nparam * 2 / 1e6))
 
-    vis_params = [p for n, p in net.named_parameters() if n.startswith("model.vision.")] + list(aux.parameters())
+    vis_params = [p for n, p in net.named_parameters() if n.startswith("model.vision.")] + list(aux.proj.parameters())
     lm_params = [p for n, p in net.named_parameters() if not n.startswith("model.vision.")]
 
     def groups(ps, mult):
@@ -293,20 +392,39 @@ def main():
 
     opt = torch.optim.AdamW(groups(lm_params, 1.0) + groups(vis_params, a.vit_lr_mult),
                             lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
-    if state is not None:
+    # the digit head has its own group (appended last: checkpoints from before it have 4 groups)
+    dig_group = {"params": list(aux.digits.parameters()), "weight_decay": 0.0, "mult": a.vit_lr_mult}
+    if state is not None and len(state["opt"]["param_groups"]) == 4:
         opt.load_state_dict(state["opt"])
+        opt.add_param_group(dig_group)
+    else:
+        opt.add_param_group(dig_group)
+        if state is not None:
+            opt.load_state_dict(state["opt"])
+    if state is not None:
+        for g, m in zip(opt.param_groups, [1.0, 1.0] + [a.vit_lr_mult] * 3):
+            g["mult"] = m  # the command line rules (load_state_dict restores the saved ones)
     t_start = time.time()
     t_ck = time.time()
     acc = {}
     meter = {"n": 0}
 
-    def checkpoint(tag=""):
+    vstate = {"vstep": state.get("vstep", a.vit_steps) if state else 0, "vopt": None}
+
+    def checkpoint(tag="", extra=None, **_):
         nonlocal t_ck
+        if extra:
+            vstate.update(extra)
         save(ck_path, {"model": net.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(),
                        "step": step, "elapsed": elapsed + time.time() - t_start, "cfg": cfg,
-                       "args": vars(a), "tokenizer": tok_path})
+                       "args": vars(a), "tokenizer": tok_path, **vstate})
         t_ck = time.time()
-        log("checkpoint step %d %s" % (step, tag))
+        log("checkpoint step %d (vit stage %d) %s" % (step, vstate["vstep"], tag))
+
+    torch.set_num_threads(1)  # stage 1 is small: one thread
+    vit_stage(net, aux, a, cfg, tok, state, log, checkpoint)
+    vstate["vopt"] = None
+    t_start2, step0 = time.time(), step
 
     # Adaptive thread count: the 2 cores are shared with other jobs, and 2 OpenMP threads on
     # one free core are slower than 1 thread. Every 100 steps the other count is tried for 10
@@ -336,7 +454,7 @@ def main():
         # two length buckets (grounding answers are long) to waste less on padding
         loss, qlog = 0.0, []
         for bucket in ([r for r in rows if r[1] == "grounding"], [r for r in rows if r[1] != "grounding"]):
-            ids, tg, w = pack_text(bucket, tok)
+            ids, tg, w = pack_text(bucket, tok, a.ground_weight, a.units_weight)
             logits = net.run_text(kvs, torch.tensor([r[0] for r in bucket]), ids)
             tl = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tg.reshape(-1),
                                  ignore_index=-100, reduction="none").view(tg.shape)
@@ -346,16 +464,10 @@ def main():
         aw = a.aux_weight * max(a.aux_final / max(a.aux_weight, 1e-9),
                                 1 - step / max(1, a.aux_steps)) if a.aux_weight > 0 else 0.0
         if aw > 0:
-            ok_, oc, ob = aux(vit)
-            kt, ct, bt = torch.tensor(kinds), torch.tensor(cols), torch.tensor(boxes)
-            la = F.cross_entropy(ok_.reshape(-1, 4), kt.reshape(-1)) + \
-                F.cross_entropy(oc.reshape(-1, 7), ct.reshape(-1))
-            has = kt > 0
-            if has.any():
-                la = la + 5.0 * F.smooth_l1_loss(torch.sigmoid(ob[has]), bt[has], beta=0.05)
+            la, am = aux_loss(aux, vit, kinds, cols, boxes, kind_w=a.vit_kind_weight, box_w=a.vit_box_weight)
             loss = loss + aw * la
         else:
-            la = torch.zeros(())
+            la, am = torch.zeros(()), (0.0, 0.0, 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(list(net.parameters()) + list(aux.parameters()), 1.0)
@@ -368,14 +480,15 @@ def main():
             for k, v in qlog:
                 meter.setdefault(k, []).append(v)
             meter.setdefault("aux", []).append(float(la))
+            meter.setdefault("aux_kind_acc", []).append(am[0])
             meter.setdefault("gn", []).append(float(gn))
             meter["n"] += 1
         if step % 20 == 0:
             el = elapsed + time.time() - t_start
-            parts = " ".join("%s %.3f" % (k, np.mean(meter[k])) for k in list(shapes.QKINDS) + ["aux", "gn"] if k in meter)
+            parts = " ".join("%s %.3f" % (k, np.mean(meter[k])) for k in list(shapes.QKINDS) + ["aux", "aux_kind_acc", "gn"] if k in meter)
             log("step %d  %.1f min  lr %.2e  aux_w %.2f  %s  (%.2f s/step, %d thr)" % (
                 step, el / 60, a.lr * f, aw, parts,
-                (time.time() - t_start) / max(1, step - (state["step"] if state else 0)), torch.get_num_threads()))
+                (time.time() - t_start2) / max(1, step - step0), torch.get_num_threads()))
             if timing:
                 log("  step time by threads: %s" % {c: round(float(np.mean(v)), 2) for c, v in timing.items()})
             meter = {"n": 0}

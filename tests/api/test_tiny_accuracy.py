@@ -1,0 +1,169 @@
+"""The embedded default model answers questions about images, end to end.
+
+Fresh scenes are drawn by this test's own generator (following the task contract of
+shared/spec/tiny-model.md; its seed stream is not the trainer's), every question kind is
+asked through the HTTP API of the real daemon serving models/cogvlm-tiny-shapes, with
+greedy decoding, several requests at a time (so the scheduler batches them), and the
+accuracy per kind must reach the spec's minimum bar.
+"""
+import base64
+import io
+import json
+import math
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+import apiutil
+from apiutil import Server
+
+MODEL = apiutil.REPO / "models" / "cogvlm-tiny-shapes"
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 60, 220),
+           "yellow": (235, 200, 20), "purple": (140, 50, 190), "orange": (245, 130, 20)}
+KINDS = ("circle", "square", "triangle")
+# The spec's minimum bar (shared/spec/tiny-model.md); the test fails below it.
+MINIMUM = {"colour": 0.90, "shape": 0.90, "count": 0.95, "description": 0.75, "grounding": 0.50}
+TARGET = {"colour": 0.98, "shape": 0.98, "count": 0.99, "description": 0.95, "grounding": 0.90}
+SCENES = 40
+
+
+def scene(rng):
+    """1 or 2 shapes: distinct kinds and colours, non-overlapping boxes inside 224x224."""
+    n = rng.choice((1, 2))
+    kinds = rng.sample(KINDS, n)
+    colours = rng.sample(sorted(COLOURS), n)
+    while True:
+        shapes = []
+        for k, c in zip(kinds, colours):
+            s = rng.randint(40, 100)
+            shapes.append((k, c, rng.randint(0, 224 - s), rng.randint(0, 224 - s), s))
+        if n == 1 or not overlap(shapes[0], shapes[1]):
+            return shapes
+
+
+def overlap(a, b):
+    return not (a[2] + a[4] <= b[2] or b[2] + b[4] <= a[2] or a[3] + a[4] <= b[3] or
+                b[3] + b[4] <= a[3])
+
+
+def render(rng, shapes):
+    img = Image.new("RGB", (224, 224), tuple(rng.randint(200, 255) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for k, c, x, y, s in shapes:
+        fill = COLOURS[c]
+        if k == "circle":
+            d.ellipse([x, y, x + s - 1, y + s - 1], fill=fill)
+        elif k == "square":
+            d.rectangle([x, y, x + s - 1, y + s - 1], fill=fill)
+        else:
+            d.polygon([(x + s / 2, y), (x, y + s), (x + s, y + s)], fill=fill)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def coord(v):
+    return min(999, math.floor(1000 * v / 224))
+
+
+def box(sh):
+    _, _, x, y, s = sh
+    return [coord(x), coord(y), coord(x + s), coord(y + s)]
+
+
+def phrase(sh, first):
+    art = "an" if sh[1] == "orange" else "a"
+    art = art.capitalize() if first else art
+    return f"{art} {sh[1]} {sh[0]}"
+
+
+def questions(shapes):
+    """(kind, question, expected) for every question kind of the contract."""
+    qs = []
+    for sh in shapes:
+        qs.append(("colour", f"What color is the {sh[0]}?", sh[1]))
+        qs.append(("shape", f"What shape is the {sh[1]} object?", sh[0]))
+        qs.append(("grounding", f"Where is the {sh[1]} {sh[0]}?", box(sh)))
+    qs.append(("count", "How many shapes are there?", "one" if len(shapes) == 1 else "two"))
+    order = sorted(shapes, key=lambda sh: sh[2] + sh[4] / 2)
+    desc = " and ".join(phrase(sh, i == 0) for i, sh in enumerate(order)) + "."
+    qs.append(("description", "Describe the image.", desc))
+    return qs
+
+
+def iou(a, b):
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_box(text):
+    t = text.strip()
+    if not (t.startswith("[[") and t.endswith("]]")):
+        return None
+    try:
+        v = [int(p) for p in t[2:-2].split(",")]
+    except ValueError:
+        return None
+    return v if len(v) == 4 else None
+
+
+def correct(kind, answer, expected):
+    if kind == "grounding":
+        b = parse_box(answer)
+        return b is not None and iou(b, expected) >= 0.5
+    return answer.strip() == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_server(logs_dir):
+    if not (MODEL / "config.json").exists():
+        pytest.fail("models/cogvlm-tiny-shapes is missing")
+    s = Server(logs_dir, "tiny", args={"--model": str(MODEL),
+                                       "--tokenizer": str(MODEL / "tokenizer.model")},
+               served_name="cogvlm-tiny-shapes").start()
+    yield s
+    assert s.stop() == 0
+
+
+def ask(server, png, question):
+    body = {"model": "cogvlm-tiny-shapes", "temperature": 0, "max_tokens": 32,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": question},
+                {"type": "image_url", "image_url": {
+                    "url": "data:image/png;base64," + base64.b64encode(png).decode()}}]}]}
+    r = apiutil.http_request(server.port, "POST", "/v1/chat/completions", json.dumps(body),
+                             {"Content-Type": "application/json"}, timeout=120)
+    assert r.status == 200, r.body[:300]
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_tiny_model_accuracy_per_question_kind(tiny_server):
+    rng = random.Random(20261127)  # this test's own stream, not the trainer's
+    jobs = []
+    for _ in range(SCENES):
+        shapes = scene(rng)
+        png = render(rng, shapes)
+        jobs += [(kind, q, exp, png) for kind, q, exp in questions(shapes)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(lambda j: ask(tiny_server, j[3], j[1]), jobs))
+    score = {k: [0, 0] for k in MINIMUM}
+    misses = []
+    for (kind, q, exp, _), ans in zip(jobs, answers):
+        ok = correct(kind, ans, exp)
+        score[kind][0] += ok
+        score[kind][1] += 1
+        if not ok and len(misses) < 12:
+            misses.append(f"{kind}: {q!r} -> {ans!r} (want {exp!r})")
+    report = {k: round(v[0] / v[1], 3) for k, v in score.items()}
+    print("accuracy per kind:", report)
+    short = {k: a for k, a in report.items() if a < TARGET[k]}
+    if short:
+        print("below the spec's target:", short)
+    low = {k: a for k, a in report.items() if a < MINIMUM[k]}
+    assert not low, f"below the minimum bar {MINIMUM}: {report}\nexamples:\n" + "\n".join(misses)
