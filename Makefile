@@ -33,6 +33,9 @@ say =
 endif
 
 LIB_SRCS    = $(wildcard engine/*.c) $(wildcard kernels/cpu/*.c)
+ifneq ($(CUDA),1)
+LIB_SRCS   += kernels/cuda/stub.c  # a CPU build: the CUDA entry points say "not built with CUDA"
+endif
 CLI_SRCS    = $(wildcard server/cli*.c)
 SERVER_SRCS = $(filter-out $(CLI_SRCS),$(wildcard server/*.c))
 TEST_SRCS   = $(wildcard tests/unit/*.c)

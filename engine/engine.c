@@ -63,25 +63,19 @@ static int load(struct cvlm_engine *e)
     snprintf(path, sizeof(path), "%s/tokenizer.model", o->model_dir);
     if ((rc = cvlm_tokenizer_load(o->tokenizer ? o->tokenizer : path, &e->tok)))
         return rc;
-    if (!(e->be = cvlm_backend_cpu_create(o->threads)))
-        return cvlm_errf(CVLM_ENOMEM, "cannot create the CPU backend");
     const struct cvlm_config *c = &e->w->cfg;
-    size_t es = cvlm_dtype_size(e->be->act_dtype);
-    size_t per_block = 2 * (size_t)c->num_layers * o->block_size * c->hidden_size * es;
-    size_t blocks = o->kv_bytes / per_block;
-    if (blocks < 1 || blocks > (1u << 30))
-        return cvlm_errf(CVLM_EINVAL, "KV memory of %zu bytes holds %zu blocks of %zu bytes",
-                         o->kv_bytes, blocks, per_block);
-    struct cvlm_model_opts mo = {.max_tokens = o->max_batched_tokens, .kv_blocks = (int)blocks,
-                                 .block_size = o->block_size};
-    if ((rc = cvlm_model_create(e->w, e->be, &mo, &e->model)))
+    struct cvlm_model_opts mo = {.max_tokens = o->max_batched_tokens, .kv_bytes = o->kv_bytes,
+                                 .block_size = o->block_size, .threads = o->threads,
+                                 .backend = (enum cvlm_backend_kind)o->backend, .tp = o->tp,
+                                 .device = o->device};
+    if ((rc = cvlm_model_create(e->w, &mo, &e->model)))
         return rc;
+    int blocks = cvlm_model_kv_blocks(e->model);
     e->max_context = o->max_context > 0 ? o->max_context : c->max_position_embeddings;
-    if (e->max_context > (int)blocks * o->block_size)
-        e->max_context = (int)blocks * o->block_size; /* one sequence must fit the cache */
-    e->kv = cvlm_kv_create((int)blocks, o->block_size);
-    e->vc = cvlm_vc_create(e->be, o->vision_cache_bytes,
-                           (size_t)cvlm_config_image_tokens(c) * c->hidden_size * es + 1);
+    if (e->max_context > blocks * o->block_size)
+        e->max_context = blocks * o->block_size; /* one sequence must fit the cache */
+    e->kv = cvlm_kv_create(blocks, o->block_size);
+    e->vc = cvlm_vc_create(e->model, o->vision_cache_bytes);
     if (!e->kv || !e->vc)
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
     return alloc_scratch(e);
@@ -194,8 +188,6 @@ void cvlm_engine_destroy(struct cvlm_engine *e)
     cvlm_vc_destroy(e->vc);
     cvlm_kv_destroy(e->kv);
     cvlm_model_destroy(e->model);
-    if (e->be)
-        e->be->ops->destroy(e->be);
     cvlm_weights_destroy(e->w);
     cvlm_tokenizer_destroy(e->tok);
     pthread_cond_destroy(&e->cv);

@@ -28,8 +28,11 @@ struct cvlm_request;
 struct cvlm_engine_opts {
     const char *model_dir;
     const char *tokenizer;     /* NULL: model_dir/tokenizer.model */
-    int threads;               /* 0: one per core */
-    size_t kv_bytes;           /* KV cache memory; 0: 256 MiB */
+    int threads;               /* CPU threads over all ranks; 0: one per core */
+    int backend;               /* enum cvlm_backend_kind (engine/model.h): 0 CPU, 1 CUDA */
+    int tp;                    /* tensor-parallel ranks; 0: 1 */
+    int device;                /* CUDA: first device */
+    size_t kv_bytes;           /* KV cache memory per rank; 0: 256 MiB */
     int block_size;            /* KV slots per block; 0: 16 */
     int max_batched_tokens;    /* tokens per step; 0: 512 */
     int max_seqs;              /* running sequences; 0: 64 */

@@ -17,6 +17,8 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+struct cvlm_feats; /* engine/model.h */
+
 enum cvlm_req_state {
     CVLM_REQ_NEW = 0,
     CVLM_REQ_WAITING,
@@ -51,7 +53,7 @@ struct cvlm_request {
     int32_t *blocks;          /* [ceil(cap / block_size)] */
     int n_blocks, n_published;
     uint64_t chain;           /* chain hash of the published blocks so far */
-    void *feats;              /* pinned vision-cache entry while image slots remain */
+    struct cvlm_feats *feats; /* pinned vision-cache entry while image slots remain */
     struct cvlm_rng rng;
     struct cvlm_detok dt;
     char *hold;               /* decoded text held back: may start a stop string */

@@ -22,7 +22,6 @@ struct cvlm_engine {
     struct cvlm_engine_opts opts; /* defaults filled in */
     char *model_dir;
     struct cvlm_weights *w;
-    struct cvlm_backend *be;
     struct cvlm_model *model;
     struct cvlm_tokenizer *tok;
     int max_context;
@@ -39,7 +38,7 @@ struct cvlm_engine {
     int32_t *b_ids, *b_pos, *b_seq, *b_slot, *b_img;
     uint8_t *b_expert, *b_want;
     struct cvlm_seq_kv *b_seqs;
-    const void **b_feats;
+    const struct cvlm_feats **b_feats;
     struct cvlm_request **b_req; /* [max_seqs] sequence -> request */
     int *b_nfed;
     float *logits;               /* [max_seqs, vocab] */

@@ -3,32 +3,34 @@
  * vision tower run and keeps the structure trivially correct. */
 #include "engine/vcache.h"
 
+#include "engine/model.h"
+
 #include <stdlib.h>
 #include <string.h>
 
 struct entry {
     uint64_t key;
-    void *buf;
+    struct cvlm_feats *buf;
     int ref;
     int cached; /* 0: private buffer (over budget), freed on release */
 };
 
 struct cvlm_vcache {
-    struct cvlm_backend *be;
+    struct cvlm_model *m;
     size_t budget, entry_bytes;
     struct entry *e;
     int n, cap;
     struct cvlm_vc_stats st;
 };
 
-struct cvlm_vcache *cvlm_vc_create(struct cvlm_backend *be, size_t budget, size_t entry_bytes)
+struct cvlm_vcache *cvlm_vc_create(struct cvlm_model *m, size_t budget)
 {
     struct cvlm_vcache *vc = calloc(1, sizeof(*vc));
     if (!vc)
         return NULL;
-    vc->be = be;
+    vc->m = m;
     vc->budget = budget;
-    vc->entry_bytes = entry_bytes;
+    vc->entry_bytes = cvlm_model_feats_bytes(m) + 1; /* never 0, even without vision */
     return vc;
 }
 
@@ -37,7 +39,7 @@ void cvlm_vc_destroy(struct cvlm_vcache *vc)
     if (!vc)
         return;
     for (int i = 0; i < vc->n; i++)
-        vc->be->ops->free(vc->be, vc->e[i].buf);
+        cvlm_model_feats_free(vc->m, vc->e[i].buf);
     free(vc->e);
     free(vc);
 }
@@ -57,12 +59,12 @@ static void drop(struct cvlm_vcache *vc, int i)
         vc->st.bytes -= vc->entry_bytes;
         vc->st.entries--;
     }
-    vc->be->ops->free(vc->be, vc->e[i].buf);
+    cvlm_model_feats_free(vc->m, vc->e[i].buf);
     memmove(&vc->e[i], &vc->e[i + 1], (size_t)(vc->n - i - 1) * sizeof(vc->e[0]));
     vc->n--;
 }
 
-void *cvlm_vc_get(struct cvlm_vcache *vc, uint64_t key)
+struct cvlm_feats *cvlm_vc_get(struct cvlm_vcache *vc, uint64_t key)
 {
     for (int i = 0; i < vc->n; i++)
         if (vc->e[i].cached && vc->e[i].key == key) {
@@ -75,7 +77,7 @@ void *cvlm_vc_get(struct cvlm_vcache *vc, uint64_t key)
     return NULL;
 }
 
-void *cvlm_vc_insert(struct cvlm_vcache *vc, uint64_t key)
+struct cvlm_feats *cvlm_vc_insert(struct cvlm_vcache *vc, uint64_t key)
 {
     /* evict unpinned cached entries, least recent first, until the new one fits */
     for (int i = 0; i < vc->n && vc->st.bytes + vc->entry_bytes > vc->budget;) {
@@ -94,7 +96,7 @@ void *cvlm_vc_insert(struct cvlm_vcache *vc, uint64_t key)
         vc->e = ne;
         vc->cap = nc;
     }
-    void *buf = vc->be->ops->alloc(vc->be, vc->entry_bytes);
+    struct cvlm_feats *buf = cvlm_model_feats_alloc(vc->m);
     if (!buf)
         return NULL;
     int fits = vc->st.bytes + vc->entry_bytes <= vc->budget;
@@ -106,7 +108,7 @@ void *cvlm_vc_insert(struct cvlm_vcache *vc, uint64_t key)
     return buf;
 }
 
-void cvlm_vc_release(struct cvlm_vcache *vc, void *feats)
+void cvlm_vc_release(struct cvlm_vcache *vc, struct cvlm_feats *feats)
 {
     for (int i = 0; i < vc->n; i++)
         if (vc->e[i].buf == feats) {
@@ -116,7 +118,7 @@ void cvlm_vc_release(struct cvlm_vcache *vc, void *feats)
         }
 }
 
-void cvlm_vc_discard(struct cvlm_vcache *vc, void *feats)
+void cvlm_vc_discard(struct cvlm_vcache *vc, struct cvlm_feats *feats)
 {
     for (int i = 0; i < vc->n; i++)
         if (vc->e[i].buf == feats) {

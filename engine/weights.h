@@ -113,9 +113,26 @@ void cvlm_weights_destroy(struct cvlm_weights *w);
  * seed gives the same weights. For benchmarks and tests. */
 int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uint64_t seed,
                        struct cvlm_weights **out);
+/* The same table with no data: every tensor carries its shape and a fill (RANDOM, ONES
+ * for norm weights, ZEROS for biases) that the backend's upload_weights generates in its
+ * own memory (a 17B configuration on a GPU without 35 GB of host work). */
+int cvlm_weights_dummy_lazy(const struct cvlm_config *cfg, enum cvlm_dtype dtype,
+                            struct cvlm_weights **out);
 /* Writes `dir`/config.json and `dir`/model.safetensors (creating dir) so that
  * cvlm_weights_load(dir) reads the same weights back. */
 int cvlm_weights_write(const struct cvlm_weights *w, const char *dir);
+
+/* ---- tensor parallelism (engine/weights_shard.c) ---- */
+#define CVLM_MAX_TP 8
+
+/* 0 if tp ranks can split cfg (heads and MLP widths of the LM and the ViT divide by tp),
+ * else CVLM_EINVAL with a message naming what does not divide. */
+int cvlm_weights_check_tp(const struct cvlm_config *cfg, int tp);
+/* Rank `rank`'s part of w for tp ranks (cogvlm-model.md §8; see weights_shard.c for the
+ * split of every tensor). With tp == 1, a table of views of all of w. The shard borrows
+ * w's memory: w must outlive it. */
+int cvlm_weights_shard(const struct cvlm_weights *w, int rank, int tp,
+                       struct cvlm_weights **out);
 
 /* Calls fn once per tensor the config requires, with its HF name and expected shape;
  * stops at the first non-zero return. Used by the binder, by tools that write

@@ -97,6 +97,7 @@ struct dummy_ctx {
     uint64_t seed;
     size_t bytes, index;
     unsigned char *buf; /* NULL during the sizing pass */
+    int lazy;           /* shapes and fills only: the backend generates the values */
 };
 
 static int dummy_one(void *ctx, const char *name, struct cvlm_tensor *slot, int ndim,
@@ -112,11 +113,16 @@ static int dummy_one(void *ctx, const char *name, struct cvlm_tensor *slot, int 
     size_t at = d->bytes, nbytes = n * cvlm_dtype_size(d->dt);
     d->bytes += (nbytes + 63) / 64 * 64;
     d->index++;
-    if (!d->buf)
+    if (!d->buf && !d->lazy)
         return 0;
     slot->dtype = d->dt;
     slot->ndim = ndim;
     memcpy(slot->shape, shape, (size_t)ndim * sizeof(int64_t));
+    if (d->lazy) {
+        static const enum cvlm_fill fills[] = {CVLM_FILL_RANDOM, CVLM_FILL_ONES, CVLM_FILL_ZEROS};
+        slot->fill = fills[kind_of(name)];
+        return 0;
+    }
     slot->data = d->buf + at;
     fill(d->buf + at, d->dt, n, kind_of(name), d->seed * 0x100000001b3ull + d->index);
     return 0;
@@ -156,6 +162,30 @@ int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uin
     w->owned[w->n_owned++] = d.buf;
     d.bytes = d.index = 0;
     if ((rc = cvlm_weights_visit(w, dummy_one, &d))) {
+        cvlm_weights_destroy(w);
+        return rc;
+    }
+    *out = w;
+    return 0;
+}
+
+int cvlm_weights_dummy_lazy(const struct cvlm_config *cfg, enum cvlm_dtype dtype,
+                            struct cvlm_weights **out)
+{
+    struct cvlm_weights *w = calloc(1, sizeof(*w));
+    struct dummy_ctx d = {.dt = dtype, .lazy = 1};
+    int rc;
+    *out = NULL;
+    if (!w)
+        return cvlm_errf(CVLM_ENOMEM, "out of memory");
+    w->cfg = *cfg;
+    w->layers = calloc((size_t)cfg->num_layers, sizeof(*w->layers));
+    w->vit = calloc(cfg->has_vision ? (size_t)cfg->vision.num_layers : 1, sizeof(*w->vit));
+    if (!w->layers || !w->vit)
+        rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
+    else
+        rc = cvlm_weights_visit(w, dummy_one, &d);
+    if (rc) {
         cvlm_weights_destroy(w);
         return rc;
     }

@@ -1,7 +1,10 @@
 /* cli.c - entry point of build/cogvlm: dispatches to the subcommands of cli.h. */
 #include "server/cli.h"
 
+#include "engine/model.h"
+
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 struct cli_cmd {
@@ -18,7 +21,43 @@ static const struct cli_cmd cmds[] = {
     {"bench-batch", cvlm_cli_bench_batch, "scheduler throughput at several concurrencies"},
     {"golden", cvlm_cli_golden, "check the engine against a reference fixture"},
     {"bench", cvlm_cli_bench, "CPU prefill/decode/vision throughput on random weights"},
+    {"bench-vlm", cvlm_cli_bench_vlm, "image request + batched decode cost (GPU benchmark)"},
 };
+
+int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
+{
+    const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
+    char *end;
+    long n;
+    if (strcmp(a, "--backend") && strcmp(a, "--tp") && strcmp(a, "--threads") &&
+        strcmp(a, "--device"))
+        return 0;
+    if (!v) {
+        fprintf(stderr, "cogvlm: %s needs a value\n", a);
+        return -1;
+    }
+    *i += 1;
+    if (!strcmp(a, "--backend")) {
+        if (strcmp(v, "cpu") && strcmp(v, "cuda")) {
+            fprintf(stderr, "cogvlm: --backend must be cpu or cuda, not '%s'\n", v);
+            return -1;
+        }
+        o->backend = strcmp(v, "cuda") ? CVLM_BACKEND_CPU : CVLM_BACKEND_CUDA;
+        return 1;
+    }
+    n = strtol(v, &end, 10);
+    if (*end || end == v || n < 0 || n > 4096 || (!strcmp(a, "--tp") && n < 1)) {
+        fprintf(stderr, "cogvlm: bad value '%s' for %s\n", v, a);
+        return -1;
+    }
+    if (!strcmp(a, "--tp"))
+        o->tp = (int)n;
+    else if (!strcmp(a, "--threads"))
+        o->threads = (int)n;
+    else
+        o->device = (int)n;
+    return 1;
+}
 
 static void usage(FILE *f)
 {

@@ -31,6 +31,7 @@
 struct bench_opts {
     const char *preset, *config, *json, *ckpt, *logits_out;
     enum cvlm_dtype dtype;
+    struct cvlm_model_opts mo; /* backend, tp, threads */
     int threads, prompt, decode, vit_layers;
     uint64_t seed;
 };
@@ -115,11 +116,14 @@ static int usage(int rc)
             "                    [--threads N] [--prompt-tokens 512] [--decode-tokens 64]\n"
             "                    [--vision-layers 4] [--seed S] [--json FILE]\n"
             "                    [--write-checkpoint DIR] [--logits-out FILE]\n"
+            "                    " CVLM_CLI_MODEL_USAGE "\n"
             "Presets: llama-2048 (default; LLaMA-shaped, hidden 2048, 22 layers, 32 heads,\n"
             "MLP 5632, vocab 32000), llama-small, cogvlm-17b-l2, vit-17b.\n"
             "--vision-layers 0 skips the vision tower; --prompt-tokens 0 skips the text\n"
             "model. --write-checkpoint saves the text model's random weights;\n"
-            "--logits-out writes the last prompt token's logits (raw float32).\n");
+            "--logits-out writes the last prompt token's logits (raw float32).\n"
+            "On --backend cuda the random weights are generated on the device.\n"
+            CVLM_CLI_MODEL_HELP);
     return rc;
 }
 
@@ -146,6 +150,11 @@ static int parse(int argc, char **argv, struct bench_opts *o)
                              .seed = 1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int mrc = cvlm_cli_model_opt(argc, argv, &i, &o->mo);
+        if (mrc < 0)
+            return -1;
+        if (mrc)
+            continue;
         if (!strcmp(a, "--help"))
             return 1;
         if (!v)
@@ -158,9 +167,7 @@ static int parse(int argc, char **argv, struct bench_opts *o)
         else if (!strcmp(a, "--dtype")) {
             if (parse_dtype(v, &o->dtype))
                 return -1;
-        } else if (!strcmp(a, "--threads"))
-            o->threads = atoi(v);
-        else if (!strcmp(a, "--prompt-tokens"))
+        } else if (!strcmp(a, "--prompt-tokens"))
             o->prompt = atoi(v);
         else if (!strcmp(a, "--decode-tokens"))
             o->decode = atoi(v);
@@ -177,6 +184,7 @@ static int parse(int argc, char **argv, struct bench_opts *o)
         else
             return -1;
     }
+    o->threads = o->mo.threads;
     if (o->threads < 0 || o->prompt < 0 || o->decode < 0 || o->vit_layers < 0 ||
         o->vit_layers > 63 || (o->decode > 0 && o->prompt == 0))
         return -1;
@@ -420,30 +428,38 @@ static int load_config(const struct bench_opts *o, struct cvlm_config *c)
     return preset(o->preset, o->vit_layers, c);
 }
 
+/* Host random weights, or (CUDA, nothing to save) shapes only, generated on the device. */
+static int dummy_weights(const struct bench_opts *o, const struct cvlm_config *c, uint64_t seed,
+                         struct cvlm_weights **w)
+{
+    if (o->mo.backend == CVLM_BACKEND_CUDA && !o->ckpt)
+        return cvlm_weights_dummy_lazy(c, o->dtype, w);
+    return cvlm_weights_dummy(c, o->dtype, seed, w);
+}
+
 static int bench_text(const struct bench_opts *o, struct bench_result *r)
 {
     struct cvlm_config c;
     struct cvlm_weights *w = NULL;
-    struct cvlm_backend *be = NULL;
+    struct cvlm_backend *be;
     struct cvlm_model *m = NULL;
     int rc, bs = 16;
     if ((rc = load_config(o, &c)))
         return rc;
     double t0 = now_s();
-    if ((rc = cvlm_weights_dummy(&c, o->dtype, o->seed, &w)))
+    if ((rc = dummy_weights(o, &c, o->seed, &w)))
         return rc;
-    r->t_init = now_s() - t0;
     if (o->ckpt && (rc = cvlm_weights_write(w, o->ckpt)))
         goto out;
-    if (!(be = cvlm_backend_cpu_create(o->threads))) {
-        rc = cvlm_errf(CVLM_ENOMEM, "cannot create the CPU backend");
+    struct cvlm_model_opts mo = o->mo;
+    mo.max_tokens = o->prompt;
+    mo.block_size = bs;
+    mo.kv_blocks = (o->prompt + o->decode + bs) / bs;
+    if ((rc = cvlm_model_create(w, &mo, &m)))
         goto out;
-    }
-    r->threads = be->n_threads;
-    struct cvlm_model_opts mo = {
-        .max_tokens = o->prompt, .block_size = bs, .kv_blocks = (o->prompt + o->decode + bs) / bs};
-    if ((rc = cvlm_model_create(w, be, &mo, &m)))
-        goto out;
+    r->t_init = now_s() - t0; /* includes generating or uploading the weights */
+    be = cvlm_model_backend(m);
+    r->threads = be->n_threads * cvlm_model_tp(m);
     r->weight_bytes = decode_weight_bytes(w);
     /* keys + values of every layer at the mean context of the decode steps, in act_dtype */
     r->kv_bytes = 2.0 * c.num_layers * c.hidden_size * cvlm_dtype_size(be->act_dtype) *
@@ -452,8 +468,6 @@ static int bench_text(const struct bench_opts *o, struct bench_result *r)
     rc = time_text(o, m, &c, r);
 out:
     cvlm_model_destroy(m);
-    if (be)
-        be->ops->destroy(be);
     cvlm_weights_destroy(w);
     return rc;
 }
@@ -475,26 +489,25 @@ static int bench_vision(const struct bench_opts *o, struct bench_result *r)
 {
     struct cvlm_config c;
     struct cvlm_weights *w = NULL;
-    struct cvlm_backend *be = NULL;
     struct cvlm_model *m = NULL;
     float *px = NULL;
-    void *feats = NULL;
+    struct cvlm_feats *feats = NULL;
     int rc;
     if ((rc = preset("vit-17b", o->vit_layers, &c)) ||
-        (rc = cvlm_weights_dummy(&c, o->dtype, o->seed + 1, &w)))
+        (rc = dummy_weights(o, &c, o->seed + 1, &w)))
         return rc;
     size_t npx = (size_t)3 * c.vision.image_size * c.vision.image_size;
-    if (!(be = cvlm_backend_cpu_create(o->threads)) || !(px = malloc(npx * sizeof(float)))) {
+    if (!(px = malloc(npx * sizeof(float)))) {
         rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
         goto out;
     }
-    struct cvlm_model_opts mo = {.max_tokens = 16};
-    if ((rc = cvlm_model_create(w, be, &mo, &m)))
+    struct cvlm_model_opts mo = o->mo;
+    mo.max_tokens = 16;
+    if ((rc = cvlm_model_create(w, &mo, &m)))
         goto out;
     for (size_t i = 0; i < npx; i++)
         px[i] = (float)((i * 7919) % 256) / 128.0f - 1.0f;
-    feats = be->ops->alloc(be, (size_t)cvlm_config_image_tokens(&c) * c.hidden_size * 4);
-    if (!feats) {
+    if (!(feats = cvlm_model_feats_alloc(m))) {
         rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
         goto out;
     }
@@ -506,10 +519,8 @@ static int bench_vision(const struct bench_opts *o, struct bench_result *r)
     vit_flops(&c, r);
 out:
     if (feats)
-        be->ops->free(be, feats);
+        cvlm_model_feats_free(m, feats);
     cvlm_model_destroy(m);
-    if (be)
-        be->ops->destroy(be);
     cvlm_weights_destroy(w);
     free(px);
     return rc;

@@ -28,7 +28,7 @@ struct golden {
     struct cvlm_tokenizer *tok;
     float *pixels; /* our preprocessing of the fixture image, CHW */
     double tol;
-    int threads;
+    struct cvlm_model_opts mo; /* backend, tp, threads */
     int failed;
 };
 
@@ -114,7 +114,7 @@ struct run {
     struct cvlm_prompt p;
     int32_t *blocks;
     struct cvlm_seq_kv seq;
-    void *feats;
+    struct cvlm_feats *feats;
     float *logits;     /* [T, V] prompt logits */
     float *gen_logits; /* [steps, V] */
     int32_t *tokens;   /* [steps] */
@@ -144,7 +144,7 @@ static int prefill(struct cvlm_model *m, struct run *r, int from, int to)
     }
     struct cvlm_batch b = {.n_tokens = n, .ids = r->p.ids + from, .pos = r->p.pos + from,
                            .expert = r->p.expert + from, .seq = seq, .slot = slot,
-                           .img_row = img, .img_feats = (const void *const *)&r->feats,
+                           .img_row = img, .img_feats = (const struct cvlm_feats *const *)&r->feats,
                            .seqs = &r->seq, .n_seqs = 1,
                            .want_logits = want, .on_hidden = on_hidden, .dbg_ctx = &r->cap};
     r->cap.offset = from;
@@ -178,8 +178,7 @@ static int generate(struct cvlm_model *m, struct run *r, int steps)
 
 static void run_free(struct cvlm_model *m, struct run *r)
 {
-    if (r->feats)
-        cvlm_model_backend(m)->ops->free(cvlm_model_backend(m), r->feats);
+    cvlm_model_feats_free(m, r->feats);
     cvlm_prompt_free(&r->p);
     free(r->blocks);
     free(r->logits);
@@ -250,10 +249,8 @@ static int setup_run(struct golden *g, struct cvlm_model *m, json_t *c, struct r
         r->blocks[i] = i;
     r->seq.block_table = r->blocks;
     if (has_image) {
-        struct cvlm_backend *be = cvlm_model_backend(m);
         size_t d = (size_t)cfg->vision.hidden_size, N = (size_t)cfg->vision.num_positions;
-        r->feats = be->ops->alloc(be, (size_t)cvlm_config_image_tokens(cfg) * D *
-                                          cvlm_dtype_size(be->act_dtype));
+        r->feats = cvlm_model_feats_alloc(m);
         r->vit = malloc(N * d * sizeof(float));
         if (!r->feats || !r->vit)
             return cvlm_errf(CVLM_ENOMEM, "out of memory");
@@ -286,8 +283,7 @@ static void run_case(struct golden *g, struct cvlm_model *m, json_t *c, const ch
         ok &= report(g, c, "vit_output", "vit_output", r.vit,
                      (size_t)cfg->vision.num_positions * cfg->vision.hidden_size);
         if (feats) {
-            struct cvlm_backend *be = cvlm_model_backend(m);
-            be->ops->to_host(be, feats, r.feats, nf);
+            cvlm_model_feats_to_host(m, r.feats, feats);
             ok &= report(g, c, "vision_features", "vision_features", feats, nf);
             free(feats);
         }
@@ -318,19 +314,20 @@ fail:
 
 /* Opens the model of one weights entry ("float32"/"bfloat16") with a RoPE convention. */
 static int open_model(struct golden *g, const char *key, enum cvlm_rope_freq rf,
-                      struct cvlm_backend *be, struct cvlm_weights **w, struct cvlm_model **m)
+                      struct cvlm_weights **w, struct cvlm_model **m)
 {
     json_t *e = json_object_get(json_object_get(g->man, "weights"), key);
     const char *dir = json_string_value(json_object_get(e, "dir"));
     char path[4096];
-    struct cvlm_model_opts o = {.rope_freq = rf};
+    struct cvlm_model_opts o = g->mo;
+    o.rope_freq = rf;
     int rc;
     if (!dir)
         return cvlm_errf(CVLM_EFORMAT, "manifest: no weights.%s.dir", key);
     snprintf(path, sizeof(path), "%s/%s", g->dir, dir);
     if ((rc = cvlm_weights_load(path, w)))
         return rc;
-    if ((rc = cvlm_model_create(*w, be, &o, m))) {
+    if ((rc = cvlm_model_create(*w, &o, m))) {
         cvlm_weights_destroy(*w);
         *w = NULL;
     }
@@ -402,13 +399,13 @@ static int load_tokenizer(struct golden *g, const char *override)
     return cvlm_tokenizer_load(path, &g->tok);
 }
 
-static void run_all(struct golden *g, struct cvlm_backend *be)
+static void run_all(struct golden *g)
 {
     struct cvlm_weights *w = NULL;
     struct cvlm_model *m = NULL;
     json_t *c, *cases = json_object_get(g->man, "cases");
     size_t i;
-    if (open_model(g, "float32", CVLM_ROPE_FREQ_AUTO, be, &w, &m)) {
+    if (open_model(g, "float32", CVLM_ROPE_FREQ_AUTO, &w, &m)) {
         printf("error: %s\n", cvlm_last_error());
         g->failed++;
     } else {
@@ -425,7 +422,7 @@ static void run_all(struct golden *g, struct cvlm_backend *be)
         char label[256];
         const char *name = json_string_value(json_object_get(c, "name"));
         snprintf(label, sizeof(label), "bf16 %s (%s)", name ? name : "?", variant ? variant : "?");
-        if (open_model(g, "bfloat16", rf, be, &w, &m)) {
+        if (open_model(g, "bfloat16", rf, &w, &m)) {
             printf("case %s\n  error: %s\n  => FAIL\n", label, cvlm_last_error());
             g->failed++;
             continue;
@@ -439,6 +436,7 @@ static void run_all(struct golden *g, struct cvlm_backend *be)
 int cvlm_cli_golden(int argc, char **argv)
 {
     struct golden g = {.tol = 1e-4};
+    int rc;
     const char *tok = NULL;
     char path[4096];
     json_error_t jerr;
@@ -449,13 +447,14 @@ int cvlm_cli_golden(int argc, char **argv)
             tok = argv[++i];
         else if (!strcmp(argv[i], "--tol") && i + 1 < argc)
             g.tol = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
-            g.threads = atoi(argv[++i]);
-        else {
-            printf("usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL] "
-                   "[--threads N]\n"
+        else if ((rc = cvlm_cli_model_opt(argc, argv, &i, &g.mo)) < 0)
+            return 2;
+        else if (!rc) {
+            printf("usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL]\n"
+                   "       " CVLM_CLI_MODEL_USAGE "\n"
                    "Checks the engine against a reference fixture (golden-tiny format).\n"
-                   "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4.\n");
+                   "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4.\n"
+                   CVLM_CLI_MODEL_HELP);
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
@@ -468,15 +467,15 @@ int cvlm_cli_golden(int argc, char **argv)
         fprintf(stderr, "cogvlm golden: %s: %s\n", path, jerr.text);
         return 1;
     }
-    struct cvlm_backend *be = cvlm_backend_cpu_create(g.threads);
-    if (!be || load_tokenizer(&g, tok)) {
-        fprintf(stderr, "cogvlm golden: %s\n", be ? cvlm_last_error() : "no backend");
+    if (load_tokenizer(&g, tok)) {
+        fprintf(stderr, "cogvlm golden: %s\n", cvlm_last_error());
         json_decref(g.man);
         return 1;
     }
-    run_all(&g, be);
-    printf("golden: %s (tolerance %.0e relative)\n", g.failed ? "FAILED" : "all cases pass", g.tol);
-    be->ops->destroy(be);
+    run_all(&g);
+    printf("golden: %s (tolerance %.0e relative, %s backend, tp %d)\n",
+           g.failed ? "FAILED" : "all cases pass", g.tol,
+           g.mo.backend == CVLM_BACKEND_CUDA ? "cuda" : "cpu", g.mo.tp > 1 ? g.mo.tp : 1);
     cvlm_tokenizer_destroy(g.tok);
     free(g.pixels);
     json_decref(g.man);

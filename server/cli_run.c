@@ -23,7 +23,8 @@
 
 struct run_opts {
     const char *model, *tokenizer, *image, *prompt, *tmpl;
-    int max_tokens, threads;
+    int max_tokens;
+    struct cvlm_model_opts mo; /* backend, tp, threads */
     struct cvlm_sampling sp;
 };
 
@@ -39,9 +40,11 @@ static int usage(int rc)
     fprintf(rc ? stderr : stdout,
             "usage: cogvlm run [--model DIR] [--tokenizer PATH] [--image PATH] --prompt TEXT\n"
             "                  [--template chat|vqa|base] [--max-tokens N] [--temperature T]\n"
-            "                  [--top-p P] [--top-k K] [--seed S] [--threads N]\n"
+            "                  [--top-p P] [--top-k K] [--seed S]\n"
+            "                  " CVLM_CLI_MODEL_USAGE "\n"
             "Defaults: --model " DEFAULT_MODEL ", tokenizer DIR/tokenizer.model, the model's\n"
-            "template, 128 new tokens, greedy (temperature 0), threads = cores.\n");
+            "template, 128 new tokens, greedy (temperature 0), threads = cores.\n"
+            CVLM_CLI_MODEL_HELP);
     return rc;
 }
 
@@ -53,6 +56,11 @@ static int parse(int argc, char **argv, struct run_opts *o)
     o->max_tokens = 128;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int mrc = cvlm_cli_model_opt(argc, argv, &i, &o->mo);
+        if (mrc < 0)
+            return -1;
+        if (mrc)
+            continue;
         if (!strcmp(a, "--help"))
             return 1;
         if (!v)
@@ -68,7 +76,6 @@ static int parse(int argc, char **argv, struct run_opts *o)
         else if (!strcmp(a, "--top-p")) o->sp.top_p = (float)atof(v);
         else if (!strcmp(a, "--top-k")) o->sp.top_k = atoi(v);
         else if (!strcmp(a, "--seed")) o->sp.seed = strtoull(v, NULL, 10);
-        else if (!strcmp(a, "--threads")) o->threads = atoi(v);
         else return -1;
     }
     if (!o->prompt || o->max_tokens < 1 || o->sp.temperature < 0 || o->sp.top_p <= 0 ||
@@ -94,12 +101,11 @@ static int load_pixels(const char *path, int size, float **out)
 
 struct session {
     struct cvlm_weights *w;
-    struct cvlm_backend *be;
     struct cvlm_model *m;
     struct cvlm_tokenizer *tok;
     struct cvlm_prompt p;
     float *pixels, *logits;
-    void *feats;
+    struct cvlm_feats *feats;
     int32_t *blocks, *tokens;
     double t_img, t_vit, t_prefill, t_decode;
     int n_decoded;
@@ -121,11 +127,11 @@ static int open_session(const struct run_opts *o, struct session *s)
     if ((rc = cvlm_prompt_build(c, s->tok, t, NULL, 0, o->prompt, o->image != NULL, &s->p)))
         return rc;
     int total = s->p.n + o->max_tokens, bs = 16;
-    struct cvlm_model_opts mo = {.max_tokens = s->p.n < 512 ? s->p.n : 512,
-                                 .block_size = bs, .kv_blocks = (total + bs - 1) / bs};
-    if (!(s->be = cvlm_backend_cpu_create(o->threads)))
-        return cvlm_errf(CVLM_ENOMEM, "cannot create the CPU backend");
-    if ((rc = cvlm_model_create(s->w, s->be, &mo, &s->m)))
+    struct cvlm_model_opts mo = o->mo;
+    mo.max_tokens = s->p.n < 512 ? s->p.n : 512;
+    mo.block_size = bs;
+    mo.kv_blocks = (total + bs - 1) / bs;
+    if ((rc = cvlm_model_create(s->w, &mo, &s->m)))
         return rc;
     s->blocks = malloc((size_t)mo.kv_blocks * sizeof(int32_t));
     s->tokens = malloc((size_t)total * sizeof(int32_t));
@@ -141,10 +147,8 @@ static int open_session(const struct run_opts *o, struct session *s)
 static void close_session(struct session *s)
 {
     if (s->feats)
-        s->be->ops->free(s->be, s->feats);
+        cvlm_model_feats_free(s->m, s->feats);
     cvlm_model_destroy(s->m);
-    if (s->be)
-        s->be->ops->destroy(s->be);
     cvlm_weights_destroy(s->w);
     cvlm_tokenizer_destroy(s->tok);
     cvlm_prompt_free(&s->p);
@@ -162,8 +166,7 @@ static int encode_image(const struct run_opts *o, struct session *s)
     if (rc)
         return rc;
     s->t_img = now_ms() - t0;
-    s->feats = s->be->ops->alloc(s->be, (size_t)cvlm_config_image_tokens(c) * c->hidden_size *
-                                            cvlm_dtype_size(s->be->act_dtype));
+    s->feats = cvlm_model_feats_alloc(s->m);
     if (!s->feats)
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
     t0 = now_ms();
@@ -190,7 +193,7 @@ static int feed(struct session *s, int from, int to, const int32_t *pos, const u
     }
     struct cvlm_batch b = {.n_tokens = n, .ids = s->tokens + from, .pos = pos, .expert = expert,
                            .seq = seq, .slot = slot, .img_row = img,
-                           .img_feats = (const void *const *)&s->feats,
+                           .img_feats = (const struct cvlm_feats *const *)&s->feats,
                            .seqs = &kv, .n_seqs = 1};
     rc = cvlm_model_forward(s->m, &b, s->logits);
 out:
@@ -260,9 +263,11 @@ int cvlm_cli_run(int argc, char **argv)
     if (o.image)
         fprintf(stderr, "image preprocess %.1f ms, vision tower %.1f ms\n", s.t_img, s.t_vit);
     fprintf(stderr, "prefill %d tokens in %.1f ms (%.1f tokens/s), decode %d tokens in %.1f ms "
-                    "(%.1f tokens/s), %d threads\n",
+                    "(%.1f tokens/s), %s backend, tp %d, %d threads per rank\n",
             s.p.n, s.t_prefill, s.p.n / (s.t_prefill / 1e3), s.n_decoded, s.t_decode,
-            s.n_decoded > 0 ? s.n_decoded / (s.t_decode / 1e3) : 0.0, s.be->n_threads);
+            s.n_decoded > 0 ? s.n_decoded / (s.t_decode / 1e3) : 0.0,
+            cvlm_model_backend(s.m)->ops->name, cvlm_model_tp(s.m),
+            cvlm_model_backend(s.m)->n_threads);
     close_session(&s);
     return 0;
 }

@@ -18,6 +18,9 @@ struct cvlm_server_config {
     char *model;
     char *tokenizer;
     char *served_model_name;
+    char *backend;
+    int tp;
+    int device;
     int threads;
     uint64_t kv_memory;
     int block_size;

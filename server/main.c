@@ -24,7 +24,8 @@ static void load_cb(uv_work_t *w)
     const struct cvlm_server_config *c = s->cfg;
     struct cvlm_engine_opts o = {
         .model_dir = c->model, .tokenizer = *c->tokenizer ? c->tokenizer : NULL,
-        .threads = c->threads, .kv_bytes = c->kv_memory, .block_size = c->block_size,
+        .threads = c->threads, .backend = !strcmp(c->backend, "cuda"), .tp = c->tp,
+        .device = c->device, .kv_bytes = c->kv_memory, .block_size = c->block_size,
         .max_batched_tokens = c->max_batched_tokens, .max_seqs = c->max_seqs,
         .queue_limit = c->queue_limit, .vision_cache_bytes = c->vision_cache_memory,
         .no_prefix_cache = !c->prefix_cache, .max_image_pixels = c->max_image_pixels,
@@ -131,6 +132,12 @@ int main(int argc, char **argv)
     }
     if (cvlm_log_setup(cfg.log_level, cfg.log_format)) {
         fprintf(stderr, "cogvlm-server: bad --log-level or --log-format\n");
+        cvlm_config_free(&cfg);
+        return 2;
+    }
+    if ((strcmp(cfg.backend, "cpu") && strcmp(cfg.backend, "cuda")) || cfg.tp < 1 ||
+        cfg.tp > 8 || cfg.device < 0) {
+        fprintf(stderr, "cogvlm-server: --backend must be cpu or cuda, --tp 1..8, --device >= 0\n");
         cvlm_config_free(&cfg);
         return 2;
     }

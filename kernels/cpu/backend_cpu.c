@@ -7,6 +7,8 @@
  */
 #include "kernels/cpu/cpu.h"
 
+#include "engine/error.h"
+
 #if defined(__x86_64__)
 #include <cpuid.h>
 #endif
@@ -274,6 +276,84 @@ static void cpu_patchify(struct cvlm_backend *be, void *out, const float *px, in
         }
 }
 
+/* ---- weights -------------------------------------------------------------------------- */
+
+/* A value of a generated tensor: a counter-based hash of (seed, tensor, element), so any
+ * element is computed independently (as a device backend does it in parallel). */
+static float fill_value(enum cvlm_fill fill, uint64_t key, size_t i)
+{
+    if (fill != CVLM_FILL_RANDOM)
+        return fill == CVLM_FILL_ONES ? 1.0f : 0.0f;
+    uint64_t z = key + (uint64_t)i * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    /* uniform [-a, a) with a = 0.02 * sqrt(3): standard deviation 0.02 */
+    return ((float)(z >> 40) * (1.0f / 8388608.0f) - 1.0f) * 0.034641016f;
+}
+
+/* IEEE half of a generated value (|v| < 1 or exactly 1): normals rounded to nearest,
+ * magnitudes below the smallest normal half flushed to zero. */
+static uint16_t f16_small(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    int e = (int)((u >> 23) & 0xffu) - 127 + 15;
+    if (e <= 0)
+        return sign;
+    uint32_t h = ((uint32_t)e << 10) | ((u & 0x7fffffu) >> 13);
+    h += (u >> 12) & 1u; /* round half up: a carry into the exponent is still correct */
+    return (uint16_t)(sign | h);
+}
+
+static void fill_tensor(struct cvlm_tensor *t, void *dst, uint64_t key)
+{
+    size_t n = (size_t)cvlm_tensor_numel(t);
+    for (size_t i = 0; i < n; i++) {
+        float v = fill_value(t->fill, key, i);
+        if (t->dtype == CVLM_DTYPE_F32)
+            ((float *)dst)[i] = v;
+        else if (t->dtype == CVLM_DTYPE_BF16)
+            ((uint16_t *)dst)[i] = cvlm_f32_to_bf16(v);
+        else /* F16: the values are small and normal; truncating the mantissa is enough */
+            ((uint16_t *)dst)[i] = f16_small(v);
+    }
+    t->data = dst;
+}
+
+/* Host memory is this backend's memory: tensors with data stay where they are (the mmap);
+ * tensors to generate get one buffer for all of them. */
+static int cpu_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const *ts, int n,
+                              uint64_t seed)
+{
+    struct cpu_backend *cb = cpu_of(be);
+    size_t bytes = 0, at = 0;
+    for (int i = 0; i < n; i++)
+        if (!ts[i]->data && ts[i]->fill != CVLM_FILL_NONE)
+            bytes += ((size_t)cvlm_tensor_numel(ts[i]) * cvlm_dtype_size(ts[i]->dtype) + 63) & ~(size_t)63;
+    if (!bytes)
+        return 0;
+    if (cb->weights)
+        return cvlm_errf(CVLM_ESTATE, "the CPU backend generates one set of weights");
+    if (!(cb->weights = big_alloc(bytes)))
+        return cvlm_errf(CVLM_ENOMEM, "out of memory for %zu bytes of weights", bytes);
+    for (int i = 0; i < n; i++) {
+        struct cvlm_tensor *t = ts[i];
+        if (t->data || t->fill == CVLM_FILL_NONE)
+            continue;
+        fill_tensor(t, (char *)cb->weights + at, seed * 0x100000001b3ull + (uint64_t)i);
+        at += ((size_t)cvlm_tensor_numel(t) * cvlm_dtype_size(t->dtype) + 63) & ~(size_t)63;
+    }
+    return 0;
+}
+
+static int cpu_status(struct cvlm_backend *be)
+{
+    (void)be;
+    return 0; /* every op completes before it returns and cannot fail */
+}
+
 static void cpu_destroy(struct cvlm_backend *be)
 {
     struct cpu_backend *cb = cpu_of(be);
@@ -281,6 +361,7 @@ static void cpu_destroy(struct cvlm_backend *be)
         return;
     cvlm_pool_destroy(cb->pool);
     free(cb->scratch);
+    free(cb->weights);
     free(cb);
 }
 
@@ -304,6 +385,8 @@ static const struct cvlm_backend_i cpu_ops = {
     .kv_write = cvlm_cpu_kv_write,
     .attention_paged = cvlm_cpu_attention_paged,
     .patchify = cpu_patchify,
+    .upload_weights = cpu_upload_weights,
+    .status = cpu_status,
     .destroy = cpu_destroy,
 };
 

@@ -34,6 +34,7 @@ struct cpu_backend {
     const struct cpu_vec_ops *vec; /* element-wise and attention helpers for `isa` */
     float *scratch;                /* grows on demand; ops run one at a time */
     size_t scratch_cap;
+    void *weights;                 /* generated weights (upload_weights fills), or NULL */
 };
 
 /* The ISA the CPU supports, lowered to `COGVLM_CPU_ISA` when that names a lower path. */

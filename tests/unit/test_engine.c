@@ -75,17 +75,22 @@ static void wait_job(struct job *j)
     }
 }
 
-static struct cvlm_engine *open_engine(size_t kv_bytes, int max_seqs, int batched)
+static struct cvlm_engine *open_engine_tp(size_t kv_bytes, int max_seqs, int batched, int tp)
 {
     struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
                                  .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
                                  .threads = 2, .kv_bytes = kv_bytes, .block_size = 4,
                                  .max_seqs = max_seqs, .max_batched_tokens = batched,
-                                 .vision_cache_bytes = 1 << 20, .queue_limit = 64};
+                                 .vision_cache_bytes = 1 << 20, .queue_limit = 64, .tp = tp};
     struct cvlm_engine *e = NULL;
     if (cvlm_engine_create(&o, &e))
         printf("  engine: %s\n", cvlm_last_error());
     return e;
+}
+
+static struct cvlm_engine *open_engine(size_t kv_bytes, int max_seqs, int batched)
+{
+    return open_engine_tp(kv_bytes, max_seqs, batched, 1);
 }
 
 static unsigned char *png_bytes(size_t *len)
@@ -191,6 +196,38 @@ TEST(engine_batch_invariance_and_caches)
     for (int k = 0; k < NJOBS; k++)
         end(&ref[k]);
     cvlm_engine_destroy(e);
+    free(img);
+}
+
+/* Two in-process tensor-parallel ranks serve the same requests, batched, with the same
+ * greedy tokens as one rank serving each alone (per-rank KV: the same budget per rank
+ * holds twice the blocks). */
+TEST(engine_tp2_matches_tp1)
+{
+    size_t len;
+    unsigned char *img = png_bytes(&len);
+    struct cvlm_engine *e1 = open_engine(8 << 20, 16, 64), *e2 = open_engine_tp(8 << 20, 16, 64, 2);
+    static struct job ref[NJOBS], tp[NJOBS];
+    struct cvlm_engine_info i1, i2;
+    struct cvlm_engine_stats st;
+    REQUIRE(e1 && e2 && img);
+    cvlm_engine_get_info(e1, &i1);
+    cvlm_engine_get_info(e2, &i2);
+    CHECKF(i2.kv_blocks == 2 * i1.kv_blocks, "KV blocks %d with tp 2, %d with tp 1",
+           i2.kv_blocks, i1.kv_blocks);
+    run_alone(e1, ref, img, len);
+    for (int k = 0; k < NJOBS; k++)
+        CHECK(start(e2, &tp[k], k, img, len, 12) == 0);
+    for (int k = 0; k < NJOBS; k++) {
+        wait_job(&tp[k]);
+        CHECKF(tp[k].done && same_output(&tp[k], &ref[k]), "job %d differs with tp 2", k);
+        end(&tp[k]);
+        end(&ref[k]);
+    }
+    settle(e2, &st);
+    CHECK(st.kv_used == 0 && st.running == 0);
+    cvlm_engine_destroy(e1);
+    cvlm_engine_destroy(e2);
     free(img);
 }
 

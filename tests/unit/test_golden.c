@@ -1,5 +1,5 @@
 /* test_golden.c - the engine against reference fixtures, through the CLI (`cogvlm
- * golden`): every case within 1e-4 relative, all greedy tokens equal.
+ * golden`): every case within 1e-4 relative, all greedy tokens equal, also with tp 2.
  * - ../shared/data/golden-tiny: the reference implementation's outputs (random weights);
  * - tests/tiny: the embedded default model against its PyTorch implementation
  *   (tools/tiny/model.py), BF16 weights widened to float32 on both sides. */
@@ -10,13 +10,13 @@
 #include <string.h>
 #include <sys/wait.h>
 
-static void run_fixture(const char *dir, int want_cases)
+static void run_fixture_args(const char *dir, int want_cases, const char *args)
 {
     const char *bin = getenv("COGVLM_BIN");
     char cmd[2048], line[512];
     int pass = 0, fail = 0;
     REQUIRE(bin);
-    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s 2>&1", bin, dir);
+    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s %s 2>&1", bin, dir, args);
     FILE *p = popen(cmd, "r");
     REQUIRE(p);
     while (fgets(line, sizeof(line), p)) {
@@ -30,9 +30,21 @@ static void run_fixture(const char *dir, int want_cases)
     CHECKF(pass == want_cases && fail == 0, "%d cases passed, %d failures", pass, fail);
 }
 
+static void run_fixture(const char *dir, int want_cases)
+{
+    run_fixture_args(dir, want_cases, "");
+}
+
 TEST(golden_tiny_fixture)
 {
     run_fixture(cvlm_test_data("golden-tiny"), 6);
+}
+
+/* Two in-process tensor-parallel ranks against the reference (golden-tiny's 2 ViT heads
+ * allow tp 2; test_tp.c covers tp 4 on a config that divides by 4). */
+TEST(golden_tiny_fixture_tp2)
+{
+    run_fixture_args(cvlm_test_data("golden-tiny"), 6, "--tp 2 --threads 2");
 }
 
 TEST(golden_tiny_shapes_vs_pytorch)

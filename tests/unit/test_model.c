@@ -14,7 +14,6 @@
 
 struct fx {
     struct cvlm_weights *w;
-    struct cvlm_backend *be;
     struct cvlm_model *m;
     struct cvlm_tokenizer *tok;
     int V;
@@ -22,12 +21,12 @@ struct fx {
 
 static int fx_open(struct fx *f, int threads)
 {
-    struct cvlm_model_opts o = {.max_tokens = 64, .block_size = 4, .kv_blocks = 64};
+    struct cvlm_model_opts o = {.max_tokens = 64, .block_size = 4, .kv_blocks = 64,
+                                .threads = threads};
     memset(f, 0, sizeof(*f));
     if (cvlm_weights_load(cvlm_test_data("golden-tiny/model"), &f->w) ||
         cvlm_tokenizer_load(cvlm_test_data("llama2-tokenizer.model"), &f->tok) ||
-        !(f->be = cvlm_backend_cpu_create(threads)) ||
-        cvlm_model_create(f->w, f->be, &o, &f->m))
+        cvlm_model_create(f->w, &o, &f->m))
         return -1;
     f->V = f->w->cfg.vocab_size;
     return 0;
@@ -36,25 +35,23 @@ static int fx_open(struct fx *f, int threads)
 static void fx_close(struct fx *f)
 {
     cvlm_model_destroy(f->m);
-    if (f->be)
-        f->be->ops->destroy(f->be);
     cvlm_weights_destroy(f->w);
     cvlm_tokenizer_destroy(f->tok);
 }
 
 /* A deterministic synthetic image (gradient), normalized, as the model's input. */
-static void *image_feats(struct fx *f)
+static struct cvlm_feats *image_feats(struct fx *f)
 {
     const struct cvlm_config *c = &f->w->cfg;
     int S = c->vision.image_size;
     struct cvlm_image img = {S, S, malloc((size_t)S * S * 3)};
     float *px = malloc((size_t)3 * S * S * sizeof(float));
-    void *feats = f->be->ops->alloc(f->be, (size_t)cvlm_config_image_tokens(c) * c->hidden_size * 4);
+    struct cvlm_feats *feats = cvlm_model_feats_alloc(f->m);
     for (int i = 0; i < S * S * 3; i++)
         img.rgb[i] = (uint8_t)(i * 7 % 251);
     cvlm_image_normalize(&img, px);
     if (cvlm_model_encode_image(f->m, px, feats, NULL) != 0) {
-        f->be->ops->free(f->be, feats);
+        cvlm_model_feats_free(f->m, feats);
         feats = NULL;
     }
     free(img.rgb);
@@ -64,7 +61,7 @@ static void *image_feats(struct fx *f)
 
 /* Runs slots [from, to) of prompt p of sequence `s` (block table bt) with all logits. */
 static int step(struct fx *f, const struct cvlm_prompt *p, const int32_t *bt, int nb, int from,
-                int to, void *feats, float *logits)
+                int to, struct cvlm_feats *feats, float *logits)
 {
     int n = to - from, img_len = cvlm_config_image_tokens(&f->w->cfg);
     int32_t seq[64] = {0}, slot[64], img[64];
@@ -78,7 +75,7 @@ static int step(struct fx *f, const struct cvlm_prompt *p, const int32_t *bt, in
     }
     struct cvlm_batch b = {.n_tokens = n, .ids = p->ids + from, .pos = p->pos + from,
                            .expert = p->expert + from, .seq = seq, .slot = slot,
-                           .img_row = img, .img_feats = (const void *const *)&feats,
+                           .img_row = img, .img_feats = (const struct cvlm_feats *const *)&feats,
                            .seqs = &kv, .n_seqs = 1,
                            .want_logits = want};
     return cvlm_model_forward(f->m, &b, logits);
@@ -99,7 +96,7 @@ TEST(model_chunked_prefill_matches_full)
     struct fx f;
     struct cvlm_prompt p;
     REQUIRE(fx_open(&f, 2) == 0);
-    void *feats = image_feats(&f);
+    struct cvlm_feats *feats = image_feats(&f);
     REQUIRE(feats);
     REQUIRE(cvlm_prompt_build(&f.w->cfg, f.tok, CVLM_TEMPLATE_CHAT, NULL, 0,
                               "Describe the picture in detail.", 1, &p) == 0);
@@ -121,7 +118,7 @@ TEST(model_chunked_prefill_matches_full)
     free(full);
     free(part);
     cvlm_prompt_free(&p);
-    f.be->ops->free(f.be, feats);
+    cvlm_model_feats_free(f.m, feats);
     fx_close(&f);
 }
 
@@ -133,7 +130,8 @@ struct part {
 
 /* One forward over several sequences' slices; logits of every token, in batch order. */
 static int mixed_step(struct fx *f, const struct part *parts, int np,
-                      const struct cvlm_seq_kv *seqs, int ns, void *feats, float *logits)
+                      const struct cvlm_seq_kv *seqs, int ns, struct cvlm_feats *feats,
+                      float *logits)
 {
     int32_t ids[64], pos[64], seq[64], slot[64], img[64];
     uint8_t expert[64], want[64];
@@ -150,7 +148,7 @@ static int mixed_step(struct fx *f, const struct part *parts, int np,
             img[n] = p->image_start >= 0 && rel >= 0 && rel < img_len ? rel : -1;
             want[n] = 1;
         }
-    const void *fs[4] = {feats, feats, feats, feats}; /* every sequence shows the same image */
+    const struct cvlm_feats *fs[4] = {feats, feats, feats, feats}; /* every sequence shows the same image */
     struct cvlm_batch b = {.n_tokens = n, .ids = ids, .pos = pos, .expert = expert, .seq = seq,
                            .slot = slot, .img_row = img, .img_feats = fs, .seqs = seqs,
                            .n_seqs = ns, .want_logits = want};
@@ -162,7 +160,7 @@ TEST(model_mixed_batch_matches_separate_runs)
     struct fx f;
     struct cvlm_prompt a, b;
     REQUIRE(fx_open(&f, 2) == 0);
-    void *feats = image_feats(&f);
+    struct cvlm_feats *feats = image_feats(&f);
     REQUIRE(feats);
     REQUIRE(cvlm_prompt_build(&f.w->cfg, f.tok, CVLM_TEMPLATE_VQA, NULL, 0,
                               "What shape is it?", 1, &a) == 0);
@@ -198,6 +196,6 @@ TEST(model_mixed_batch_matches_separate_runs)
     free(mix);
     cvlm_prompt_free(&a);
     cvlm_prompt_free(&b);
-    f.be->ops->free(f.be, feats);
+    cvlm_model_feats_free(f.m, feats);
     fx_close(&f);
 }
