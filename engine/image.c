@@ -7,6 +7,7 @@
 #include "engine/image.h"
 
 #include "engine/error.h"
+#include "engine/hash.h"
 #include "engine/image_internal.h"
 
 #include <stdlib.h>
@@ -157,10 +158,8 @@ int cvlm_image_preprocess(const void *data, size_t len, const struct cvlm_image_
         rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
     if (!rc)
         cvlm_image_normalize(&sized, *chw);
-    if (!rc && hash) { /* FNV-1a over the pixels, seeded with the size */
-        uint64_t h = 1469598103934665603ull ^ (uint64_t)size;
-        for (size_t i = 0; i < (size_t)3 * size * size; i++)
-            h = (h ^ sized.rgb[i]) * 1099511628211ull;
+    if (!rc && hash) { /* keyed (engine/hash.h): no client can forge another's image */
+        uint64_t h = cvlm_hash64(sized.rgb, (size_t)3 * size * size, (uint64_t)size);
         *hash = h ? h : 1;
     }
     cvlm_image_free(&sized);

@@ -7,6 +7,8 @@
  */
 #include "engine/kvcache.h"
 
+#include "engine/hash.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -166,16 +168,9 @@ void cvlm_kv_unref(struct cvlm_kvcache *kv, int id)
 
 uint64_t cvlm_kv_chain(uint64_t prev, const uint64_t *keys, int n)
 {
-    /* FNV-1a over 64-bit words, then a murmur finalizer: cheap and well mixed */
-    uint64_t h = 1469598103934665603ull ^ prev;
-    for (int i = 0; i < n; i++) {
-        h ^= keys[i];
-        h *= 1099511628211ull;
-        h ^= h >> 29;
-    }
-    h ^= h >> 33;
-    h *= 0xff51afd7ed558ccdull;
-    h ^= h >> 33;
+    /* keyed (engine/hash.h): a client cannot build a prompt whose chain collides with
+     * another's; the previous chain is the seed, so a block's hash covers its whole prefix */
+    uint64_t h = cvlm_hash64(keys, (size_t)n * sizeof(*keys), prev ^ 0x6b76636861696e00ull);
     return h ? h : 1;
 }
 

@@ -92,6 +92,32 @@ static enum cvlm_template template_of(const struct cvlm_engine *e, const char *n
 }
 
 /* Fills the prompt (ids into r->tokens later, positions, experts) from the parameters. */
+/* Refuses, before any BPE work, a prompt whose texts alone already need more tokens than
+ * the context holds (a client could otherwise make the server tokenize megabytes only to
+ * be told the prompt is too long). */
+static int check_prompt_bound(struct cvlm_engine *e, const struct cvlm_request_params *p)
+{
+    size_t total = 0, n;
+    int rc = cvlm_tokenizer_min_ids(e->tok, p->prompt, strlen(p->prompt), &total);
+    for (int i = 0; !rc && !p->raw && i < p->n_history && i <= 1024; i++) {
+        const char *u = p->history[i].user, *a = p->history[i].assistant;
+        if (u && !(rc = cvlm_tokenizer_min_ids(e->tok, u, strlen(u), &n)))
+            total += n;
+        if (!rc && a && !(rc = cvlm_tokenizer_min_ids(e->tok, a, strlen(a), &n)))
+            total += n;
+    }
+    if (rc)
+        return rc;
+    if (p->image)
+        total += (size_t)cvlm_config_image_tokens(&e->w->cfg);
+    if (total >= (size_t)e->max_context)
+        return cvlm_errf(CVLM_ETOOBIG,
+                         "the prompt (at least %zu tokens) exceeds the context length of %d "
+                         "tokens",
+                         total, e->max_context);
+    return 0;
+}
+
 static int build_prompt(struct cvlm_engine *e, const struct cvlm_request_params *p,
                         struct cvlm_prompt *pr)
 {
@@ -223,7 +249,8 @@ int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params 
     /* a completion continues its prompt, so its first word keeps its leading space; a
      * chat answer is decoded on its own, as the reference demos do */
     r->dt.started = p->raw;
-    if ((p->image && (rc = prepare_image(e, p, r))) || (rc = build_prompt(e, p, &pr)) ||
+    if ((rc = check_prompt_bound(e, p)) || (p->image && (rc = prepare_image(e, p, r))) ||
+        (rc = build_prompt(e, p, &pr)) ||
         (rc = adopt(e, p, &pr, r)) || (rc = copy_stops(p, r))) {
         cvlm_prompt_free(&pr);
         request_free(r);

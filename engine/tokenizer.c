@@ -585,6 +585,23 @@ int cvlm_tokenizer_encode(const struct cvlm_tokenizer *t, const char *text, size
     return 0;
 }
 
+int cvlm_tokenizer_min_ids(const struct cvlm_tokenizer *t, const char *text, size_t len,
+                           size_t *out)
+{
+    struct buf norm = {0};
+    size_t longest = 4; /* a byte-fallback or unknown piece: one UTF-8 character */
+    int rc = normalize(t, (const uint8_t *)text, len, &norm);
+    *out = 0;
+    if (rc)
+        return rc;
+    for (int32_t i = 0; i < t->n; i++)
+        if (t->pieces[i].len > longest)
+            longest = t->pieces[i].len;
+    *out = (norm.n + longest - 1) / longest;
+    free(norm.p);
+    return 0;
+}
+
 /* ---- decoding ---------------------------------------------------------------------- */
 
 /* DecodeSentencePiece for a non-byte piece: its text, with the leading U+2581 dropped

@@ -32,6 +32,12 @@ const char *cvlm_tokenizer_piece(const struct cvlm_tokenizer *tok, int32_t id);
  * *n_ids is 0. */
 int cvlm_tokenizer_encode(const struct cvlm_tokenizer *tok, const char *text, size_t len,
                           int32_t **ids, size_t *n_ids);
+/* A lower bound on the number of ids cvlm_tokenizer_encode() returns for text, from the
+ * normalization pass alone (linear, no BPE): every piece covers at most as many bytes of
+ * normalized text as the longest piece, a byte-fallback or unknown piece at most one
+ * character. Lets a caller refuse an over-long prompt without paying for its BPE. */
+int cvlm_tokenizer_min_ids(const struct cvlm_tokenizer *t, const char *text, size_t len,
+                           size_t *out);
 
 /* Decodes ids into malloc'd, NUL-terminated UTF-8 (free() it). Ids out of range are an
  * error (CVLM_EINVAL). Control ids (BOS/EOS) decode to nothing. */

@@ -8,6 +8,7 @@
 #include "server/server.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -245,6 +246,57 @@ static void observe(struct cvlm_srv *s, const struct cvlm_output *o)
         cvlm_hist_observe(&m->itl, (o->e2e_ms - o->ttft_ms) / 1e3 / (o->completion_tokens - 1));
 }
 
+/* Appends the items of JSON array `arr` to b as compact text. */
+static int jbuf_items(struct jbuf *b, json_t *arr)
+{
+    size_t i;
+    json_t *v;
+    json_array_foreach(arr, i, v) {
+        char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+        size_t n = t ? strlen(t) : 0, need = b->n + n + 2;
+        if (!t)
+            return -1;
+        if (need > b->cap) {
+            size_t nc = need * 2;
+            char *p = realloc(b->p, nc);
+            if (!p) {
+                free(t);
+                return -1;
+            }
+            b->p = p;
+            b->cap = nc;
+        }
+        if (b->n)
+            b->p[b->n++] = ',';
+        memcpy(b->p + b->n, t, n);
+        b->n += n;
+        b->p[b->n] = 0;
+        free(t);
+    }
+    return 0;
+}
+
+/* Non-streaming: one take's logprobs entries, rendered now and kept as text. */
+static void keep_logprobs(struct conn *c, struct choice *ch, json_t *entries)
+{
+    int rc = 0;
+    if (c->o.chat) {
+        rc = jbuf_items(&ch->lp[0], entries);
+    } else {
+        static const char *const keys[4] = {"tokens", "token_logprobs", "top_logprobs",
+                                            "text_offset"};
+        json_t *leg = lp_legacy(entries, ch->lp_off), *e;
+        size_t i;
+        for (int k = 0; !rc && k < 4; k++)
+            rc = jbuf_items(&ch->lp[k], json_object_get(leg, keys[k]));
+        json_array_foreach(entries, i, e)
+            ch->lp_off += json_array_size(json_object_get(e, "bytes"));
+        json_decref(leg);
+    }
+    if (rc)
+        cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory for logprobs");
+}
+
 /* Moves one take of choice i into the stream or the accumulators. */
 static void collect_one(struct conn *c, int i, struct cvlm_output *o)
 {
@@ -275,11 +327,8 @@ static void collect_one(struct conn *c, int i, struct cvlm_output *o)
             ch->len += o->text_len;
             ch->text[ch->len] = 0;
         }
-        if (lp) {
-            if (!ch->lp)
-                ch->lp = json_array();
-            json_array_extend(ch->lp, lp);
-        }
+        if (lp)
+            keep_logprobs(c, ch, lp);
     }
     json_decref(lp);
     if (o->finish) {
@@ -336,19 +385,65 @@ int cvlm_api_collect(struct conn *c)
     return 1;
 }
 
+/* Placeholder k of choice i: a string no output can produce (the nonce is per body). */
+static void marker(char *buf, size_t cap, unsigned long long nonce, int i, int k)
+{
+    snprintf(buf, cap, "\001cvlm-lp-%016llx-%d-%d", nonce, i, k);
+}
+
+/* Replaces each quoted placeholder in body by `[items]` of its buffer. */
+static char *splice_logprobs(const struct conn *c, char *body, size_t *len,
+                             unsigned long long nonce)
+{
+    size_t total = *len + 1;
+    for (int i = 0; i < c->n_ch; i++)
+        for (int k = 0; k < 4; k++)
+            total += c->ch[i].lp[k].n + 2;
+    char *out = malloc(total), *w = out, *r = body, m[80], q[96];
+    if (!out) {
+        free(body);
+        return NULL;
+    }
+    for (int i = 0; i < c->n_ch; i++)
+        for (int k = 0; k < (c->o.chat ? 1 : 4); k++) {
+            marker(m, sizeof(m), nonce, i, k);
+            snprintf(q, sizeof(q), "\"\\u0001%s\"", m + 1); /* as json_dumps writes it */
+            char *at = strstr(r, q);
+            if (!at)
+                continue;
+            memcpy(w, r, (size_t)(at - r));
+            w += at - r;
+            *w++ = '[';
+            memcpy(w, c->ch[i].lp[k].p ? c->ch[i].lp[k].p : "", c->ch[i].lp[k].n);
+            w += c->ch[i].lp[k].n;
+            *w++ = ']';
+            r = at + strlen(q);
+        }
+    size_t rest = strlen(r);
+    memcpy(w, r, rest + 1);
+    *len = (size_t)(w - out) + rest;
+    free(body);
+    return out;
+}
+
 char *cvlm_api_final_body(struct conn *c, size_t *len)
 {
     if (c->status)
         return NULL; /* the error reply is built from c->err_* */
     json_t *j = envelope(c, 0), *choices = json_array();
+    unsigned long long nonce = ((unsigned long long)(uintptr_t)c << 20) ^
+                               (unsigned long long)c->created * 0x9e3779b97f4a7c15ull;
+    char m[4][80];
     for (int i = 0; i < c->n_ch; i++) {
         struct choice *ch = &c->ch[i];
         json_t *o = json_object(), *lp = json_null();
+        for (int k = 0; k < 4; k++)
+            marker(m[k], sizeof(m[k]), nonce, i, k);
         json_object_set_new(o, "index", json_integer(i));
         if (c->o.logprobs >= 0)
-            lp = c->o.chat ? json_pack("{sosn}", "content",
-                                       ch->lp ? json_incref(ch->lp) : json_array(), "refusal")
-                           : lp_legacy(ch->lp, 0);
+            lp = c->o.chat ? json_pack("{sssn}", "content", m[0], "refusal")
+                           : json_pack("{ssssssss}", "tokens", m[0], "token_logprobs", m[1],
+                                       "top_logprobs", m[2], "text_offset", m[3]);
         if (c->o.chat)
             json_object_set_new(o, "message",
                                 json_pack("{sssosn}", "role", "assistant", "content",
@@ -361,5 +456,6 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
     }
     json_object_set_new(j, "choices", choices);
     json_object_set_new(j, "usage", usage(c));
-    return dump(j, len);
+    char *body = dump(j, len);
+    return body && c->o.logprobs >= 0 ? splice_logprobs(c, body, len, nonce) : body;
 }

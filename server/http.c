@@ -45,7 +45,8 @@ static void conn_free(struct conn *c)
     for (int i = 0; i < c->n_ch; i++) {
         cvlm_request_unref(c->ch[i].r);
         free(c->ch[i].text);
-        json_decref(c->ch[i].lp);
+        for (int k = 0; k < 4; k++)
+            free(c->ch[i].lp[k].p);
     }
     free(c->ch);
     free(c->body);

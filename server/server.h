@@ -28,13 +28,23 @@ enum conn_state {
     CONN_SENT,     /* response queued */
 };
 
+/* JSON text of array items, comma-separated, without the brackets. */
+struct jbuf {
+    char *p;
+    size_t n, cap;
+};
+
 struct choice {
     struct cvlm_request *r;
     int done;               /* its finish has been taken */
     enum cvlm_finish finish;
     char *text;             /* accumulated (non-streaming) */
     size_t len, cap;
-    json_t *lp;             /* accumulated logprobs entries (chat: array of objects) */
+    /* non-streaming logprobs, kept as compact JSON text (a jansson tree of them costs
+     * ~8x the text): chat: lp[0] = content entries; completions: lp[0..3] = tokens,
+     * token_logprobs, top_logprobs, text_offset. lp_off: the next token's text offset. */
+    struct jbuf lp[4];
+    size_t lp_off;
     int prompt_tokens, completion_tokens;
     int role_sent;          /* streaming: first delta sent */
     int submitted;          /* handed to the engine (it will wake us until its finish) */

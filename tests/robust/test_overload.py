@@ -48,7 +48,7 @@ HEAVY = 4             # = the libuv work pool (UV_THREADPOOL_SIZE default) that 
 HEAVY_MIB = 3
 NORMAL_BOUND = 2.0
 # Known server issues (reported; docs/SECURITY.md "Known limitations"): XFAIL, not failure.
-KNOWN_ISSUES = {"prompt-cpu-amplification", "logprobs-memory-amplification"}  # open (docs/SECURITY.md)
+KNOWN_ISSUES: set = set()  # none open; see docs/SECURITY.md ("Known limitations")
 TIMEOUT_BOUND = 2.5
 LP_REQS = 4
 LP_TOKENS = 300

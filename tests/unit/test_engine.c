@@ -1,6 +1,7 @@
 /* test_engine.c - the scheduler through the public engine API: batch invariance,
  * preemption, caches, stop conditions, limits and a random submit/cancel soak. */
 #include "engine/engine.h"
+#include "engine/hash.h"
 #include "tests/unit/harness.h"
 
 #include <pthread.h>
@@ -323,6 +324,20 @@ TEST(engine_stop_conditions_and_limits)
     p.n_stop = 0;
     p.max_tokens = 1000000;
     CHECK(cvlm_request_create(e, &p, &r) == CVLM_ETOOBIG && strstr(cvlm_last_error(), "context"));
+    /* a megabyte prompt is refused from its normalized length, before any BPE */
+    {
+        const char *keep = p.prompt;
+        char *big = malloc(1u << 20);
+        REQUIRE(big);
+        memset(big, 'x', (1u << 20) - 1);
+        big[(1u << 20) - 1] = 0;
+        p.prompt = big;
+        p.max_tokens = 4;
+        CHECK(cvlm_request_create(e, &p, &r) == CVLM_ETOOBIG &&
+              strstr(cvlm_last_error(), "at least"));
+        p.prompt = keep;
+        free(big);
+    }
     p.max_tokens = 4;
     p.sampling.top_p = 0;
     CHECK(cvlm_request_create(e, &p, &r) == CVLM_EINVAL && strstr(cvlm_last_error(), "top_p"));
@@ -389,4 +404,19 @@ TEST(engine_random_soak)
     CHECK(st.requests_failed == 0 && st.requests_cancelled > 0);
     cvlm_engine_destroy(e);
     free(img);
+}
+
+/* The caches' keyed hash is SipHash-2-4 (the paper's reference vectors) under a key that
+ * is not a constant (two keys give different hashes of the same data). */
+TEST(engine_cache_hash_is_siphash)
+{
+    const uint64_t key[2] = {0x0706050403020100ull, 0x0f0e0d0c0b0a0908ull};
+    unsigned char msg[64];
+    for (int i = 0; i < 64; i++)
+        msg[i] = (unsigned char)i;
+    CHECK(cvlm_siphash24(key, msg, 0) == 0x726fdb47dd0e0e31ull);
+    CHECK(cvlm_siphash24(key, msg, 15) == 0xa129ca6149be45e5ull);
+    CHECK(cvlm_hash64(msg, 15, 0) == cvlm_hash64(msg, 15, 0));
+    CHECK(cvlm_hash64(msg, 15, 0) != cvlm_siphash24(key, msg, 15));
+    CHECK(cvlm_hash64(msg, 15, 0) != cvlm_hash64(msg, 15, 1));
 }

@@ -162,6 +162,11 @@ static size_t check_cases(const struct cvlm_tokenizer *tok, const struct jsonl *
                    "%s line %zu: encode gives %zu ids (rc %d), expected %zu", what, i + 1, n_got,
                    rc, n_exp);
             free(got);
+            /* the cheap bound the engine refuses over-long prompts with never overshoots */
+            size_t lo = 0;
+            rc = cvlm_tokenizer_min_ids(tok, text, len, &lo);
+            CHECKF(rc == 0 && lo <= n_exp, "%s line %zu: min_ids %zu > %zu ids", what, i + 1, lo,
+                   n_exp);
         }
         int rc = cvlm_tokenizer_decode(tok, exp, n_exp, &out, &tlen);
         CHECKF(rc == 0 && json_is_string(dec) && tlen == json_string_length(dec) &&
@@ -252,6 +257,27 @@ TEST(tokenizer_charsmap_model)
     CHECK(g.n >= 300);
     CHECK(check_cases(tok, &g, "tok-charsmap") == g.n);
     free_jsonl(&g);
+    cvlm_tokenizer_destroy(tok);
+}
+
+/* The bound is useful: megabytes of text are known to be too long without BPE. */
+TEST(tokenizer_min_ids_bound)
+{
+    struct cvlm_tokenizer *tok = load_or_null(cvlm_test_data(LLAMA));
+    REQUIRE(tok);
+    size_t len = 3u << 20, lo = 0, n = 0;
+    char *big = malloc(len + 1);
+    int32_t *ids = NULL;
+    REQUIRE(big);
+    for (size_t i = 0; i < len; i++)
+        big[i] = "hello "[i % 6];
+    big[len] = 0;
+    CHECK(cvlm_tokenizer_min_ids(tok, big, len, &lo) == 0 && lo > 4096);
+    /* and on a text short enough to encode: bound <= actual */
+    CHECK(cvlm_tokenizer_min_ids(tok, big, 6000, &lo) == 0);
+    CHECK(cvlm_tokenizer_encode(tok, big, 6000, &ids, &n) == 0 && lo > 0 && lo <= n);
+    free(ids);
+    free(big);
     cvlm_tokenizer_destroy(tok);
 }
 
