@@ -32,6 +32,7 @@ struct cvlm_engine_opts {
     int backend;               /* enum cvlm_backend_kind (engine/model.h): 0 CPU, 1 CUDA */
     int tp;                    /* tensor-parallel ranks; 0: 1 */
     int device;                /* CUDA: first device */
+    int dummy_weights;         /* random weights of model_dir/config.json (benchmarks) */
     size_t kv_bytes;           /* KV cache memory per rank; 0: 256 MiB */
     int block_size;            /* KV slots per block; 0: 16 */
     int max_batched_tokens;    /* tokens per step; 0: 512 */

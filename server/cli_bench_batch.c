@@ -8,6 +8,7 @@
  */
 #include "engine/engine.h"
 #include "engine/fileio.h"
+#include "engine/model.h"
 #include "server/cli.h"
 
 #include <pthread.h>
@@ -139,16 +140,31 @@ int cvlm_cli_bench_batch(int argc, char **argv)
     p.logprobs = -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        struct cvlm_model_opts mo = {.backend = (enum cvlm_backend_kind)eo.backend,
+                                     .tp = eo.tp, .threads = eo.threads, .device = eo.device};
+        int mrc = cvlm_cli_model_opt(argc, argv, &i, &mo);
+        if (mrc < 0)
+            return 2;
+        if (mrc) {
+            eo.backend = (int)mo.backend, eo.tp = mo.tp, eo.threads = mo.threads;
+            eo.device = mo.device;
+            continue;
+        }
+        if (!strcmp(a, "--dummy-weights")) {
+            eo.dummy_weights = 1;
+            continue;
+        }
         if (!strcmp(a, "--help") || !v) {
-            printf("usage: cogvlm bench-batch --model DIR [--tokenizer PATH] [--threads N]\n"
+            printf("usage: cogvlm bench-batch --model DIR [--tokenizer PATH] [--dummy-weights]\n"
                    "       [--concurrency 1,4,16,64] [--max-tokens 64] [--image PATH] "
-                   "[--json FILE]\n");
+                   "[--json FILE]\n       " CVLM_CLI_MODEL_USAGE "\n"
+                   "--dummy-weights: random weights of DIR/config.json (no safetensors).\n"
+                   CVLM_CLI_MODEL_HELP);
             return strcmp(a, "--help") ? 2 : 0;
         }
         i++;
         if (!strcmp(a, "--model")) eo.model_dir = v;
         else if (!strcmp(a, "--tokenizer")) eo.tokenizer = v;
-        else if (!strcmp(a, "--threads")) eo.threads = atoi(v);
         else if (!strcmp(a, "--max-tokens")) p.max_tokens = atoi(v);
         else if (!strcmp(a, "--image")) image = v;
         else if (!strcmp(a, "--json")) json = v;

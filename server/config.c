@@ -23,6 +23,9 @@ const struct cvlm_option cvlm_options[] = {
      "Tensor-parallel ranks: GPUs device..device+tp-1 (cuda) or in-process CPU ranks; must "
      "divide the model's heads and MLP widths."},
     {"device", OPT_INT, O(device), "0", "", "First CUDA device (rank r uses device + r)."},
+    {"dummy_weights", OPT_BOOL, O(dummy_weights), "false", "",
+     "Serve random weights of MODEL/config.json instead of its safetensors (benchmarks "
+     "only: the answers are noise)."},
     {"threads", OPT_INT, O(threads), "0", "",
      "CPU threads for the model (split between the ranks); 0 = one per core."},
     {"kv_memory", OPT_BYTES, O(kv_memory), "256M", "bytes",

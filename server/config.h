@@ -21,6 +21,7 @@ struct cvlm_server_config {
     char *backend;
     int tp;
     int device;
+    int dummy_weights;
     int threads;
     uint64_t kv_memory;
     int block_size;

@@ -25,7 +25,7 @@ static void load_cb(uv_work_t *w)
     struct cvlm_engine_opts o = {
         .model_dir = c->model, .tokenizer = *c->tokenizer ? c->tokenizer : NULL,
         .threads = c->threads, .backend = !strcmp(c->backend, "cuda"), .tp = c->tp,
-        .device = c->device, .kv_bytes = c->kv_memory, .block_size = c->block_size,
+        .device = c->device, .dummy_weights = c->dummy_weights, .kv_bytes = c->kv_memory, .block_size = c->block_size,
         .max_batched_tokens = c->max_batched_tokens, .max_seqs = c->max_seqs,
         .queue_limit = c->queue_limit, .vision_cache_bytes = c->vision_cache_memory,
         .no_prefix_cache = !c->prefix_cache, .max_image_pixels = c->max_image_pixels,

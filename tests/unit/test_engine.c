@@ -420,3 +420,25 @@ TEST(engine_cache_hash_is_siphash)
     CHECK(cvlm_hash64(msg, 15, 0) != cvlm_siphash24(key, msg, 15));
     CHECK(cvlm_hash64(msg, 15, 0) != cvlm_hash64(msg, 15, 1));
 }
+
+/* --dummy-weights: a config.json is enough to serve (random weights, for benchmarks), and
+ * the same config with its real weights gives other tokens (the weights are not read). */
+TEST(engine_dummy_weights)
+{
+    struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
+                                 .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
+                                 .threads = 2, .kv_bytes = 4 << 20, .block_size = 4,
+                                 .dummy_weights = 1};
+    struct cvlm_engine *d = NULL, *e = open_engine(4 << 20, 4, 64);
+    static struct job a, b;
+    REQUIRE(cvlm_engine_create(&o, &d) == 0 && e);
+    REQUIRE(start(d, &a, 5, NULL, 0, 16) == 0 && start(e, &b, 5, NULL, 0, 16) == 0);
+    wait_job(&a);
+    wait_job(&b);
+    CHECK(a.done && a.n_ids == b.n_ids && a.n_ids > 0);
+    CHECK(memcmp(a.ids, b.ids, sizeof(int32_t) * (size_t)a.n_ids) != 0);
+    end(&a);
+    end(&b);
+    cvlm_engine_destroy(d);
+    cvlm_engine_destroy(e);
+}
