@@ -128,23 +128,32 @@ static int dummy_one(void *ctx, const char *name, struct cvlm_tensor *slot, int 
     return 0;
 }
 
-int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uint64_t seed,
-                       struct cvlm_weights **out)
+/* An empty weight table for cfg (NULL if out of memory). */
+static struct cvlm_weights *empty_table(const struct cvlm_config *cfg)
 {
     struct cvlm_weights *w = calloc(1, sizeof(*w));
-    struct dummy_ctx d = {.dt = dtype, .seed = seed};
-    int rc;
-    *out = NULL;
     if (!w)
-        return cvlm_errf(CVLM_ENOMEM, "out of memory");
+        return NULL;
     w->cfg = *cfg;
     w->layers = calloc((size_t)cfg->num_layers, sizeof(*w->layers));
     w->vit = calloc(cfg->has_vision ? (size_t)cfg->vision.num_layers : 1, sizeof(*w->vit));
     w->owned = calloc(1, sizeof(void *));
     if (!w->layers || !w->vit || !w->owned) {
         cvlm_weights_destroy(w);
-        return cvlm_errf(CVLM_ENOMEM, "out of memory");
+        return NULL;
     }
+    return w;
+}
+
+int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uint64_t seed,
+                       struct cvlm_weights **out)
+{
+    struct cvlm_weights *w = empty_table(cfg);
+    struct dummy_ctx d = {.dt = dtype, .seed = seed};
+    int rc;
+    *out = NULL;
+    if (!w)
+        return cvlm_errf(CVLM_ENOMEM, "out of memory");
     if ((rc = cvlm_weights_visit(w, dummy_one, &d))) {
         cvlm_weights_destroy(w);
         return rc;
@@ -172,19 +181,10 @@ int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uin
 int cvlm_weights_dummy_lazy(const struct cvlm_config *cfg, enum cvlm_dtype dtype,
                             struct cvlm_weights **out)
 {
-    struct cvlm_weights *w = calloc(1, sizeof(*w));
+    struct cvlm_weights *w = empty_table(cfg);
     struct dummy_ctx d = {.dt = dtype, .lazy = 1};
-    int rc;
+    int rc = w ? cvlm_weights_visit(w, dummy_one, &d) : cvlm_errf(CVLM_ENOMEM, "out of memory");
     *out = NULL;
-    if (!w)
-        return cvlm_errf(CVLM_ENOMEM, "out of memory");
-    w->cfg = *cfg;
-    w->layers = calloc((size_t)cfg->num_layers, sizeof(*w->layers));
-    w->vit = calloc(cfg->has_vision ? (size_t)cfg->vision.num_layers : 1, sizeof(*w->vit));
-    if (!w->layers || !w->vit)
-        rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
-    else
-        rc = cvlm_weights_visit(w, dummy_one, &d);
     if (rc) {
         cvlm_weights_destroy(w);
         return rc;

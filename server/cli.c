@@ -59,6 +59,21 @@ int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
     return 1;
 }
 
+int cvlm_cli_arg(int argc, char **argv, int *i, struct cvlm_model_opts *o, const char **key,
+                 const char **val)
+{
+    int rc = cvlm_cli_model_opt(argc, argv, i, o);
+    if (rc)
+        return rc < 0 ? -1 : 0;
+    *key = argv[*i];
+    if (!strcmp(*key, "--help"))
+        return 2;
+    if (*i + 1 >= argc)
+        return -1;
+    *val = argv[++*i];
+    return 1;
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: cogvlm <command> [options]\n\ncommands:\n");

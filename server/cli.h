@@ -18,6 +18,11 @@ struct cvlm_model_opts;
 /* If argv[*i] is one of those options, stores its value, advances *i past it and returns
  * 1; returns 0 for another argument and -1 (message printed) for a bad value. */
 int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o);
+/* One step of an option loop over `--key value` pairs: returns 1 with *key and *val set
+ * (and *i past the value), 0 for a model option it consumed, 2 for --help, -1 for a
+ * missing value or a bad model option. */
+int cvlm_cli_arg(int argc, char **argv, int *i, struct cvlm_model_opts *o, const char **key,
+                 const char **val);
 
 int cvlm_cli_tokenize(int argc, char **argv);
 int cvlm_cli_preprocess(int argc, char **argv);

@@ -149,17 +149,13 @@ static int parse(int argc, char **argv, struct bench_opts *o)
                              .vit_layers = 4,
                              .seed = 1};
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int mrc = cvlm_cli_model_opt(argc, argv, &i, &o->mo);
-        if (mrc < 0)
-            return -1;
-        if (mrc)
+        const char *a, *v;
+        int k = cvlm_cli_arg(argc, argv, &i, &o->mo, &a, &v);
+        if (k != 1) {
+            if (k)
+                return k == 2 ? 1 : -1;
             continue;
-        if (!strcmp(a, "--help"))
-            return 1;
-        if (!v)
-            return -1;
-        i++;
+        }
         if (!strcmp(a, "--preset"))
             o->preset = v;
         else if (!strcmp(a, "--config"))

@@ -98,17 +98,13 @@ static int parse(int argc, char **argv, struct vlm_opts *o)
     *o = (struct vlm_opts){.dtype = CVLM_DTYPE_BF16, .question = 50, .steps = 32,
                            .layers = 32, .vit_layers = 63, .batch = {1, 16, 64}, .n_batch = 3};
     for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int mrc = cvlm_cli_model_opt(argc, argv, &i, &o->mo);
-        if (mrc < 0)
-            return -1;
-        if (mrc)
+        const char *a, *v;
+        int k = cvlm_cli_arg(argc, argv, &i, &o->mo, &a, &v);
+        if (k != 1) {
+            if (k)
+                return k == 2 ? 1 : -1;
             continue;
-        if (!strcmp(a, "--help"))
-            return 1;
-        if (!v)
-            return -1;
-        i++;
+        }
         if (!strcmp(a, "--config")) o->config = v;
         else if (!strcmp(a, "--json")) o->json = v;
         else if (!strcmp(a, "--question-tokens")) o->question = atoi(v);
