@@ -47,6 +47,31 @@ SERVER_OBJS = $(SERVER_SRCS:%.c=$(BUILD)/%.o)
 TEST_OBJS   = $(TEST_SRCS:%.c=$(BUILD)/%.o)
 LIB         = $(BUILD)/libcvlm.a
 
+# ---- CUDA -------------------------------------------------------------------------------
+# `make cuda` (= BUILD=build-cuda CUDA=1) compiles kernels/cuda/*.cu with nvcc for sm_80 and
+# sm_90 into the library instead of kernels/cuda/stub.c, and links the CUDA runtime,
+# cuBLAS/cuBLASLt and NCCL. NCCL is looked for next to the toolkit and in the system paths
+# (NCCL_HOME=DIR with include/ and lib/ overrides); without it comm_nccl.cu builds a stub
+# that refuses CUDA tensor parallelism.
+comma       := ,
+CUDA_HOME   ?= $(if $(NVCC),$(abspath $(dir $(NVCC))..),/usr/local/cuda)
+CUDA_ARCH   ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NCCL_INC    = $(firstword $(wildcard $(NCCL_HOME)/include/nccl.h $(CUDA_HOME)/include/nccl.h \
+                /usr/local/include/nccl.h /usr/include/nccl.h))
+NCCL_LIB    = $(firstword $(wildcard $(NCCL_HOME)/lib/libnccl.so $(NCCL_HOME)/lib/libnccl.so.2 \
+                $(CUDA_HOME)/lib64/libnccl.so $(CUDA_HOME)/lib/libnccl.so \
+                /usr/lib/x86_64-linux-gnu/libnccl.so /usr/local/lib/libnccl.so))
+NCCL_OK     = $(and $(NCCL_INC),$(NCCL_LIB))
+NVCCFLAGS_ALL = -std=c++17 -O3 -I. $(CUDA_ARCH) -Werror all-warnings -Xcompiler -Wall,-Wextra \
+                -MMD -MP $(if $(NCCL_OK),-I$(dir $(NCCL_INC)),-DCVLM_NO_NCCL) $(NVCCFLAGS)
+CUDA_LDLIBS = -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart \
+              $(if $(NCCL_OK),$(NCCL_LIB) -Wl$(comma)-rpath$(comma)$(dir $(NCCL_LIB))) -lstdc++ -ldl -lrt
+CUDA_OBJS   = $(CUDA_SRCS:%.cu=$(BUILD)/%.o)
+ifeq ($(CUDA),1)
+LIB_OBJS   += $(CUDA_OBJS)
+LDLIBS_ALL += $(CUDA_LDLIBS)
+endif
+
 # The embedded default model; until it is trained, the random-weight reference model.
 ifneq ($(wildcard models/cogvlm-tiny-shapes/config.json),)
 MODEL_ARGS ?= --model models/cogvlm-tiny-shapes
@@ -63,6 +88,10 @@ all: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(call say,CC,$<)$(CC) $(CFLAGS_ALL) -c $< -o $@
+
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(call say,NVCC,$<)$(NVCC) $(NVCCFLAGS_ALL) -MF $(@:.o=.d) -c $< -o $@
 
 $(LIB): $(LIB_OBJS)
 	$(call say,AR,$@)rm -f $@ && ar rcs $@ $^
@@ -137,21 +166,39 @@ asan-test: deps
 	$(Q)$(MAKE) --no-print-directory BUILD=build-asan SAN=1 OPT=-O1 \
 	    COGVLM_TEST_SKIP=zz_deploy,zz_robust unit-test
 
-# Compiles every .cu file for sm_80 and sm_90 (no GPU needed).
-check-cuda:
+# Compiles every .cu file for sm_80 and sm_90 with warnings as errors and links both
+# binaries against them (no GPU needed): the CUDA objects go to $(BUILD)/cuda-check/, the
+# C objects are this build's own (only the stub differs), so it costs the nvcc time.
+CUDA_CHECK_OBJS = $(CUDA_SRCS:kernels/cuda/%.cu=$(BUILD)/cuda-check/%.o)
+CUDA_CHECK_LIB  = $(filter-out %/stub.o $(CUDA_OBJS),$(LIB_OBJS)) $(CUDA_CHECK_OBJS)
+
 ifeq ($(strip $(NVCC)),)
+check-cuda:
 	@echo "check-cuda: nvcc not found, skipped"
-else ifeq ($(strip $(CUDA_SRCS)),)
-	@echo "check-cuda: no .cu files yet"
 else
-	@mkdir -p $(BUILD)/cuda-check
-	$(Q)for f in $(CUDA_SRCS); do \
-	    printf '  %-6s %s\n' NVCC $$f; \
-	    $(NVCC) -std=c++17 -I. -Werror all-warnings \
-	        -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-	        -c $$f -o $(BUILD)/cuda-check/$$(basename $$f .cu).o || exit 1; \
-	done
+check-cuda: $(BUILD)/cuda-check/cogvlm $(BUILD)/cuda-check/cogvlm-server
+	@echo "check-cuda: $(words $(CUDA_SRCS)) .cu files compiled (sm_80, sm_90), binaries linked$(if $(NCCL_OK),, (no NCCL found: TP stub))"
 endif
+
+$(BUILD)/cuda-check/%.o: kernels/cuda/%.cu
+	@mkdir -p $(dir $@)
+	$(call say,NVCC,$<)$(NVCC) $(NVCCFLAGS_ALL) -MF $(@:.o=.d) -c $< -o $@
+
+$(BUILD)/cuda-check/cogvlm: $(CLI_OBJS) $(CUDA_CHECK_LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS_ALL) $(CUDA_LDLIBS)
+
+$(BUILD)/cuda-check/cogvlm-server: $(SERVER_OBJS) $(CUDA_CHECK_LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $^ $(SERVER_LIBS) $(LDLIBS_ALL) $(CUDA_LDLIBS)
+
+# The CUDA build in build-cuda/: both binaries and the GPU test programs (tests/gpu/).
+.PHONY: cuda cuda-all
+cuda:
+	$(Q)$(MAKE) --no-print-directory BUILD=build-cuda CUDA=1 cuda-all
+
+cuda-all: all $(BUILD)/tests/op-parity
+
+$(BUILD)/tests/op-parity: $(BUILD)/tests/gpu/op_parity.o $(LIB)
+	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $< $(LIB) $(LDLIBS_ALL)
 
 # Serves the default model on http://127.0.0.1:8000 (ARGS="--port 9000 ..." adds options).
 run: deps all
@@ -223,6 +270,6 @@ uninstall:
 	    [ ! -d $$d ] || rmdir $$d 2>/dev/null || echo "uninstall: $$d not empty, kept"; done
 
 clean:
-	rm -rf build build-asan build-fuzz
+	rm -rf build build-asan build-fuzz build-cuda
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

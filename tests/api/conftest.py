@@ -2,6 +2,7 @@
 build/cogvlm-server (override with COGVLM_SERVER_BIN), serving the test model on a free
 127.0.0.1 port; see apiutil.py for the paths and options."""
 import os
+import shlex
 
 import pytest
 
@@ -13,6 +14,12 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 import apiutil
 from apiutil import Server
+
+# COGVLM_SERVER_EXTRA_ARGS="--backend cuda": options added to every daemon the suite
+# starts (tests/gpu/run.sh runs the accuracy test on the GPU this way). Server.start
+# passes no COGVLM_* variable on, so the daemon never sees this one itself.
+_extra = shlex.split(os.environ.get("COGVLM_SERVER_EXTRA_ARGS", ""))
+apiutil.BASE_ARGS.update(zip(_extra[0::2], _extra[1::2]))
 
 
 def pytest_report_header(config):

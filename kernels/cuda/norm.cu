@@ -1,0 +1,118 @@
+/* norm.cu - RMSNorm and LayerNorm over rows of BF16 activations (weights of any dtype).
+ *
+ * One block per row. The row is read once into shared memory as F32 (D <= NORM_SMEM_MAX,
+ * every CogVLM width), the statistics are block reductions in F32, and LayerNorm's
+ * variance is taken around the mean in a second pass over the cached row (the one-pass
+ * E[x^2] - mean^2 form loses digits when |mean| >> std). Wider rows fall back to reading
+ * x from global memory in each pass. y may alias x: every thread writes only the elements
+ * it read, after the reductions.
+ */
+#include "kernels/cuda/norm.cuh"
+
+#define NORM_THREADS 256
+#define NORM_SMEM_MAX 16384 /* floats of row cache: 64 KiB */
+
+/* Loads row x into cache (when given) and returns the sum (or the sum of squares). */
+__device__ float row_sum(const bf16 *x, float *cache, int D, float *red, bool squares)
+{
+    float s = 0;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float v = __bfloat162float(x[c]);
+        if (cache)
+            cache[c] = v;
+        s += squares ? v * v : v;
+    }
+    return cu_block_reduce(s, red, false);
+}
+
+__global__ void k_rmsnorm(bf16 *y, const bf16 *x, const void *w, int wdt, int M, int D, float eps,
+                          int use_cache)
+{
+    extern __shared__ float cache[];
+    __shared__ float red[32];
+    for (int r = blockIdx.x; r < M; r += gridDim.x) {
+        const bf16 *xr = x + (size_t)r * D;
+        bf16 *yr = y + (size_t)r * D;
+        float *cr = use_cache ? cache : NULL;
+        float ss = row_sum(xr, cr, D, red, true);
+        float inv = rsqrtf(ss / (float)D + eps);
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float v = cr ? cr[c] : __bfloat162float(xr[c]);
+            yr[c] = __float2bfloat16_rn(v * inv * cu_ldw(w, wdt, c));
+        }
+        __syncthreads(); /* the cache is reused by the next row */
+    }
+}
+
+__global__ void k_layernorm(bf16 *y, const bf16 *x, const void *w, int wdt, const void *b, int bdt,
+                            int M, int D, float eps, int use_cache)
+{
+    extern __shared__ float cache[];
+    __shared__ float red[32];
+    for (int r = blockIdx.x; r < M; r += gridDim.x) {
+        const bf16 *xr = x + (size_t)r * D;
+        bf16 *yr = y + (size_t)r * D;
+        float *cr = use_cache ? cache : NULL;
+        float mean = row_sum(xr, cr, D, red, false) / (float)D, ss = 0;
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float d = (cr ? cr[c] : __bfloat162float(xr[c])) - mean;
+            ss += d * d;
+        }
+        float inv = rsqrtf(cu_block_reduce(ss, red, false) / (float)D + eps);
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float v = cr ? cr[c] : __bfloat162float(xr[c]);
+            float o = (v - mean) * inv * cu_ldw(w, wdt, c);
+            yr[c] = __float2bfloat16_rn(b ? o + cu_ldw(b, bdt, c) : o);
+        }
+        __syncthreads();
+    }
+}
+
+static unsigned norm_threads(int D)
+{
+    return D >= 2048 ? NORM_THREADS : D >= 512 ? 128 : 64;
+}
+
+void cu_rmsnorm(struct cvlm_backend *be, void *y, const void *x, const struct cvlm_tensor *w, int M,
+                int D, float eps)
+{
+    struct cuda_backend *cb = cu_of(be);
+    if (M <= 0 || !cu_enter(cb))
+        return;
+    CU_REQUIRE(cb, D > 0 && w && w->data && cvlm_tensor_numel(w) == D,
+               "rmsnorm: weight of %lld elements for D %d",
+               w ? (long long)cvlm_tensor_numel(w) : -1LL, D);
+    int use_cache = D <= NORM_SMEM_MAX;
+    size_t smem = use_cache ? (size_t)D * sizeof(float) : 0;
+    if (smem > 48 * 1024 &&
+        !CU_RT(cb, cudaFuncSetAttribute(k_rmsnorm, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem)))
+        return;
+    unsigned grid = (unsigned)(M < 65535 ? M : 65535);
+    k_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>((bf16 *)y, (const bf16 *)x, w->data,
+                                                           w->dtype, M, D, eps, use_cache);
+    CU_LAUNCHED(cb, "rmsnorm");
+}
+
+void cu_layernorm(struct cvlm_backend *be, void *y, const void *x, const struct cvlm_tensor *w,
+                  const struct cvlm_tensor *b, int M, int D, float eps)
+{
+    struct cuda_backend *cb = cu_of(be);
+    if (M <= 0 || !cu_enter(cb))
+        return;
+    CU_REQUIRE(cb,
+               D > 0 && w && w->data && cvlm_tensor_numel(w) == D &&
+                   (!b || (b->data && cvlm_tensor_numel(b) == D)),
+               "layernorm: weight/bias do not have %d elements", D);
+    int use_cache = D <= NORM_SMEM_MAX;
+    size_t smem = use_cache ? (size_t)D * sizeof(float) : 0;
+    if (smem > 48 * 1024 &&
+        !CU_RT(cb, cudaFuncSetAttribute(k_layernorm, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem)))
+        return;
+    unsigned grid = (unsigned)(M < 65535 ? M : 65535);
+    k_layernorm<<<grid, norm_threads(D), smem, cb->stream>>>(
+        (bf16 *)y, (const bf16 *)x, w->data, w->dtype, b ? b->data : NULL, b ? (int)b->dtype : 0, M,
+        D, eps, use_cache);
+    CU_LAUNCHED(cb, "layernorm");
+}
