@@ -155,8 +155,9 @@ static int upload(struct cvlm_rank *m)
 {
     struct slots s = {0};
     int rc = cvlm_weights_visit(m->w, collect, &s);
+    /* the same seed on every rank: generated replicated tensors (embeddings, norms) agree */
     if (!rc)
-        rc = m->op->upload_weights(m->be, s.t, s.n, 0x5eed0000u + (uint64_t)m->rank);
+        rc = m->op->upload_weights(m->be, s.t, s.n, 0x5eed0000u);
     free(s.t);
     return rc;
 }
