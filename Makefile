@@ -204,15 +204,32 @@ $(BUILD)/tests/op-parity: $(BUILD)/tests/gpu/op_parity.o $(LIB)
 run: deps all
 	$(BUILD)/cogvlm-server $(MODEL_ARGS) $(ARGS)
 
-# CPU benchmark (docs/PERFORMANCE.md): prefill/decode/vision throughput of `cogvlm bench` on
-# random LLaMA-shaped BF16 and F16 weights, the same weights through llama.cpp
-# (llama-cpp-python) with the same threads (3 interleaved runs each, best kept), tables
-# and machine description. About 6 minutes on 2 cores, plus ~8 the first time, when
-# --install builds llama-cpp-python; BENCH_ARGS=--no-llama skips the comparison.
+# Benchmarks (docs/PERFORMANCE.md, plots in docs/perf/):
+# - engine: prefill/decode/vision throughput of `cogvlm bench` on random LLaMA-shaped BF16
+#   and F16 weights, the same weights through llama.cpp (llama-cpp-python) with the same
+#   threads (3 interleaved runs each, best kept), `cogvlm bench-batch`; about 4 minutes;
+# - serving (tools/bench/bench_serving.py, load from tools/bench_serve.py): the server on
+#   the tiny model at 6 request rates, and against llama.cpp's server on the same weights
+#   at 3 rates; about 4 minutes;
+# - the GPU section from a tests/gpu/run.sh report (BENCH_ARGS+=--gpu-report FILE).
+# About 8 minutes on 2 cores (under 15 even on a busy machine), plus ~8 the first time
+# if llama-cpp-python must be built.
+# Python packages go into $(BENCH_VENV) (tools/bench/requirements.txt); without them the
+# llama.cpp parts and the plots are skipped. BENCH_ARGS=--no-llama skips the comparisons,
+# --serving-only / --no-serving one half (see tools/bench/bench_all.py).
 BENCH_ARGS ?= --install
-bench: $(BUILD)/cogvlm
-	$(Q)python3 tools/bench/bench_all.py --cogvlm $(BUILD)/cogvlm --work $(BUILD)/bench \
-	    --out docs/PERFORMANCE.md $(BENCH_ARGS)
+BENCH_VENV ?= $(BUILD)/bench-venv
+bench: $(BUILD)/cogvlm $(BUILD)/cogvlm-server $(BENCH_VENV)/.requirements
+	$(Q)$(BENCH_VENV)/bin/python tools/bench/bench_all.py --cogvlm $(BUILD)/cogvlm \
+	    --server $(BUILD)/cogvlm-server --work $(BUILD)/bench --out docs/PERFORMANCE.md \
+	    $(BENCH_ARGS)
+
+# The benchmark's virtualenv; reinstalled when the requirements change. A failed pip
+# (offline machine) is not fatal: the parts that need a missing package say so.
+$(BENCH_VENV)/.requirements: tools/bench/requirements.txt
+	$(Q)test -x $(BENCH_VENV)/bin/python || python3 -m venv --system-site-packages $(BENCH_VENV)
+	$(Q)if $(BENCH_VENV)/bin/python -m pip install -q --disable-pip-version-check -r $<; \
+	    then touch $@; else echo "bench: pip install failed; continuing without" >&2; fi
 
 # Install / uninstall (docs/DEPLOY.md). PREFIX and DESTDIR as usual (DESTDIR stages the
 # tree for a package). Installs:

@@ -10,6 +10,9 @@ own converter writes them), with
 - the rows of q and k permuted from the HF rotate-half RoPE layout to llama.cpp's
   interleaved-pair layout (the permutation of llama.cpp's convert_hf_to_gguf.py),
 - a placeholder SentencePiece vocabulary (token ids are fed directly; no text involved),
+  or, with a tokenizer.model (write_gguf(..., tokenizer=PATH); the serving comparison
+  sends text), that model's real vocabulary: pieces, scores, token types, BOS/EOS/UNK
+  ids and add-BOS, so llama.cpp tokenizes text exactly as our SentencePiece tokenizer,
 
 then measures llama.cpp (through llama-cpp-python) with the same thread count:
 prefill tokens/s of the same prompt ids in one batch, and decode tokens/s of greedy
@@ -64,7 +67,26 @@ def prompt_ids(n, vocab):
     return [3 + ((i * 2654435761) % (1 << 32)) % (vocab - 3) for i in range(n)]
 
 
-def write_gguf(ckpt, out_path):
+def sentencepiece_vocab(path):
+    """(pieces, scores, GGUF token types, bos, eos, unk) of a SentencePiece model. Types as
+    llama.cpp's converter assigns them: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=path)
+    pieces, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        pieces.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(float(sp.get_score(i)))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else
+                     6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1)
+    return pieces, scores, types, sp.bos_id(), sp.eos_id(), sp.unk_id()
+
+
+def write_gguf(ckpt, out_path, tokenizer=None):
+    """Converts `ckpt` to a LLaMA GGUF at out_path; with `tokenizer` (a SentencePiece
+    tokenizer.model of the checkpoint's vocabulary size) the GGUF carries that real
+    vocabulary and adds BOS to text prompts, else a placeholder one. Returns (config,
+    weight dtype)."""
     import gguf
 
     cfg = json.load(open(os.path.join(ckpt, "config.json")))
@@ -91,12 +113,26 @@ def write_gguf(ckpt, out_path):
                     else gguf.LlamaFileType.MOSTLY_F16)
     w.add_vocab_size(V)
     w.add_tokenizer_model("llama")
-    w.add_token_list([b"<unk>", b"<s>", b"</s>"] + [b"<t%d>" % i for i in range(3, V)])
-    w.add_token_scores([0.0] * V)
-    w.add_token_types([2, 3, 3] + [1] * (V - 3))  # unknown, control, control, normal
-    w.add_bos_token_id(cfg.get("bos_token_id", 1))
-    w.add_eos_token_id(cfg.get("eos_token_id", 2))
-    w.add_add_bos_token(False)
+    if tokenizer:
+        pieces, scores, types, bos, eos, unk = sentencepiece_vocab(tokenizer)
+        if len(pieces) != V:
+            sys.exit("llama_compare: %s has %d pieces, the checkpoint's vocabulary %d"
+                     % (tokenizer, len(pieces), V))
+        w.add_token_list(pieces)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(bos)
+        w.add_eos_token_id(eos)
+        w.add_unk_token_id(unk)
+        w.add_add_bos_token(True)  # a text prompt starts with BOS, as in our server
+        w.add_add_eos_token(False)
+    else:
+        w.add_token_list([b"<unk>", b"<s>", b"</s>"] + [b"<t%d>" % i for i in range(3, V)])
+        w.add_token_scores([0.0] * V)
+        w.add_token_types([2, 3, 3] + [1] * (V - 3))  # unknown, control, control, normal
+        w.add_bos_token_id(cfg.get("bos_token_id", 1))
+        w.add_eos_token_id(cfg.get("eos_token_id", 2))
+        w.add_add_bos_token(False)
 
     def mat(name, arr):
         arr = np.ascontiguousarray(arr)
