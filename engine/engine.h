@@ -136,6 +136,8 @@ struct cvlm_output {
 /* Moves pending output into *out (zeroed first). Returns 1 if anything new (text,
  * tokens or the end), 0 if nothing. Free with cvlm_output_free. */
 int cvlm_request_take(struct cvlm_request *r, struct cvlm_output *out);
+/* 1 if take() would return something (without taking it). */
+int cvlm_request_pending(struct cvlm_request *r);
 void cvlm_output_free(struct cvlm_output *out);
 
 /* The text of one token as the tokenizer's piece decodes on its own (for logprobs);

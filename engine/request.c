@@ -448,6 +448,14 @@ int cvlm_request_take(struct cvlm_request *r, struct cvlm_output *o)
     return any;
 }
 
+int cvlm_request_pending(struct cvlm_request *r)
+{
+    pthread_mutex_lock(&r->mu);
+    int any = r->out_len || r->n_otok || (r->finish != CVLM_FINISH_NONE && !r->finish_taken);
+    pthread_mutex_unlock(&r->mu);
+    return any;
+}
+
 void cvlm_output_free(struct cvlm_output *o)
 {
     free(o->text);

@@ -75,6 +75,7 @@ struct conn {
     struct api_opts o;
     struct choice *ch;
     int n_ch;
+    int stale_ticks;        /* ticks that saw output pending with no wake-up queued */
     int gen_failed;          /* a choice finished with an engine error */
     int status;              /* error reply: HTTP status, message, type, param, code */
     char err_msg[512], err_type[40], err_param[64], err_code[40];
