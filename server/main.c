@@ -48,9 +48,10 @@ static void load_done(uv_work_t *w, int status)
     cvlm_engine_get_info(s->engine, &s->info);
     s->ready = 1;
     cvlm_notifyf("READY=1\nSTATUS=serving %s", s->model_id); /* systemd Type=notify */
-    LOG_INFO("model %s ready: context %d tokens, %d KV blocks of %d, %s", s->model_id,
-             s->info.context_length, s->info.kv_blocks, s->info.block_size,
-             s->info.has_vision ? "vision" : "text only");
+    LOG_INFO("model %s ready: context %d tokens, %d KV blocks of %d, %s, %s backend, tp %d%s",
+             s->model_id, s->info.context_length, s->info.kv_blocks, s->info.block_size,
+             s->info.has_vision ? "vision" : "text only", s->cfg->backend, s->cfg->tp,
+             s->cfg->dummy_weights ? ", DUMMY WEIGHTS (benchmark only)" : "");
     if (s->draining)
         cvlm_engine_drain(s->engine);
 }
