@@ -172,6 +172,11 @@ struct cvlm_backend_i {
                       const struct cvlm_tensor *w, const struct cvlm_tensor *b, int M, int D,
                       float eps);
     void (*add)(struct cvlm_backend *be, void *y, const void *x, size_t n); /* y += x */
+    /* The residual step between sub-layers in one pass: x[M,D] += r, then
+     * y = x / sqrt(mean(x^2) + eps) * w. y may be r. Optional (NULL: the model calls add
+     * and rmsnorm); the same arithmetic as those two, so results do not change. */
+    void (*add_rmsnorm)(struct cvlm_backend *be, void *y, void *x, const void *r,
+                        const struct cvlm_tensor *w, int M, int D, float eps);
     /* y[i] = x[i] + broadcast row b (ViT pos/bias helpers): y[M,D] += b[D] per row */
     void (*add_row)(struct cvlm_backend *be, void *y, const struct cvlm_tensor *b, int M, int D);
     void (*gelu)(struct cvlm_backend *be, void *x, size_t n); /* exact erf GELU, in place */

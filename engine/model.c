@@ -379,6 +379,22 @@ static void debug_rows(struct cvlm_rank *m, const struct cvlm_batch *b, int laye
     b->on_hidden(b->dbg_ctx, layer, out, n, (int)D);
 }
 
+/* x += r; y = RMS(x) * w, fused where the backend can (one pass over the residual). */
+static void add_norm(struct cvlm_rank *m, void *y, void *x, const void *r,
+                     const struct cvlm_tensor *w, int n)
+{
+    int D = m->c->hidden_size;
+    if (m->op->add_rmsnorm) {
+        m->op->add_rmsnorm(m->be, y, x, r, w, n, D, m->c->rms_norm_eps);
+        return;
+    }
+    m->op->add(m->be, x, r, (size_t)n * D);
+    m->op->rmsnorm(m->be, y, x, w, n, D, m->c->rms_norm_eps);
+}
+
+/* On entry h = RMS(x) with this layer's input norm (the previous layer, or the caller for
+ * layer 0, computed it with the residual add); on return x is the layer's output and, if
+ * a layer follows, h = RMS(x) with its input norm. */
 static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_batch *ab, int nl)
 {
     const struct cvlm_backend_i *op = m->op;
@@ -389,7 +405,6 @@ static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_bat
     void *k = (char *)m->qkv + (size_t)Dl * es, *v = (char *)m->qkv + 2 * (size_t)Dl * es;
     /* attention: h = RMS(x); qkv [n, q|k|v of the rank's heads] per expert; RoPE on q and
      * k; cache k, v; attend; dense's partial sums all-reduced across ranks */
-    op->rmsnorm(m->be, m->h, m->x, &L->input_norm, n, D, m->c->rms_norm_eps);
     expert_gemm(m, m->qkv, m->h, L->qkv, n, nl, 3 * Dl, D);
     op->rope(m->be, m->qkv, 3 * Dl, m->pos_p, n, H, hd, m->inv_freq);
     op->rope(m->be, k, 3 * Dl, m->pos_p, n, H, hd, m->inv_freq);
@@ -397,15 +412,17 @@ static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_bat
     op->attention_paged(m->be, m->attn, m->qkv, 3 * Dl, &m->kv[l], ab, H, hd);
     expert_gemm(m, m->h, m->attn, L->dense, n, nl, D, Dl);
     cvlm_comm_allreduce(m->comm, m->h, (size_t)n * D);
-    op->add(m->be, m->x, m->h, (size_t)n * D);
+    add_norm(m, m->h, m->x, m->h, &L->post_norm, n);
     /* MLP: x += down(silu(gate(h)) * up(h)), h = RMS(x), per expert; one all-reduce */
-    op->rmsnorm(m->be, m->h, m->x, &L->post_norm, n, D, m->c->rms_norm_eps);
     expert_gemm(m, m->g, m->h, L->gate, n, nl, Il, D);
     expert_gemm(m, m->u, m->h, L->up, n, nl, Il, D);
     op->silu_mul(m->be, m->g, m->g, m->u, Il, n, Il);
     expert_gemm(m, m->h, m->g, L->down, n, nl, D, Il);
     cvlm_comm_allreduce(m->comm, m->h, (size_t)n * D);
-    op->add(m->be, m->x, m->h, (size_t)n * D);
+    if (l + 1 < m->c->num_layers)
+        add_norm(m, m->h, m->x, m->h, &m->w->layers[l + 1].input_norm, n);
+    else
+        op->add(m->be, m->x, m->h, (size_t)n * D);
 }
 
 /* Replaces the embeddings of image slots by their feature rows, one copy per run of
@@ -452,6 +469,7 @@ void cvlm_rank_forward(struct cvlm_rank *m, const struct cvlm_batch *b, float *l
     struct cvlm_attn_batch ab = {n, m->seq_p, m->slot_p, b->seqs, m->block_size};
     m->op->embed(m->be, m->x, &m->w->embed, m->ids_p, n, D);
     splice_image(m, b, n);
+    m->op->rmsnorm(m->be, m->h, m->x, &m->w->layers[0].input_norm, n, D, m->c->rms_norm_eps);
     for (int l = 0; l < m->c->num_layers; l++) {
         debug_rows(m, b, l, m->x, n, m->inv);
         decoder_layer(m, l, &ab, nl);

@@ -98,6 +98,8 @@ struct norm_job {
     int M, D;
     float eps;
     float *wf, *bf; /* widened weight/bias */
+    float *acc;     /* add_rmsnorm: the residual x, updated in place (x == acc) */
+    const float *r; /* add_rmsnorm: what is added to it first */
 };
 
 static void rms_task(void *ctx, int i, int thread)
@@ -112,6 +114,18 @@ static void rms_task(void *ctx, int i, int thread)
     float r = 1.0f / sqrtf((float)(ss / j->D) + j->eps);
     for (int d = 0; d < j->D; d++)
         y[d] = x[d] * r * j->wf[d];
+}
+
+/* x += r, then the RMS norm of the row: each row is finished (added) before it is read
+ * for the norm, so y may alias r. */
+static void add_rms_task(void *ctx, int i, int thread)
+{
+    struct norm_job *j = ctx;
+    float *x = j->acc + (size_t)i * j->D;
+    const float *r = j->r + (size_t)i * j->D;
+    for (int d = 0; d < j->D; d++)
+        x[d] += r[d];
+    rms_task(ctx, i, thread);
 }
 
 static void ln_task(void *ctx, int i, int thread)
@@ -148,15 +162,22 @@ static void run_norm(struct cvlm_backend *be, struct norm_job *j, cvlm_pool_fn f
 static void cpu_rmsnorm(struct cvlm_backend *be, void *y, const void *x,
                         const struct cvlm_tensor *w, int M, int D, float eps)
 {
-    struct norm_job j = {y, x, w, NULL, M, D, eps, NULL, NULL};
+    struct norm_job j = {y, x, w, NULL, M, D, eps, NULL, NULL, NULL, NULL};
     run_norm(be, &j, rms_task);
+}
+
+static void cpu_add_rmsnorm(struct cvlm_backend *be, void *y, void *x, const void *r,
+                            const struct cvlm_tensor *w, int M, int D, float eps)
+{
+    struct norm_job j = {y, x, w, NULL, M, D, eps, NULL, NULL, x, r};
+    run_norm(be, &j, add_rms_task);
 }
 
 static void cpu_layernorm(struct cvlm_backend *be, void *y, const void *x,
                           const struct cvlm_tensor *w, const struct cvlm_tensor *b, int M, int D,
                           float eps)
 {
-    struct norm_job j = {y, x, w, b, M, D, eps, NULL, NULL};
+    struct norm_job j = {y, x, w, b, M, D, eps, NULL, NULL, NULL, NULL};
     run_norm(be, &j, ln_task);
 }
 
@@ -377,6 +398,7 @@ static const struct cvlm_backend_i cpu_ops = {
     .rmsnorm = cpu_rmsnorm,
     .layernorm = cpu_layernorm,
     .add = cpu_add,
+    .add_rmsnorm = cpu_add_rmsnorm,
     .add_row = cpu_add_row,
     .gelu = cpu_gelu,
     .silu_mul = cpu_silu_mul,
