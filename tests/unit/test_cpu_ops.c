@@ -236,6 +236,34 @@ TEST(cpu_ops_norms)
     }
 }
 
+/* add_rmsnorm is exactly add then rmsnorm (the model relies on it), also with y == r. */
+TEST(cpu_ops_add_rmsnorm)
+{
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        int M = 5, D = 4100;
+        size_t n = (size_t)M * D;
+        float *wf, *x = rand_floats(n, 3.0f), *r = rand_floats(n, 1.0f), *a = malloc(n * 4),
+                   *b = malloc(n * 4), *xa = malloc(n * 4), *xb = malloc(n * 4);
+        struct cvlm_tensor w = make_weight(CVLM_DTYPE_BF16, D, 0, 1.0f, &wf);
+        float *dx1 = dev_copy(be, x, n), *dx2 = dev_copy(be, x, n), *dr1 = dev_copy(be, r, n),
+              *dr2 = dev_copy(be, r, n), *dy = be->ops->alloc(be, n * 4);
+        be->ops->add(be, dx1, dr1, n); /* unfused */
+        be->ops->rmsnorm(be, dy, dx1, &w, M, D, 1e-5f);
+        be->ops->to_host(be, a, dy, n);
+        be->ops->add_rmsnorm(be, dr2, dx2, dr2, &w, M, D, 1e-5f); /* fused, y aliases r */
+        be->ops->to_host(be, b, dr2, n);
+        be->ops->to_host(be, xa, dx1, n);
+        be->ops->to_host(be, xb, dx2, n);
+        CHECKF(!memcmp(a, b, n * 4) && !memcmp(xa, xb, n * 4), "%s t=%d: fused differs",
+               isa_names[isa], threads);
+        float *bufs[] = {dx1, dx2, dr1, dr2, dy};
+        for (int i = 0; i < 5; i++)
+            be->ops->free(be, bufs[i]);
+        free(x), free(r), free(a), free(b), free(xa), free(xb), free(wf), free((void *)w.data);
+    }
+}
+
 /* max over i of |got - ref| / (tol_rel |ref| + tol_abs_i) where tol_abs_i = abs_scale |x_i| */
 static double ew_check(const float *got, const double *ref, const float *x, size_t n, double rel,
                        double abs_scale)
