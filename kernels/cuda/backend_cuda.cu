@@ -274,7 +274,7 @@ static void meta_remember(struct cuda_backend *cb, const void *host, size_t n, c
     cb->meta_next = (cb->meta_next + 1) % CU_META_CACHE;
 }
 
-/* Uploads larger than half the ring: synchronous, into a dedicated buffer. */
+/* Uploads larger than half the ring: into a dedicated buffer, once the stream is idle. */
 static const void *meta_big(struct cuda_backend *cb, const void *host, size_t n)
 {
     if (!CU_RT(cb, cudaStreamSynchronize(cb->stream)))
@@ -287,7 +287,9 @@ static const void *meta_big(struct cuda_backend *cb, const void *host, size_t n)
             return NULL;
         cb->meta_big_cap = n;
     }
-    if (!CU_RT(cb, cudaMemcpy(cb->meta_big, host, n, cudaMemcpyHostToDevice)))
+    /* on the stream: a synchronous cudaMemcpy from pageable memory may return before its
+     * DMA is done, and the (non-blocking) stream's next kernels would not wait for it */
+    if (!CU_RT(cb, cudaMemcpyAsync(cb->meta_big, host, n, cudaMemcpyHostToDevice, cb->stream)))
         return NULL;
     return cb->meta_big;
 }
@@ -297,9 +299,11 @@ const void *cu_upload(struct cuda_backend *cb, const void *host, size_t n)
     size_t a = (n + 255) / 256 * 256;
     if (n == 0)
         return cb->meta_dev;
+    /* only entries of the current half: one in the other half would be overwritten as
+     * soon as a later upload (possibly of the same op) switches into it */
     for (int i = 0; i < CU_META_CACHE; i++) {
         const struct cu_meta_entry *e = &cb->meta_cache[i];
-        if (e->half >= 0 && e->n == n && !memcmp(e->host, host, n))
+        if (e->half == cb->meta_half && e->n == n && !memcmp(e->host, host, n))
             return e->dev;
     }
     if (a > CU_META_HALF)
@@ -411,6 +415,7 @@ static const struct cvlm_backend_i cuda_ops = {
     .rmsnorm = cu_rmsnorm,
     .layernorm = cu_layernorm,
     .add = cu_add,
+    .add_rmsnorm = cu_add_rmsnorm,
     .add_row = cu_add_row,
     .gelu = cu_gelu,
     .silu_mul = cu_silu_mul,

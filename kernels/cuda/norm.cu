@@ -1,4 +1,5 @@
-/* norm.cu - RMSNorm and LayerNorm over rows of BF16 activations (weights of any dtype).
+/* norm.cu - RMSNorm (also fused with the residual add) and LayerNorm over rows of BF16
+ * activations (weights of any dtype).
  *
  * One block per row. The row is read once into shared memory as F32 (D <= NORM_SMEM_MAX,
  * every CogVLM width), the statistics are block reductions in F32, and LayerNorm's
@@ -38,6 +39,35 @@ __global__ void k_rmsnorm(bf16 *y, const bf16 *x, const void *w, int wdt, int M,
         float inv = rsqrtf(ss / (float)D + eps);
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
             float v = cr ? cr[c] : __bfloat162float(xr[c]);
+            yr[c] = __float2bfloat16_rn(v * inv * cu_ldw(w, wdt, c));
+        }
+        __syncthreads(); /* the cache is reused by the next row */
+    }
+}
+
+/* The residual step: x += r (rounded to BF16, exactly as the add op stores it), then
+ * y = RMSNorm(x). Every thread reads r and writes x and y only at its own columns, so y
+ * may alias r. */
+__global__ void k_add_rmsnorm(bf16 *y, bf16 *x, const bf16 *r, const void *w, int wdt, int M,
+                              int D, float eps, int use_cache)
+{
+    extern __shared__ float cache[];
+    __shared__ float red[32];
+    for (int row = blockIdx.x; row < M; row += gridDim.x) {
+        bf16 *xr = x + (size_t)row * D, *yr = y + (size_t)row * D;
+        const bf16 *rr = r + (size_t)row * D;
+        float ss = 0;
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            bf16 s = __float2bfloat16_rn(__bfloat162float(xr[c]) + __bfloat162float(rr[c]));
+            float v = __bfloat162float(s);
+            xr[c] = s;
+            if (use_cache)
+                cache[c] = v;
+            ss += v * v;
+        }
+        float inv = rsqrtf(cu_block_reduce(ss, red, false) / (float)D + eps);
+        for (int c = threadIdx.x; c < D; c += blockDim.x) {
+            float v = use_cache ? cache[c] : __bfloat162float(xr[c]);
             yr[c] = __float2bfloat16_rn(v * inv * cu_ldw(w, wdt, c));
         }
         __syncthreads(); /* the cache is reused by the next row */
@@ -92,6 +122,27 @@ void cu_rmsnorm(struct cvlm_backend *be, void *y, const void *x, const struct cv
     k_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>((bf16 *)y, (const bf16 *)x, w->data,
                                                            w->dtype, M, D, eps, use_cache);
     CU_LAUNCHED(cb, "rmsnorm");
+}
+
+void cu_add_rmsnorm(struct cvlm_backend *be, void *y, void *x, const void *r,
+                    const struct cvlm_tensor *w, int M, int D, float eps)
+{
+    struct cuda_backend *cb = cu_of(be);
+    if (M <= 0 || !cu_enter(cb))
+        return;
+    CU_REQUIRE(cb, D > 0 && w && w->data && cvlm_tensor_numel(w) == D,
+               "add_rmsnorm: weight of %lld elements for D %d",
+               w ? (long long)cvlm_tensor_numel(w) : -1LL, D);
+    int use_cache = D <= NORM_SMEM_MAX;
+    size_t smem = use_cache ? (size_t)D * sizeof(float) : 0;
+    if (smem > 48 * 1024 &&
+        !CU_RT(cb, cudaFuncSetAttribute(k_add_rmsnorm,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)))
+        return;
+    unsigned grid = (unsigned)(M < 65535 ? M : 65535);
+    k_add_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>(
+        (bf16 *)y, (bf16 *)x, (const bf16 *)r, w->data, w->dtype, M, D, eps, use_cache);
+    CU_LAUNCHED(cb, "add_rmsnorm");
 }
 
 void cu_layernorm(struct cvlm_backend *be, void *y, const void *x, const struct cvlm_tensor *w,

@@ -31,10 +31,26 @@ __device__ __forceinline__ uint64_t mix64(uint64_t z)
     return z ^ (z >> 31);
 }
 
+/* The CPU backend's f16_small (backend_cpu.c), widened back: an F16 tensor it generates
+ * holds these values (mantissa rounded half up, magnitudes below the smallest normal half
+ * flushed to zero). */
+__device__ __forceinline__ float f16_small_value(float v)
+{
+    uint32_t u = __float_as_uint(v);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    int e = (int)((u >> 23) & 0xffu) - 127 + 15;
+    if (e <= 0)
+        return __half2float(__ushort_as_half(sign));
+    uint32_t h = ((uint32_t)e << 10) | ((u & 0x7fffffu) >> 13);
+    h += (u >> 12) & 1u;
+    return __half2float(__ushort_as_half((unsigned short)(sign | h)));
+}
+
 /* Element i of a generated tensor: the same counter-based hash of (seed, tensor index,
  * element) as the CPU backend's upload_weights, so a BF16 dummy model has bit-identical
- * weights on both backends. */
-__global__ void k_fill(bf16 *dst, size_t n, int kind, uint64_t key)
+ * weights on both backends (an F32 or F16 one: the CPU's values, rounded to BF16 as the
+ * upload of that tensor would). */
+__global__ void k_fill(bf16 *dst, size_t n, int kind, int dtype, uint64_t key)
 {
     const float amp = 0.034641016f; /* 0.02 * sqrt(3): uniform [-a, a) has std 0.02 */
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
@@ -44,6 +60,8 @@ __global__ void k_fill(bf16 *dst, size_t n, int kind, uint64_t key)
             uint64_t z = mix64(key + (uint64_t)i * 0x9e3779b97f4a7c15ull);
             v = ((float)(z >> 40) * (1.0f / 8388608.0f) - 1.0f) * amp;
         }
+        if (dtype == CVLM_DTYPE_F16)
+            v = f16_small_value(v);
         dst[i] = __float2bfloat16_rn(v);
     }
 }
@@ -161,7 +179,8 @@ static bool upload_all(struct cuda_backend *cb, struct cvlm_tensor *const *ts, i
             ok = copy_tensor(cb, &st, dst, t, numel);
         } else {
             uint64_t key = seed * 0x100000001b3ull + (uint64_t)i;
-            k_fill<<<cu_blocks(numel, 256, 4096), 256, 0, cb->stream>>>(dst, numel, t->fill, key);
+            k_fill<<<cu_blocks(numel, 256, 4096), 256, 0, cb->stream>>>(dst, numel, t->fill,
+                                                                     t->dtype, key);
             ok = CU_LAUNCHED(cb, "fill");
         }
     }

@@ -317,6 +317,14 @@ static void test_norms(struct ctx *c)
             c->gpu->ops->layernorm(c->gpu, x.g, x.g, &w.g, &b.g, M, D, 1e-6f);
             snprintf(s, sizeof(s), "M=%d D=%d w,b %s in place", M, D, cvlm_dtype_name(dt));
             check(c, "layernorm", s, &x, (size_t)M * D, TOL_MM);
+            /* the residual step, y aliasing the residual input r (as the model calls it) */
+            struct pair r = pair_rand(c, (size_t)M * D, 1.0f);
+            c->cpu->ops->add_rmsnorm(c->cpu, r.c, x.c, r.c, &w.c, M, D, 1e-5f);
+            c->gpu->ops->add_rmsnorm(c->gpu, r.g, x.g, r.g, &w.g, M, D, 1e-5f);
+            snprintf(s, sizeof(s), "M=%d D=%d w %s, y = r", M, D, cvlm_dtype_name(dt));
+            check(c, "add_rmsnorm", s, &r, (size_t)M * D, TOL_MM);
+            check(c, "add_rmsnorm x", s, &x, (size_t)M * D, TOL_EW);
+            pair_free(c, &r);
             pair_free(c, &x);
             pair_free(c, &y);
             weight_free(&w);
@@ -477,8 +485,10 @@ static void paged_one(struct ctx *c, const struct paged_case *pc, const char *na
                           pc->H, pc->hd);
     c->gpu->ops->kv_write(c->gpu, &kvg, cvlm_be_row(c->gpu, qkv.g, 1, (size_t)W),
                           cvlm_be_row(c->gpu, qkv.g, 2, (size_t)W), 3 * W, &b, pc->H, pc->hd);
-    snprintf(s, sizeof(s), "%s: cache after", name);
+    snprintf(s, sizeof(s), "%s: K cache after", name);
     check(c, "kv_write", s, &kc, cache, 0);
+    snprintf(s, sizeof(s), "%s: V cache after", name);
+    check(c, "kv_write", s, &vc, cache, 0);
     c->cpu->ops->attention_paged(c->cpu, out.c, qkv.c, 3 * W, &kvc, &b, pc->H, pc->hd);
     c->gpu->ops->attention_paged(c->gpu, out.g, qkv.g, 3 * W, &kvg, &b, pc->H, pc->hd);
     snprintf(s, sizeof(s), "%s (%d tokens, %d seqs)", name, ps.n_tok, pc->n_seqs);
