@@ -680,6 +680,8 @@ static int build_pieces(struct cvlm_tokenizer *t, struct proto_model *m)
         t->pieces[i].len = m->pieces[i].len;
         t->pieces[i].score = m->pieces[i].score;
         t->pieces[i].type = (uint8_t)m->pieces[i].type;
+        if (m->pieces[i].len > t->max_piece_len)
+            t->max_piece_len = m->pieces[i].len;
         int rc = check_piece(t, m, i);
         if (!rc)
             rc = table_insert(t, i);

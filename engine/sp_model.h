@@ -42,6 +42,7 @@ struct cvlm_sp_unode {
 
 struct cvlm_tokenizer {
     int32_t n; /* vocabulary size; ids are 0..n-1 */
+    uint32_t max_piece_len; /* bytes of the longest piece string (normalized text) */
     struct cvlm_sp_piece *pieces;
     char *strs, *dec;
     int32_t *table; /* open addressing, piece string -> id, -1 = empty; load <= 1/2 */

@@ -589,14 +589,12 @@ int cvlm_tokenizer_min_ids(const struct cvlm_tokenizer *t, const char *text, siz
                            size_t *out)
 {
     struct buf norm = {0};
-    size_t longest = 4; /* a byte-fallback or unknown piece: one UTF-8 character */
+    /* a byte-fallback or unknown piece covers one UTF-8 character: up to 4 bytes */
+    size_t longest = t->max_piece_len > 4 ? t->max_piece_len : 4;
     int rc = normalize(t, (const uint8_t *)text, len, &norm);
     *out = 0;
     if (rc)
         return rc;
-    for (int32_t i = 0; i < t->n; i++)
-        if (t->pieces[i].len > longest)
-            longest = t->pieces[i].len;
     *out = (norm.n + longest - 1) / longest;
     free(norm.p);
     return 0;
