@@ -26,41 +26,25 @@ __device__ float row_sum(const bf16 *x, float *cache, int D, float *red, bool sq
     return cu_block_reduce(s, red, false);
 }
 
-__global__ void k_rmsnorm(bf16 *y, const bf16 *x, const void *w, int wdt, int M, int D, float eps,
-                          int use_cache)
-{
-    extern __shared__ float cache[];
-    __shared__ float red[32];
-    for (int r = blockIdx.x; r < M; r += gridDim.x) {
-        const bf16 *xr = x + (size_t)r * D;
-        bf16 *yr = y + (size_t)r * D;
-        float *cr = use_cache ? cache : NULL;
-        float ss = row_sum(xr, cr, D, red, true);
-        float inv = rsqrtf(ss / (float)D + eps);
-        for (int c = threadIdx.x; c < D; c += blockDim.x) {
-            float v = cr ? cr[c] : __bfloat162float(xr[c]);
-            yr[c] = __float2bfloat16_rn(v * inv * cu_ldw(w, wdt, c));
-        }
-        __syncthreads(); /* the cache is reused by the next row */
-    }
-}
-
-/* The residual step: x += r (rounded to BF16, exactly as the add op stores it), then
- * y = RMSNorm(x). Every thread reads r and writes x and y only at its own columns, so y
- * may alias r. */
-__global__ void k_add_rmsnorm(bf16 *y, bf16 *x, const bf16 *r, const void *w, int wdt, int M,
-                              int D, float eps, int use_cache)
+/* y = RMSNorm(x) * w; with r, first x += r (rounded to BF16, exactly as the add op
+ * stores it), the residual step between sub-layers. Every thread reads r and writes x and
+ * y only at its own columns, so y may alias x or r. */
+__global__ void k_rmsnorm(bf16 *y, bf16 *x, const bf16 *r, const void *w, int wdt, int M, int D,
+                          float eps, int use_cache)
 {
     extern __shared__ float cache[];
     __shared__ float red[32];
     for (int row = blockIdx.x; row < M; row += gridDim.x) {
         bf16 *xr = x + (size_t)row * D, *yr = y + (size_t)row * D;
-        const bf16 *rr = r + (size_t)row * D;
+        const bf16 *rr = r ? r + (size_t)row * D : NULL;
         float ss = 0;
         for (int c = threadIdx.x; c < D; c += blockDim.x) {
-            bf16 s = __float2bfloat16_rn(__bfloat162float(xr[c]) + __bfloat162float(rr[c]));
-            float v = __bfloat162float(s);
-            xr[c] = s;
+            float v = __bfloat162float(xr[c]);
+            if (rr) {
+                bf16 sum = __float2bfloat16_rn(v + __bfloat162float(rr[c]));
+                v = __bfloat162float(sum);
+                xr[c] = sum;
+            }
             if (use_cache)
                 cache[c] = v;
             ss += v * v;
@@ -103,8 +87,9 @@ static unsigned norm_threads(int D)
     return D >= 2048 ? NORM_THREADS : D >= 512 ? 128 : 64;
 }
 
-void cu_rmsnorm(struct cvlm_backend *be, void *y, const void *x, const struct cvlm_tensor *w, int M,
-                int D, float eps)
+/* x is written only when r is given (the add). */
+static void rmsnorm_launch(struct cvlm_backend *be, void *y, void *x, const void *r,
+                           const struct cvlm_tensor *w, int M, int D, float eps)
 {
     struct cuda_backend *cb = cu_of(be);
     if (M <= 0 || !cu_enter(cb))
@@ -119,30 +104,22 @@ void cu_rmsnorm(struct cvlm_backend *be, void *y, const void *x, const struct cv
                                         (int)smem)))
         return;
     unsigned grid = (unsigned)(M < 65535 ? M : 65535);
-    k_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>((bf16 *)y, (const bf16 *)x, w->data,
-                                                           w->dtype, M, D, eps, use_cache);
-    CU_LAUNCHED(cb, "rmsnorm");
+    k_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>((bf16 *)y, (bf16 *)x, (const bf16 *)r,
+                                                           w->data, w->dtype, M, D, eps,
+                                                           use_cache);
+    CU_LAUNCHED(cb, r ? "add_rmsnorm" : "rmsnorm");
+}
+
+void cu_rmsnorm(struct cvlm_backend *be, void *y, const void *x, const struct cvlm_tensor *w, int M,
+                int D, float eps)
+{
+    rmsnorm_launch(be, y, (void *)x, NULL, w, M, D, eps); /* x only read without r */
 }
 
 void cu_add_rmsnorm(struct cvlm_backend *be, void *y, void *x, const void *r,
                     const struct cvlm_tensor *w, int M, int D, float eps)
 {
-    struct cuda_backend *cb = cu_of(be);
-    if (M <= 0 || !cu_enter(cb))
-        return;
-    CU_REQUIRE(cb, D > 0 && w && w->data && cvlm_tensor_numel(w) == D,
-               "add_rmsnorm: weight of %lld elements for D %d",
-               w ? (long long)cvlm_tensor_numel(w) : -1LL, D);
-    int use_cache = D <= NORM_SMEM_MAX;
-    size_t smem = use_cache ? (size_t)D * sizeof(float) : 0;
-    if (smem > 48 * 1024 &&
-        !CU_RT(cb, cudaFuncSetAttribute(k_add_rmsnorm,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)))
-        return;
-    unsigned grid = (unsigned)(M < 65535 ? M : 65535);
-    k_add_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>(
-        (bf16 *)y, (bf16 *)x, (const bf16 *)r, w->data, w->dtype, M, D, eps, use_cache);
-    CU_LAUNCHED(cb, "add_rmsnorm");
+    rmsnorm_launch(be, y, x, r, w, M, D, eps);
 }
 
 void cu_layernorm(struct cvlm_backend *be, void *y, const void *x, const struct cvlm_tensor *w,
