@@ -79,31 +79,10 @@ INLINE2 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M,
         gemv2(y, ldy, x, ldx, M, w, dt, (size_t)n, n1 - n, K);
 }
 
-#define GEMV_CASES(DT)                                                                             \
-    switch (M) {                                                                                   \
-    case 1:                                                                                        \
-        gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    case 2:                                                                                        \
-        gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    case 3:                                                                                        \
-        gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    default:                                                                                       \
-        gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    }
-
 AVX2 void cvlm_cpu_gemv_avx2(float *y, int ldy, const float *x, int ldx, int M,
                              const struct cvlm_tensor *w, int n0, int n1, int K)
 {
-    if (w->dtype == CVLM_DTYPE_BF16)
-        GEMV_CASES(CVLM_DTYPE_BF16)
-    else if (w->dtype == CVLM_DTYPE_F16)
-        GEMV_CASES(CVLM_DTYPE_F16)
-    else
-        GEMV_CASES(CVLM_DTYPE_F32)
+    CVLM_CPU_GEMV_DISPATCH(gemv_range);
 }
 
 /* Widens one W row segment with vector loads, then scatters it into its panel column. */

@@ -122,31 +122,10 @@ INLINE512 void gemv_range(float *y, int ldy, const float *x, int ldx, const int 
         gemv1(y, ldy, x, ldx, M, w, dt, (size_t)n, K);
 }
 
-#define GEMV_CASES(DT)                                                                             \
-    switch (M) {                                                                                   \
-    case 1:                                                                                        \
-        gemv_range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    case 2:                                                                                        \
-        gemv_range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    case 3:                                                                                        \
-        gemv_range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    default:                                                                                       \
-        gemv_range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K);                                     \
-        break;                                                                                     \
-    }
-
 AVX512 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
                                  const struct cvlm_tensor *w, int n0, int n1, int K)
 {
-    if (w->dtype == CVLM_DTYPE_BF16)
-        GEMV_CASES(CVLM_DTYPE_BF16)
-    else if (w->dtype == CVLM_DTYPE_F16)
-        GEMV_CASES(CVLM_DTYPE_F16)
-    else
-        GEMV_CASES(CVLM_DTYPE_F32)
+    CVLM_CPU_GEMV_DISPATCH(gemv_range);
 }
 
 /* ---- packing W: 16 x 16 in-register transposes ------------------------------------------ */
