@@ -336,38 +336,58 @@ def open_fds(pid):
         return -1
 
 
-def tcp_state(local_port, remote_port=None):
-    """TCP state (hex as in /proc/net/tcp: 01 ESTABLISHED, 04 FIN_WAIT1, 08 CLOSE_WAIT, ...)
-    of the loopback socket with this local (and remote) port, or None when there is none."""
+class RssPeak:
+    """Samples the server's VmRSS every `interval` s in a thread while in a `with` block;
+    .kib is the highest value seen (starting from `start`)."""
+
+    def __init__(self, srv, interval, start=0):
+        self.srv, self.interval, self.kib = srv, interval, start
+        self._stop = threading.Event()
+        self._th = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.kib = max(self.kib, self.srv.status()["VmRSS"])
+            except OSError:
+                return
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._th.join(2)
+
+
+def tcp_sockets():
+    """(local port, remote port, state) of every TCP socket in /proc/net/tcp{,6}; the state
+    in hex as there: 01 ESTABLISHED, 04 FIN_WAIT1, 08 CLOSE_WAIT, ..."""
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
-                next(f)
-                for ln in f:
-                    parts = ln.split()
-                    if (int(parts[1].rsplit(":", 1)[1], 16) == local_port and
-                            (remote_port is None or int(parts[2].rsplit(":", 1)[1], 16) == remote_port)):
-                        return parts[3]
+                rows = f.readlines()[1:]
         except OSError:
-            pass
+            continue
+        for ln in rows:
+            parts = ln.split()
+            yield (int(parts[1].rsplit(":", 1)[1], 16), int(parts[2].rsplit(":", 1)[1], 16),
+                   parts[3])
+
+
+def tcp_state(local_port, remote_port=None):
+    """TCP state of the loopback socket with this local (and remote) port, or None."""
+    for lp, rp, state in tcp_sockets():
+        if lp == local_port and (remote_port is None or rp == remote_port):
+            return state
     return None
 
 
 def tcp_established(port):
-    """Server-side ESTABLISHED sockets on our listening port (from /proc/net/tcp)."""
-    n = 0
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as f:
-                next(f)
-                for ln in f:
-                    parts = ln.split()
-                    local, state = parts[1], parts[3]
-                    if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
-                        n += 1
-        except OSError:
-            pass
-    return n
+    """Server-side ESTABLISHED sockets on our listening port."""
+    return sum(1 for lp, _, state in tcp_sockets() if lp == port and state == "01")
 
 
 # ------------------------------------------------------------------------- images

@@ -112,34 +112,19 @@ def burst(chk):
     base = srv.status()
 
     m0 = srv.metrics()
-    peak = {"rss": 0}
-    stop = threading.Event()
-
-    def sampler():
-        while not stop.is_set():
-            try:
-                peak["rss"] = max(peak["rss"], srv.status()["VmRSS"])
-            except OSError:
-                return
-            time.sleep(0.02)
-
-    th = threading.Thread(target=sampler, daemon=True)
-    th.start()
-
-    barrier = threading.Barrier(BURST)
-    out = [None] * BURST
-    threads = []
-    for i in range(BURST):
-        b = dict(body, stream=(i % 2 == 1))
-        t = threading.Thread(target=one, args=(srv.port, barrier, b, out, i), daemon=True)
-        t.start()
-        threads.append(t)
-    t_start = time.monotonic()
-    for t in threads:
-        t.join(max(0.1, 150 - (time.monotonic() - t_start)))
-    wall = time.monotonic() - t_start
-    stop.set()
-    th.join(2)
+    with rl.RssPeak(srv, 0.02) as sampler:
+        barrier = threading.Barrier(BURST)
+        out = [None] * BURST
+        threads = []
+        for i in range(BURST):
+            b = dict(body, stream=(i % 2 == 1))
+            t = threading.Thread(target=one, args=(srv.port, barrier, b, out, i), daemon=True)
+            t.start()
+            threads.append(t)
+        t_start = time.monotonic()
+        for t in threads:
+            t.join(max(0.1, 150 - (time.monotonic() - t_start)))
+        wall = time.monotonic() - t_start
 
     n200 = n429 = 0
     lat = []
@@ -211,7 +196,7 @@ def burst(chk):
              f"429 latency max {worst429 * 1000:.0f} ms <= {REFUSE_BOUND:.0f} s")
     chk.note(f"admitted latency p50 {lat[len(lat) // 2] if lat else float('nan'):.2f} s, "
              f"max {worst:.2f} s <= bound {bound:.2f} s (solo {t_solo:.2f} s)")
-    chk.note(f"RSS idle {base['VmRSS'] // 1024} MiB, peak {max(peak['rss'], hwm) // 1024} MiB <= "
+    chk.note(f"RSS idle {base['VmRSS'] // 1024} MiB, peak {max(sampler.kib, hwm) // 1024} MiB <= "
              f"{limit_kib // 1024} MiB (KV {KV_MIB} + vcache {VCACHE_MIB} + overhead {OVERHEAD_MIB}); "
              f"preemptions {int(pre)}" + (" (ASan build: RSS not checked)" if asan else ""))
 

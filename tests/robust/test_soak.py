@@ -259,26 +259,12 @@ def test(chk):
 
     tally = Tally()
     client = Client(srv, tally, images)
-    peak = {"rss": rss0}
-    stop = threading.Event()
-
-    def sampler():
-        while not stop.is_set():
-            try:
-                peak["rss"] = max(peak["rss"], srv.status()["VmRSS"])
-            except OSError:
-                return
-            stop.wait(0.2)
-
-    th = threading.Thread(target=sampler, daemon=True)
-    th.start()
-    t0 = time.monotonic()
-    per = SOAK / len(LEVELS)
-    for i, conc in enumerate(LEVELS):
-        run_level(client, conc, per, SEED + i)
-    wall = time.monotonic() - t0
-    stop.set()
-    th.join(2)
+    with rl.RssPeak(srv, 0.2, start=rss0) as peak:
+        t0 = time.monotonic()
+        per = SOAK / len(LEVELS)
+        for i, conc in enumerate(LEVELS):
+            run_level(client, conc, per, SEED + i)
+        wall = time.monotonic() - t0
     m1 = settle()
     time.sleep(0.3)
     rss1 = srv.status()["VmRSS"]
@@ -338,7 +324,7 @@ def test(chk):
     chk.note(f"http: server counted {sum(delta.values()):.0f} = client {sum(expected.values())} completed + "
              f"{sum(tally.abandoned.values())} abandoned (server saw "
              f"{sum(v for (r, s), v in delta.items() if s == 499):.0f} as 499, the rest had finished)")
-    chk.note(f"RSS after warm-up {rss0 / 1024:.1f} MiB, peak {peak['rss'] / 1024:.1f} MiB, after soak "
+    chk.note(f"RSS after warm-up {rss0 / 1024:.1f} MiB, peak {peak.kib / 1024:.1f} MiB, after soak "
              f"{rss1 / 1024:.1f} MiB ({100.0 * growth / rss0:+.1f} %, limit +{100 * RSS_TOLERANCE:.0f} % + "
              f"{RSS_SLACK_KIB // 1024} MiB{'; ASan build: not checked' if asan else ''}); "
              f"KV used 0, running 0, waiting 0")
