@@ -8,8 +8,10 @@
 #include "tests/unit/harness.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 /* Small CogVLM: LM 4 heads (hidden 64, MLP 128), ViT 4 heads (hidden 32, MLP 64),
  * 28 px image of 14 px patches: 4 patches, 6 image slots. */
@@ -202,4 +204,43 @@ TEST(tp_shard_slices)
     CHECK(!s->lm_head.data && !s->vit[0].dense_b.data && s->vit[0].fc1_b.shape[0] == 32);
     cvlm_weights_destroy(s);
     cvlm_weights_destroy(w);
+}
+
+/* Runs a command, returns its exit status and whether its output contains `want`. */
+static int run_cmd(const char *cmd, const char *want, int *found)
+{
+    char line[1024];
+    FILE *p = popen(cmd, "r");
+    *found = 0;
+    if (!p)
+        return -1;
+    while (fgets(line, sizeof(line), p))
+        *found |= strstr(line, want) != NULL;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+/* Bad placement options are refused with a message, by the CLI and by the server (before
+ * or at load), never run with a wrong split. */
+TEST(tp_bad_options_refused)
+{
+    const char *cli = getenv("COGVLM_BIN"), *srv = getenv("COGVLM_SERVER_BIN");
+    const char *model = cvlm_test_data("golden-tiny/model");
+    char cmd[2048];
+    int found;
+    REQUIRE(cli && srv);
+    snprintf(cmd, sizeof(cmd), "%s run --prompt hi --model %s --tp 0 2>&1", cli, model);
+    CHECK(run_cmd(cmd, "bad value '0' for --tp", &found) == 2 && found);
+    snprintf(cmd, sizeof(cmd), "%s bench-vlm --backend gpu 2>&1", cli);
+    CHECK(run_cmd(cmd, "--backend must be cpu or cuda", &found) == 2 && found);
+    snprintf(cmd, sizeof(cmd), "%s --backend tpu --port 0 2>&1", srv);
+    CHECK(run_cmd(cmd, "--backend must be cpu or cuda", &found) == 2 && found);
+    snprintf(cmd, sizeof(cmd), "%s --tp 9 --port 0 2>&1", srv);
+    CHECK(run_cmd(cmd, "--tp 1..8", &found) == 2 && found);
+    snprintf(cmd, sizeof(cmd), "%s --model %s --tokenizer %s --tp 3 --port 0 2>&1", srv, model,
+             cvlm_test_data("llama2-tokenizer.model"));
+    CHECK(run_cmd(cmd, "does not divide the language model", &found) == 1 && found);
+    snprintf(cmd, sizeof(cmd), "%s --model %s --tokenizer %s --backend cuda --port 0 2>&1", srv,
+             model, cvlm_test_data("llama2-tokenizer.model"));
+    CHECK(run_cmd(cmd, "not built with CUDA", &found) == 1 && found);
 }
