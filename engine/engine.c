@@ -67,16 +67,34 @@ static int load_dummy(const struct cvlm_engine_opts *o, struct cvlm_weights **w)
                                            : cvlm_weights_dummy(&c, CVLM_DTYPE_BF16, 1, w);
 }
 
+/* The tokenizer, which must not produce ids the model has no embedding row for (every
+ * prompt of a batch would fail with the one that used such a piece). A model vocabulary
+ * larger than the tokenizer's (padded embeddings) is fine. */
+static int load_tokenizer(struct cvlm_engine *e)
+{
+    const struct cvlm_engine_opts *o = &e->opts;
+    char path[4096];
+    int rc, n;
+    snprintf(path, sizeof(path), "%s/tokenizer.model", o->model_dir);
+    if ((rc = cvlm_tokenizer_load(o->tokenizer ? o->tokenizer : path, &e->tok)))
+        return rc;
+    if ((n = cvlm_tokenizer_vocab_size(e->tok)) > e->w->cfg.vocab_size)
+        return cvlm_errf(CVLM_ESHAPE,
+                         "the tokenizer %s has %d pieces but %s/config.json has vocab_size %d: "
+                         "ids from %d up would have no embedding; use the model's own tokenizer",
+                         o->tokenizer ? o->tokenizer : path, n, o->model_dir,
+                         e->w->cfg.vocab_size, e->w->cfg.vocab_size);
+    return 0;
+}
+
 /* Model, KV cache (sized from the byte budget) and vision cache. */
 static int load(struct cvlm_engine *e)
 {
     const struct cvlm_engine_opts *o = &e->opts;
-    char path[4096];
     int rc;
     if ((rc = o->dummy_weights ? load_dummy(o, &e->w) : cvlm_weights_load(o->model_dir, &e->w)))
         return rc;
-    snprintf(path, sizeof(path), "%s/tokenizer.model", o->model_dir);
-    if ((rc = cvlm_tokenizer_load(o->tokenizer ? o->tokenizer : path, &e->tok)))
+    if ((rc = load_tokenizer(e)))
         return rc;
     const struct cvlm_config *c = &e->w->cfg;
     struct cvlm_model_opts mo = {.max_tokens = o->max_batched_tokens, .kv_bytes = o->kv_bytes,
@@ -87,7 +105,7 @@ static int load(struct cvlm_engine *e)
         return rc;
     int blocks = cvlm_model_kv_blocks(e->model);
     e->max_context = o->max_context > 0 ? o->max_context : c->max_position_embeddings;
-    if (e->max_context > blocks * o->block_size)
+    if ((long long)e->max_context > (long long)blocks * o->block_size)
         e->max_context = blocks * o->block_size; /* one sequence must fit the cache */
     e->kv = cvlm_kv_create(blocks, o->block_size);
     e->vc = cvlm_vc_create(e->model, o->vision_cache_bytes);
@@ -153,6 +171,11 @@ int cvlm_engine_create(const struct cvlm_engine_opts *opts, struct cvlm_engine *
     pthread_cond_init(&e->cv, NULL);
     if (!opts->model_dir) {
         rc = cvlm_errf(CVLM_EINVAL, "no model directory");
+        goto fail;
+    }
+    if (opts->block_size < 0 || opts->block_size > CVLM_MAX_BLOCK_SIZE) {
+        rc = cvlm_errf(CVLM_EINVAL, "block_size %d: KV blocks hold 1..%d slots (0: 16)",
+                       opts->block_size, CVLM_MAX_BLOCK_SIZE);
         goto fail;
     }
     if (!(e->model_dir = strdup(opts->model_dir))) {
@@ -225,35 +248,51 @@ void cvlm_engine_get_info(const struct cvlm_engine *e, struct cvlm_engine_info *
     info->block_size = e->opts.block_size;
 }
 
-int cvlm_engine_submit(struct cvlm_engine *e, struct cvlm_request *r, void (*wake)(void *ctx),
-                       void *ctx)
+/* Appends r to the submission list; under e->mu. */
+static void submit_locked(struct cvlm_engine *e, struct cvlm_request *r, void (*wake)(void *ctx),
+                          void *ctx)
+{
+    cvlm_request_ref(r);
+    r->wake = wake;
+    r->wake_ctx = ctx;
+    r->t_submit = cvlm_now_ms();
+    r->state = CVLM_REQ_WAITING;
+    r->next = NULL;
+    if (e->in_tail)
+        e->in_tail->next = r;
+    else
+        e->in_head = r;
+    e->in_tail = r;
+    e->n_in++;
+    e->st.requests_submitted++; /* read only by the engine thread after the lock */
+}
+
+int cvlm_engine_submit_group(struct cvlm_engine *e, struct cvlm_request *const *rs, int n,
+                             void (*wake)(void *ctx), void *ctx)
 {
     int rc = 0;
     pthread_mutex_lock(&e->mu);
     if (e->draining || e->stop)
         rc = cvlm_errf(CVLM_ESTATE, "the server is shutting down");
-    else if (r->state != CVLM_REQ_NEW)
-        rc = cvlm_errf(CVLM_EINVAL, "request submitted twice");
-    else if (e->n_in + e->n_waiting_pub >= e->opts.queue_limit)
-        rc = cvlm_errf(CVLM_EBUSY, "the queue is full (%d waiting)", e->opts.queue_limit);
-    if (!rc) {
-        cvlm_request_ref(r);
-        r->wake = wake;
-        r->wake_ctx = ctx;
-        r->t_submit = cvlm_now_ms();
-        r->state = CVLM_REQ_WAITING;
-        r->next = NULL;
-        if (e->in_tail)
-            e->in_tail->next = r;
-        else
-            e->in_head = r;
-        e->in_tail = r;
-        e->n_in++;
-        e->st.requests_submitted++; /* read only by the engine thread after the lock */
+    for (int i = 0; !rc && i < n; i++)
+        if (rs[i]->state != CVLM_REQ_NEW)
+            rc = cvlm_errf(CVLM_EINVAL, "request submitted twice");
+    /* one client request is one entry of the limit, however many choices it has */
+    if (!rc && e->n_in + e->n_waiting_pub >= e->opts.queue_limit)
+        rc = cvlm_errf(CVLM_EBUSY, "the queue is full (%d sequences waiting, limit %d)",
+                       e->n_in + e->n_waiting_pub, e->opts.queue_limit);
+    for (int i = 0; !rc && i < n; i++)
+        submit_locked(e, rs[i], wake, ctx);
+    if (!rc)
         pthread_cond_signal(&e->cv);
-    }
     pthread_mutex_unlock(&e->mu);
     return rc;
+}
+
+int cvlm_engine_submit(struct cvlm_engine *e, struct cvlm_request *r, void (*wake)(void *ctx),
+                       void *ctx)
+{
+    return cvlm_engine_submit_group(e, &r, 1, wake, ctx);
 }
 
 void cvlm_engine_cancel(struct cvlm_engine *e, struct cvlm_request *r)
@@ -266,26 +305,15 @@ void cvlm_engine_cancel(struct cvlm_engine *e, struct cvlm_request *r)
 
 size_t cvlm_engine_token_text(const struct cvlm_engine *e, int32_t id, char *buf, size_t cap)
 {
-    /* the piece itself, with its word-boundary space kept ("\xe2\x96\x81" -> ' '), so that
-     * the tokens of a completion concatenate to its text; byte pieces are their byte */
-    const char *p = cvlm_tokenizer_piece(e->tok, id);
-    size_t n = 0;
-    unsigned v;
-    if (!p || id == e->w->cfg.bos_token_id || id == e->w->cfg.eos_token_id)
+    /* what the detokenizer writes for the piece mid-text, its word-boundary space kept
+     * ("\xe2\x96\x81" -> ' '), so that the tokens of a completion concatenate to its text
+     * (a chat answer's first token: see lead_strip); byte pieces are their byte */
+    const char *p;
+    size_t n = cvlm_tokenizer_piece_text(e->tok, id, &p);
+    if (id == e->w->cfg.bos_token_id || id == e->w->cfg.eos_token_id)
         return 0;
-    if (strlen(p) == 6 && sscanf(p, "<0x%2X>", &v) == 1) {
-        if (cap)
-            buf[n++] = (char)v;
-        return n;
-    }
-    while (*p && n < cap) {
-        if (!strncmp(p, "\xe2\x96\x81", 3)) {
-            buf[n++] = ' ';
-            p += 3;
-        } else {
-            buf[n++] = *p++;
-        }
-    }
+    n = n < cap ? n : cap;
+    memcpy(buf, p, n);
     return n;
 }
 

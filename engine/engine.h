@@ -25,6 +25,11 @@
 struct cvlm_engine;
 struct cvlm_request;
 
+/* Largest KV block: any size works in the kernels, but a block is the prefix cache's
+ * unit of reuse (bigger blocks reuse less) and its bytes grow with the model (a 17B
+ * CogVLM needs 512 KiB of BF16 K+V per slot of a block). */
+#define CVLM_MAX_BLOCK_SIZE 1024
+
 struct cvlm_engine_opts {
     const char *model_dir;
     const char *tokenizer;     /* NULL: model_dir/tokenizer.model */
@@ -34,7 +39,7 @@ struct cvlm_engine_opts {
     int device;                /* CUDA: first device */
     int dummy_weights;         /* random weights of model_dir/config.json (benchmarks) */
     size_t kv_bytes;           /* KV cache memory per rank; 0: 256 MiB */
-    int block_size;            /* KV slots per block; 0: 16 */
+    int block_size;            /* KV slots per block, 1..CVLM_MAX_BLOCK_SIZE; 0: 16 */
     int max_batched_tokens;    /* tokens per step; 0: 512 */
     int max_seqs;              /* running sequences; 0: 64 */
     int queue_limit;           /* waiting requests before CVLM_EBUSY; 0: 256 */
@@ -90,6 +95,13 @@ struct cvlm_request_params {
     int n_stop_ids;
     int ignore_eos;
     int logprobs;               /* -1: none; else top alternatives per token (0..20) */
+    /* OpenAI logit_bias: up to CVLM_MAX_LOGIT_BIAS entries (copied; ids in [0, vocab_size),
+     * biases in [-100, 100], an id listed twice adds up). Each bias is added to the raw
+     * logit before penalties, temperature and the filters, so it steers greedy decoding
+     * too (-100 in effect bans a token, +100 forces it). Reported logprobs stay those of
+     * the model's raw distribution, without the bias. */
+    const struct cvlm_logit_bias *logit_bias;
+    int n_logit_bias;
 };
 
 /* Prepares a request; thread-safe. Errors: CVLM_EINVAL (bad parameters), image errors
@@ -108,12 +120,23 @@ int cvlm_request_prompt_tokens(const struct cvlm_request *r);
  * CVLM_EBUSY if the queue is full, CVLM_ESTATE if draining. */
 int cvlm_engine_submit(struct cvlm_engine *e, struct cvlm_request *r, void (*wake)(void *ctx),
                        void *ctx);
+/* Queues the n choices of one client request at once: all of them or none. The queue
+ * limit is checked once for the group (sequences waiting < queue_limit), so a request
+ * whose n exceeds the limit is accepted by an idle server. */
+int cvlm_engine_submit_group(struct cvlm_engine *e, struct cvlm_request *const *rs, int n,
+                             void (*wake)(void *ctx), void *ctx);
 /* Cancels at any state; takes effect at the next step (the request then finishes with
  * CVLM_FINISH_CANCELLED). Safe to call more than once or after the end. */
 void cvlm_engine_cancel(struct cvlm_engine *e, struct cvlm_request *r);
 
 struct cvlm_token_out {
     int32_t id;
+    /* Leading bytes of cvlm_engine_token_text(id) that are not in the output text: 1
+     * when the detokenizer dropped the word-boundary space of a chat answer's first word,
+     * else 0. The token texts from byte lead_strip on concatenate to the output text
+     * (stop strings and byte-fallback pieces aside: token_text gives a byte piece as its
+     * raw byte, the text only whole UTF-8 sequences, or U+FFFD). */
+    int8_t lead_strip;
     float logprob;
     int n_top;
     int32_t top_id[CVLM_MAX_TOP_LOGPROBS];
@@ -140,8 +163,11 @@ int cvlm_request_take(struct cvlm_request *r, struct cvlm_output *out);
 int cvlm_request_pending(struct cvlm_request *r);
 void cvlm_output_free(struct cvlm_output *out);
 
-/* The text of one token as the tokenizer's piece decodes on its own (for logprobs);
- * returns the byte length written (no NUL), truncated to cap. */
+/* The text of one token as the detokenizer writes it mid-text (for logprobs): U+2581 as
+ * ' ', a byte piece as its raw byte, "" for BOS/EOS and other control pieces, the
+ * unknown surface for <unk>; returns the byte length written (no NUL), truncated to cap.
+ * A chat answer's first token may have its leading space left out of the text: see
+ * cvlm_token_out.lead_strip. */
 size_t cvlm_engine_token_text(const struct cvlm_engine *e, int32_t id, char *buf, size_t cap);
 
 /* ---- operation --------------------------------------------------------------------- */

@@ -45,7 +45,45 @@ static int check_sampling(const struct cvlm_sampling *s)
     return 0;
 }
 
-static int check_params(const struct cvlm_request_params *p)
+/* OpenAI's logit_bias: at most 300 entries, biases in [-100, 100]. */
+static int check_logit_bias(const struct cvlm_request_params *p, int V)
+{
+    if (p->n_logit_bias < 0 || p->n_logit_bias > CVLM_MAX_LOGIT_BIAS)
+        return cvlm_errf(CVLM_EINVAL, "logit_bias: at most %d entries (got %d)",
+                         CVLM_MAX_LOGIT_BIAS, p->n_logit_bias);
+    if (p->n_logit_bias && !p->logit_bias)
+        return cvlm_errf(CVLM_EINVAL, "logit_bias: %d entries but no list", p->n_logit_bias);
+    for (int i = 0; i < p->n_logit_bias; i++) {
+        const struct cvlm_logit_bias *b = &p->logit_bias[i];
+        if (b->id < 0 || b->id >= V)
+            return cvlm_errf(CVLM_EINVAL,
+                             "logit_bias: token id %d is outside the vocabulary of %d tokens",
+                             (int)b->id, V);
+        if (!(fabsf(b->bias) <= 100))
+            return cvlm_errf(CVLM_EINVAL,
+                             "logit_bias: the bias of token %d must be in [-100, 100]",
+                             (int)b->id);
+    }
+    return 0;
+}
+
+/* Every id a request carries must index the model's vocabulary: the engine batches
+ * requests together, and one bad id would fail the forward pass of all of them. */
+static int check_stop_ids(const struct cvlm_request_params *p, int V)
+{
+    if (p->n_stop_ids < 0 || p->n_stop_ids > 64)
+        return cvlm_errf(CVLM_EINVAL, "at most 64 stop token ids");
+    if (p->n_stop_ids && !p->stop_ids)
+        return cvlm_errf(CVLM_EINVAL, "%d stop token ids but no list", p->n_stop_ids);
+    for (int i = 0; i < p->n_stop_ids; i++)
+        if (p->stop_ids[i] < 0 || p->stop_ids[i] >= V)
+            return cvlm_errf(CVLM_EINVAL,
+                             "stop token id %d is outside the vocabulary of %d tokens",
+                             (int)p->stop_ids[i], V);
+    return 0;
+}
+
+static int check_params(const struct cvlm_request_params *p, int V)
 {
     int rc;
     if (!p->prompt)
@@ -59,8 +97,8 @@ static int check_params(const struct cvlm_request_params *p)
     for (int i = 0; i < p->n_stop; i++)
         if (!p->stop[i] || !*p->stop[i] || strlen(p->stop[i]) > MAX_STOP_LEN)
             return cvlm_errf(CVLM_EINVAL, "stop strings must be 1..%d bytes", MAX_STOP_LEN);
-    if (p->n_stop_ids < 0 || p->n_stop_ids > 64)
-        return cvlm_errf(CVLM_EINVAL, "at most 64 stop token ids");
+    if ((rc = check_stop_ids(p, V)) || (rc = check_logit_bias(p, V)))
+        return rc;
     if (p->logprobs < -1 || p->logprobs > CVLM_MAX_TOP_LOGPROBS)
         return cvlm_errf(CVLM_EINVAL, "top logprobs must be in 0..%d", CVLM_MAX_TOP_LOGPROBS);
     if (p->template_name && strcmp(p->template_name, "base") &&
@@ -164,12 +202,27 @@ static int build_prompt(struct cvlm_engine *e, const struct cvlm_request_params 
     return 0;
 }
 
+/* The rendered prompt's language ids are in the vocabulary (the tokenizer was checked
+ * against it at load; this keeps that true whatever a template or tokenizer change does:
+ * an id past the embedding would fail every request of the batch it ran in). */
+static int check_prompt_ids(const struct cvlm_engine *e, const struct cvlm_prompt *pr)
+{
+    int V = e->w->cfg.vocab_size;
+    for (int i = 0; i < pr->n; i++)
+        if (pr->types[i] == CVLM_TOKEN_LANG && (pr->ids[i] < 0 || pr->ids[i] >= V))
+            return cvlm_errf(CVLM_EINVAL,
+                             "prompt token %d has id %d, outside the vocabulary of %d tokens", i,
+                             (int)pr->ids[i], V);
+    return 0;
+}
+
 static void request_free(struct cvlm_request *r)
 {
     for (int i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
     free(r->stop);
     free(r->stop_ids);
+    free(r->bias);
     free(r->pos);
     free(r->expert);
     free(r->pixels);
@@ -211,7 +264,8 @@ static int adopt(struct cvlm_engine *e, const struct cvlm_request_params *p,
     return 0;
 }
 
-static int copy_stops(const struct cvlm_request_params *p, struct cvlm_request *r)
+/* Copies the caller's lists: stop strings, stop ids and the logit bias. */
+static int copy_lists(const struct cvlm_request_params *p, struct cvlm_request *r)
 {
     if (p->n_stop && !(r->stop = calloc((size_t)p->n_stop, sizeof(char *))))
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
@@ -223,6 +277,11 @@ static int copy_stops(const struct cvlm_request_params *p, struct cvlm_request *
     if (p->n_stop_ids)
         memcpy(r->stop_ids, p->stop_ids, (size_t)p->n_stop_ids * sizeof(int32_t));
     r->n_stop_ids = p->n_stop_ids;
+    if (p->n_logit_bias && !(r->bias = malloc((size_t)p->n_logit_bias * sizeof(*r->bias))))
+        return cvlm_errf(CVLM_ENOMEM, "out of memory");
+    if (p->n_logit_bias)
+        memcpy(r->bias, p->logit_bias, (size_t)p->n_logit_bias * sizeof(*r->bias));
+    r->n_bias = p->n_logit_bias;
     return 0;
 }
 
@@ -233,7 +292,7 @@ int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params 
     struct cvlm_prompt pr = {0};
     int rc;
     *out = NULL;
-    if ((rc = check_params(p)))
+    if ((rc = check_params(p, e->w->cfg.vocab_size)))
         return rc;
     if (!(r = calloc(1, sizeof(*r))))
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
@@ -250,8 +309,8 @@ int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params 
      * chat answer is decoded on its own, as the reference demos do */
     r->dt.started = p->raw;
     if ((rc = check_prompt_bound(e, p)) || (p->image && (rc = prepare_image(e, p, r))) ||
-        (rc = build_prompt(e, p, &pr)) ||
-        (rc = adopt(e, p, &pr, r)) || (rc = copy_stops(p, r))) {
+        (rc = build_prompt(e, p, &pr)) || (rc = check_prompt_ids(e, &pr)) ||
+        (rc = adopt(e, p, &pr, r)) || (rc = copy_lists(p, r))) {
         cvlm_prompt_free(&pr);
         request_free(r);
         return rc;
@@ -372,19 +431,22 @@ int cvlm_req_emit_token(struct cvlm_request *r, const struct cvlm_token_out *t)
 {
     char piece[1024];
     size_t n = 0;
+    struct cvlm_token_out rec = *t;
     if (r->t_first == 0)
         r->t_first = cvlm_now_ms();
-    pthread_mutex_lock(&r->mu);
-    r->completion_tokens++;
-    if (r->logprobs >= 0)
-        out_token(r, t);
-    pthread_mutex_unlock(&r->mu);
-    /* text, then one wake-up for this token */
-    if (!cvlm_detok_push(&r->dt, t->id, piece, sizeof(piece), &n) && n &&
-        !grow(&r->hold, &r->hold_cap, r->hold_len + n)) {
+    /* text first: the token's record says how much of its piece the text left out */
+    int pushed = !cvlm_detok_push(&r->dt, t->id, piece, sizeof(piece), &n);
+    rec.lead_strip = (int8_t)(pushed ? r->dt.last_strip : 0);
+    if (pushed && n && !grow(&r->hold, &r->hold_cap, r->hold_len + n)) {
         memcpy(r->hold + r->hold_len, piece, n);
         r->hold_len += n;
     }
+    pthread_mutex_lock(&r->mu);
+    r->completion_tokens++;
+    if (r->logprobs >= 0)
+        out_token(r, &rec);
+    pthread_mutex_unlock(&r->mu);
+    /* then the text, and one wake-up for this token */
     int stopped = release_held(r, 0);
     pthread_mutex_lock(&r->mu);
     wake_locked(r);

@@ -45,6 +45,8 @@ struct cvlm_request {
     int n_stop;
     int32_t *stop_ids;
     int n_stop_ids;
+    struct cvlm_logit_bias *bias; /* added to the raw logits before sampling */
+    int n_bias;
 
     /* engine thread */
     enum cvlm_req_state state;

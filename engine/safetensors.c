@@ -72,6 +72,10 @@ static int parse_entry(const char *name, json_t *desc, uint64_t data_size,
         numel *= (uint64_t)v;
         t->t.shape[i] = v;
     }
+    /* numel <= 2^62 here, so numel * 4 can still wrap (to 0 for exactly 2^62): bound
+     * the byte count itself before comparing it with the stored range */
+    if (numel > UINT64_MAX / cvlm_dtype_size(t->t.dtype))
+        return cvlm_errf(CVLM_EFORMAT, "tensor %s: byte count overflows", name);
     json_t *jb = json_array_get(jo, 0), *je = json_array_get(jo, 1);
     if (!json_is_integer(jb) || !json_is_integer(je) || json_integer_value(jb) < 0 ||
         json_integer_value(je) < json_integer_value(jb))

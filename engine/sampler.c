@@ -19,6 +19,13 @@ void cvlm_sampling_defaults(struct cvlm_sampling *s)
     s->repetition_penalty = 1.0f;
 }
 
+void cvlm_logit_bias_apply(float *logits, int V, const struct cvlm_logit_bias *b, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (b[i].id >= 0 && b[i].id < V)
+            logits[b[i].id] += b[i].bias;
+}
+
 static uint64_t rotl(uint64_t x, int k)
 {
     return (x << k) | (x >> (64 - k));
@@ -140,7 +147,7 @@ int cvlm_sample(const struct cvlm_sampling *sp, float *logits, int V, const int3
     int rc = penalize(sp, logits, V, tokens, n, n_prompt);
     if (rc)
         return rc;
-    if (sp->temperature <= 0 || sp->top_k == 1)
+    if (!(sp->temperature >= CVLM_GREEDY_TEMPERATURE) || sp->top_k == 1)
         return argmax(logits, V);
     float mx = logits[argmax(logits, V)], inv_t = 1.0f / sp->temperature;
     double sum = 0;

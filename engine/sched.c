@@ -142,14 +142,21 @@ static uint64_t slot_key(const struct cvlm_request *r, int slot)
     return (uint64_t)(uint32_t)r->tokens[slot] + 1;
 }
 
+/* Chain hash of block b over every one of its slots: keys are hashed in chunks of 256,
+ * each chunk chained onto the previous one, so a block of up to 256 slots hashes as one
+ * chunk and a larger one (up to CVLM_MAX_BLOCK_SIZE) covers its slots past 256 too. */
 static uint64_t block_hash(const struct cvlm_engine *e, const struct cvlm_request *r, int b,
                            uint64_t prev)
 {
-    uint64_t keys[256];
-    int bs = cvlm_kv_block_size(e->kv), n = 0;
-    for (int s = b * bs; s < (b + 1) * bs && n < 256; s++)
-        keys[n++] = slot_key(r, s);
-    return cvlm_kv_chain(prev, keys, n);
+    uint64_t keys[256], h = prev;
+    int bs = cvlm_kv_block_size(e->kv);
+    for (int s0 = b * bs; s0 < (b + 1) * bs; s0 += 256) {
+        int n = 0;
+        for (int s = s0; s < (b + 1) * bs && n < 256; s++)
+            keys[n++] = slot_key(r, s);
+        h = cvlm_kv_chain(h, keys, n);
+    }
+    return h;
 }
 
 /* Holds blocks for slots [0, slots); 0 or -1 when no block can be had. */
@@ -384,8 +391,9 @@ static void next_token(struct cvlm_engine *e, struct cvlm_request *r, float *row
     const struct cvlm_config *c = &e->w->cfg;
     struct cvlm_token_out t = {0};
     int V = c->vocab_size;
-    if (r->logprobs >= 0)
+    if (r->logprobs >= 0) /* logprobs are of the model's own distribution (engine.h) */
         memcpy(e->lp_scratch, row, (size_t)V * sizeof(float));
+    cvlm_logit_bias_apply(row, V, r->bias, r->n_bias);
     int id = cvlm_sample(&r->sp, row, V, r->tokens, r->n_tokens, r->n_prompt, &r->rng);
     if (id < 0) {
         finish(e, r, CVLM_FINISH_ERROR, cvlm_last_error());

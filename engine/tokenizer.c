@@ -603,9 +603,10 @@ int cvlm_tokenizer_min_ids(const struct cvlm_tokenizer *t, const char *text, siz
 /* ---- decoding ---------------------------------------------------------------------- */
 
 /* DecodeSentencePiece for a non-byte piece: its text, with the leading U+2581 dropped
- * when is_bos_ws. *bos_ws tells whether that happened (the rule then stops applying). */
-static void piece_text(const struct cvlm_tokenizer *t, int32_t id, int is_bos_ws, const char **s,
-                       size_t *n, int *bos_ws)
+ * when is_bos_ws. *bos_ws tells whether that happened (the rule then stops applying).
+ * Returns the bytes dropped from the piece's decoded text (1 for the space, else 0). */
+static int piece_text(const struct cvlm_tokenizer *t, int32_t id, int is_bos_ws, const char **s,
+                      size_t *n, int *bos_ws)
 {
     const struct cvlm_sp_piece *p = &t->pieces[id];
     *bos_ws = 0;
@@ -622,8 +623,25 @@ static void piece_text(const struct cvlm_tokenizer *t, int32_t id, int is_bos_ws
             (*s)++;
             (*n)--;
             *bos_ws = !t->remove_extra_ws; /* with it, all leading U+2581 go */
+            return 1;
         }
     }
+    return 0;
+}
+
+size_t cvlm_tokenizer_piece_text(const struct cvlm_tokenizer *t, int32_t id, const char **s)
+{
+    size_t n;
+    int bos_ws;
+    *s = "";
+    if (id < 0 || id >= t->n)
+        return 0;
+    if (t->pieces[id].type == CVLM_SP_BYTE) {
+        *s = (const char *)&t->pieces[id].byte;
+        return 1;
+    }
+    piece_text(t, id, 0, s, &n, &bos_ws);
+    return n;
 }
 
 /* ProcessBytePieces: a run of raw bytes, U+FFFD for each byte that does not start a
@@ -754,12 +772,14 @@ int cvlm_detok_push(struct cvlm_detok *d, int32_t id, char *out, size_t cap, siz
     const char *s;
     size_t sl;
     int bos_ws;
+    int strip;
     *n = 0;
     if (id < 0 || id >= t->n)
         return cvlm_errf(CVLM_EINVAL, "detok: id %d is out of range (vocabulary of %d)", id, t->n);
+    d->last_strip = 0;
     if (t->pieces[id].type == CVLM_SP_BYTE)
         return push_byte(d, t->pieces[id].byte, out, cap, n);
-    piece_text(t, id, !d->started, &s, &sl, &bos_ws);
+    strip = piece_text(t, id, !d->started, &s, &sl, &bos_ws);
     if ((size_t)d->n_pend * 3 + sl + 1 > cap)
         return cvlm_errf(CVLM_ETOOBIG,
                          "detok: output buffer of %zu bytes is too small for "
@@ -770,6 +790,7 @@ int cvlm_detok_push(struct cvlm_detok *d, int32_t id, char *out, size_t cap, siz
     k += sl;
     out[k] = '\0';
     *n = k;
+    d->last_strip = strip;
     if (sl || bos_ws)
         d->started = 1;
     return 0;

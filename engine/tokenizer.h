@@ -27,6 +27,11 @@ int cvlm_tokenizer_unk_id(const struct cvlm_tokenizer *tok); /* the UNKNOWN piec
 /* The piece string of an id (e.g. "\xe2\x96\x81Hello", "<0x0A>"), NULL if out of range. */
 const char *cvlm_tokenizer_piece(const struct cvlm_tokenizer *tok, int32_t id);
 
+/* The text one id decodes to in the middle of a text: U+2581 as ' ', "" for a control
+ * piece, the unknown surface (" \u2047 ") for <unk>, a byte piece's single raw byte.
+ * Returns its length and points *s into the tokenizer ("" for an id out of range). */
+size_t cvlm_tokenizer_piece_text(const struct cvlm_tokenizer *tok, int32_t id, const char **s);
+
 /* Encodes `len` bytes of UTF-8 (may contain NUL; invalid bytes are handled as
  * SentencePiece does) without BOS/EOS. *ids is malloc'd (free() it); may be NULL when
  * *n_ids is 0. */
@@ -54,6 +59,9 @@ struct cvlm_detok {
                             * leading-space rule no longer applies */
     unsigned char pend[8]; /* bytes of an incomplete UTF-8 sequence held back (<= 3) */
     int n_pend;
+    int last_strip;        /* bytes of the last pushed id's piece text (as
+                            * cvlm_tokenizer_piece_text gives it) left out of the output:
+                            * 1 for the leading space dropped at the start, else 0 */
 };
 
 void cvlm_detok_init(struct cvlm_detok *d, const struct cvlm_tokenizer *tok);

@@ -15,6 +15,7 @@
 #include <sys/random.h>
 
 #define MAX_STOP 16
+#define MAX_LOGIT_BIAS 300 /* OpenAI's limit */
 
 /* Everything parsed before the engine requests are made; owns its strings. */
 struct parsed {
@@ -26,6 +27,7 @@ struct parsed {
     unsigned char *image;
     size_t image_len;
     int have_seed;
+    struct cvlm_logit_bias bias[MAX_LOGIT_BIAS];
 };
 
 static int bad(struct conn *c, const char *param, const char *fmt, const char *arg)
@@ -109,7 +111,8 @@ static int data_url(struct conn *c, const char *url, struct parsed *pp)
         return bad(c, "messages", "%s", "image_url must be a data: URL (fetching remote images "
                                          "is disabled)");
     if (!comma || (size_t)(comma - url) < 12 || strncmp(comma - 7, ";base64", 7))
-        return bad(c, "messages", "%s", "image_url data URL must be base64 (data:image/...;base64,)");
+        return bad(c, "messages", "%s",
+                   "image_url data URL must be base64 (data:image/...;base64,)");
     if (strncmp(url + 5, "image/", 6))
         return bad(c, "messages", "%s", "image_url data URL must have an image/* media type");
     const char *b = comma + 1;
@@ -286,7 +289,11 @@ static int sampling(struct conn *c, json_t *r, struct parsed *pp)
         return bad(c, "top_p", "%s", "'top_p' must be greater than 0");
     if (so && !json_is_null(so) && (!json_is_object(so) ||
                                     boolean(c, so, "include_usage", &c->o.include_usage)))
-        return c->status ? -1 : bad(c, "stream_options", "%s", "'stream_options' must be an object");
+        return c->status ? -1
+                         : bad(c, "stream_options", "%s", "'stream_options' must be an object");
+    if (so && !json_is_null(so) && !c->o.stream) /* as OpenAI answers it */
+        return bad(c, "stream_options", "%s",
+                   "'stream_options' is only allowed with 'stream': true");
     pp->have_seed = json_is_integer(json_object_get(r, "seed"));
     cvlm_sampling_defaults(&p->sampling);
     p->sampling.temperature = (float)temp;
@@ -300,6 +307,62 @@ static int sampling(struct conn *c, json_t *r, struct parsed *pp)
     p->max_tokens = (int)(mct ? mct : max_tokens);
     p->stop = pp->stops;
     c->o.n = (int)n;
+    return 0;
+}
+
+/* logit_bias: {"token id": bias in [-100, 100], ...}; the engine checks the ids against
+ * the vocabulary. */
+static int logit_bias(struct conn *c, json_t *r, struct parsed *pp)
+{
+    json_t *v = json_object_get(r, "logit_bias"), *b;
+    const char *key;
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_object(v))
+        return bad(c, "logit_bias", "%s", "'logit_bias' must be an object of token id -> bias");
+    if (json_object_size(v) > MAX_LOGIT_BIAS)
+        return bad(c, "logit_bias", "%s", "'logit_bias' may hold at most 300 tokens");
+    json_object_foreach(v, key, b) {
+        char *end;
+        long id = strtol(key, &end, 10);
+        if (!*key || *end || id < 0 || id > INT32_MAX)
+            return bad(c, "logit_bias", "logit_bias: '%.40s' is not a token id", key);
+        if (!json_is_number(b) || !(json_number_value(b) >= -100 && json_number_value(b) <= 100))
+            return bad(c, "logit_bias", "logit_bias: the bias of token %.40s must be a number "
+                                        "between -100 and 100", key);
+        pp->bias[pp->p.n_logit_bias++] = (struct cvlm_logit_bias){(int32_t)id,
+                                                                 (float)json_number_value(b)};
+    }
+    pp->p.logit_bias = pp->bias;
+    return 0;
+}
+
+/* Fields clients send that this server does not implement yet: a clear 400 naming the
+ * field, never silently ignored (the client would trust output it did not get). */
+static int unsupported(struct conn *c, json_t *r)
+{
+    json_t *rf = json_object_get(r, "response_format"), *v;
+    if (rf && !json_is_null(rf)) {
+        const char *type = json_string_value(json_object_get(rf, "type"));
+        if (!json_is_object(rf) || !type)
+            return bad(c, "response_format", "%s",
+                       "'response_format' must be an object with a 'type'");
+        if (strcmp(type, "text"))
+            return bad(c, "response_format", "response_format type '%.40s' is not supported "
+                                             "(only 'text')", type);
+    }
+    static const char *const lists[] = {"tools", "functions"};
+    for (size_t i = 0; i < 2; i++) {
+        v = json_object_get(r, lists[i]);
+        if (v && !json_is_null(v) && !(json_is_array(v) && json_array_size(v) == 0))
+            return bad(c, lists[i], "'%s' (function calling) is not supported", lists[i]);
+    }
+    static const char *const choices[] = {"tool_choice", "function_call"};
+    for (size_t i = 0; i < 2; i++) {
+        v = json_object_get(r, choices[i]);
+        if (v && !json_is_null(v) && !(json_is_string(v) && !strcmp(json_string_value(v), "none")))
+            return bad(c, choices[i], "'%s' (function calling) is not supported", choices[i]);
+    }
     return 0;
 }
 
@@ -430,7 +493,8 @@ void cvlm_api_prepare(struct conn *c)
         bad(c, "user", "%s", "'user' must be a string");
         goto out;
     }
-    if (sampling(c, root, &pp) || logprob_fields(c, root))
+    if (sampling(c, root, &pp) || logprob_fields(c, root) || logit_bias(c, root, &pp) ||
+        unsupported(c, root))
         goto out;
     if (c->o.chat ? conversation(c, json_object_get(root, "messages"), &pp)
                   : prompt_field(c, root, &pp))

@@ -92,21 +92,69 @@ char *cvlm_api_error_body(const struct conn *c, size_t *len)
     return dump(json_pack("{so}", "error", e), len);
 }
 
+/* The finish_reason of a choice that ended on its own; a cancelled or failed choice has
+ * none (its request ends in an error instead). */
 static const char *finish_name(enum cvlm_finish f)
 {
-    return f == CVLM_FINISH_LENGTH || f == CVLM_FINISH_CANCELLED ? "length" : "stop";
+    return f == CVLM_FINISH_LENGTH ? "length" : f == CVLM_FINISH_STOP ? "stop" : NULL;
+}
+
+/* A choice that did not end on its own: a non-streaming request becomes this error
+ * reply; a stream (whose 200 and earlier chunks are sent) ends with this error event
+ * instead of a finish chunk. The first failure wins. */
+static void choice_failed(struct conn *c, int status, const char *type, const char *code,
+                          const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static void choice_failed(struct conn *c, int status, const char *type, const char *code,
+                          const char *fmt, ...)
+{
+    char msg[sizeof(c->err_msg)];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (!c->o.stream) {
+        cvlm_api_error(c, status, type, NULL, code, "%s", msg);
+        return;
+    }
+    if (c->gen_failed)
+        return;
+    c->gen_failed = 1;
+    c->fail_status = status;
+    snprintf(c->err_msg, sizeof(c->err_msg), "%s", msg);
+    snprintf(c->err_type, sizeof(c->err_type), "%s", type);
+    snprintf(c->err_code, sizeof(c->err_code), "%s", code ? code : "");
+}
+
+/* Why a cancelled choice was cancelled, as the client's error. */
+static void choice_cancelled(struct conn *c)
+{
+    if (c->cut == CUT_TIMEOUT)
+        choice_failed(c, 504, "server_error", "request_timeout",
+                      "the request did not finish within the server's request timeout (%d s)",
+                      c->s->cfg->request_timeout);
+    else if (c->cut == CUT_DRAIN)
+        choice_failed(c, 503, "service_unavailable", "server_shutting_down",
+                      "the server is shutting down and the request did not finish within "
+                      "its drain timeout (%d s)", c->s->cfg->drain_timeout);
+    else
+        choice_failed(c, 503, "service_unavailable", "request_cancelled",
+                      "the request was cancelled");
 }
 
 /* ---- logprobs ---------------------------------------------------------------------------- */
 
-static json_t *token_obj(struct cvlm_srv *s, int32_t id, float lp, int with_bytes)
+/* One token's entry. `strip` leading bytes of the token's own text are left out: the
+ * ones the detokenizer did not put into the output (the first token's SentencePiece
+ * space), so that the chosen tokens' strings concatenate to the content. */
+static json_t *token_obj(struct cvlm_srv *s, int32_t id, float lp, int strip, int with_bytes)
 {
     char buf[256];
     size_t n = cvlm_engine_token_text(s->engine, id, buf, sizeof(buf));
+    size_t k = strip > 0 && (size_t)strip <= n && buf[0] == ' ' ? (size_t)strip : 0;
     json_t *o = json_object(), *bytes = json_array();
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = k; i < n; i++)
         json_array_append_new(bytes, json_integer((unsigned char)buf[i]));
-    json_object_set_new(o, "token", jstr(buf, n));
+    json_object_set_new(o, "token", jstr(buf + k, n - k));
     json_object_set_new(o, "logprob", json_real(lp));
     if (with_bytes)
         json_object_set_new(o, "bytes", bytes);
@@ -121,17 +169,30 @@ static json_t *lp_entries(struct cvlm_srv *s, const struct cvlm_output *o)
     json_t *arr = json_array();
     for (int i = 0; i < o->n_tokens; i++) {
         const struct cvlm_token_out *t = &o->tokens[i];
-        json_t *e = token_obj(s, t->id, t->logprob, 1), *top = json_array();
+        /* the alternatives at this position read as they would have had they been chosen */
+        json_t *e = token_obj(s, t->id, t->logprob, t->lead_strip, 1), *top = json_array();
         for (int k = 0; k < t->n_top; k++)
-            json_array_append_new(top, token_obj(s, t->top_id[k], t->top_logprob[k], 1));
+            json_array_append_new(top, token_obj(s, t->top_id[k], t->top_logprob[k],
+                                                 t->lead_strip, 1));
         json_object_set_new(e, "top_logprobs", top);
         json_array_append_new(arr, e);
     }
     return arr;
 }
 
+/* Characters (code points) in n bytes of UTF-8: the bytes that do not continue one. A
+ * token that ends inside a character counts it; the token that completes it does not. */
+static size_t utf8_chars(json_t *bytes)
+{
+    size_t i, n = 0;
+    json_t *b;
+    json_array_foreach(bytes, i, b)
+        n += ((unsigned)json_integer_value(b) & 0xc0u) != 0x80u;
+    return n;
+}
+
 /* Completions format ({tokens, token_logprobs, top_logprobs, text_offset}) from chat
- * entries; offsets count bytes of the text from `offset0`. */
+ * entries; offsets count characters of the text from `offset0`, as OpenAI's do. */
 static json_t *lp_legacy(json_t *entries, size_t offset0)
 {
     json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(), *offs = json_array();
@@ -146,7 +207,7 @@ static json_t *lp_legacy(json_t *entries, size_t offset0)
                             json_object_get(t, "logprob"));
         json_array_append_new(tops, top);
         json_array_append_new(offs, json_integer((json_int_t)off));
-        off += json_array_size(json_object_get(e, "bytes"));
+        off += utf8_chars(json_object_get(e, "bytes"));
     }
     return json_pack("{sosososo}", "tokens", tokens, "token_logprobs", lps, "top_logprobs",
                      tops, "text_offset", offs);
@@ -212,7 +273,7 @@ static void stream_chunk(struct conn *c, int i, const char *text, size_t len, js
     json_object_set_new(ch, "index", json_integer(i));
     if (lp && json_array_size(lp))
         lpo = c->o.chat ? json_pack("{sOsn}", "content", lp, "refusal")
-                        : lp_legacy(lp, c->ch[i].len);
+                        : lp_legacy(lp, c->ch[i].lp_off);
     if (c->o.chat) {
         json_t *delta = json_object();
         if (role)
@@ -290,7 +351,7 @@ static void keep_logprobs(struct conn *c, struct choice *ch, json_t *entries)
         for (int k = 0; !rc && k < 4; k++)
             rc = jbuf_items(&ch->lp[k], json_object_get(leg, keys[k]));
         json_array_foreach(entries, i, e)
-            ch->lp_off += json_array_size(json_object_get(e, "bytes"));
+            ch->lp_off += utf8_chars(json_object_get(e, "bytes"));
         json_decref(leg);
     }
     if (rc)
@@ -311,7 +372,9 @@ static void collect_one(struct conn *c, int i, struct cvlm_output *o)
         if (o->text_len || lp)
             stream_chunk(c, i, o->text ? o->text : "", o->text_len, lp, NULL, 0);
         ch->len += o->text_len;
-        if (o->finish)
+        for (size_t k = 0; lp && k < json_array_size(lp); k++)
+            ch->lp_off += utf8_chars(json_object_get(json_array_get(lp, k), "bytes"));
+        if (finish_name(o->finish)) /* a failed or cancelled one ends in an error event */
             stream_chunk(c, i, "", 0, NULL, finish_name(o->finish), 0);
     } else {
         if (o->text_len && ch->len + o->text_len + 1 > ch->cap) {
@@ -320,6 +383,8 @@ static void collect_one(struct conn *c, int i, struct cvlm_output *o)
             if (b) {
                 ch->text = b;
                 ch->cap = nc;
+            } else {
+                cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory for the output");
             }
         }
         if (o->text_len && ch->len + o->text_len + 1 <= ch->cap) {
@@ -335,15 +400,23 @@ static void collect_one(struct conn *c, int i, struct cvlm_output *o)
         ch->done = 1;
         ch->finish = o->finish;
         observe(c->s, o);
-        if (o->finish == CVLM_FINISH_ERROR) {
-            c->gen_failed = 1;
-            if (!c->o.stream) /* streams report it in an error event instead */
-                cvlm_api_error(c, 500, "server_error", NULL, NULL, "generation failed: %s",
-                               o->error);
-            else
-                snprintf(c->err_msg, sizeof(c->err_msg), "generation failed: %s", o->error);
-        }
+        if (o->finish == CVLM_FINISH_ERROR)
+            choice_failed(c, 500, "server_error", NULL, "generation failed: %s", o->error);
+        else if (o->finish == CVLM_FINISH_CANCELLED)
+            choice_cancelled(c);
     }
+}
+
+/* The event that ends a stream whose generation failed or was cut: OpenAI's error object
+ * (the status it stands for is in the log and the metrics). */
+static void sse_error(struct conn *c)
+{
+    json_t *e = json_object();
+    json_object_set_new(e, "message", jstr(c->err_msg, strlen(c->err_msg)));
+    json_object_set_new(e, "type", json_string(c->err_type[0] ? c->err_type : "server_error"));
+    json_object_set_new(e, "param", json_null());
+    json_object_set_new(e, "code", c->err_code[0] ? json_string(c->err_code) : json_null());
+    sse_event(c, json_pack("{so}", "error", e));
 }
 
 int cvlm_api_collect(struct conn *c)
@@ -363,9 +436,8 @@ int cvlm_api_collect(struct conn *c)
         if (c->ch[i].r && !c->ch[i].done)
             return 0;
     if (c->o.stream && !c->sse_end) {
-        if (c->gen_failed) /* a failed generation: say so in the stream */
-            sse_event(c, json_pack("{s{ssss}}", "error", "message", c->err_msg, "type",
-                                   "server_error"));
+        if (c->gen_failed) /* a failed or cut generation: say so in the stream */
+            sse_error(c);
         if (c->o.include_usage) {
             json_t *j = envelope(c, 1);
             json_object_set_new(j, "choices", json_array());
@@ -451,7 +523,9 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
         else
             json_object_set_new(o, "text", jstr(ch->text ? ch->text : "", ch->len));
         json_object_set_new(o, "logprobs", lp);
-        json_object_set_new(o, "finish_reason", json_string(finish_name(ch->finish)));
+        json_object_set_new(o, "finish_reason", json_string(finish_name(ch->finish)
+                                                                ? finish_name(ch->finish)
+                                                                : "stop"));
         json_array_append_new(choices, o);
     }
     json_object_set_new(j, "choices", choices);

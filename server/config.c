@@ -9,60 +9,67 @@
 #define O(field) offsetof(struct cvlm_server_config, field)
 
 const struct cvlm_option cvlm_options[] = {
-    {"host", OPT_STR, O(host), "127.0.0.1", "", "Address to listen on; 0.0.0.0 for all interfaces."},
-    {"port", OPT_INT, O(port), "8000", "", "TCP port to listen on."},
+    {"host", OPT_STR, O(host), "127.0.0.1", "",
+     "Address to listen on; 0.0.0.0 for all interfaces.", 0, 0},
+    {"port", OPT_INT, O(port), "8000", "", "TCP port to listen on; 0 picks a free one.", 0,
+     65535},
     {"model", OPT_STR, O(model), "models/cogvlm-tiny-shapes", "",
-     "Checkpoint directory (config.json + safetensors + tokenizer.model)."},
+     "Checkpoint directory (config.json + safetensors + tokenizer.model).", 0, 0},
     {"tokenizer", OPT_STR, O(tokenizer), "", "",
-     "SentencePiece tokenizer.model; empty means MODEL/tokenizer.model."},
+     "SentencePiece tokenizer.model; empty means MODEL/tokenizer.model.", 0, 0},
     {"served_model_name", OPT_STR, O(served_model_name), "", "",
-     "Model id clients must send; empty means the model directory's name."},
+     "Model id clients must send; empty means the model directory's name.", 0, 0},
     {"backend", OPT_STR, O(backend), "cpu", "",
-     "cpu or cuda (a build with `make cuda`); cuda runs BF16 activations on the GPU(s)."},
+     "cpu or cuda (a build with `make cuda`); cuda runs BF16 activations on the GPU(s).", 0, 0},
     {"tp", OPT_INT, O(tp), "1", "ranks",
      "Tensor-parallel ranks: GPUs device..device+tp-1 (cuda) or in-process CPU ranks; must "
-     "divide the model's heads and MLP widths."},
-    {"device", OPT_INT, O(device), "0", "", "First CUDA device (rank r uses device + r)."},
+     "divide the model's heads and MLP widths.", 1, 8},
+    {"device", OPT_INT, O(device), "0", "", "First CUDA device (rank r uses device + r).", 0,
+     1023},
     {"dummy_weights", OPT_BOOL, O(dummy_weights), "false", "",
      "Serve random weights of MODEL/config.json instead of its safetensors (benchmarks "
-     "only: the answers are noise)."},
+     "only: the answers are noise).", 0, 0},
     {"threads", OPT_INT, O(threads), "0", "",
-     "CPU threads for the model (split between the ranks); 0 = one per core."},
+     "CPU threads for the model (split between the ranks); 0 = one per core.", 0, 4096},
     {"kv_memory", OPT_BYTES, O(kv_memory), "256M", "bytes",
      "Memory for the paged KV cache on each rank; bounds concurrent context (more = more "
-     "sequences; each rank holds its share of the heads, so tp ranks hold tp times the tokens)."},
-    {"block_size", OPT_INT, O(block_size), "16", "tokens", "KV cache block size."},
+     "sequences; each rank holds its share of the heads, so tp ranks hold tp times the tokens).",
+     0, 1ull << 44},
+    {"block_size", OPT_INT, O(block_size), "16", "tokens",
+     "KV cache block size (the engine's CVLM_MAX_BLOCK_SIZE bounds it).", 1, 1024},
     {"max_batched_tokens", OPT_INT, O(max_batched_tokens), "512", "tokens",
-     "Tokens per engine step; larger prefill chunks, longer pauses for running decodes."},
-    {"max_seqs", OPT_INT, O(max_seqs), "64", "", "Sequences running at once."},
+     "Tokens per engine step; larger prefill chunks, longer pauses for running decodes.", 1,
+     1 << 20},
+    {"max_seqs", OPT_INT, O(max_seqs), "64", "", "Sequences running at once.", 1, 1 << 16},
     {"queue_limit", OPT_INT, O(queue_limit), "256", "",
-     "Requests waiting for admission before new ones get 429."},
+     "Requests waiting for admission before new ones get 429.", 1, 1 << 20},
     {"vision_cache_memory", OPT_BYTES, O(vision_cache_memory), "64M", "bytes",
-     "Cache of vision-tower outputs by image content; 0 disables it."},
+     "Cache of vision-tower outputs by image content; 0 disables it.", 0,
+     1ull << 44},
     {"prefix_cache", OPT_BOOL, O(prefix_cache), "true", "",
-     "Reuse the KV blocks of identical prompt prefixes (same image + text)."},
+     "Reuse the KV blocks of identical prompt prefixes (same image + text).", 0, 0},
     {"max_context", OPT_INT, O(max_context), "0", "tokens",
-     "Slots per sequence (prompt + output); 0 = the model's max_position_embeddings."},
-    {"max_n", OPT_INT, O(max_n), "4", "", "Largest `n` (choices per request) accepted."},
+     "Slots per sequence (prompt + output); 0 = the model's max_position_embeddings.", 0, 1 << 24},
+    {"max_n", OPT_INT, O(max_n), "4", "", "Largest `n` (choices per request) accepted.", 1, 128},
     {"max_body_bytes", OPT_BYTES, O(max_body_bytes), "20M", "bytes",
-     "Largest request body; larger ones get 413 while still being received."},
+     "Largest request body; larger ones get 413 while still being received.", 1024, 1ull << 32},
     {"max_image_pixels", OPT_BYTES, O(max_image_pixels), "50M", "pixels",
-     "Largest decoded image (width x height), checked before decoding pixels."},
+     "Largest decoded image (width x height), checked before decoding pixels.", 1, 1ull << 32},
     {"max_connections", OPT_INT, O(max_connections), "1024", "",
-     "Concurrent HTTP connections; more are refused."},
+     "Concurrent HTTP connections; more are refused.", 1, 1 << 20},
     {"connection_timeout", OPT_INT, O(connection_timeout), "30", "seconds",
-     "Idle time after which an HTTP connection is closed (slow or stuck clients)."},
+     "Idle time after which an HTTP connection is closed (slow or stuck clients).", 0, 86400},
     {"request_timeout", OPT_INT, O(request_timeout), "600", "seconds",
-     "Longest a generation may run; it is then cancelled. 0 = no limit."},
+     "Longest a generation may run; it is then cancelled. 0 = no limit.", 0, 1 << 24},
     {"drain_timeout", OPT_INT, O(drain_timeout), "30", "seconds",
-     "On SIGTERM/SIGINT, how long in-flight requests may finish before exit."},
+     "On SIGTERM/SIGINT, how long in-flight requests may finish before exit.", 0, 86400},
     {"api_key", OPT_STR, O(api_key), "", "",
-     "If set, /v1/* requires `Authorization: Bearer KEY`."},
+     "If set, /v1/* requires `Authorization: Bearer KEY`.", 0, 0},
     {"api_key_file", OPT_STR, O(api_key_file), "", "",
-     "File whose first line is the API key (keeps it out of the process list)."},
-    {"log_level", OPT_STR, O(log_level), "info", "", "debug, info, warn or error."},
-    {"log_format", OPT_STR, O(log_format), "text", "", "text or json (one object per line)."},
-    {"config", OPT_STR, O(config), "", "", "Config file to read (key = value lines)."},
+     "File whose first line is the API key (keeps it out of the process list).", 0, 0},
+    {"log_level", OPT_STR, O(log_level), "info", "", "debug, info, warn or error.", 0, 0},
+    {"log_format", OPT_STR, O(log_format), "text", "", "text or json (one object per line).", 0, 0},
+    {"config", OPT_STR, O(config), "", "", "Config file to read (key = value lines).", 0, 0},
 };
 const int cvlm_n_options = (int)(sizeof(cvlm_options) / sizeof(cvlm_options[0]));
 
@@ -97,10 +104,28 @@ static int parse_bytes(const char *s, uint64_t *out)
     return 0;
 }
 
+/* "port (--port)": how a message names an option, for the file and the command line. */
+static const char *opt_name(const struct cvlm_option *o, char *buf, size_t cap)
+{
+    int n = snprintf(buf, cap, "%s (--%s)", o->key, o->key);
+    for (int k = (int)strlen(o->key) + 4; k < n && k < (int)cap; k++)
+        buf[k] = buf[k] == '_' ? '-' : buf[k];
+    return buf;
+}
+
+/* "port (--port): 84245 is out of range: 0 to 65535" */
+static int out_of_range(const struct cvlm_option *o, const char *v, char *err, size_t errlen)
+{
+    char name[160];
+    snprintf(err, errlen, "%s: %s is out of range: %llu to %llu%s%s", opt_name(o, name, 160), v,
+             (unsigned long long)o->lo, (unsigned long long)o->hi, *o->unit ? " " : "", o->unit);
+    return -1;
+}
+
 static int set_value(struct cvlm_server_config *c, const struct cvlm_option *o, const char *v,
                      char *err, size_t errlen)
 {
-    char *p = (char *)c + o->offset, *end;
+    char *p = (char *)c + o->offset, *end, name[160];
     long n;
     switch (o->type) {
     case OPT_STR: {
@@ -115,20 +140,30 @@ static int set_value(struct cvlm_server_config *c, const struct cvlm_option *o, 
         errno = 0;
         n = strtol(v, &end, 10);
         if (errno || end == v || *end || n < 0 || n > 1000000000)
-            return snprintf(err, errlen, "%s: '%s' is not a non-negative integer", o->key, v), -1;
+            return snprintf(err, errlen, "%s: '%s' is not a non-negative integer",
+                            opt_name(o, name, sizeof(name)), v), -1;
+        if ((uint64_t)n < o->lo || (uint64_t)n > o->hi)
+            return out_of_range(o, v, err, errlen);
         *(int *)p = (int)n;
         return 0;
-    case OPT_BYTES:
-        if (parse_bytes(v, (uint64_t *)p))
-            return snprintf(err, errlen, "%s: '%s' is not a size (e.g. 512M)", o->key, v), -1;
+    case OPT_BYTES: {
+        uint64_t b;
+        if (parse_bytes(v, &b))
+            return snprintf(err, errlen, "%s: '%s' is not a size (e.g. 512M)",
+                            opt_name(o, name, sizeof(name)), v), -1;
+        if (b < o->lo || b > o->hi)
+            return out_of_range(o, v, err, errlen);
+        *(uint64_t *)p = b;
         return 0;
+    }
     case OPT_BOOL:
         if (!strcmp(v, "true") || !strcmp(v, "1") || !strcmp(v, "yes") || !strcmp(v, "on"))
             *(int *)p = 1;
         else if (!strcmp(v, "false") || !strcmp(v, "0") || !strcmp(v, "no") || !strcmp(v, "off"))
             *(int *)p = 0;
         else
-            return snprintf(err, errlen, "%s: '%s' is not true/false", o->key, v), -1;
+            return snprintf(err, errlen, "%s: '%s' is not true/false",
+                            opt_name(o, name, sizeof(name)), v), -1;
         return 0;
     }
     return -1;
@@ -245,8 +280,12 @@ void cvlm_config_print_help(FILE *f)
         int n = snprintf(flag, sizeof(flag), "--%s", o->key);
         for (int k = 2; k < n; k++)
             flag[k] = flag[k] == '_' ? '-' : flag[k];
-        fprintf(f, "  %-24s %s\n  %-24s default: %s%s%s\n", flag, o->help, "",
+        fprintf(f, "  %-24s %s\n  %-24s default: %s%s%s", flag, o->help, "",
                 *o->def ? o->def : "(empty)", *o->unit ? " " : "", o->unit);
+        if (o->type == OPT_INT || o->type == OPT_BYTES)
+            fprintf(f, "; range: %llu to %llu", (unsigned long long)o->lo,
+                    (unsigned long long)o->hi);
+        fputc('\n', f);
     }
 }
 

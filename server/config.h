@@ -54,6 +54,9 @@ struct cvlm_option {
     const char *def;   /* default, as text */
     const char *unit;  /* "" when none */
     const char *help;  /* what it does and what a change means */
+    /* OPT_INT / OPT_BYTES: the accepted range, checked at parse time (a value outside it
+     * is an error naming the option, never silently wrapped or clamped) */
+    uint64_t lo, hi;
 };
 
 extern const struct cvlm_option cvlm_options[];

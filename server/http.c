@@ -74,8 +74,13 @@ static void conn_maybe_free(struct conn *c)
         conn_free(c);
 }
 
+/* Cancels every running choice. A connection being prepared is left alone: the work
+ * pool writes c->ch / c->n_ch until after_work runs on this thread (which then submits
+ * or drops them, and a later tick can cancel them). */
 static void cancel_all(struct conn *c)
 {
+    if (c->state == CONN_PREP)
+        return;
     for (int i = 0; i < c->n_ch; i++)
         if (c->ch[i].r && !c->ch[i].done)
             cvlm_engine_cancel(c->s->engine, c->ch[i].r);
@@ -262,22 +267,21 @@ static void after_work(uv_work_t *w, int status)
         conn_maybe_free(c);
         return;
     }
-    for (int i = 0; i < c->n_ch && !c->status; i++) {
-        int rc = cvlm_engine_submit(c->s->engine, c->ch[i].r, on_engine_wake, c);
-        c->ch[i].submitted = rc == 0;
+    if (!c->status) { /* the choices go in together: all or none */
+        struct cvlm_request *rs[c->n_ch > 0 ? c->n_ch : 1];
+        for (int i = 0; i < c->n_ch; i++)
+            rs[i] = c->ch[i].r;
+        int rc = cvlm_engine_submit_group(c->s->engine, rs, c->n_ch, on_engine_wake, c);
         if (rc)
             cvlm_api_error(c, rc == CVLM_EBUSY ? 429 : 503,
                            rc == CVLM_EBUSY ? "rate_limit_error" : "service_unavailable", NULL,
                            rc == CVLM_EBUSY ? "queue_full" : NULL, "%s", cvlm_last_error());
     }
-    if (c->status) {
-        /* drop what was never submitted; what was finishes as cancelled */
-        for (int i = 0; i < c->n_ch; i++)
-            if (c->ch[i].r && !c->ch[i].submitted) {
-                cvlm_request_unref(c->ch[i].r);
-                c->ch[i].r = NULL;
-            }
-        cancel_all(c);
+    if (c->status) { /* nothing was submitted: drop the prepared requests */
+        for (int i = 0; i < c->n_ch; i++) {
+            cvlm_request_unref(c->ch[i].r);
+            c->ch[i].r = NULL;
+        }
         c->state = CONN_REPLY;
     }
     if (c->state == CONN_REPLY || c->o.stream)
@@ -371,6 +375,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         }
         return MHD_YES;
     }
+    if (c->state == CONN_REPLY && c->client_gone)
+        return MHD_NO; /* nobody to answer: close (counted as 499, not as a reply) */
     if (c->state == CONN_REPLY) {
         char *body = c->reply; /* MHD owns it from here */
         c->reply = NULL;
@@ -379,6 +385,20 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     if (c->state == CONN_RUN && c->o.stream)
         return queue_stream(c);
     return MHD_YES;
+}
+
+/* The status a finished connection is counted and logged under: what was sent, except a
+ * stream that ended in an error event (its error's status), a connection the server cut
+ * (503) and one the client left (499). */
+static int conn_outcome(const struct conn *c, int ok, int ours)
+{
+    if (ours)
+        return 503;
+    if (!ok)
+        return 499;
+    if (c->o.stream && c->gen_failed && c->fail_status)
+        return c->fail_status;
+    return c->status ? c->status : 499;
 }
 
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
@@ -391,12 +411,23 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         return;
     *con_cls = NULL;
     c->mhd_done = 1;
-    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK)
+    int ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK && !c->client_gone;
+    /* cut by us: the daemon stopping (drain deadline), never blamed on the client */
+    int ours = !ok && !c->client_gone &&
+               (s->stopping || toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN);
+    if (!ok)
         cancel_all(c); /* the client went away (or the daemon stops): free its KV now */
-    int status = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? c->status : 499;
-    cvlm_metrics_http(&s->metrics, c->route, status ? status : 499);
-    LOG_INFO("%s %s %d %.1fms%s", c->id, c->route, status, now_ms() - c->t_start,
-             toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (client gone)");
+    int status = conn_outcome(c, ok, ours);
+    cvlm_metrics_http(&s->metrics, c->route, status);
+    const char *why = ours                 ? " (cut by the server: still being sent at exit)"
+                      : !ok                  ? " (client gone)"
+                      : c->cut == CUT_DRAIN  ? " (cut by the server: drain timeout)"
+                      : c->cut == CUT_TIMEOUT ? " (cut by the server: request timeout)"
+                                             : "";
+    if (*why && !c->client_gone && (ours || c->cut))
+        LOG_WARN("%s %s %d %.1fms%s", c->id, c->route, status, now_ms() - c->t_start, why);
+    else
+        LOG_INFO("%s %s %d %.1fms%s", c->id, c->route, status, now_ms() - c->t_start, why);
     conn_maybe_free(c);
 }
 
@@ -499,9 +530,12 @@ static void on_tick(uv_timer_t *t)
             continue;
         int gone = c->suspended && peer_closed(c);
         int late = s->cfg->request_timeout > 0 && now - c->t_start > s->cfg->request_timeout * 1e3;
-        if (gone || late) {
-            if (late)
-                LOG_WARN("%s request timeout after %d s: cancelled", c->id, s->cfg->request_timeout);
+        if (gone && !c->client_gone) {
+            c->client_gone = 1; /* a non-streaming reply then closes instead of answering */
+            cancel_all(c);
+        } else if (late && !c->cut) {
+            c->cut = CUT_TIMEOUT; /* the cancellation becomes a 504 / an error event */
+            LOG_WARN("%s request timeout after %d s: cancelled", c->id, s->cfg->request_timeout);
             cancel_all(c);
         }
     }
@@ -510,25 +544,39 @@ static void on_tick(uv_timer_t *t)
     cvlm_http_kick(s);
 }
 
-/* Draining: wait for in-flight work up to the deadline, then cancel it; stop the loop
- * when nothing is left. */
+/* Grace after the drain deadline for the cancelled requests' last events (an error event
+ * and [DONE], or a 503 body) to be written; cancellations take effect within a step. */
+#define DRAIN_CUT_GRACE_MS 2000
+
+/* Draining: every admitted response finishes, up to the deadline: requests being prepared
+ * or generated, and bodies and streams still being written to slow readers (a connection
+ * is done when MHD reports it completed). At the deadline what still runs is cancelled as
+ * cut by the server (503 / an error event); after a short grace the loop stops and
+ * cvlm_http_stop closes whatever is left, logged as cut by the server. */
 static void drain_progress(struct cvlm_srv *s)
 {
-    int busy = 0;
+    int busy = 0, n = 0;
     for (struct conn *c = s->live; c; c = c->next)
-        busy |= c->state == CONN_PREP || c->state == CONN_RUN;
+        if (!c->mhd_done || c->state == CONN_PREP) {
+            busy = 1;
+            n++;
+        }
     busy |= s->engine && cvlm_engine_pending(s->engine) > 0;
     if (busy && now_ms() < s->drain_deadline)
         return;
-    if (busy) {
-        LOG_WARN("drain timeout: cancelling what is still running");
+    if (busy && !s->drain_cutting) {
+        LOG_WARN("drain timeout: cutting %d request(s) still running or being sent", n);
         for (struct conn *c = s->live; c; c = c->next)
-            cancel_all(c);
-        s->drain_deadline = now_ms() + 5000; /* cancellations complete within a step */
-        s->exit_code = 0;
+            if (!c->mhd_done && c->state != CONN_PREP) {
+                if (!c->cut)
+                    c->cut = CUT_DRAIN;
+                cancel_all(c);
+            }
+        s->drain_cutting = 1;
+        s->drain_deadline = now_ms() + DRAIN_CUT_GRACE_MS;
         return;
     }
-    LOG_INFO("drained; stopping");
+    LOG_INFO(busy ? "drain grace over; stopping" : "drained; stopping");
     uv_stop(s->loop);
 }
 
@@ -645,6 +693,7 @@ void cvlm_http_stop(struct cvlm_srv *s)
 {
     if (!s->mhd)
         return;
+    s->stopping = 1; /* connections MHD completes from here on were cut by us */
     /* cancel everything and hand every connection back to MHD, which completes them all */
     for (struct conn *c = s->live; c; c = c->next) {
         cancel_all(c);

@@ -9,42 +9,70 @@
 #include "server/server.h"
 
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
-static uv_work_t load_work;
-static int load_rc;
-static char load_err[512];
+/* The model load on the work pool. It owns copies of the strings it reads and its own
+ * engine pointer, so that nothing main frees or writes is shared with it while it runs
+ * (a signal during the load ends the process without waiting for it). */
+static struct {
+    uv_work_t work;
+    struct cvlm_engine_opts opts;
+    char *model, *tokenizer;
+    struct cvlm_engine *engine;
+    int rc;
+    char err[512];
+    atomic_int finished; /* set by the worker when cvlm_engine_create returned */
+    int done_ran;        /* load_done ran on the loop */
+} load;
+
+static int load_prepare(const struct cvlm_server_config *c)
+{
+    load.model = strdup(c->model);
+    load.tokenizer = *c->tokenizer ? strdup(c->tokenizer) : NULL;
+    if (!load.model || (*c->tokenizer && !load.tokenizer))
+        return -1;
+    load.opts = (struct cvlm_engine_opts){
+        .model_dir = load.model, .tokenizer = load.tokenizer, .threads = c->threads,
+        .backend = !strcmp(c->backend, "cuda"), .tp = c->tp, .device = c->device,
+        .dummy_weights = c->dummy_weights, .kv_bytes = c->kv_memory,
+        .block_size = c->block_size, .max_batched_tokens = c->max_batched_tokens,
+        .max_seqs = c->max_seqs, .queue_limit = c->queue_limit,
+        .vision_cache_bytes = c->vision_cache_memory, .no_prefix_cache = !c->prefix_cache,
+        .max_image_pixels = c->max_image_pixels, .max_context = c->max_context};
+    return 0;
+}
 
 static void load_cb(uv_work_t *w)
 {
-    struct cvlm_srv *s = w->data;
-    const struct cvlm_server_config *c = s->cfg;
-    struct cvlm_engine_opts o = {
-        .model_dir = c->model, .tokenizer = *c->tokenizer ? c->tokenizer : NULL,
-        .threads = c->threads, .backend = !strcmp(c->backend, "cuda"), .tp = c->tp,
-        .device = c->device, .dummy_weights = c->dummy_weights, .kv_bytes = c->kv_memory, .block_size = c->block_size,
-        .max_batched_tokens = c->max_batched_tokens, .max_seqs = c->max_seqs,
-        .queue_limit = c->queue_limit, .vision_cache_bytes = c->vision_cache_memory,
-        .no_prefix_cache = !c->prefix_cache, .max_image_pixels = c->max_image_pixels,
-        .max_context = c->max_context};
-    load_rc = cvlm_engine_create(&o, &s->engine);
-    if (load_rc)
-        snprintf(load_err, sizeof(load_err), "%s", cvlm_last_error());
+    (void)w;
+    load.rc = cvlm_engine_create(&load.opts, &load.engine);
+    if (load.rc)
+        snprintf(load.err, sizeof(load.err), "%s", cvlm_last_error());
+    atomic_store(&load.finished, 1);
 }
 
 static void load_done(uv_work_t *w, int status)
 {
     struct cvlm_srv *s = w->data;
     (void)status;
-    if (load_rc) {
-        LOG_ERROR("cannot load the model from %s: %s", s->cfg->model, load_err);
+    load.done_ran = 1;
+    free(load.model);
+    free(load.tokenizer);
+    load.model = load.tokenizer = NULL;
+    if (load.rc) {
+        LOG_ERROR("cannot load the model from %s: %s", s->cfg->model, load.err);
         s->exit_code = 1;
         uv_stop(s->loop);
         return;
     }
+    s->engine = load.engine;
+    if (s->draining && !s->ready) /* a signal came during the load: never serve */
+        return;
     cvlm_engine_get_info(s->engine, &s->info);
     s->ready = 1;
     cvlm_notifyf("READY=1\nSTATUS=serving %s", s->model_id); /* systemd Type=notify */
@@ -66,7 +94,7 @@ static void on_signal(uv_signal_t *h, int signum)
     }
     LOG_INFO("signal %d: draining", signum);
     cvlm_notify("STOPPING=1\nSTATUS=draining");
-    if (!s->engine) { /* still loading: nothing in flight */
+    if (!s->ready) { /* still loading: nothing in flight */
         s->draining = 1;
         uv_stop(s->loop);
         return;
@@ -159,10 +187,24 @@ int main(int argc, char **argv)
     uv_signal_start(&s.sig_term, on_signal, SIGTERM);
     uv_signal_start(&s.sig_int, on_signal, SIGINT);
     cvlm_watchdog_start(s.loop); /* WATCHDOG=1 every WATCHDOG_USEC/2 when systemd asks */
-    load_work.data = &s;
-    uv_queue_work(s.loop, &load_work, load_cb, load_done);
+    load.work.data = &s;
+    if (load_prepare(&cfg) || uv_queue_work(s.loop, &load.work, load_cb, load_done)) {
+        LOG_ERROR("cannot start loading the model");
+        return 1;
+    }
     LOG_INFO("loading %s as '%s'", cfg.model, s.model_id);
     uv_run(s.loop, UV_RUN_DEFAULT);
+    if (!atomic_load(&load.finished)) {
+        /* stopped during the load: the worker cannot be interrupted, and a normal exit
+         * would wait for it (libuv joins its pool at exit), so end here; nothing was
+         * served, nothing is in flight */
+        cvlm_http_stop(&s);
+        LOG_INFO("stopped while loading the model: exit 0");
+        fflush(NULL);
+        _exit(0);
+    }
+    for (int i = 0; !load.done_ran && i < 1000; i++) /* its completion may be queued */
+        uv_run(s.loop, UV_RUN_NOWAIT);
     cvlm_http_stop(&s);
     uv_close((uv_handle_t *)&s.sig_term, NULL);
     uv_close((uv_handle_t *)&s.sig_int, NULL);

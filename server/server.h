@@ -25,7 +25,14 @@ enum conn_state {
     CONN_PREP,     /* parse + request preparation on the work pool (suspended) */
     CONN_RUN,      /* generating (suspended between outputs) */
     CONN_REPLY,    /* a response is ready to be queued when resumed */
-    CONN_SENT,     /* response queued */
+    CONN_SENT,     /* response queued (MHD writes it; mhd_done once it is all sent) */
+};
+
+/* Why the server itself ended a request before its natural end (not the client). */
+enum conn_cut {
+    CUT_NONE = 0,
+    CUT_TIMEOUT, /* --request-timeout: 504 (or an error event in a stream) */
+    CUT_DRAIN,   /* still running at the --drain-timeout deadline: 503 / error event */
 };
 
 /* JSON text of array items, comma-separated, without the brackets. */
@@ -47,7 +54,6 @@ struct choice {
     size_t lp_off;
     int prompt_tokens, completion_tokens;
     int role_sent;          /* streaming: first delta sent */
-    int submitted;          /* handed to the engine (it will wake us until its finish) */
 };
 
 /* What the client asked for, beyond the engine's parameters. */
@@ -76,7 +82,10 @@ struct conn {
     struct choice *ch;
     int n_ch;
     int stale_ticks;        /* ticks that saw output pending with no wake-up queued */
-    int gen_failed;          /* a choice finished with an engine error */
+    int gen_failed;          /* a stream's choice failed: an error event ends the stream */
+    int fail_status;         /* ... with this status in the metrics and the log */
+    enum conn_cut cut;       /* set before the server cancels the choices itself */
+    int client_gone;         /* the tick saw the peer close a suspended connection */
     int status;              /* error reply: HTTP status, message, type, param, code */
     char err_msg[512], err_type[40], err_param[64], err_code[40];
     /* streaming output not yet handed to MHD */
@@ -104,6 +113,8 @@ struct cvlm_srv {
     char model_id[256];
     char api_key[512];
     int ready, draining, exit_code;
+    int drain_cutting;             /* the drain deadline passed: what ran was cancelled */
+    int stopping;                  /* MHD is being stopped: completions now are our cuts */
     long long started;             /* unix time the server started (model "created") */
     double drain_deadline;
     struct cvlm_metrics metrics;

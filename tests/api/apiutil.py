@@ -439,6 +439,30 @@ class Server:
             self.proc.wait(10)
 
 
+# ------------------------------------------------------------------------- slow model
+def slow_model(tmp_dir, hidden=512, layers=8, vocab=32000):
+    """A model directory for --dummy-weights (the test model's config, made larger) whose
+    decode costs milliseconds per token on any CPU: ~57M parameters, ~114 MB of weights
+    read per step, so that a request asked for ~2000 tokens runs for seconds even on the
+    fastest machine. Tests whose point needs a request still running when they act use
+    it, never a fixed sleep tuned to one machine."""
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    cfg.update(hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+               num_attention_heads=max(1, hidden // 64), vocab_size=vocab)
+    d = Path(tmp_dir) / f"slow-{hidden}-{layers}-{vocab}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def slow_args(tmp_dir, **more):
+    """Server options serving slow_model() as model id "slow"."""
+    a = {"--model": str(slow_model(tmp_dir)), "--tokenizer": str(TOKENIZER),
+         "--dummy-weights": "true", "--served-model-name": "slow"}
+    a.update(more)
+    return a
+
+
 # ------------------------------------------------------------------------- requests
 def chat_body(model, text="Describe the picture.", image_url=None, **kw):
     if image_url is None:

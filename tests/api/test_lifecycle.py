@@ -9,15 +9,17 @@ import time
 import pytest
 
 from apiutil import (CONTEXT_LEN, HOST, StreamReader, chat_body, check_error, http_request,
-                     validate)
+                     slow_args, validate)
 
 CHAT = "/v1/chat/completions"
 LONG = CONTEXT_LEN - 100  # tokens per choice: as long as the context allows
 
 
 def long_body(model, stream=True, n=1):
+    """As long as the context allows: EOS is banned (logit_bias), so a random model never
+    ends it early."""
     return chat_body(model, "Tell me a very long story about dragons.", max_tokens=LONG,
-                     temperature=0, n=n, stream=stream)
+                     temperature=0, n=n, stream=stream, logit_bias={"2": -100})
 
 
 def running(s):
@@ -40,8 +42,11 @@ def check_cancelled(s, gen0, cancelled, n):
     s.assert_healthy()
 
 
-def test_disconnect_mid_stream_cancels(make_server):
-    s = make_server("disconnect-stream")
+# The disconnect and queue tests need a request still running when they act: they run
+# on the slow model (seconds per request on any machine), not on the test model, which a
+# fast machine finishes before the client can hang up.
+def test_disconnect_mid_stream_cancels(make_server, tmp_path):
+    s = make_server("disconnect-stream", args=slow_args(tmp_path))
     cancelled = s.metric("cogvlm_requests_total", status="cancelled")
     finished = s.metric("cogvlm_requests_total", status="finished")
     gen0 = s.metric("cogvlm_generation_tokens_total")
@@ -59,8 +64,8 @@ def test_disconnect_mid_stream_cancels(make_server):
     assert s.metric("cogvlm_requests_total", status="finished") == finished
 
 
-def test_disconnect_non_streaming_cancels(make_server):
-    s = make_server("disconnect-plain")
+def test_disconnect_non_streaming_cancels(make_server, tmp_path):
+    s = make_server("disconnect-plain", args=slow_args(tmp_path))
     cancelled = s.metric("cogvlm_requests_total", status="cancelled")
     gen0 = s.metric("cogvlm_generation_tokens_total")
     sock = socket.create_connection((HOST, s.port), timeout=10)
@@ -74,8 +79,9 @@ def test_disconnect_non_streaming_cancels(make_server):
     check_cancelled(s, gen0, cancelled, n=4)
 
 
-def test_queue_full_429(make_server):
-    s = make_server("queue", args={"--max-seqs": "1", "--queue-limit": "1", "--max-n": "1"})
+def test_queue_full_429(make_server, tmp_path):
+    s = make_server("queue", args=slow_args(tmp_path, **{"--max-seqs": "1", "--queue-limit": "1",
+                                                          "--max-n": "1"}))
     for attempt in range(5):
         a = StreamReader(s.port, CHAT, long_body(s.model_id))
         b = None
@@ -83,8 +89,9 @@ def test_queue_full_429(make_server):
             assert a.read_headers() == 200
             assert a.next_event() is not None
             b = StreamReader(s.port, CHAT, long_body(s.model_id))
-            # wait for the state "A running, B waiting" (or B already refused)
-            deadline = time.monotonic() + 5
+            # wait for the state "A running, B waiting" (or B already refused); A runs for
+            # many seconds on the slow model, so a generous deadline costs nothing
+            deadline = time.monotonic() + 30
             state = None
             while time.monotonic() < deadline:
                 m = s.metrics_text()

@@ -83,3 +83,57 @@ TEST(config_precedence_and_errors)
     cvlm_config_free(&c);
     free(text);
 }
+
+/* Every numeric option is range-checked at parse time, with the option named (was:
+ * --port 84245 listened on 84245 mod 65536 = 18709, silently). */
+TEST(config_numeric_ranges)
+{
+    struct cvlm_server_config c;
+    char err[256];
+    static const char *const refused[][2] = {
+        {"--port", "84245"},      {"--port", "65536"},       {"--tp", "0"},
+        {"--tp", "9"},            {"--block-size", "0"},     {"--block-size", "1025"}, {"--max-seqs", "0"},
+        {"--max-n", "0"},         {"--max-n", "129"},        {"--queue-limit", "0"},
+        {"--max-batched-tokens", "0"}, {"--kv-memory", "20000G"}, {"--max-body-bytes", "1"},
+        {"--max-connections", "0"}, {"--drain-timeout", "86401"}, {"--max-image-pixels", "0"},
+    };
+    unsetenv("COGVLM_PORT");
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        char *argv[] = {(char *)refused[i][0], (char *)refused[i][1]};
+        err[0] = 0;
+        int rc = parse_with("", argv, 2, &c, err);
+        CHECKF(rc < 0, "%s %s accepted", refused[i][0], refused[i][1]);
+        CHECKF(strstr(err, refused[i][0]) && strstr(err, "out of range"),
+               "%s %s: message '%s' does not name the option and the range", refused[i][0],
+               refused[i][1], err);
+        cvlm_config_free(&c);
+    }
+    /* the edges are accepted; file and environment are checked the same way */
+    char *edges[] = {"--port", "65535", "--block-size", "1024"};
+    REQUIRE(parse_with("", edges, 4, &c, err) == 0);
+    CHECK(c.port == 65535 && c.block_size == 1024);
+    cvlm_config_free(&c);
+    CHECK(parse_with("port = 70000\n", NULL, 0, &c, err) < 0 && strstr(err, "--port"));
+    cvlm_config_free(&c);
+    setenv("COGVLM_PORT", "99999", 1);
+    CHECK(parse_with("", NULL, 0, &c, err) < 0 && strstr(err, "--port"));
+    cvlm_config_free(&c);
+    unsetenv("COGVLM_PORT");
+}
+
+/* The documented file states each numeric option's range as the table has it. */
+TEST(config_file_documents_ranges)
+{
+    size_t len;
+    char *text = (char *)cvlm_test_read_file("config/cogvlm.conf", &len), want[256];
+    REQUIRE(text);
+    for (int i = 0; i < cvlm_n_options; i++) {
+        const struct cvlm_option *o = &cvlm_options[i];
+        if (o->type != OPT_INT && o->type != OPT_BYTES)
+            continue;
+        snprintf(want, sizeof(want), "# Range: %llu to %llu.\n#%s = ", (unsigned long long)o->lo,
+                 (unsigned long long)o->hi, o->key);
+        CHECKF(strstr(text, want), "config/cogvlm.conf lacks '%s'", want);
+    }
+    free(text);
+}

@@ -1,12 +1,16 @@
 /* test_engine.c - the scheduler through the public engine API: batch invariance,
- * preemption, caches, stop conditions, limits and a random submit/cancel soak. */
+ * preemption, caches, stop conditions, limits, a random submit/cancel soak, and the
+ * hardening cases (large KV blocks, vocabulary checks, logit_bias, token text vs output). */
 #include "engine/engine.h"
 #include "engine/hash.h"
 #include "tests/unit/harness.h"
 
+#include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 /* A request as the test sees it: output accumulated from wake-ups. */
@@ -18,6 +22,9 @@ struct job {
     char text[4096];
     size_t len;
     int32_t ids[512];
+    int8_t strip[512]; /* lead_strip of each token */
+    float lp[512];     /* logprob of each token */
+    int32_t top0[512]; /* most likely alternative of each token, with logprobs >= 1 */
     int n_ids;
     struct cvlm_output last;
 };
@@ -40,8 +47,12 @@ static int drain(struct job *j)
             memcpy(j->text + j->len, o.text, o.text_len);
             j->len += o.text_len;
         }
-        for (int i = 0; i < o.n_tokens && j->n_ids < 512; i++)
-            j->ids[j->n_ids++] = o.tokens[i].id;
+        for (int i = 0; i < o.n_tokens && j->n_ids < 512; i++, j->n_ids++) {
+            j->ids[j->n_ids] = o.tokens[i].id;
+            j->strip[j->n_ids] = o.tokens[i].lead_strip;
+            j->lp[j->n_ids] = o.tokens[i].logprob;
+            j->top0[j->n_ids] = o.tokens[i].n_top ? o.tokens[i].top_id[0] : -1;
+        }
         if (o.finish) {
             j->done = 1;
             j->last = o;
@@ -441,4 +452,330 @@ TEST(engine_dummy_weights)
     end(&b);
     cvlm_engine_destroy(d);
     cvlm_engine_destroy(e);
+}
+
+/* ---- hardening: parameters and files the engine must refuse or get right ------------- */
+
+/* Prepares and submits a request with the caller's parameters; 0 or the error. */
+static int start_params(struct cvlm_engine *e, struct job *j, const struct cvlm_request_params *p)
+{
+    memset(j, 0, sizeof(*j));
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    int rc = cvlm_request_create(e, p, &j->r);
+    return rc ? rc : cvlm_engine_submit(e, j->r, on_wake, j);
+}
+
+/* Greedy raw completion of `prompt` with logprobs (so that the ids come back). */
+static void raw_params(struct cvlm_request_params *p, const char *prompt, int max_tokens)
+{
+    memset(p, 0, sizeof(*p));
+    cvlm_sampling_defaults(&p->sampling);
+    p->raw = 1;
+    p->prompt = prompt;
+    p->max_tokens = max_tokens;
+    p->ignore_eos = 1;
+    p->logprobs = 1;
+}
+
+/* n times " w1 w2" after `head` (one SentencePiece token per word). */
+static void repeat_words(char *buf, size_t cap, const char *head, const char *w, int n)
+{
+    size_t len = (size_t)snprintf(buf, cap, "%s", head);
+    for (int i = 0; i < n && len < cap; i++)
+        len += (size_t)snprintf(buf + len, cap - len, "%s%s", len ? " " : "", w);
+}
+
+static struct cvlm_engine *open_block_engine(int block_size, int no_prefix_cache, int *rc)
+{
+    struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
+                                 .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
+                                 .threads = 2, .kv_bytes = 8 << 20, .block_size = block_size,
+                                 .no_prefix_cache = no_prefix_cache};
+    struct cvlm_engine *e = NULL;
+    *rc = cvlm_engine_create(&o, &e);
+    return e;
+}
+
+/* Blocks of more than 256 slots: the prefix-cache key of a block once covered only its
+ * first 256 slots, so a prompt sharing 300 leading tokens with a cached 512-slot block
+ * reused that block's KV (the other prompt's tokens) and answered garbage. */
+TEST(engine_prefix_cache_blocks_over_256_slots)
+{
+    static char common[4096], a[8192], b[8192];
+    static struct job ja, jb, jc, ja2;
+    struct cvlm_request_params p;
+    struct cvlm_request *r = NULL;
+    struct cvlm_engine_stats st0, st1, st2;
+    int rc;
+    struct cvlm_engine *e = open_block_engine(512, 0, &rc), *f = open_block_engine(512, 1, &rc);
+    REQUIRE(e && f);
+    repeat_words(common, sizeof(common), "", "hello world", 150);
+    repeat_words(a, sizeof(a), common, "red green", 150);
+    repeat_words(b, sizeof(b), common, "cat dog", 150);
+    raw_params(&p, common, 8);
+    REQUIRE(cvlm_request_create(e, &p, &r) == 0);
+    int shared = cvlm_request_prompt_tokens(r); /* BOS + the common words */
+    cvlm_request_unref(r);
+    CHECKF(shared > 256 + 8 && shared < 512 - 8, "%d shared tokens", shared);
+    raw_params(&p, a, 8);
+    REQUIRE(start_params(e, &ja, &p) == 0); /* publishes its first block (a > 512 tokens) */
+    wait_job(&ja);
+    CHECK(cvlm_request_prompt_tokens(ja.r) > 512);
+    settle(e, &st0);
+    raw_params(&p, b, 8);
+    REQUIRE(start_params(e, &jb, &p) == 0 && start_params(f, &jc, &p) == 0);
+    wait_job(&jb);
+    wait_job(&jc);
+    CHECKF(jb.done && jc.done && same_output(&jb, &jc),
+           "the prefix cache changed the answer (%d vs %d tokens, '%.*s' vs '%.*s')", jb.n_ids,
+           jc.n_ids, (int)jb.len, jb.text, (int)jc.len, jc.text);
+    settle(e, &st1);
+    CHECKF(st1.prefix_hit_tokens == st0.prefix_hit_tokens, "%llu tokens of b hit the cache",
+           (unsigned long long)(st1.prefix_hit_tokens - st0.prefix_hit_tokens));
+    /* the same prompt again does reuse the whole block, with the same answer */
+    raw_params(&p, a, 8);
+    REQUIRE(start_params(e, &ja2, &p) == 0);
+    wait_job(&ja2);
+    settle(e, &st2);
+    CHECK(same_output(&ja, &ja2));
+    CHECKF(st2.prefix_hit_tokens - st1.prefix_hit_tokens == 512, "%llu hit tokens",
+           (unsigned long long)(st2.prefix_hit_tokens - st1.prefix_hit_tokens));
+    end(&ja);
+    end(&jb);
+    end(&jc);
+    end(&ja2);
+    cvlm_engine_destroy(e);
+    cvlm_engine_destroy(f);
+}
+
+/* Block sizes outside what the engine supports are refused with their range. */
+TEST(engine_block_size_range)
+{
+    static const int bad[] = {-1, -16, 1025, 4096, 1 << 30};
+    int rc;
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        cvlm_clear_error();
+        struct cvlm_engine *e = open_block_engine(bad[i], 0, &rc);
+        CHECKF(rc == CVLM_EINVAL && e == NULL && strstr(cvlm_last_error(), "block_size") &&
+                   strstr(cvlm_last_error(), "1..1024"),
+               "block_size %d: rc %d (%s)", bad[i], rc, cvlm_last_error());
+        cvlm_engine_destroy(e);
+    }
+    static const int good[] = {0, 1, 1024};
+    for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+        struct cvlm_engine *e = open_block_engine(good[i], 0, &rc);
+        CHECKF(rc == 0 && e, "block_size %d: %s", good[i], cvlm_last_error());
+        cvlm_engine_destroy(e);
+    }
+}
+
+/* A model dir in the scratch dir: the golden config with another vocab_size (random
+ * weights of that shape are enough: the check is on the files, not on the numbers). */
+static const char *vocab_model_dir(int vocab)
+{
+    static char dir[512];
+    char path[600];
+    size_t len;
+    char *cfg = (char *)cvlm_test_read_file(cvlm_test_data("golden-tiny/model/config.json"), &len);
+    char *at = cfg ? strstr(cfg, "\"vocab_size\": 32000") : NULL;
+    if (!at) {
+        free(cfg);
+        return NULL;
+    }
+    snprintf(dir, sizeof(dir), "%s/vocab-%d", cvlm_test_tmpdir(), vocab);
+    mkdir(dir, 0700);
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    FILE *f = fopen(path, "w");
+    if (f) {
+        fprintf(f, "%.*s\"vocab_size\": %d%s", (int)(at - cfg), cfg, vocab,
+                at + strlen("\"vocab_size\": 32000"));
+        fclose(f);
+    }
+    free(cfg);
+    return f ? dir : NULL;
+}
+
+/* A tokenizer with more pieces than the model has rows was accepted, and the first
+ * prompt with a piece past the model's vocabulary failed the whole batch it ran in. */
+TEST(engine_tokenizer_beyond_vocabulary_refused)
+{
+    const char *dir = vocab_model_dir(1000);
+    REQUIRE(dir);
+    struct cvlm_engine_opts o = {.model_dir = dir,
+                                 .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
+                                 .threads = 2, .kv_bytes = 4 << 20, .dummy_weights = 1};
+    struct cvlm_engine *e = NULL;
+    cvlm_clear_error();
+    int rc = cvlm_engine_create(&o, &e);
+    const char *msg = cvlm_last_error();
+    CHECKF(rc == CVLM_ESHAPE && e == NULL, "rc %d (%s)", rc, msg);
+    CHECKF(strstr(msg, "32000") && strstr(msg, "1000") && strstr(msg, "llama2-tokenizer.model") &&
+               strstr(msg, "config.json"),
+           "detail: %s", msg);
+    cvlm_engine_destroy(e);
+    /* a model vocabulary larger than the tokenizer's (padded embeddings) is fine */
+    REQUIRE((o.model_dir = vocab_model_dir(32064)));
+    CHECKF(cvlm_engine_create(&o, &e) == 0, "%s", cvlm_last_error());
+    cvlm_engine_destroy(e);
+}
+
+/* Token ids a request carries besides its prompt are checked against the vocabulary. */
+TEST(engine_request_token_ids_in_range)
+{
+    struct cvlm_engine *e = open_engine(4 << 20, 4, 64);
+    struct cvlm_request_params p;
+    struct cvlm_request *r = NULL;
+    REQUIRE(e);
+    static const int32_t bad[][2] = {{2, -1}, {2, 32000}, {1 << 30, 2}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        raw_params(&p, "Hi", 4);
+        p.stop_ids = bad[i];
+        p.n_stop_ids = 2;
+        cvlm_clear_error();
+        int rc = cvlm_request_create(e, &p, &r);
+        CHECKF(rc == CVLM_EINVAL && r == NULL && strstr(cvlm_last_error(), "stop token id") &&
+                   strstr(cvlm_last_error(), "32000"),
+               "stop ids {%d, %d}: rc %d (%s)", bad[i][0], bad[i][1], rc, cvlm_last_error());
+        cvlm_request_unref(r);
+        r = NULL;
+    }
+    static const int32_t ok[2] = {0, 31999};
+    p.stop_ids = ok;
+    CHECK(cvlm_request_create(e, &p, &r) == 0);
+    cvlm_request_unref(r);
+    cvlm_engine_destroy(e);
+}
+
+/* logit_bias: +100 forces a token at every step (greedy and sampled alike), -100 bans the
+ * greedy one; logprobs stay those of the unbiased model; bad entries are refused. */
+TEST(engine_logit_bias)
+{
+    struct cvlm_engine *e = open_engine(4 << 20, 4, 64);
+    static struct job ref, forced, hot, banned;
+    struct cvlm_request_params p;
+    struct cvlm_request *r = NULL;
+    REQUIRE(e);
+    raw_params(&p, "Once upon a time", 6);
+    REQUIRE(start_params(e, &ref, &p) == 0);
+    wait_job(&ref);
+    REQUIRE(ref.n_ids == 6);
+    int32_t x = 1000; /* not what the model says on its own */
+    for (int i = 0; i < ref.n_ids; i++)
+        x = ref.ids[i] == x ? x + 1 : x;
+    struct cvlm_logit_bias force[2] = {{x, 100.0f}, {x + 7, -3.0f}};
+    p.logit_bias = force;
+    p.n_logit_bias = 2;
+    REQUIRE(start_params(e, &forced, &p) == 0);
+    p.sampling.temperature = 1.0f;
+    p.sampling.seed = 3;
+    REQUIRE(start_params(e, &hot, &p) == 0);
+    wait_job(&forced);
+    wait_job(&hot);
+    CHECK(forced.n_ids == 6 && hot.n_ids == 6);
+    for (int i = 0; i < forced.n_ids; i++) {
+        CHECKF(forced.ids[i] == x && hot.ids[i] == x, "step %d: %d / %d, want %d", i,
+               forced.ids[i], hot.ids[i], x);
+        CHECKF(forced.lp[i] < -1.0f && forced.top0[i] != x, "step %d: logprob %g top %d", i,
+               (double)forced.lp[i], forced.top0[i]);
+    }
+    CHECK(forced.top0[0] == ref.ids[0]); /* the raw distribution's favourite */
+    struct cvlm_logit_bias ban = {ref.ids[0], -100.0f};
+    raw_params(&p, "Once upon a time", 6);
+    p.logit_bias = &ban;
+    p.n_logit_bias = 1;
+    REQUIRE(start_params(e, &banned, &p) == 0);
+    wait_job(&banned);
+    CHECK(banned.n_ids == 6);
+    for (int i = 0; i < banned.n_ids; i++)
+        CHECKF(banned.ids[i] != ref.ids[0], "step %d: banned token %d", i, ref.ids[0]);
+    /* refusals */
+    static const struct cvlm_logit_bias bad[] = {{-1, 1}, {32000, 1}, {5, 100.5f}, {5, -101},
+                                                 {5, NAN}, {5, INFINITY}};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        p.logit_bias = &bad[i];
+        p.n_logit_bias = 1;
+        cvlm_clear_error();
+        int rc = cvlm_request_create(e, &p, &r);
+        CHECKF(rc == CVLM_EINVAL && r == NULL && !strncmp(cvlm_last_error(), "logit_bias:", 11),
+               "entry {%d, %g}: rc %d (%s)", bad[i].id, (double)bad[i].bias, rc,
+               cvlm_last_error());
+        cvlm_request_unref(r);
+        r = NULL;
+    }
+    static struct cvlm_logit_bias many[CVLM_MAX_LOGIT_BIAS + 1];
+    for (int i = 0; i <= CVLM_MAX_LOGIT_BIAS; i++)
+        many[i] = (struct cvlm_logit_bias){i, 1.0f};
+    p.logit_bias = many;
+    p.n_logit_bias = CVLM_MAX_LOGIT_BIAS + 1;
+    CHECK(cvlm_request_create(e, &p, &r) == CVLM_EINVAL &&
+          !strncmp(cvlm_last_error(), "logit_bias:", 11));
+    p.n_logit_bias = -1;
+    CHECK(cvlm_request_create(e, &p, &r) == CVLM_EINVAL);
+    p.n_logit_bias = CVLM_MAX_LOGIT_BIAS;
+    CHECK(cvlm_request_create(e, &p, &r) == 0);
+    cvlm_request_unref(r);
+    end(&ref);
+    end(&forced);
+    end(&hot);
+    end(&banned);
+    cvlm_engine_destroy(e);
+}
+
+/* Runs eight chats and two completions of the test prompts on e and checks that the
+ * token texts, each from byte lead_strip on, concatenate to the output text; returns how
+ * many tokens had a stripped lead. */
+static int check_token_texts(struct cvlm_engine *e, const char *model)
+{
+    static struct job j[10];
+    int stripped = 0;
+    for (int k = 0; k < 10; k++) {
+        struct cvlm_request_params p;
+        raw_params(&p, prompts[k % 8], 10 + k);
+        p.raw = k >= 8;
+        if (start_params(e, &j[k], &p)) {
+            CHECKF(0, "%s job %d: %s", model, k, cvlm_last_error());
+            end(&j[k]);
+            j[k].r = NULL;
+        }
+    }
+    for (int k = 0; k < 10; k++) {
+        char cat[8192], piece[256];
+        size_t n = 0;
+        if (!j[k].r)
+            continue;
+        wait_job(&j[k]);
+        for (int i = 0; i < j[k].n_ids; i++) {
+            size_t m = cvlm_engine_token_text(e, j[k].ids[i], piece, sizeof(piece));
+            size_t s = (size_t)j[k].strip[i];
+            CHECKF(s <= m, "%s job %d token %d: lead_strip %zu of %zu bytes", model, k, i, s, m);
+            if (s <= m && n + m - s <= sizeof(cat)) {
+                memcpy(cat + n, piece + s, m - s);
+                n += m - s;
+            }
+            stripped += j[k].strip[i] != 0;
+            CHECKF(!j[k].strip[i] || (k < 8 && i == 0), "%s job %d: token %d stripped", model, k,
+                   i);
+        }
+        CHECKF(n == j[k].len && !memcmp(cat, j[k].text, n), "%s job %d: tokens '%.*s', text '%.*s'",
+               model, k, (int)n, cat, (int)j[k].len, j[k].text);
+        end(&j[k]);
+    }
+    return stripped;
+}
+
+/* Logprobs tokens rendered from cvlm_engine_token_text(id) minus lead_strip leading bytes
+ * concatenate to the output text: a chat answer's first word loses its space in the text
+ * (" A" -> "A"), a completion's does not. */
+TEST(engine_token_text_lead_strip)
+{
+    struct cvlm_engine_opts o = {.model_dir = "models/cogvlm-tiny-shapes", .threads = 2,
+                                 .kv_bytes = 4 << 20};
+    struct cvlm_engine *e = open_engine(4 << 20, 8, 64), *t = NULL;
+    REQUIRE(e);
+    CHECK(check_token_texts(e, "golden-tiny") > 0);
+    cvlm_engine_destroy(e);
+    REQUIRE(cvlm_engine_create(&o, &t) == 0);
+    CHECK(check_token_texts(t, "cogvlm-tiny-shapes") > 0);
+    cvlm_engine_destroy(t);
 }

@@ -108,3 +108,37 @@ TEST(sampler_penalties)
     CHECK(cvlm_sample(&sp, p, 3, out, 3, 1, &rng) == 0);
     CHECK(fabsf(p[0] - 0.95f) < 1e-6f);
 }
+
+/* A temperature so small that 1/T overflows a float (anything up to ~3e-39) once made
+ * every probability NaN and the draw fell through to id 0 (<unk>) on every step. Below
+ * CVLM_GREEDY_TEMPERATURE the sampler is greedy; just above it, it still samples. */
+TEST(sampler_tiny_temperature_is_greedy)
+{
+    static const float temps[] = {1e-39f, 3e-39f, 1e-20f, 1e-6f, 9e-6f};
+    struct cvlm_sampling sp;
+    struct cvlm_rng rng;
+    cvlm_sampling_defaults(&sp);
+    cvlm_rng_seed(&rng, 5);
+    for (size_t k = 0; k < sizeof(temps) / sizeof(temps[0]); k++) {
+        sp.temperature = temps[k];
+        for (int i = 0; i < 50; i++) {
+            float l[5] = {0.1f, -2.0f, 3.0f, 2.9999f, -7.0f};
+            int id = cvlm_sample(&sp, l, 5, NULL, 0, 0, &rng);
+            CHECKF(id == 2, "temperature %g: id %d, want the argmax 2", (double)temps[k], id);
+            if (id != 2)
+                break;
+        }
+    }
+    /* 1e-4: a logit gap of 1e-5 is 0.1 in units of T, so both ends get drawn */
+    int c[5] = {0};
+    sp.temperature = 1e-4f;
+    for (int i = 0; i < 400; i++) {
+        float l[5] = {0.1f, -2.0f, 3.0f, 3.0f - 1e-5f * 3.0f, -7.0f};
+        int id = cvlm_sample(&sp, l, 5, NULL, 0, 0, &rng);
+        CHECKF(id >= 0 && id < 5 && isfinite(l[id]), "temperature 1e-4: id %d", id);
+        if (id >= 0 && id < 5)
+            c[id]++;
+    }
+    CHECKF(c[2] > 0 && c[3] > 0 && c[2] + c[3] == 400, "temperature 1e-4: %d %d %d %d %d",
+           c[0], c[1], c[2], c[3], c[4]);
+}

@@ -236,7 +236,7 @@ TEST(tp_bad_options_refused)
     snprintf(cmd, sizeof(cmd), "%s --backend tpu --port 0 2>&1", srv);
     CHECK(run_cmd(cmd, "--backend must be cpu or cuda", &found) == 2 && found);
     snprintf(cmd, sizeof(cmd), "%s --tp 9 --port 0 2>&1", srv);
-    CHECK(run_cmd(cmd, "--tp 1..8", &found) == 2 && found);
+    CHECK(run_cmd(cmd, "tp (--tp): 9 is out of range: 1 to 8", &found) == 2 && found);
     snprintf(cmd, sizeof(cmd), "%s --model %s --tokenizer %s --tp 3 --port 0 2>&1", srv, model,
              cvlm_test_data("llama2-tokenizer.model"));
     CHECK(run_cmd(cmd, "does not divide the language model", &found) == 1 && found);

@@ -338,6 +338,15 @@ TEST(weights_hostile_headers)
     raw_case("{\"a\":{\"dtype\":\"F32\",\"shape\":[1099511627776,1099511627776,1048576],"
              "\"data_offsets\":[0,8]}}",
              -1, data, 8, CVLM_EFORMAT, "overflows");
+    /* 2^31 x 2^31 elements pass the element-count bound, but times 4 bytes the count
+     * wrapped to 0 and an empty data range was accepted for a 16 EiB tensor */
+    raw_case("{\"a\":{\"dtype\":\"F32\",\"shape\":[2147483648,2147483648],"
+             "\"data_offsets\":[0,0]}}",
+             -1, data, 8, CVLM_EFORMAT, "overflows");
+    raw_case("{\"a\":{\"dtype\":\"F32\",\"shape\":[1073741824,4,1073741824],"
+             "\"data_offsets\":[0,0]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],"
+             "\"data_offsets\":[0,8]}}",
+             -1, data, 8, CVLM_EFORMAT, "overflows");
     raw_case("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
              "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
              -1, data, 8, CVLM_EFORMAT, "duplicate");
