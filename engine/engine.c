@@ -145,6 +145,9 @@ static void *engine_main(void *arg)
             struct cvlm_request *r = e->in_head;
             e->in_head = r->next;
             e->n_in--;
+            /* still waiting, as far as the queue limit goes, until the step's stats are
+             * published (else a submit in between saw neither count: the limit leaked) */
+            e->n_waiting_pub++;
             cvlm_sched_enqueue(e, r, 0);
         }
         e->in_tail = NULL;

@@ -42,7 +42,8 @@ const struct cvlm_option cvlm_options[] = {
      1 << 20},
     {"max_seqs", OPT_INT, O(max_seqs), "64", "", "Sequences running at once.", 1, 1 << 16},
     {"queue_limit", OPT_INT, O(queue_limit), "256", "",
-     "Requests waiting for admission before new ones get 429.", 1, 1 << 20},
+     "Sequences waiting for admission before new requests get 429; a request's n choices "
+     "are queued together, accepted while fewer than this many wait.", 1, 1 << 20},
     {"vision_cache_memory", OPT_BYTES, O(vision_cache_memory), "64M", "bytes",
      "Cache of vision-tower outputs by image content; 0 disables it.", 0,
      1ull << 44},

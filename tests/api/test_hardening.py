@@ -138,6 +138,9 @@ def test_drain_lets_a_slow_stream_finish(make_server):
         assert r.read_headers() == 200
         head = r.read(64 * 1024)
         s.signal(signal.SIGTERM)
+        # the generation ends while most of its ~7 MB is still unsent (the socket buffers
+        # hold a few MB at most); /metrics keeps answering while draining
+        s.wait_metric("cogvlm_requests_running", lambda v: v == 0, timeout=120)
         rest = r.read(1 << 30, pace=4 << 20)
     finally:
         r.close()
