@@ -7,6 +7,15 @@
  * and compares each step's logits and token. The BF16 checks rerun a case on the BF16
  * weights with the RoPE inv_freq convention each one names. Every size comes from the
  * fixture's config.json. Exit status 0 only if every case is within tolerance.
+ *
+ * Tokens: `--tokens exact` (the default on the CPU backend) decodes freely and every
+ * greedy token must match. `--tokens report` (the default with --backend cuda, whose
+ * activations are BF16; its default tolerance is then 5e-2) feeds the reference tokens
+ * instead of ours (teacher forcing), so that every step's logits stay comparable, and
+ * reports how many tokens agree and, where one differs, the reference's top-2 margin: on a
+ * random model a near tie flips a token under BF16 rounding without any kernel bug. A
+ * differing token fails only if it is not a near tie (reference margin of our token over
+ * 2 * tolerance * max(1, |logit|)).
  */
 #include "engine/error.h"
 #include "engine/fileio.h"
@@ -29,7 +38,8 @@ struct golden {
     float *pixels; /* our preprocessing of the fixture image, CHW */
     double tol;
     struct cvlm_model_opts mo; /* backend, tp, threads */
-    int failed;
+    int report_tokens;         /* --tokens report: teacher-forced, differences reported */
+    int failed, tok_agree, tok_total;
 };
 
 /* max |a-b| and max |a-b| / max(1, |b|) over n values */
@@ -157,14 +167,16 @@ out:
     return rc;
 }
 
-/* Greedy continuation: step 0 is the prompt's last row, step k feeds token k-1. */
-static int generate(struct cvlm_model *m, struct run *r, int steps)
+/* Greedy continuation: step 0 is the prompt's last row, step k feeds token k-1: ours, or
+ * with `forced` (teacher forcing) the reference's. */
+static int generate(struct cvlm_model *m, struct run *r, int steps, const int32_t *forced)
 {
     int V = cvlm_model_config(m)->vocab_size, T = r->p.n;
     memcpy(r->gen_logits, r->logits + (size_t)(T - 1) * V, (size_t)V * sizeof(float));
     r->tokens[0] = argmax(r->gen_logits, V);
     for (int k = 1; k < steps; k++) {
-        int32_t id = r->tokens[k - 1], pos = r->p.next_pos + k - 1, slot = T + k - 1, seq = 0;
+        int32_t id = forced ? forced[k - 1] : r->tokens[k - 1];
+        int32_t pos = r->p.next_pos + k - 1, slot = T + k - 1, seq = 0;
         uint8_t expert = CVLM_EXPERT_LANG;
         struct cvlm_batch b = {.n_tokens = 1, .ids = &id, .pos = &pos, .expert = &expert,
                                .seq = &seq, .slot = &slot, .seqs = &r->seq, .n_seqs = 1};
@@ -219,6 +231,65 @@ static int report(struct golden *g, json_t *c, const char *key, const char *labe
     return ok;
 }
 
+/* The reference's greedy tokens (NULL if the fixture has no list of `steps` of them). */
+static int32_t *ref_tokens(json_t *gen, int steps)
+{
+    json_t *t = json_object_get(gen, "tokens");
+    int32_t *ids;
+    if (!json_is_array(t) || (int)json_array_size(t) != steps ||
+        !(ids = malloc((size_t)steps * sizeof(*ids))))
+        return NULL;
+    for (int k = 0; k < steps; k++)
+        ids[k] = (int32_t)json_integer_value(json_array_get(t, (size_t)k));
+    return ids;
+}
+
+/* One differing token: the reference's top-2 margin, where our token stands in the
+ * reference logits, and our own margin. 1 if it is a near tie (see the file header). */
+static int token_diff(const struct golden *g, int k, int want, int got, const float *ref,
+                      const float *ours, int V)
+{
+    float second = -INFINITY;
+    for (int i = 0; ref && i < V; i++)
+        if (i != want && ref[i] > second)
+            second = ref[i];
+    if (!ref) {
+        printf("    step %d: reference %d, ours %d (no reference logits)\n", k, want, got);
+        return 1;
+    }
+    double behind = (double)ref[want] - ref[got], bound = 2 * g->tol * fmax(1.0, fabs(ref[want]));
+    printf("    step %d: reference %d, ours %d; reference top-2 margin %.4g, our token %.4g "
+           "below its top; our margin %.4g: %s\n",
+           k, want, got, (double)ref[want] - second, behind, (double)ours[got] - ours[want],
+           behind <= bound ? "near tie" : "NOT a near tie");
+    return behind <= bound;
+}
+
+/* --tokens report: agreement of the teacher-forced greedy tokens; 1 unless a differing
+ * token is not a near tie. */
+static int token_report(struct golden *g, json_t *gen, const struct run *r,
+                        const int32_t *want, int steps, int V)
+{
+    size_t n = 0;
+    float *ref = load_array(g, json_object_get(gen, "logits"), &n);
+    int agree = 0, ok = 1;
+    if (ref && n != (size_t)steps * V) {
+        free(ref);
+        ref = NULL;
+    }
+    for (int k = 0; k < steps; k++)
+        agree += r->tokens[k] == want[k];
+    printf("  %-16s %d/%d agree (teacher-forced)\n", "greedy tokens", agree, steps);
+    for (int k = 0; k < steps; k++)
+        if (r->tokens[k] != want[k])
+            ok &= token_diff(g, k, want[k], r->tokens[k], ref ? ref + (size_t)k * V : NULL,
+                             r->gen_logits + (size_t)k * V, V);
+    g->tok_agree += agree;
+    g->tok_total += steps;
+    free(ref);
+    return ok;
+}
+
 static int setup_run(struct golden *g, struct cvlm_model *m, json_t *c, struct run *r, int steps)
 {
     const struct cvlm_config *cfg = cvlm_model_config(m);
@@ -268,6 +339,7 @@ static void run_case(struct golden *g, struct cvlm_model *m, json_t *c, const ch
     int steps = (int)json_integer_value(json_object_get(gen, "steps")), ok = 1, rc;
     int V = cfg->vocab_size, D = cfg->hidden_size, chunk = cvlm_model_max_tokens(m);
     struct run r = {0};
+    int32_t *forced = NULL;
 
     printf("case %s\n", label);
     if (steps <= 0)
@@ -296,19 +368,26 @@ static void run_case(struct golden *g, struct cvlm_model *m, json_t *c, const ch
         ok &= report(g, c, "hidden_states", "hidden_states", r.cap.hs,
                      (size_t)(cfg->num_layers + 1) * r.p.n * D);
     }
-    if ((rc = generate(m, &r, steps)))
+    forced = g->report_tokens ? ref_tokens(gen, steps) : NULL;
+    if ((rc = generate(m, &r, steps, forced)))
         goto fail;
     ok &= report(g, gen, "logits", "greedy logits", r.gen_logits, (size_t)steps * V);
-    int match = json_ints_equal(json_object_get(gen, "tokens"), r.tokens, steps, 0);
-    printf("  %-16s %s\n", "greedy tokens", match ? "all match" : "MISMATCH");
-    ok &= match;
+    if (forced) {
+        ok &= token_report(g, gen, &r, forced, steps, V);
+    } else {
+        int match = json_ints_equal(json_object_get(gen, "tokens"), r.tokens, steps, 0);
+        printf("  %-16s %s\n", "greedy tokens", match ? "all match" : "MISMATCH");
+        ok &= match;
+    }
     printf("  => %s\n", ok ? "PASS" : "FAIL");
+    free(forced);
     g->failed += !ok;
     run_free(m, &r);
     return;
 fail:
     printf("  error: %s\n  => FAIL\n", cvlm_last_error());
     g->failed++;
+    free(forced);
     run_free(m, &r);
 }
 
@@ -433,31 +512,53 @@ static void run_all(struct golden *g)
     }
 }
 
-int cvlm_cli_golden(int argc, char **argv)
+/* The options into g and *tok; -1 to go on, else the exit status (usage, --help). */
+static int parse_args(int argc, char **argv, struct golden *g, const char **tok)
 {
-    struct golden g = {.tol = 1e-4};
     int rc;
-    const char *tok = NULL;
-    char path[4096];
-    json_error_t jerr;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--fixture") && i + 1 < argc)
-            g.dir = argv[++i];
+            g->dir = argv[++i];
         else if (!strcmp(argv[i], "--tokenizer") && i + 1 < argc)
-            tok = argv[++i];
+            *tok = argv[++i];
         else if (!strcmp(argv[i], "--tol") && i + 1 < argc)
-            g.tol = atof(argv[++i]);
-        else if ((rc = cvlm_cli_model_opt(argc, argv, &i, &g.mo)) < 0)
+            g->tol = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc &&
+                 (!strcmp(argv[i + 1], "exact") || !strcmp(argv[i + 1], "report")))
+            g->report_tokens = !strcmp(argv[++i], "report");
+        else if ((rc = cvlm_cli_model_opt(argc, argv, &i, &g->mo)) < 0)
             return 2;
         else if (!rc) {
             printf("usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL]\n"
-                   "       " CVLM_CLI_MODEL_USAGE "\n"
+                   "       [--tokens exact|report] " CVLM_CLI_MODEL_USAGE "\n"
                    "Checks the engine against a reference fixture (golden-tiny format).\n"
-                   "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4.\n"
+                   "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4 (5e-2 with\n"
+                   "--backend cuda: BF16 activations).\n"
+                   "--tokens: exact (default; cpu): free greedy decoding, every token must\n"
+                   "match; report (default with --backend cuda): the reference tokens are fed,\n"
+                   "agreement and the top-2 margins of differing tokens are reported, and only\n"
+                   "a difference that is not a near tie fails.\n"
                    CVLM_CLI_MODEL_HELP);
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
+    int bf16_acts = g->mo.backend == CVLM_BACKEND_CUDA; /* the CUDA backend's activations */
+    if (g->tol < 0)
+        g->tol = bf16_acts ? 5e-2 : 1e-4;
+    if (g->report_tokens < 0)
+        g->report_tokens = bf16_acts;
+    return -1;
+}
+
+int cvlm_cli_golden(int argc, char **argv)
+{
+    struct golden g = {.tol = -1, .report_tokens = -1};
+    int rc;
+    const char *tok = NULL;
+    char path[4096];
+    json_error_t jerr;
+    if ((rc = parse_args(argc, argv, &g, &tok)) >= 0)
+        return rc;
     if (!g.dir) {
         fprintf(stderr, "cogvlm golden: --fixture DIR is required\n");
         return 2;
@@ -473,9 +574,12 @@ int cvlm_cli_golden(int argc, char **argv)
         return 1;
     }
     run_all(&g);
-    printf("golden: %s (tolerance %.0e relative, %s backend, tp %d)\n",
+    printf("golden: %s (tolerance %.0e relative, %s backend, tp %d)",
            g.failed ? "FAILED" : "all cases pass", g.tol,
            g.mo.backend == CVLM_BACKEND_CUDA ? "cuda" : "cpu", g.mo.tp > 1 ? g.mo.tp : 1);
+    if (g.report_tokens)
+        printf("; tokens reported: %d/%d greedy tokens agree", g.tok_agree, g.tok_total);
+    printf("\n");
     cvlm_tokenizer_destroy(g.tok);
     free(g.pixels);
     json_decref(g.man);

@@ -73,7 +73,8 @@ bool cu_check_blas(struct cuda_backend *cb, cublasStatus_t s, const char *what, 
     return false;
 }
 
-bool cu_enter(struct cuda_backend *cb)
+/* cu_enter without opening a step (alloc and free are not ops of a step) */
+static bool enter_quiet(struct cuda_backend *cb)
 {
     if (cb->err) { /* the op is skipped: say why on this thread */
         cvlm_errf(cb->err, "%s", cb->err_msg);
@@ -84,11 +85,20 @@ bool cu_enter(struct cuda_backend *cb)
     return CU_RT(cb, cudaSetDevice(cb->device));
 }
 
+bool cu_enter(struct cuda_backend *cb)
+{
+    cb->in_step = 1;
+    return enter_quiet(cb);
+}
+
+static void safe_point(struct cuda_backend *cb);
+
 extern "C" int cvlm_backend_cuda_status(struct cvlm_backend *be, int clear)
 {
     struct cuda_backend *cb = cu_of(be);
-    if (!cb->err && CU_RT(cb, cudaSetDevice(cb->device)))
-        CU_RT(cb, cudaStreamSynchronize(cb->stream));
+    if (!cb->err && CU_RT(cb, cudaSetDevice(cb->device)) &&
+        CU_RT(cb, cudaStreamSynchronize(cb->stream)))
+        safe_point(cb); /* the stream is idle and the caller is between steps */
     int rc = cb->err;
     if (rc)
         cvlm_errf(rc, "%s", cb->err_msg);
@@ -136,17 +146,61 @@ static struct cu_block *take_free(struct cuda_backend *cb, size_t cap)
     return b;
 }
 
-/* Gives every cached free block back to the driver (cudaFree synchronizes the device, so
- * kernels still using a block have finished). */
-static void release_free(struct cuda_backend *cb)
+/* cudaFree of every block of a list (cudaFree synchronizes the device, so kernels still
+ * using a block have finished). Only at a safe point (common.cuh). */
+static void free_blocks(struct cu_block **list)
 {
-    while (cb->free_list) {
-        struct cu_block *b = cb->free_list;
-        cb->free_list = b->next;
+    while (*list) {
+        struct cu_block *b = *list;
+        *list = b->next;
         cudaFree(b->p);
         free(b);
     }
+}
+
+/* Gives every cached free block back to the driver (safe points only). */
+static void release_free(struct cuda_backend *cb)
+{
+    free_blocks(&cb->free_list);
     cb->free_bytes = 0;
+}
+
+/* Between steps: the deferred blocks go back, the free list is trimmed to its bound, and
+ * a new step may begin. The caller has synchronized the stream. */
+static void safe_point(struct cuda_backend *cb)
+{
+    pthread_mutex_lock(&cb->mem_mu);
+    free_blocks(&cb->deferred);
+    if (cb->free_bytes > FREE_LIST_MAX)
+        release_free(cb);
+    cb->in_step = 0;
+    pthread_mutex_unlock(&cb->mem_mu);
+}
+
+/* Replacing a device buffer inside a step: defer_node() takes the list node first (NULL:
+ * out of host memory, recorded), so that a failure changes nothing; defer_push() then
+ * puts the old buffer `p` (cap bytes, maybe NULL) on the deferred list, where kernels
+ * queued on it may go on using it until the next safe point. */
+static struct cu_block *defer_node(struct cuda_backend *cb)
+{
+    struct cu_block *b = (struct cu_block *)calloc(1, sizeof(*b));
+    if (!b)
+        cu_fail(cb, CVLM_ENOMEM, __FILE__, __LINE__, "out of host memory");
+    return b;
+}
+
+static void defer_push(struct cuda_backend *cb, struct cu_block *b, void *p, size_t cap)
+{
+    if (!p) {
+        free(b);
+        return;
+    }
+    b->p = p;
+    b->cap = cap;
+    pthread_mutex_lock(&cb->mem_mu);
+    b->next = cb->deferred;
+    cb->deferred = b;
+    pthread_mutex_unlock(&cb->mem_mu);
 }
 
 static void *cu_alloc(struct cvlm_backend *be, size_t bytes)
@@ -154,14 +208,15 @@ static void *cu_alloc(struct cvlm_backend *be, size_t bytes)
     struct cuda_backend *cb = cu_of(be);
     size_t cap = round_alloc(bytes);
     void *p = NULL;
-    if (!cu_enter(cb))
+    if (!enter_quiet(cb))
         return NULL;
     pthread_mutex_lock(&cb->mem_mu);
     struct cu_block *b = take_free(cb, cap);
     if (!b && (b = (struct cu_block *)calloc(1, sizeof(*b)))) {
         cudaError_t e = cudaMalloc(&p, cap);
-        if (e == cudaErrorMemoryAllocation && cb->free_bytes) {
+        if (e == cudaErrorMemoryAllocation && (cb->free_bytes || cb->deferred) && !cb->in_step) {
             cudaGetLastError(); /* clear, give the cache back, try once more */
+            free_blocks(&cb->deferred);
             release_free(cb);
             e = cudaMalloc(&p, cap);
         }
@@ -195,14 +250,11 @@ static void cu_free(struct cvlm_backend *be, void *p)
             continue;
         struct cu_block *b = *pp;
         *pp = b->next;
-        /* kept for reuse: a later user's kernels run after this one's on the stream */
+        /* kept for reuse: a later user's kernels run after this one's on the stream;
+         * beyond FREE_LIST_MAX the list is trimmed at the next safe point */
         b->next = cb->free_list;
         cb->free_list = b;
         cb->free_bytes += b->cap;
-        if (cb->free_bytes > FREE_LIST_MAX) {
-            cudaSetDevice(cb->device);
-            release_free(cb);
-        }
         break;
     }
     pthread_mutex_unlock(&cb->mem_mu);
@@ -212,17 +264,20 @@ void *cu_scratch(struct cuda_backend *cb, enum cu_scratch_id id, size_t bytes)
 {
     if (bytes <= cb->scratch_cap[id])
         return cb->scratch[id];
-    /* the old buffer may be in use by queued kernels */
-    if (!CU_RT(cb, cudaStreamSynchronize(cb->stream)))
-        return NULL;
-    cudaFree(cb->scratch[id]);
-    cb->scratch[id] = NULL;
-    cb->scratch_cap[id] = 0;
+    /* the old buffer may be in use by queued kernels: it goes at the next safe point */
     size_t cap = round_alloc(bytes + bytes / 4);
-    if (!CU_RT(cb, cudaMalloc(&cb->scratch[id], cap)))
+    void *p = NULL;
+    struct cu_block *node = defer_node(cb);
+    if (!node)
         return NULL;
+    if (!CU_RT(cb, cudaMalloc(&p, cap))) {
+        free(node);
+        return NULL;
+    }
+    defer_push(cb, node, cb->scratch[id], cb->scratch_cap[id]);
+    cb->scratch[id] = p;
     cb->scratch_cap[id] = cap;
-    return cb->scratch[id];
+    return p;
 }
 
 void *cu_host_tmp(struct cuda_backend *cb, size_t bytes)
@@ -279,12 +334,17 @@ static const void *meta_big(struct cuda_backend *cb, const void *host, size_t n)
 {
     if (!CU_RT(cb, cudaStreamSynchronize(cb->stream)))
         return NULL;
-    if (n > cb->meta_big_cap) {
-        cudaFree(cb->meta_big);
-        cb->meta_big = NULL;
-        cb->meta_big_cap = 0;
-        if (!CU_RT(cb, cudaMalloc((void **)&cb->meta_big, n)))
+    if (n > cb->meta_big_cap) { /* the old one goes at the next safe point */
+        struct cu_block *node = defer_node(cb);
+        char *p = NULL;
+        if (!node)
             return NULL;
+        if (!CU_RT(cb, cudaMalloc((void **)&p, n))) {
+            free(node);
+            return NULL;
+        }
+        defer_push(cb, node, cb->meta_big, cb->meta_big_cap);
+        cb->meta_big = p;
         cb->meta_big_cap = n;
     }
     /* on the stream: a synchronous cudaMemcpy from pageable memory may return before its
@@ -378,6 +438,7 @@ static void cu_destroy(struct cvlm_backend *be)
         free(b);
     }
     release_free(cb);
+    free_blocks(&cb->deferred);
     for (int i = 0; i < cb->n_weights; i++)
         cudaFree(cb->weights[i]);
     free(cb->weights);

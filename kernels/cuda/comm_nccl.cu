@@ -96,14 +96,15 @@ extern "C" int cvlm_comm_nccl_group_create(struct cvlm_backend *const *be, int n
         return rc;
     struct nccl_group *g = (struct nccl_group *)calloc(1, sizeof(*g));
     struct nccl_comm *h[CVLM_COMM_MAX_RANKS] = {};
-    for (int r = 0; g && r < n; r++)
-        if (!(h[r] = (struct nccl_comm *)calloc(1, sizeof(*h[r]))))
-            g = NULL; /* freed below */
+    bool mem_ok = g != NULL;
+    for (int r = 0; mem_ok && r < n; r++)
+        mem_ok = (h[r] = (struct nccl_comm *)calloc(1, sizeof(*h[r]))) != NULL;
     cudaGetDevice(&prev);
-    rc = !g      ? cvlm_errf(CVLM_ENOMEM, "out of memory")
+    rc = !mem_ok ? cvlm_errf(CVLM_ENOMEM, "out of memory")
          : n > 1 ? NCCL_CHECK(ncclCommInitAll(comms, n, devs))
                  : 0;
     cudaSetDevice(prev); /* ncclCommInitAll leaves another device current */
+    /* frees whatever part was allocated (h[] is NULL past a failed calloc) */
     if (rc) {
         for (int r = 0; r < n; r++)
             free(h[r]);

@@ -9,6 +9,13 @@
  * engine thread, or the rank's worker thread with tensor parallelism); alloc/free also
  * take a mutex because model creation may run on another thread.
  *
+ * No cudaFree inside a step: with tensor parallelism a peer rank may be waiting in an NCCL
+ * kernel, and cudaFree's implicit synchronisation can deadlock against it. Blocks that
+ * are replaced while ops may be in flight (grown scratch, the big metadata buffer) go on
+ * a deferred list, and the free list is trimmed, only at a safe point: a successful
+ * cvlm_backend_cuda_status() (the engine calls it once every rank has finished a step),
+ * an alloc when no op was issued since that point, and destroy.
+ *
  * Errors: ops return void, so the first failure (a CUDA/cuBLAS error, a bad shape) is
  * recorded in the backend with file:line (sticky; also passed to cvlm_errf on the calling
  * thread) and every later op becomes a no-op until it is cleared. to_host fills its output
@@ -78,6 +85,8 @@ struct cuda_backend {
     pthread_mutex_t mem_mu;
     struct cu_block *live, *free_list;
     size_t free_bytes;
+    struct cu_block *deferred; /* blocks to cudaFree at the next safe point */
+    int in_step;               /* an op was issued since the last safe point */
     /* allocations made by upload_weights, freed at destroy */
     void **weights;
     int n_weights, cap_weights;
@@ -96,6 +105,9 @@ struct cuda_backend {
     struct cu_gemm_cache *gemm;
     int attn_simple;  /* COGVLM_CUDA_ATTN=simple: reference attention kernels only */
     int smem_set[16]; /* flash kernel variants whose max dynamic smem was raised */
+    /* norm kernels (rmsnorm, layernorm): static shared bytes and the dynamic shared bytes
+     * they may take, asked of the runtime at the first launch (0 = not yet asked) */
+    size_t norm_static[2], norm_dyn_max[2];
 };
 
 static inline struct cuda_backend *cu_of(struct cvlm_backend *be)
@@ -128,7 +140,8 @@ bool cu_check_blas(struct cuda_backend *cb, cublasStatus_t s, const char *what, 
     } while (0)
 
 /* Makes the backend's device current on this thread; false if the backend already holds
- * an error (the op is then skipped). Every op starts with it. */
+ * an error (the op is then skipped). Every op starts with it (and so opens a step: no
+ * cudaFree until the next safe point). */
 bool cu_enter(struct cuda_backend *cb);
 
 /* ---- memory helpers (backend_cuda.cu) -------------------------------------------------- */

@@ -7,6 +7,11 @@
  * E[x^2] - mean^2 form loses digits when |mean| >> std). Wider rows fall back to reading
  * x from global memory in each pass. y may alias x: every thread writes only the elements
  * it read, after the reductions.
+ *
+ * Shared memory: the row cache is dynamic, the reduction scratch (`red`, 128 bytes) static.
+ * A block may take 48 KiB of the two together without opting in, and at most the device's
+ * opt-in limit with it: norm_smem() asks the runtime for the kernel's static size, opts
+ * in when the sum passes 48 KiB, and drops the cache when it would not fit at all.
  */
 #include "kernels/cuda/norm.cuh"
 
@@ -87,6 +92,42 @@ static unsigned norm_threads(int D)
     return D >= 2048 ? NORM_THREADS : D >= 512 ? 128 : 64;
 }
 
+enum { NORM_RMS = 0, NORM_LAYER = 1 }; /* index of cb->norm_static / norm_dyn_max */
+
+/* The dynamic shared memory of a norm launch with a row cache of D floats: D * 4 bytes,
+ * or 0 (no cache) when D > NORM_SMEM_MAX or cache + static would pass the device's
+ * limit. Where cache + static passes 48 KiB, raises the kernel's dynamic limit (to all
+ * the device allows, so that another backend on the device never sees it lowered). false
+ * on a runtime error (recorded). */
+static bool norm_smem(struct cuda_backend *cb, const void *kernel, int which, int D, size_t *smem)
+{
+    size_t dyn = (size_t)D * sizeof(float);
+    *smem = 0;
+    if (D > NORM_SMEM_MAX)
+        return true;
+    if (!cb->norm_static[which]) {
+        cudaFuncAttributes fa;
+        if (!CU_RT(cb, cudaFuncGetAttributes(&fa, kernel)))
+            return false;
+        /* a kernel without static shared memory counts 1 byte: 0 means "not asked" */
+        cb->norm_static[which] = fa.sharedSizeBytes ? fa.sharedSizeBytes : 1;
+        cb->norm_dyn_max[which] = (size_t)fa.maxDynamicSharedSizeBytes;
+    }
+    size_t stat = cb->norm_static[which];
+    if (dyn + stat > cb->smem_optin)
+        return true; /* the uncached path */
+    /* raised to the device's limit at once: never lowered later */
+    if (dyn > cb->norm_dyn_max[which]) {
+        size_t lim = cb->smem_optin - stat;
+        if (!CU_RT(cb, cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)lim)))
+            return false;
+        cb->norm_dyn_max[which] = lim;
+    }
+    *smem = dyn;
+    return true;
+}
+
 /* x is written only when r is given (the add). */
 static void rmsnorm_launch(struct cvlm_backend *be, void *y, void *x, const void *r,
                            const struct cvlm_tensor *w, int M, int D, float eps)
@@ -97,12 +138,10 @@ static void rmsnorm_launch(struct cvlm_backend *be, void *y, void *x, const void
     CU_REQUIRE(cb, D > 0 && w && w->data && cvlm_tensor_numel(w) == D,
                "rmsnorm: weight of %lld elements for D %d",
                w ? (long long)cvlm_tensor_numel(w) : -1LL, D);
-    int use_cache = D <= NORM_SMEM_MAX;
-    size_t smem = use_cache ? (size_t)D * sizeof(float) : 0;
-    if (smem > 48 * 1024 &&
-        !CU_RT(cb, cudaFuncSetAttribute(k_rmsnorm, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem)))
+    size_t smem;
+    if (!norm_smem(cb, (const void *)k_rmsnorm, NORM_RMS, D, &smem))
         return;
+    int use_cache = smem > 0;
     unsigned grid = (unsigned)(M < 65535 ? M : 65535);
     k_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>((bf16 *)y, (bf16 *)x, (const bf16 *)r,
                                                            w->data, w->dtype, M, D, eps,
@@ -132,12 +171,10 @@ void cu_layernorm(struct cvlm_backend *be, void *y, const void *x, const struct 
                D > 0 && w && w->data && cvlm_tensor_numel(w) == D &&
                    (!b || (b->data && cvlm_tensor_numel(b) == D)),
                "layernorm: weight/bias do not have %d elements", D);
-    int use_cache = D <= NORM_SMEM_MAX;
-    size_t smem = use_cache ? (size_t)D * sizeof(float) : 0;
-    if (smem > 48 * 1024 &&
-        !CU_RT(cb, cudaFuncSetAttribute(k_layernorm, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem)))
+    size_t smem;
+    if (!norm_smem(cb, (const void *)k_layernorm, NORM_LAYER, D, &smem))
         return;
+    int use_cache = smem > 0;
     unsigned grid = (unsigned)(M < 65535 ? M : 65535);
     k_layernorm<<<grid, norm_threads(D), smem, cb->stream>>>(
         (bf16 *)y, (const bf16 *)x, w->data, w->dtype, b ? b->data : NULL, b ? (int)b->dtype : 0, M,

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# prepare.sh - run on the development machine before tests/gpu/run.sh goes to a GPU
-# machine that has CUDA and PyTorch but no network and maybe not this project's -dev
-# packages. Fills .gpu-carry/ (ignored through .git/info/exclude) with:
-#   bin/     cogvlm, cogvlm-server, op-parity from `make cuda` (used there when the build
-#            cannot run for lack of headers)
-#   lib/     the shared libraries those binaries need beyond glibc, libstdc++ and CUDA
-#   whl/     Python wheels the API test imports and the GPU image lacks (jsonschema and
-#            friends), installed there with pip --no-index
-#   shared/  the part of ../shared/data the steps read (golden-tiny, tokenizer, OpenAPI)
-# Then carry it: the device call names ".gpu-carry" in `carry` and runs
-# `bash tests/gpu/run.sh`. Prints the size (the working tree + carry must stay < 64 MiB).
+# prepare.sh - run on the development machine before a GPU session. Fills
+# build-cuda/gpu-carry/ (ignored, like all of build-cuda/) with what tests/gpu/run.sh needs
+# on a GPU machine that has the NVIDIA driver, CUDA and PyTorch but no network and none of
+# this project's -dev packages, then measures what the device call would send and fails
+# HERE, not there, when that is over the call's 64 MiB:
+#   bin/          cogvlm, cogvlm-server, op-parity from `make cuda`, stripped
+#   lib/          every library `ldd` resolves for them here, except
+#                 - the C/C++ runtimes and what any Ubuntu base image has (glibc, libstdc++,
+#                   libgcc_s, zlib, GnuTLS and its dependencies, which apt itself needs),
+#                 - the NVIDIA driver (libcuda, libnvidia-*): the machine's own, NEVER carried,
+#                 - libraries over LIB_MAX_KB (default 8192: cuBLAS, cuBLASLt and NCCL weigh
+#                   hundreds of MB), listed in lib/LOCATE.txt; run.sh's libs step
+#                   (tests/gpu/libs.sh) finds them there (PyTorch's nvidia wheels, the toolkit)
+#   whl/          wheels the accuracy test imports and the GPU image lacks (jsonschema & co.)
+#   shared/data/  golden-tiny's manifest and exactly the files it names, and the tokenizer
+# The device call then names "build-cuda/gpu-carry" in `carry` (tests/gpu/README.md).
 # Options: --no-build (reuse build-cuda/), --no-wheels, --no-shared.
+# Environment: COGVLM_SHARED (default ../shared), LIB_MAX_KB, CALL_LIMIT_MIB (default 64).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-C=.gpu-carry
+C="build-cuda/gpu-carry"
+LIMIT=$((${CALL_LIMIT_MIB:-64} * 1024 * 1024)) # bytes a device call may send
+LIB_MAX_KB=${LIB_MAX_KB:-8192}
 build=1 wheels=1 shared=1
 for a in "$@"; do
     case $a in
@@ -23,39 +31,104 @@ for a in "$@"; do
     *) echo "usage: $0 [--no-build] [--no-wheels] [--no-shared]" >&2; exit 2 ;;
     esac
 done
-grep -qx '/.gpu-carry/' .git/info/exclude 2>/dev/null || echo '/.gpu-carry/' >> .git/info/exclude
-mkdir -p "$C/bin" "$C/lib" "$C/whl"
 if [ "$build" = 1 ]; then
     nice make -j"$(nproc)" cuda
 fi
+rm -rf "${C:?}/bin" "${C:?}/lib"
+mkdir -p "$C/bin" "$C/lib" "$C/whl"
 cp build-cuda/cogvlm build-cuda/cogvlm-server build-cuda/tests/op-parity "$C/bin/"
-strip "$C"/bin/* # the debug info is half their size and the carry is tight
-# the libraries ldd resolves, except the C/C++ runtimes, CUDA's own and what an Ubuntu
-# base image has anyway (zlib, and GnuTLS with its dependencies, which apt itself needs)
-rm -f "$C"/lib/*
-ldd "$C"/bin/* | awk '$3 ~ /^\// {print $3}' | sort -u | while read -r lib; do
-    case $(basename "$lib") in
-    libc.so* | libm.so* | libpthread.so* | libdl.so* | librt.so* | ld-linux* | libstdc++* | \
-        libgcc_s* | libcuda* | libcublas* | libnccl* | libz.so* | libgnutls* | libp11-kit* | \
-        libunistring* | libidn2* | libtasn1* | libnettle* | libhogweed* | libgmp* | libffi*) ;;
-    *) cp -L "$lib" "$C/lib/" ;;
+strip "$C"/bin/* # the debug info is half their size
+
+# ---- libraries: decided from ldd of the binaries themselves --------------------------------
+if ldd "$C"/bin/* | grep -q 'not found'; then
+    echo "prepare.sh: the binaries do not even resolve their libraries here:" >&2
+    ldd "$C"/bin/* | grep 'not found' >&2
+    exit 1
+fi
+: > "$C/lib/LOCATE.txt"
+ldd "$C"/bin/* | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u | while read -r so path; do
+    case $so in
+    libc.so* | libm.so* | libmvec.so* | libpthread.so* | libdl.so* | librt.so* | libresolv.so* | \
+        libutil.so* | ld-linux* | libstdc++.so* | libgcc_s.so*) ;; # the C/C++ runtimes
+    libz.so* | libgnutls.so* | libp11-kit.so* | libunistring.so* | libidn2.so* | libtasn1.so* | \
+        libnettle.so* | libhogweed.so* | libgmp.so* | libffi.so*) ;; # any Ubuntu base has them
+    libcuda.so* | libnvidia-*) ;; # the driver: the GPU machine's own, never carried
+    *)
+        kb=$(du -kL "$path" | cut -f1)
+        if [ "$kb" -gt "$LIB_MAX_KB" ]; then
+            echo "$so $((kb / 1024)) MiB here: $path" >> "$C/lib/LOCATE.txt"
+        else
+            cp -L "$path" "$C/lib/$so"
+        fi
+        ;;
     esac
 done
-if [ "$wheels" = 1 ]; then
+if compgen -G "$C/lib/libcuda.so*" > /dev/null; then
+    echo "prepare.sh: the driver library ended up in the carry" >&2
+    exit 1
+fi
+echo "prepare.sh: carried libraries:" "$(cd "$C/lib" && ls -- *.so*)"
+echo "prepare.sh: located on the GPU machine by tests/gpu/libs.sh:"
+sed 's/^/    /' "$C/lib/LOCATE.txt"
+
+# ---- wheels of the accuracy test -------------------------------------------------------------
+if [ "$wheels" = 1 ] && ! compgen -G "$C/whl/jsonschema-*.whl" > /dev/null; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d "$C/whl" jsonschema==4.26.0 referencing rpds-py \
-        jsonschema-specifications pytest-timeout==2.4.0
+        jsonschema-specifications
 fi
+
+# ---- shared data: the files the golden step reads, and the tokenizer ------------------------
 if [ "$shared" = 1 ]; then
-    src=${COGVLM_SHARED:-../shared}
-    mkdir -p "$C/shared/data"
-    cp -R "$src/data/golden-tiny" "$src/data/llama2-tokenizer.model" \
-        "$src/data/openai-openapi.yaml" "$C/shared/data/"
+    src=${COGVLM_SHARED:-../shared}/data
+    rm -rf "$C/shared"
+    mkdir -p "$C/shared/data/golden-tiny"
+    cp "$src/llama2-tokenizer.model" "$C/shared/data/"
+    python3 - "$src/golden-tiny" "$C/shared/data/golden-tiny" <<'EOF'
+import json, os, shutil, sys
+src, dst = sys.argv[1:3]
+man = json.load(open(os.path.join(src, "manifest.json")))
+names = set()
+def walk(v):  # every "file" and "dir" the manifest names, at any depth
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k in ("file", "dir") and isinstance(x, str) and ".." not in x.split("/"):
+                names.add(x)
+            walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            walk(x)
+walk(man)
+shutil.copy(os.path.join(src, "manifest.json"), dst)
+for n in sorted(names):
+    s, d = os.path.join(src, n), os.path.join(dst, n)
+    if os.path.isdir(s):
+        shutil.copytree(s, d, dirs_exist_ok=True)
+    elif os.path.isfile(s):
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        shutil.copy(s, d)
+    elif not os.path.exists(os.path.join(src, "..", n)):  # the tokenizer sits beside it
+        print("prepare.sh: golden-tiny names %s, which does not exist" % n, file=sys.stderr)
+EOF
     chmod -R u+w "$C/shared"
 fi
-tree_kb=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- | tail -1 | cut -f1)
-carry_kb=$(du -sk "$C" | cut -f1)
-echo "prepare.sh: .gpu-carry ${carry_kb} KiB + working tree ${tree_kb} KiB" \
-     "= $(((carry_kb + tree_kb) / 1024)) MiB of the 64 MiB a device call may take"
-echo "prepare.sh: device call: carry [\".gpu-carry\"], command \"bash tests/gpu/run.sh\""
+
+# ---- what the device call sends: the working tree as git sees it + the carry ----------------
+tree_b=$(git ls-files -z -co --exclude-standard |
+    du -cb --apparent-size --files0-from=- 2> /dev/null | tail -1 | cut -f1)
+carry_b=$(du -sb --apparent-size "$C" | cut -f1)
+total=$((tree_b + carry_b))
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
+for d in bin lib whl shared; do
+    [ -d "$C/$d" ] && echo "prepare.sh:   $C/$d" \
+        "$(mib "$(du -sb --apparent-size "$C/$d" | cut -f1)")"
+done
+echo "prepare.sh: carry $(mib "$carry_b") + working tree $(mib "$tree_b") = $(mib "$total")" \
+    "of the $(mib "$LIMIT") a device call may send"
+if [ "$total" -gt "$LIMIT" ]; then
+    echo "prepare.sh: OVER THE LIMIT by $(mib $((total - LIMIT))): the call would be refused" >&2
+    exit 1
+fi
+echo "prepare.sh: device call: carry [\"$C\"], command \"bash tests/gpu/run.sh\"" \
+    "(tests/gpu/README.md)"

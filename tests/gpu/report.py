@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
 """report.py - the summary of tests/gpu/run.sh: $OUT/report.json and $OUT/report.txt.
 
-Reads what the steps left: op_parity.json, bench_vlm.json (cogvlm bench-vlm),
-bench_torch.json, the step table (name, exit status, seconds) and the step logs (golden,
-accuracy). Derived numbers:
+run.sh calls it before and after every step, so the report in $OUT always says how far
+the run got, even when the run is cut off. It reads what the steps left:
+- WORK/steps.tsv: one row per finished step (name, status passed/failed/skipped, exit
+  status, seconds, why), WORK/running: the step in progress (name, start, limit),
+  WORK/device.txt: nvidia-smi's name and driver;
+- the step logs WORK/NAME.log (libs, golden, accuracy, sanitizer);
+- OUT/op_parity.json, op_parity_ref.json, op_parity_small.json (tests/gpu/op_parity.c;
+  rewritten after every case, "complete": false while it ran or when it was cut),
+  OUT/bench_vlm.json (cogvlm bench-vlm) and WORK/bench_torch.json (bench_torch.py).
+Derived numbers:
 - hbm_fraction: bytes one decode step must read (weights of the language expert and
   lm_head + the batch's keys and values, as bench-vlm counts them) / step time / peak
   HBM bandwidth; per batch, and the batch-1 value as the headline. bench-vlm's sequences
@@ -20,6 +27,7 @@ import ast
 import json
 import os
 import re
+import time
 
 
 def peaks(name):
@@ -51,29 +59,68 @@ def read(path):
         return ""
 
 
-def steps_table(path):
+def steps_table(work):
+    """The finished steps in run order, then the one in progress (status "running")."""
     out = {}
-    for line in read(path).splitlines():
-        p = line.split()
-        if len(p) == 3:
-            out[p[0]] = {"status": p[1], "seconds": int(p[2]) if p[2].isdigit() else None}
+    for line in read(os.path.join(work, "steps.tsv")).splitlines():
+        p = line.split("\t")
+        if len(p) >= 4:
+            out[p[0]] = {"status": p[1], "rc": int(p[2]) if p[2].lstrip("-").isdigit() else None,
+                         "seconds": int(p[3]) if p[3].isdigit() else None,
+                         "why": p[4] if len(p) > 4 and p[4] else None}
+    run = read(os.path.join(work, "running")).split()
+    if len(run) >= 3 and run[1].isdigit():
+        out[run[0]] = {"status": "running", "rc": None,
+                       "seconds": int(time.time()) - int(run[1]),
+                       "why": "in progress (limit %ss) when this report was written" % run[2]}
     return out
 
 
-def golden(logs, st):
-    text = read(os.path.join(logs, "golden.log"))
+def libs(work):
+    """What libs.sh resolved: soname -> path (or "not found"), the path it built."""
+    text = read(os.path.join(work, "libs.log"))
+    res = {}
+    for m in re.finditer(r"^\s+(\S+) => (.+?)(?: \(0x[0-9a-f]+\))?$", text, re.M):
+        res[m.group(1)] = m.group(2).strip()
+    ldp = re.search(r"LD_LIBRARY_PATH for the binaries: (.*)", text)
+    drv = re.search(r"driver libcuda.so.1: (.*)", text)
+    return {"ld_library_path": ldp.group(1) if ldp else None,
+            "driver_libcuda": drv.group(1) if drv else None,
+            "missing": sorted(k for k, v in res.items() if v == "not found"),
+            "resolved": res or None}
+
+
+def parity(out, name):
+    """A pass of op-parity: counts, whether it finished, why it stopped, its failures."""
+    par = load(os.path.join(out, name))
+    if not par:
+        return None
+    res = par.get("results", [])
+    return {"complete": par.get("complete"), "passed": par.get("passed"),
+            "failed": par.get("failed"), "skipped": par.get("skipped"),
+            "fatal": par.get("fatal"), "last_case": (res[-1].get("op") + " " + res[-1].get(
+                "shape", "")) if res else None,
+            "failures": [{k: r.get(k) for k in ("op", "shape", "max_rel", "tol", "error")}
+                         for r in res if not r.get("pass") and not r.get("skipped")]}
+
+
+def golden(work, st):
+    text = read(os.path.join(work, "golden.log"))
     rels = [float(m) for m in re.findall(r"max rel ([0-9.eE+-]+|nan|inf)", text)]
     tol = re.search(r"tolerance ([0-9.eE+-]+)", text)
+    agree = re.search(r"tokens reported: (\d+)/(\d+)", text)
     return {"max_rel_err": max(rels) if rels else None,
-            "pass": st.get("golden", {}).get("status") == "0",
+            "pass": st.get("golden", {}).get("status") == "passed",
             "tol": float(tol.group(1)) if tol else None,
+            "tokens_agree": "%s/%s" % agree.groups() if agree else None,
+            "token_differences": re.findall(r"^\s+(step \d+: reference .*)$", text, re.M)[:20],
             "summary": next((l for l in text.splitlines() if l.startswith("golden:")), None)}
 
 
-def accuracy(logs, st):
-    text = read(os.path.join(logs, "accuracy.log"))
+def accuracy(work, st):
+    text = read(os.path.join(work, "accuracy.log"))
     m = re.search(r"accuracy per kind: (\{.*?\})", text)
-    res = {"pass": st.get("accuracy", {}).get("status") == "0"}
+    res = {"pass": st.get("accuracy", {}).get("status") == "passed"}
     if m:
         try:
             res["per_kind"] = ast.literal_eval(m.group(1))
@@ -84,13 +131,18 @@ def accuracy(logs, st):
     return res
 
 
-def build(a):
-    name = os.environ.get("GPU_NAME", "")
+def sanitizer(work, st):
+    text = read(os.path.join(work, "sanitizer.log"))
+    m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+    return {"ran": "sanitizer" in st and st["sanitizer"]["status"] != "skipped",
+            "errors": int(m.group(1)) if m else None,
+            "first_errors": re.findall(r"^=+ (Invalid .*|.*error.*)$", text, re.M)[:10]}
+
+
+def perf(out, work, name):
     bw, tc = peaks(name)
-    st = steps_table(a.steps)
-    par = load(os.path.join(a.out, "op_parity.json")) or {}
-    vlm = load(os.path.join(a.out, "bench_vlm.json")) or {}
-    tor = load(os.path.join(a.out, "bench_torch.json")) or {}
+    vlm = load(os.path.join(out, "bench_vlm.json")) or {}
+    tor = load(os.path.join(work, "bench_torch.json")) or {}
     dec = {str(d["batch"]): d for d in vlm.get("decode", [])}
     tdec = {str(d["batch"]): d for d in tor.get("decode", [])}
     hbm = {b: (d["bytes_per_step"] / (d["step_ms"] / 1e3) / bw if bw and d.get("step_ms") else None)
@@ -105,14 +157,6 @@ def build(a):
         if b in tdec and tdec[b].get("tok_s"):
             speed["decode_" + b] = round(dec[b]["tok_s"] / tdec[b]["tok_s"], 3)
     return {
-        "device": name or None,
-        "peaks": {"hbm_bytes_s": bw, "bf16_dense_flop_s": tc},
-        "steps": st,
-        "op_parity": {"passed": par.get("passed"), "failed": par.get("failed"),
-                      "bench": par.get("bench"),
-                      "failures": [r for r in par.get("results", []) if not r.get("pass")]},
-        "golden": golden(a.logs, st),
-        "accuracy": accuracy(a.logs, st),
         "vision_ms": vlm.get("vision_ms"),
         "prefill_ms": vlm.get("prefill_ms"),
         "vision_prefill_ms": vlm.get("vision_prefill_ms"),
@@ -125,16 +169,60 @@ def build(a):
     }
 
 
+def build(a):
+    dev = read(os.path.join(a.work, "device.txt")).strip().split(", ")
+    name = dev[0] if dev and dev[0] else os.environ.get("GPU_NAME", "")
+    bw, tc = peaks(name)
+    st = steps_table(a.work)
+    bench = (load(os.path.join(a.out, "op_parity.json")) or {}).get("bench")
+    r = {
+        "device": name or None,
+        "driver": dev[1] if len(dev) > 1 else None,
+        "complete": os.path.exists(os.path.join(a.work, "finished")),
+        "elapsed_s": a.elapsed,
+        "peaks": {"hbm_bytes_s": bw, "bf16_dense_flop_s": tc},
+        "steps": st,
+        "libs": libs(a.work),
+        "op_parity": {"main": parity(a.out, "op_parity.json"),
+                      "reference": parity(a.out, "op_parity_ref.json"),
+                      "small": parity(a.out, "op_parity_small.json"), "bench": bench},
+        "sanitizer": sanitizer(a.work, st),
+        "golden": golden(a.work, st),
+        "accuracy": accuracy(a.work, st),
+    }
+    r.update(perf(a.out, a.work, name))
+    again = [n for n, s in st.items() if s["status"] in ("failed", "running") or
+             (s["status"] == "skipped" and (s["why"] or "").startswith("out of time"))]
+    again = [n for n in again if n not in ("nvidia-smi", "build", "libs", "python-deps")]
+    r["rerun"] = "GPU_STEPS=%s bash tests/gpu/run.sh" % ",".join(again) if again else None
+    return r
+
+
 def fmt(v, spec=".3g"):
     return "n/a" if v is None else format(v, spec)
 
 
+def parity_line(label, p):
+    if not p:
+        return f"  {label:<16} n/a"
+    s = f"  {label:<16} {p['passed']} passed, {p['failed']} failed, {p['skipped']} skipped"
+    s += "" if p["complete"] else f" (cut after: {p['last_case']})"
+    return s + (f"; {p['fatal']}" if p["fatal"] else "")
+
+
 def text(r):
-    p, g, acc = r["op_parity"], r["golden"], r["accuracy"]
-    lines = [f"GPU report: {r['device'] or 'unknown device'}",
-             f"  op parity        {p['passed']} passed, {p['failed']} failed",
-             f"  golden (cuda)    max rel {fmt(g['max_rel_err'])} (tol {fmt(g['tol'])}): "
-             f"{'PASS' if g['pass'] else 'FAIL'}",
+    p, g, acc, san = r["op_parity"], r["golden"], r["accuracy"], r["sanitizer"]
+    lines = [f"GPU report: {r['device'] or 'unknown device'} (driver {r['driver'] or 'n/a'}), "
+             f"{'complete' if r['complete'] else 'INCOMPLETE'} after {r['elapsed_s']}s",
+             f"  libraries        missing: {', '.join(r['libs']['missing']) or 'none'}; "
+             f"path {r['libs']['ld_library_path']}",
+             parity_line("op parity", p["main"]),
+             parity_line("  reference", p["reference"]),
+             parity_line("  small (memchk)", p["small"]),
+             f"  sanitizer        {fmt(san['errors'])} errors" if san["ran"] else
+             "  sanitizer        not run",
+             f"  golden (cuda)    max rel {fmt(g['max_rel_err'])} (tol {fmt(g['tol'])}), tokens "
+             f"{g['tokens_agree'] or 'n/a'} agree: {'PASS' if g['pass'] else 'FAIL'}",
              f"  tiny accuracy    {acc.get('per_kind')}: {'PASS' if acc['pass'] else 'FAIL'}",
              f"  vision+prefill   {fmt(r['vision_prefill_ms'], '.1f')} ms (vision "
              f"{fmt(r['vision_ms'], '.1f')}, prefill {fmt(r['prefill_ms'], '.1f')})",
@@ -144,25 +232,31 @@ def text(r):
              f"  tensor cores     {fmt(r['tensor_core_fraction'], '.2f')} of peak (vision tower)"]
     t = r["torch"] or {}
     if t:
-        lines.append(f"  torch eager      vision+prefill {fmt(t.get('vision_prefill_ms'), '.1f')} ms, "
-                     + ", ".join(f"b{d['batch']}: {d['tok_s']:.1f} tok/s" for d in t.get("decode", [])))
+        lines.append("  torch eager      vision+prefill "
+                     f"{fmt(t.get('vision_prefill_ms'), '.1f')} ms, " +
+                     ", ".join(f"b{d['batch']}: {d['tok_s']:.1f} tok/s"
+                               for d in t.get("decode", [])))
     lines.append(f"  speedup vs torch {r['speedup_vs_torch']}")
+    lines.append(f"  rerun            {r['rerun'] or 'nothing to rerun'}")
+    lines.append("  steps:")
     for name, s in r["steps"].items():
-        lines.append(f"  step {name:<12} {s['status']:>8} {s['seconds']}s")
+        lines.append(f"    {name:<14} {s['status']:<8} {fmt(s['seconds'], 'd'):>4}s"
+                     + (f"  {s['why']}" if s["why"] else ""))
     return "\n".join(lines) + "\n"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", required=True)
-    ap.add_argument("--logs", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--elapsed", type=int, default=None, help="seconds since run.sh started")
     a = ap.parse_args()
     r = build(a)
-    with open(os.path.join(a.out, "report.json"), "w") as f:
-        json.dump(r, f, indent=1)
-    with open(os.path.join(a.out, "report.txt"), "w") as f:
-        f.write(text(r))
+    for name, data in (("report.json", json.dumps(r, indent=1)), ("report.txt", text(r))):
+        tmp = os.path.join(a.out, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(a.out, name)) # never half written when the run is cut
     return 0
 
 
