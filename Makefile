@@ -32,11 +32,11 @@ Q =
 say =
 endif
 
-LIB_SRCS    = $(wildcard engine/*.c) $(wildcard kernels/cpu/*.c)
+LIB_SRCS    = $(wildcard engine/*.c engine/*/*.c) $(wildcard kernels/cpu/*.c)
 ifneq ($(CUDA),1)
 LIB_SRCS   += kernels/cuda/stub.c  # a CPU build: the CUDA entry points say "not built with CUDA"
 endif
-CLI_SRCS    = $(wildcard server/cli*.c)
+CLI_SRCS    = $(wildcard cli/*.c)
 SERVER_SRCS = $(filter-out $(CLI_SRCS),$(wildcard server/*.c))
 TEST_SRCS   = $(wildcard tests/unit/*.c)
 CUDA_SRCS   = $(shell find kernels/cuda -name '*.cu' 2>/dev/null)
@@ -80,7 +80,7 @@ MODEL_ARGS ?= --model ../shared/data/golden-tiny/model-bf16 \
               --tokenizer ../shared/data/llama2-tokenizer.model
 endif
 
-.PHONY: all deps test unit-test asan asan-test check-cuda run clean bench fuzz fuzz-run fuzz-smoke
+.PHONY: all deps test unit-test asan asan-test check-cuda check-layout run clean bench fuzz fuzz-run fuzz-smoke
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
@@ -103,7 +103,7 @@ $(BUILD)/cogvlm-server: $(SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(SERVER_OBJS) $(LIB) $(SERVER_LIBS) $(LDLIBS_ALL)
 
 # the tests also exercise the server's pure modules (option table)
-TEST_SERVER_OBJS = $(BUILD)/server/config.o
+TEST_SERVER_OBJS = $(BUILD)/server/options.o
 
 $(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB) $(LDLIBS_ALL)
@@ -115,7 +115,7 @@ $(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
 # runs each for 20 s.
 FUZZ_TARGETS  = $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 120
-FUZZ_SERVER_OBJS = $(addprefix $(BUILD)/server/,api_parse.o api_render.o metrics.o config.o)
+FUZZ_SERVER_OBJS = $(addprefix $(BUILD)/server/,api_parse.o api_render.o metrics.o options.o)
 
 $(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(LIB) $(FUZZ_SERVER_OBJS)
 	@mkdir -p $(dir $@)
@@ -148,7 +148,13 @@ deps:
 # The whole suite: deps, build, CUDA compile check (when nvcc exists), 20 s of each fuzz
 # target, the unit and API suites under ASan + UBSan, then every suite on the normal
 # build. The last line printed is the suite's "N passed, N failed".
-test: deps all check-cuda fuzz-smoke asan-test unit-test
+test: deps check-layout all check-cuda fuzz-smoke asan-test unit-test
+
+# The layering rules (docs/ARCHITECTURE.md) on every #include, and the checker's own
+# self-test (each rule rejects a planted violation).
+check-layout:
+	$(Q)python3 tools/check_layout.py --self-test
+	$(Q)python3 tools/check_layout.py
 
 unit-test: $(BUILD)/tests/unit-tests $(BUILD)/cogvlm $(BUILD)/cogvlm-server
 	$(Q)COGVLM_BIN=$(abspath $(BUILD)/cogvlm) COGVLM_SERVER_BIN=$(abspath $(BUILD)/cogvlm-server) \

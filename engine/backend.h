@@ -2,12 +2,12 @@
  *
  * This and engine/error.h (error codes, cvlm_errf) are the only engine headers that
  * kernels/ may include (see the architecture page).
- * engine/model.c is written once against struct cvlm_backend_i; kernels/cpu and
+ * engine/model/model_rank.c is written once against struct cvlm_backend_i; kernels/cpu and
  * kernels/cuda fill it.
  *
  * Conventions shared by every op:
  * - Activations live in backend memory (cvlm_be_alloc) as dense row-major matrices of
- *   be->act_dtype (F32 on the CPU backend); model.c never dereferences them, it only
+ *   be->act_dtype (F32 on the CPU backend); model_rank.c never dereferences them, it only
  *   offsets them by whole rows (cvlm_be_row).
  * - Weights are struct cvlm_tensor views in their stored dtype (F32, F16 or BF16); ops
  *   widen them on the fly and accumulate in F32.

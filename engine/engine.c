@@ -4,7 +4,7 @@
  * scheduler step, publish the stats; it sleeps on a condition variable when there is
  * nothing to do and is woken by submit and cancel. Callers never wait for model work.
  */
-#include "engine/sched.h"
+#include "engine/sched/sched.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -17,7 +17,7 @@
 #define CVLM_ENGINE_H
 
 #include "engine/error.h"
-#include "engine/sampler.h"
+#include "engine/sched/sampler.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -34,7 +34,7 @@ struct cvlm_engine_opts {
     const char *model_dir;
     const char *tokenizer;     /* NULL: model_dir/tokenizer.model */
     int threads;               /* CPU threads over all ranks; 0: one per core */
-    int backend;               /* enum cvlm_backend_kind (engine/model.h): 0 CPU, 1 CUDA */
+    int backend;               /* enum cvlm_backend_kind (engine/model/model.h): 0 CPU, 1 CUDA */
     int tp;                    /* tensor-parallel ranks; 0: 1 */
     int device;                /* CUDA: first device */
     int dummy_weights;         /* random weights of model_dir/config.json (benchmarks) */

@@ -617,7 +617,7 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 }
 
 /* Listening address from --host: IPv4 or IPv6 literal. */
-static int make_addr(const struct cvlm_server_config *cfg, struct sockaddr_storage *ss,
+static int make_addr(const struct cvlm_server_options *cfg, struct sockaddr_storage *ss,
                      unsigned *flags)
 {
     memset(ss, 0, sizeof(*ss));

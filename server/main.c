@@ -30,7 +30,7 @@ static struct {
     int done_ran;        /* load_done ran on the loop */
 } load;
 
-static int load_prepare(const struct cvlm_server_config *c)
+static int load_prepare(const struct cvlm_server_options *c)
 {
     load.model = strdup(c->model);
     load.tokenizer = *c->tokenizer ? strdup(c->tokenizer) : NULL;
@@ -105,7 +105,7 @@ static void on_signal(uv_signal_t *h, int signum)
 /* API key from --api-key or the first line of --api-key-file. */
 static int load_api_key(struct cvlm_srv *s)
 {
-    const struct cvlm_server_config *c = s->cfg;
+    const struct cvlm_server_options *c = s->cfg;
     if (strlen(c->api_key) >= sizeof(s->api_key)) {
         LOG_ERROR("the API key is longer than %zu bytes", sizeof(s->api_key) - 1);
         return -1;
@@ -149,25 +149,25 @@ static void model_id(struct cvlm_srv *s)
 
 int main(int argc, char **argv)
 {
-    static struct cvlm_server_config cfg;
+    static struct cvlm_server_options cfg;
     static struct cvlm_srv s;
     char err[512];
-    int rc = cvlm_config_parse_all(&cfg, argc, argv, err, sizeof(err));
+    int rc = cvlm_options_parse(&cfg, argc, argv, err, sizeof(err));
     if (rc) {
         if (rc < 0)
             fprintf(stderr, "cogvlm-server: %s\n", err);
-        cvlm_config_free(&cfg);
+        cvlm_options_free(&cfg);
         return rc < 0 ? 2 : 0;
     }
     if (cvlm_log_setup(cfg.log_level, cfg.log_format)) {
         fprintf(stderr, "cogvlm-server: bad --log-level or --log-format\n");
-        cvlm_config_free(&cfg);
+        cvlm_options_free(&cfg);
         return 2;
     }
     if ((strcmp(cfg.backend, "cpu") && strcmp(cfg.backend, "cuda")) || cfg.tp < 1 ||
         cfg.tp > 8 || cfg.device < 0) {
         fprintf(stderr, "cogvlm-server: --backend must be cpu or cuda, --tp 1..8, --device >= 0\n");
-        cvlm_config_free(&cfg);
+        cvlm_options_free(&cfg);
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
@@ -178,7 +178,7 @@ int main(int argc, char **argv)
     pthread_mutex_init(&s.wake_mu, NULL);
     model_id(&s);
     if (load_api_key(&s) || cvlm_http_start(&s)) {
-        cvlm_config_free(&cfg);
+        cvlm_options_free(&cfg);
         return 1;
     }
     uv_signal_init(s.loop, &s.sig_term);
@@ -212,7 +212,7 @@ int main(int argc, char **argv)
     uv_run(s.loop, UV_RUN_NOWAIT);
     cvlm_engine_destroy(s.engine);
     uv_loop_close(s.loop);
-    cvlm_config_free(&cfg);
+    cvlm_options_free(&cfg);
     LOG_INFO("exit %d", s.exit_code);
     return s.exit_code;
 }

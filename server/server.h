@@ -12,7 +12,7 @@
 #define CVLM_SERVER_H
 
 #include "engine/engine.h"
-#include "server/config.h"
+#include "server/options.h"
 #include "server/metrics.h"
 
 #include <jansson.h>
@@ -101,7 +101,7 @@ struct conn {
 };
 
 struct cvlm_srv {
-    struct cvlm_server_config *cfg;
+    struct cvlm_server_options *cfg;
     uv_loop_t *loop;
     struct MHD_Daemon *mhd;
     uv_poll_t mhd_poll;

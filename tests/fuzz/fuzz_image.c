@@ -1,6 +1,6 @@
 /* fuzz_image.c - libFuzzer target: image decoding (every format) and resizing.
  * Any input must either decode to a consistent image or fail with an error code. */
-#include "engine/image.h"
+#include "engine/image/image.h"
 
 #include <stdlib.h>
 

@@ -9,7 +9,7 @@
 #include <string.h>
 
 static struct cvlm_srv srv;
-static struct cvlm_server_config cfg;
+static struct cvlm_server_options cfg;
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {

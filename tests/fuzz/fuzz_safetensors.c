@@ -1,8 +1,8 @@
 /* fuzz_safetensors.c - libFuzzer target: safetensors headers, and config.json. The first
  * byte picks the parser; every parsed tensor must lie inside the buffer and hold exactly
  * its shape's bytes (counted in 128 bits: a 64-bit product can wrap to a small number). */
-#include "engine/safetensors.h"
-#include "engine/weights.h"
+#include "engine/model/safetensors.h"
+#include "engine/model/weights.h"
 
 #include <stdlib.h>
 

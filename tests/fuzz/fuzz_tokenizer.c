@@ -1,7 +1,7 @@
 /* fuzz_tokenizer.c - libFuzzer target: encode and decode of arbitrary bytes with the
  * LLaMA tokenizer (and the streaming detokenizer), and loading arbitrary model files.
  * First byte: 0-63 encode, 64-127 decode ids, 128-255 load the rest as a model. */
-#include "engine/tokenizer.h"
+#include "engine/text/tokenizer.h"
 
 #include <stdio.h>
 #include <stdlib.h>

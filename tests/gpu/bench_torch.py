@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench_torch.py - the PyTorch eager baseline of the GPU benchmark (tests/gpu/run.sh).
 
-The same layers as engine/model.c for the cogvlm-chat-hf 17B shape (cogvlm-model.md §1,
+The same layers as engine/model/model_rank.c for the cogvlm-chat-hf 17B shape (cogvlm-model.md §1,
 §3, §4), random BF16 weights generated on the GPU (uniform, std 0.02), written the way the
 reference HF modeling code runs them (eager, no fusion, no CUDA graphs):
 - vision: patch conv, CLS + positions, 63 post-norm layers (qkv, attention, dense,

@@ -7,10 +7,10 @@
  * stored weights exactly as the kernels must, so the only difference allowed is F32
  * rounding: |y - ref| <= tol * sum_k |x_k w_k| with tol 1e-5 (F32 accumulation over up to
  * 4100 terms), and the element-wise ops are held to a few ulp of their double reference.
- * Last, the random weights of engine/weights_dummy.c (used by `cogvlm bench`): seeded,
+ * Last, the random weights of engine/model/weights_dummy.c (used by `cogvlm bench`): seeded,
  * scaled like an init, and identical after cvlm_weights_write + cvlm_weights_load.
  */
-#include "engine/weights.h"
+#include "engine/model/weights.h"
 #include "kernels/cpu/cpu.h"
 #include "tests/unit/harness.h"
 
@@ -593,7 +593,7 @@ TEST(cpu_ops_attention_paged)
     }
 }
 
-/* ---- dummy weights (engine/weights_dummy.c) -------------------------------------------- */
+/* ---- dummy weights (engine/model/weights_dummy.c) -------------------------------------------- */
 
 struct collect {
     const struct cvlm_tensor *t[256];

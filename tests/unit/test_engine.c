@@ -2,7 +2,7 @@
  * preemption, caches, stop conditions, limits, a random submit/cancel soak, and the
  * hardening cases (large KV blocks, vocabulary checks, logit_bias, token text vs output). */
 #include "engine/engine.h"
-#include "engine/hash.h"
+#include "engine/util/hash.h"
 #include "tests/unit/harness.h"
 
 #include <math.h>

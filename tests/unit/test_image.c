@@ -1,4 +1,4 @@
-/* test_image.c - image decoding, PIL-exact resizing and CLIP normalization (engine/image*.c).
+/* test_image.c - image decoding, PIL-exact resizing and CLIP normalization (engine/image/).
  *
  * Every expected pixel comes from PIL, never from this code: the shared goldens
  * (../shared/data/images/golden/NAME-SIZE.rgb) and the fixtures in tests/unit/images/,
@@ -7,7 +7,7 @@
  * malloc'd at its exact size so that AddressSanitizer catches any read past its end.
  */
 #include "engine/error.h"
-#include "engine/image.h"
+#include "engine/image/image.h"
 #include "tests/unit/harness.h"
 
 #include <stdint.h>

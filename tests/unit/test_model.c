@@ -3,9 +3,9 @@
  * (the paged KV cache and slot/position bookkeeping are right), and two sequences in one
  * mixed batch over scattered KV blocks give exactly what each gives alone. */
 #include "engine/error.h"
-#include "engine/image.h"
-#include "engine/model.h"
-#include "engine/template.h"
+#include "engine/image/image.h"
+#include "engine/model/model.h"
+#include "engine/text/template.h"
 #include "tests/unit/harness.h"
 
 #include <math.h>

@@ -1,5 +1,5 @@
 /* test_sampler.c - greedy, seeded sampling and every filter/penalty, statistically. */
-#include "engine/sampler.h"
+#include "engine/sched/sampler.h"
 #include "tests/unit/harness.h"
 
 #include <math.h>

@@ -1,7 +1,7 @@
 /* test_template.c - prompt text, position ids and expert routing against the spec's
  * worked examples (cogvlm-model.md §4.2, §4.6, §5.2). */
 #include "engine/error.h"
-#include "engine/template.h"
+#include "engine/text/template.h"
 #include "tests/unit/harness.h"
 
 #include <stdlib.h>

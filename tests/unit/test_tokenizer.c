@@ -7,7 +7,7 @@
  * LLaMA-2 cases with invalid UTF-8 and byte-piece runs).
  */
 #include "engine/error.h"
-#include "engine/tokenizer.h"
+#include "engine/text/tokenizer.h"
 #include "tests/unit/harness.h"
 
 #include <jansson.h>

@@ -4,7 +4,7 @@
  * weights of a config whose heads and widths divide by 4; a TP that does not divide a
  * config is refused at load with a message naming what does not divide. */
 #include "engine/error.h"
-#include "engine/model.h"
+#include "engine/model/model.h"
 #include "tests/unit/harness.h"
 
 #include <math.h>

@@ -1,7 +1,7 @@
 /* test_weights.c - checkpoint loader: the golden-tiny checkpoints in every dtype and
  * layout, and one test per kind of hostile file (each must fail with a clear error). */
 #include "engine/error.h"
-#include "engine/weights.h"
+#include "engine/model/weights.h"
 #include "tests/unit/harness.h"
 #include "tests/unit/st_writer.h"
 

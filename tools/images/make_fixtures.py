@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """make_fixtures.py - generates tests/unit/images/: small images in every format and variant
-that engine/image*.c decodes, plus PIL's output for each (the reference the C tests compare to).
+that engine/image/*.c decodes, plus PIL's output for each (the reference the C tests compare to).
 
 Run with Debian's Python, which has python3-pil 9.4 (the default python3 on PATH has no PIL):
 

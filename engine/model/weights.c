@@ -1,0 +1,391 @@
+/* weights.c - config.json parsing and binding checkpoint tensors to the weight table.
+ *
+ * The weight table is described once, by cvlm_weights_visit(): every tensor name of the
+ * HF CogVLM checkpoint (see cogvlm-model.md §2) with the shape the config implies. The
+ * binder walks it, looks each name up in the checkpoint, checks the shape and records a
+ * view; afterwards every checkpoint tensor must have been claimed.
+ */
+#include "engine/model/weights.h"
+
+#include "engine/error.h"
+#include "engine/util/fileio.h"
+
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- config.json ------------------------------------------------------------------- */
+
+/* Reads an integer field; `def` < 0 means required. Bounds keep every derived size far
+ * from overflow (a 17B model is well inside them). */
+static int get_int(json_t *o, const char *key, int def, int lo, int hi, int *out)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) {
+        if (def < 0)
+            return cvlm_errf(CVLM_EFORMAT, "config.json: missing %s", key);
+        *out = def;
+        return 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: %s must be an integer in [%d, %d]", key,
+                         lo, hi);
+    *out = (int)json_integer_value(v);
+    return 0;
+}
+
+static int get_float(json_t *o, const char *key, double def, double lo, double hi, float *out)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v || json_is_null(v)) {
+        if (def < 0)
+            return cvlm_errf(CVLM_EFORMAT, "config.json: missing %s", key);
+        *out = (float)def;
+        return 0;
+    }
+    if (!json_is_number(v) || json_number_value(v) < lo || json_number_value(v) > hi)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: %s must be a number in [%g, %g]", key, lo,
+                         hi);
+    *out = (float)json_number_value(v);
+    return 0;
+}
+
+static int parse_vision(json_t *v, struct cvlm_vision_config *vc)
+{
+    int rc;
+    if (!json_is_object(v))
+        return cvlm_errf(CVLM_EFORMAT, "config.json: vision_config must be an object");
+    if ((rc = get_int(v, "image_size", -1, 1, 8192, &vc->image_size)) ||
+        (rc = get_int(v, "patch_size", -1, 1, 1024, &vc->patch_size)) ||
+        (rc = get_int(v, "in_channels", 3, 3, 3, &vc->in_channels)) ||
+        (rc = get_int(v, "hidden_size", -1, 1, 65536, &vc->hidden_size)) ||
+        (rc = get_int(v, "num_heads", -1, 1, 1024, &vc->num_heads)) ||
+        (rc = get_int(v, "num_hidden_layers", -1, 1, 1024, &vc->num_layers)) ||
+        (rc = get_int(v, "intermediate_size", -1, 1, 1 << 20, &vc->intermediate_size)) ||
+        (rc = get_int(v, "num_positions", -1, 1, 1 << 20, &vc->num_positions)) ||
+        (rc = get_float(v, "layer_norm_eps", 1e-6, 0, 1, &vc->layer_norm_eps)))
+        return rc;
+    if (vc->image_size % vc->patch_size)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: image_size %d not a multiple of patch_size %d",
+                         vc->image_size, vc->patch_size);
+    int g = vc->image_size / vc->patch_size;
+    if (vc->num_positions != g * g + 1)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: num_positions %d, expected %d patches + 1",
+                         vc->num_positions, g * g);
+    if (vc->hidden_size % vc->num_heads)
+        return cvlm_errf(CVLM_EFORMAT,
+                         "config.json: vision hidden_size %d not divisible by %d heads",
+                         vc->hidden_size, vc->num_heads);
+    return 0;
+}
+
+static int parse_template(json_t *root, enum cvlm_template *t)
+{
+    json_t *v = json_object_get(root, "template_version");
+    const char *s = json_is_string(v) ? json_string_value(v) : NULL;
+    if (!v || json_is_null(v))
+        s = "chat"; /* the HF configuration class default */
+    if (!s)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: template_version must be a string");
+    if (!strcmp(s, "base"))
+        *t = CVLM_TEMPLATE_BASE;
+    else if (!strcmp(s, "chat") || !strcmp(s, "chat_old"))
+        *t = CVLM_TEMPLATE_CHAT;
+    else if (!strcmp(s, "vqa"))
+        *t = CVLM_TEMPLATE_VQA;
+    else
+        return cvlm_errf(CVLM_EUNSUPPORTED, "config.json: template_version '%s' (base/chat/vqa)",
+                         s);
+    return 0;
+}
+
+static int parse_root(json_t *r, struct cvlm_config *c)
+{
+    json_t *vis = json_object_get(r, "vision_config");
+    int rc;
+    memset(c, 0, sizeof(*c));
+    if (json_object_get(r, "num_multi_query_heads"))
+        return cvlm_errf(CVLM_EUNSUPPORTED, "config.json: CogVLM2 (GQA) checkpoints are not "
+                                            "supported yet");
+    if ((rc = get_int(r, "vocab_size", -1, 3, 1 << 22, &c->vocab_size)) ||
+        (rc = get_int(r, "hidden_size", -1, 1, 65536, &c->hidden_size)) ||
+        (rc = get_int(r, "intermediate_size", -1, 1, 1 << 20, &c->intermediate_size)) ||
+        (rc = get_int(r, "num_hidden_layers", -1, 1, 1024, &c->num_layers)) ||
+        (rc = get_int(r, "num_attention_heads", -1, 1, 1024, &c->num_heads)) ||
+        (rc = get_int(r, "max_position_embeddings", 2048, 1, 1 << 24,
+                      &c->max_position_embeddings)) ||
+        (rc = get_int(r, "bos_token_id", 1, 0, 1 << 22, &c->bos_token_id)) ||
+        (rc = get_int(r, "eos_token_id", 2, 0, 1 << 22, &c->eos_token_id)) ||
+        (rc = get_int(r, "pad_token_id", 0, 0, 1 << 22, &c->pad_token_id)) ||
+        (rc = get_float(r, "rms_norm_eps", 1e-6, 0, 1, &c->rms_norm_eps)) ||
+        (rc = get_float(r, "rope_theta", 10000.0, 1, 1e9, &c->rope_theta)) ||
+        (rc = parse_template(r, &c->template_version)))
+        return rc;
+    if (c->hidden_size % c->num_heads || (c->hidden_size / c->num_heads) % 2)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: hidden_size %d / %d heads must be an even "
+                         "head size", c->hidden_size, c->num_heads);
+    if (c->bos_token_id >= c->vocab_size || c->eos_token_id >= c->vocab_size ||
+        c->pad_token_id >= c->vocab_size)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: special token id beyond vocab_size %d",
+                         c->vocab_size);
+    if (vis && !json_is_null(vis)) {
+        c->has_vision = 1;
+        return parse_vision(vis, &c->vision);
+    }
+    return 0;
+}
+
+int cvlm_config_parse(const char *json, size_t len, struct cvlm_config *cfg)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(json, len, JSON_REJECT_DUPLICATES, &jerr);
+    int rc;
+    if (!root)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: %s (line %d)", jerr.text, jerr.line);
+    if (!json_is_object(root))
+        rc = cvlm_errf(CVLM_EFORMAT, "config.json: not a JSON object");
+    else
+        rc = parse_root(root, cfg);
+    json_decref(root);
+    return rc;
+}
+
+int cvlm_config_load(const char *path, struct cvlm_config *cfg)
+{
+    unsigned char *buf;
+    size_t n;
+    int rc = cvlm_read_file(path, 1 << 20, &buf, &n);
+    if (rc == CVLM_ENOENT)
+        return cvlm_errf(CVLM_ENOENT, "%s: cannot open", path);
+    if (rc)
+        return rc;
+    rc = cvlm_config_parse((const char *)buf, n, cfg);
+    free(buf);
+    return rc;
+}
+
+/* ---- the weight table ------------------------------------------------------------------ */
+
+struct visit {
+    cvlm_weight_visit_fn fn;
+    void *ctx;
+    char name[160];
+};
+
+static int vis(struct visit *v, struct cvlm_tensor *slot, int optional, int ndim, int64_t d0,
+               int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+    __attribute__((format(printf, 9, 10)));
+
+static int vis(struct visit *v, struct cvlm_tensor *slot, int optional, int ndim, int64_t d0,
+               int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+{
+    int64_t shape[CVLM_MAX_DIMS] = {d0, d1, d2, d3};
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(v->name, sizeof(v->name), fmt, ap);
+    va_end(ap);
+    return v->fn(v->ctx, v->name, slot, ndim, shape, optional);
+}
+
+#define V1(slot, a, ...) vis(v, slot, 0, 1, a, 0, 0, 0, __VA_ARGS__)
+#define V2(slot, a, b, ...) vis(v, slot, 0, 2, a, b, 0, 0, __VA_ARGS__)
+
+static int visit_lm_layer(struct visit *v, const struct cvlm_config *c, struct cvlm_lm_layer *l,
+                          int i)
+{
+    static const char *const ex[2] = {"language", "vision"};
+    static const char *const mlp[2] = {"language_mlp", "vision_mlp"};
+    const int64_t D = c->hidden_size, I = c->intermediate_size;
+    const char *p = "model.layers";
+    int rc;
+    if ((rc = V1(&l->input_norm, D, "%s.%d.input_layernorm.weight", p, i)) ||
+        (rc = V1(&l->post_norm, D, "%s.%d.post_attention_layernorm.weight", p, i)) ||
+        (rc = vis(v, &l->inv_freq, 1, 1, cvlm_config_head_dim(c) / 2, 0, 0, 0,
+                  "%s.%d.self_attn.rotary_emb.inv_freq", p, i)))
+        return rc;
+    for (int e = 0; e < (c->has_vision ? 2 : 1); e++) {
+        if ((rc = V2(&l->qkv[e], 3 * D, D, "%s.%d.self_attn.%s_expert_query_key_value.weight", p,
+                     i, ex[e])) ||
+            (rc = V2(&l->dense[e], D, D, "%s.%d.self_attn.%s_expert_dense.weight", p, i, ex[e])) ||
+            (rc = V2(&l->gate[e], I, D, "%s.%d.mlp.%s.gate_proj.weight", p, i, mlp[e])) ||
+            (rc = V2(&l->up[e], I, D, "%s.%d.mlp.%s.up_proj.weight", p, i, mlp[e])) ||
+            (rc = V2(&l->down[e], D, I, "%s.%d.mlp.%s.down_proj.weight", p, i, mlp[e])))
+            return rc;
+    }
+    return 0;
+}
+
+static int visit_vit_layer(struct visit *v, const struct cvlm_vision_config *vc,
+                           struct cvlm_vit_layer *l, int j)
+{
+    const int64_t d = vc->hidden_size, F = vc->intermediate_size;
+    const char *p = "model.vision.transformer.layers";
+    int rc;
+    (void)((rc = V2(&l->qkv_w, 3 * d, d, "%s.%d.attention.query_key_value.weight", p, j)) ||
+           (rc = V1(&l->qkv_b, 3 * d, "%s.%d.attention.query_key_value.bias", p, j)) ||
+           (rc = V2(&l->dense_w, d, d, "%s.%d.attention.dense.weight", p, j)) ||
+           (rc = V1(&l->dense_b, d, "%s.%d.attention.dense.bias", p, j)) ||
+           (rc = V1(&l->ln_in_w, d, "%s.%d.input_layernorm.weight", p, j)) ||
+           (rc = V1(&l->ln_in_b, d, "%s.%d.input_layernorm.bias", p, j)) ||
+           (rc = V2(&l->fc1_w, F, d, "%s.%d.mlp.fc1.weight", p, j)) ||
+           (rc = V1(&l->fc1_b, F, "%s.%d.mlp.fc1.bias", p, j)) ||
+           (rc = V2(&l->fc2_w, d, F, "%s.%d.mlp.fc2.weight", p, j)) ||
+           (rc = V1(&l->fc2_b, d, "%s.%d.mlp.fc2.bias", p, j)) ||
+           (rc = V1(&l->ln_post_w, d, "%s.%d.post_attention_layernorm.weight", p, j)) ||
+           (rc = V1(&l->ln_post_b, d, "%s.%d.post_attention_layernorm.bias", p, j)));
+    return rc;
+}
+
+static int visit_vision(struct visit *v, struct cvlm_weights *w)
+{
+    const struct cvlm_config *c = &w->cfg;
+    const struct cvlm_vision_config *vc = &c->vision;
+    const int64_t D = c->hidden_size, I = c->intermediate_size, d = vc->hidden_size;
+    const char *pe = "model.vision.patch_embedding", *lp = "model.vision.linear_proj";
+    int rc;
+    if ((rc = vis(v, &w->patch_w, 0, 4, d, vc->in_channels, vc->patch_size, vc->patch_size,
+                  "%s.proj.weight", pe)) ||
+        (rc = V1(&w->patch_b, d, "%s.proj.bias", pe)) ||
+        (rc = V2(&w->cls, 1, d, "%s.cls_embedding", pe)) ||
+        (rc = V2(&w->pos, vc->num_positions, d, "%s.position_embedding.weight", pe)))
+        return rc;
+    for (int j = 0; j < vc->num_layers; j++)
+        if ((rc = visit_vit_layer(v, vc, &w->vit[j], j)))
+            return rc;
+    (void)((rc = V2(&w->proj, D, d, "%s.linear_proj.weight", lp)) ||
+           (rc = V1(&w->proj_norm_w, D, "%s.norm1.weight", lp)) ||
+           (rc = V1(&w->proj_norm_b, D, "%s.norm1.bias", lp)) ||
+           (rc = V2(&w->glu_gate, I, D, "%s.gate_proj.weight", lp)) ||
+           (rc = V2(&w->glu_up, I, D, "%s.dense_h_to_4h.weight", lp)) ||
+           (rc = V2(&w->glu_down, D, I, "%s.dense_4h_to_h.weight", lp)) ||
+           (rc = vis(v, &w->boi, 0, 3, 1, 1, D, 0, "model.vision.boi")) ||
+           (rc = vis(v, &w->eoi, 0, 3, 1, 1, D, 0, "model.vision.eoi")));
+    return rc;
+}
+
+int cvlm_weights_visit(struct cvlm_weights *w, cvlm_weight_visit_fn fn, void *ctx)
+{
+    const struct cvlm_config *c = &w->cfg;
+    struct visit vs = {.fn = fn, .ctx = ctx}, *v = &vs;
+    int rc;
+    if ((rc = V2(&w->embed, c->vocab_size, c->hidden_size, "model.embed_tokens.weight")) ||
+        (rc = V1(&w->final_norm, c->hidden_size, "model.norm.weight")) ||
+        (rc = V2(&w->lm_head, c->vocab_size, c->hidden_size, "lm_head.weight")))
+        return rc;
+    for (int i = 0; i < c->num_layers; i++)
+        if ((rc = visit_lm_layer(v, c, &w->layers[i], i)))
+            return rc;
+    return c->has_vision ? visit_vision(v, w) : 0;
+}
+
+/* ---- binding ------------------------------------------------------------------------ */
+
+struct bind_ctx {
+    const struct cvlm_safetensors *st;
+    unsigned char *claimed; /* [st->n_tensors] */
+};
+
+static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape)
+{
+    size_t off = 0;
+    off += (size_t)snprintf(buf, cap, "[");
+    for (int i = 0; i < ndim && off < cap; i++)
+        off += (size_t)snprintf(buf + off, cap - off, "%s%lld", i ? ", " : "",
+                                (long long)shape[i]);
+    if (off < cap)
+        snprintf(buf + off, cap - off, "]");
+}
+
+static int bind_one(void *ctx, const char *name, struct cvlm_tensor *slot, int ndim,
+                    const int64_t *shape, int optional)
+{
+    struct bind_ctx *b = ctx;
+    const struct cvlm_st_tensor *t = cvlm_st_find(b->st, name);
+    char want[96], got[96];
+
+    memset(slot, 0, sizeof(*slot));
+    if (!t) {
+        if (optional)
+            return 0;
+        return cvlm_errf(CVLM_ENOENT, "checkpoint lacks tensor %s", name);
+    }
+    b->claimed[t - b->st->tensors] = 1;
+    if (t->t.ndim != ndim || memcmp(t->t.shape, shape, (size_t)ndim * sizeof(int64_t))) {
+        fmt_shape(want, sizeof(want), ndim, shape);
+        fmt_shape(got, sizeof(got), t->t.ndim, t->t.shape);
+        return cvlm_errf(CVLM_ESHAPE, "tensor %s has shape %s, the config needs %s", name, got,
+                         want);
+    }
+    *slot = t->t;
+    return 0;
+}
+
+int cvlm_weights_bind(struct cvlm_safetensors *st, const struct cvlm_config *cfg,
+                      struct cvlm_weights **out)
+{
+    struct cvlm_weights *w = calloc(1, sizeof(*w));
+    struct bind_ctx b = {.st = st};
+    int rc = 0;
+
+    *out = NULL;
+    if (!w) {
+        cvlm_st_close(st);
+        return cvlm_errf(CVLM_ENOMEM, "out of memory");
+    }
+    w->cfg = *cfg;
+    w->st = st;
+    w->layers = calloc((size_t)cfg->num_layers, sizeof(*w->layers));
+    w->vit = calloc(cfg->has_vision ? (size_t)cfg->vision.num_layers : 1, sizeof(*w->vit));
+    b.claimed = calloc(st->n_tensors + 1, 1);
+    if (!w->layers || !w->vit || !b.claimed) {
+        rc = cvlm_errf(CVLM_ENOMEM, "out of memory");
+        goto out;
+    }
+    if ((rc = cvlm_weights_visit(w, bind_one, &b)))
+        goto out;
+    for (size_t i = 0; i < st->n_tensors; i++)
+        if (!b.claimed[i]) {
+            rc = cvlm_errf(CVLM_EFORMAT, "unexpected tensor %s (not part of this config's model)",
+                           st->tensors[i].name);
+            goto out;
+        }
+out:
+    free(b.claimed);
+    if (rc) {
+        cvlm_weights_destroy(w);
+        return rc;
+    }
+    *out = w;
+    return 0;
+}
+
+int cvlm_weights_load(const char *dir, struct cvlm_weights **out)
+{
+    struct cvlm_config cfg;
+    struct cvlm_safetensors *st;
+    char path[4096];
+    int rc;
+
+    *out = NULL;
+    snprintf(path, sizeof(path), "%s/config.json", dir);
+    if ((rc = cvlm_config_load(path, &cfg)))
+        return rc;
+    if ((rc = cvlm_st_open(dir, &st)))
+        return rc;
+    return cvlm_weights_bind(st, &cfg, out);
+}
+
+void cvlm_weights_destroy(struct cvlm_weights *w)
+{
+    if (!w)
+        return;
+    cvlm_st_close(w->st);
+    for (size_t i = 0; i < w->n_owned; i++)
+        free(w->owned[i]);
+    free(w->owned);
+    free(w->layers);
+    free(w->vit);
+    free(w);
+}

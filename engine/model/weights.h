@@ -1,0 +1,144 @@
+/* weights.h - model configuration (config.json) and the CogVLM weight table.
+ *
+ * cvlm_config_* reads an HF config.json of a CogVLM checkpoint and validates it.
+ * cvlm_weights_load() opens the checkpoint's safetensors (single or sharded), and binds
+ * every tensor the model needs, by its exact HF name, to a slot of struct cvlm_weights
+ * after checking its shape. A tensor the model does not know, or a missing one, is an
+ * error: a checkpoint either fits the config exactly or is refused.
+ *
+ * Ownership: struct cvlm_weights owns the safetensors mapping; every struct cvlm_tensor
+ * in it is a view into that mapping, in the dtype stored on disk (BF16 stays BF16).
+ */
+#ifndef CVLM_WEIGHTS_H
+#define CVLM_WEIGHTS_H
+
+#include "engine/backend.h"
+#include "engine/model/safetensors.h"
+
+enum cvlm_template { CVLM_TEMPLATE_BASE = 0, CVLM_TEMPLATE_CHAT = 1, CVLM_TEMPLATE_VQA = 2 };
+
+struct cvlm_vision_config {
+    int image_size, patch_size, in_channels;
+    int hidden_size, num_heads, num_layers, intermediate_size, num_positions;
+    float layer_norm_eps;
+};
+
+struct cvlm_config {
+    int vocab_size, hidden_size, intermediate_size, num_layers, num_heads;
+    int max_position_embeddings;
+    float rms_norm_eps;
+    float rope_theta;
+    int bos_token_id, eos_token_id, pad_token_id;
+    enum cvlm_template template_version;
+    int has_vision; /* 0 for a text-only (plain LLaMA-shaped) checkpoint */
+    struct cvlm_vision_config vision;
+};
+
+/* Parses and validates config.json text / file. Unknown fields are ignored (HF configs
+ * carry many); missing required fields and out-of-range values are errors. */
+int cvlm_config_parse(const char *json, size_t len, struct cvlm_config *cfg);
+int cvlm_config_load(const char *path, struct cvlm_config *cfg);
+
+/* Derived sizes. */
+static inline int cvlm_config_head_dim(const struct cvlm_config *c)
+{
+    return c->hidden_size / c->num_heads;
+}
+static inline int cvlm_config_num_patches(const struct cvlm_config *c)
+{
+    int g = c->vision.image_size / c->vision.patch_size;
+    return g * g;
+}
+/* LM slots one image takes: boi + patches + eoi (1227 for the 490 models). */
+static inline int cvlm_config_image_tokens(const struct cvlm_config *c)
+{
+    return c->has_vision ? cvlm_config_num_patches(c) + 2 : 0;
+}
+
+/* Index into the per-expert arrays of a decoder layer. */
+enum { CVLM_EXPERT_LANG = 0, CVLM_EXPERT_VISION = 1 };
+
+struct cvlm_lm_layer {
+    struct cvlm_tensor input_norm, post_norm;  /* [D] */
+    struct cvlm_tensor qkv[2];                 /* [3D, D] */
+    struct cvlm_tensor dense[2];               /* [D, D] */
+    struct cvlm_tensor gate[2], up[2];         /* [I, D] */
+    struct cvlm_tensor down[2];                /* [D, I] */
+    struct cvlm_tensor inv_freq;               /* [head_dim/2], optional: data NULL if absent */
+};
+
+struct cvlm_vit_layer {
+    struct cvlm_tensor qkv_w, qkv_b;           /* [3d, d], [3d] */
+    struct cvlm_tensor dense_w, dense_b;       /* [d, d], [d] */
+    struct cvlm_tensor ln_in_w, ln_in_b;       /* [d] */
+    struct cvlm_tensor fc1_w, fc1_b;           /* [F, d], [F] */
+    struct cvlm_tensor fc2_w, fc2_b;           /* [d, F], [d] */
+    struct cvlm_tensor ln_post_w, ln_post_b;   /* [d] */
+};
+
+struct cvlm_weights {
+    struct cvlm_config cfg;
+    struct cvlm_safetensors *st;
+    struct cvlm_tensor embed;        /* [V, D] */
+    struct cvlm_tensor final_norm;   /* [D] */
+    struct cvlm_tensor lm_head;      /* [V, D] */
+    struct cvlm_lm_layer *layers;    /* [num_layers] */
+    /* vision tower + adapter (has_vision only) */
+    struct cvlm_tensor patch_w;      /* [d, C, P, P] */
+    struct cvlm_tensor patch_b;      /* [d] */
+    struct cvlm_tensor cls;          /* [1, d] */
+    struct cvlm_tensor pos;          /* [num_positions, d] */
+    struct cvlm_vit_layer *vit;      /* [vision.num_layers] */
+    struct cvlm_tensor proj;         /* [D, d] */
+    struct cvlm_tensor proj_norm_w, proj_norm_b; /* [D] */
+    struct cvlm_tensor glu_gate, glu_up;         /* [I, D] */
+    struct cvlm_tensor glu_down;                 /* [D, I] */
+    struct cvlm_tensor boi, eoi;                 /* [1, 1, D] */
+    /* buffers the weights own besides the mapping (cvlm_weights_dummy); freed by destroy */
+    void **owned;
+    size_t n_owned;
+};
+
+/* `dir` holds config.json and the safetensors file(s). */
+int cvlm_weights_load(const char *dir, struct cvlm_weights **out);
+/* Binds an already opened checkpoint against a given config (takes ownership of st,
+ * also on failure). */
+int cvlm_weights_bind(struct cvlm_safetensors *st, const struct cvlm_config *cfg,
+                      struct cvlm_weights **out);
+void cvlm_weights_destroy(struct cvlm_weights *w);
+
+/* Random weights for every tensor of cfg (engine/model/weights_dummy.c), in `dtype`, scaled
+ * like a fresh init so activations stay finite: matrices and embeddings uniform with
+ * standard deviation 0.02, norm weights 1, biases 0; optional tensors absent. The same
+ * seed gives the same weights. For benchmarks and tests. */
+int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uint64_t seed,
+                       struct cvlm_weights **out);
+/* The same table with no data: every tensor carries its shape and a fill (RANDOM, ONES
+ * for norm weights, ZEROS for biases) that the backend's upload_weights generates in its
+ * own memory (a 17B configuration on a GPU without 35 GB of host work). */
+int cvlm_weights_dummy_lazy(const struct cvlm_config *cfg, enum cvlm_dtype dtype,
+                            struct cvlm_weights **out);
+/* Writes `dir`/config.json and `dir`/model.safetensors (creating dir) so that
+ * cvlm_weights_load(dir) reads the same weights back. */
+int cvlm_weights_write(const struct cvlm_weights *w, const char *dir);
+
+/* ---- tensor parallelism (engine/model/weights_shard.c) ---- */
+#define CVLM_MAX_TP 8
+
+/* 0 if tp ranks can split cfg (heads and MLP widths of the LM and the ViT divide by tp),
+ * else CVLM_EINVAL with a message naming what does not divide. */
+int cvlm_weights_check_tp(const struct cvlm_config *cfg, int tp);
+/* Rank `rank`'s part of w for tp ranks (cogvlm-model.md §8; see weights_shard.c for the
+ * split of every tensor). With tp == 1, a table of views of all of w. The shard borrows
+ * w's memory: w must outlive it. */
+int cvlm_weights_shard(const struct cvlm_weights *w, int rank, int tp,
+                       struct cvlm_weights **out);
+
+/* Calls fn once per tensor the config requires, with its HF name and expected shape;
+ * stops at the first non-zero return. Used by the binder, by tools that write
+ * checkpoints, and by tests. */
+typedef int (*cvlm_weight_visit_fn)(void *ctx, const char *name, struct cvlm_tensor *slot,
+                                    int ndim, const int64_t *shape, int optional);
+int cvlm_weights_visit(struct cvlm_weights *w, cvlm_weight_visit_fn fn, void *ctx);
+
+#endif

@@ -1,0 +1,8 @@
+/* clock.h - the engine's one clock: monotonic milliseconds, for timings and deadlines. */
+#ifndef CVLM_CLOCK_H
+#define CVLM_CLOCK_H
+
+/* Milliseconds of CLOCK_MONOTONIC (never jumps with the wall clock). */
+double cvlm_now_ms(void);
+
+#endif
