@@ -24,6 +24,8 @@ static void fill_defaults(struct cvlm_engine_opts *o)
         o->max_seqs = o->max_batched_tokens; /* every running sequence decodes each step */
     if (o->queue_limit <= 0)
         o->queue_limit = 256;
+    if (o->max_images_per_step == 0)
+        o->max_images_per_step = 1;
 }
 
 /* Per-step scratch sized for the token budget and the sequence cap. */
@@ -45,9 +47,10 @@ static int alloc_scratch(struct cvlm_engine *e)
     e->running = malloc(S * sizeof(*e->running));
     e->logits = malloc(S * V * sizeof(float));
     e->lp_scratch = malloc(V * sizeof(float));
+    e->enc_req = malloc(S * sizeof(*e->enc_req));
     return e->b_ids && e->b_pos && e->b_seq && e->b_slot && e->b_img && e->b_expert &&
                    e->b_want && e->b_seqs && e->b_feats && e->b_req && e->b_nfed &&
-                   e->running && e->logits && e->lp_scratch
+                   e->running && e->logits && e->lp_scratch && e->enc_req
                ? 0
                : cvlm_errf(CVLM_ENOMEM, "out of memory");
 }
@@ -223,7 +226,7 @@ void cvlm_engine_destroy(struct cvlm_engine *e)
         cvlm_sched_abort_all(e);
     void *scratch[] = {e->b_ids, e->b_pos, e->b_seq, e->b_slot, e->b_img, e->b_expert,
                        e->b_want, e->b_seqs, e->b_feats, e->b_req, e->b_nfed, e->running,
-                       e->logits, e->lp_scratch};
+                       e->logits, e->lp_scratch, e->enc_req};
     for (size_t i = 0; i < sizeof(scratch) / sizeof(scratch[0]); i++)
         free(scratch[i]);
     cvlm_vc_destroy(e->vc);

@@ -47,6 +47,9 @@ struct cvlm_engine_opts {
     int no_prefix_cache;
     uint64_t max_image_pixels; /* 0: 50 megapixels */
     int max_context;           /* slots per sequence; 0: the config's max_position_embeddings */
+    int max_images_per_step;   /* vision-tower runs per step while the batch waits (the
+                                * costliest phase for the 17B/19B towers); 0: 1; < 0: no
+                                * limit. Cached images do not count. */
 };
 
 struct cvlm_engine_info {
@@ -181,6 +184,10 @@ struct cvlm_engine_stats {
     uint64_t prompt_tokens, generation_tokens;
     uint64_t requests_submitted, requests_finished, requests_cancelled, requests_failed;
     uint64_t steps;
+    /* the step's phases (engine/sched/sched.c): milliseconds spent in each, in all */
+    double plan_ms, encode_ms, forward_ms, sample_ms;
+    uint64_t images_encoded;  /* vision-tower runs */
+    uint64_t images_deferred; /* prefill chunks held back by the per-step image budget */
 };
 
 void cvlm_engine_get_stats(struct cvlm_engine *e, struct cvlm_engine_stats *s);

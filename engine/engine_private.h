@@ -44,6 +44,7 @@ struct cvlm_engine {
     int *b_nfed;
     float *logits;               /* [max_seqs, vocab] */
     float *lp_scratch;           /* [vocab] */
+    struct cvlm_request **enc_req; /* [max_seqs] images to encode this step */
 
     /* mu */
     pthread_mutex_t mu;

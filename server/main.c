@@ -43,7 +43,8 @@ static int load_prepare(const struct cvlm_server_options *c)
         .block_size = c->block_size, .max_batched_tokens = c->max_batched_tokens,
         .max_seqs = c->max_seqs, .queue_limit = c->queue_limit,
         .vision_cache_bytes = c->vision_cache_memory, .no_prefix_cache = !c->prefix_cache,
-        .max_image_pixels = c->max_image_pixels, .max_context = c->max_context};
+        .max_image_pixels = c->max_image_pixels, .max_context = c->max_context,
+        .max_images_per_step = c->max_images_per_step ? c->max_images_per_step : -1};
     return 0;
 }
 

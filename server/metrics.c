@@ -126,6 +126,17 @@ char *cvlm_metrics_render(const struct cvlm_metrics *m, const struct cvlm_engine
     counter(&b, "cogvlm_preemptions_total", "Sequences preempted for lack of KV blocks.",
             st->preemptions);
     counter(&b, "cogvlm_engine_steps_total", "Engine steps run.", st->steps);
+    counter(&b, "cogvlm_images_encoded_total", "Images run through the vision tower.",
+            st->images_encoded);
+    counter(&b, "cogvlm_images_deferred_total",
+            "Prefill chunks held back a step by --max-images-per-step.", st->images_deferred);
+    bprintf(&b, "# HELP cogvlm_step_phase_seconds_total Engine time by step phase.\n"
+                "# TYPE cogvlm_step_phase_seconds_total counter\n"
+                "cogvlm_step_phase_seconds_total{phase=\"plan\"} %.6f\n"
+                "cogvlm_step_phase_seconds_total{phase=\"encode_images\"} %.6f\n"
+                "cogvlm_step_phase_seconds_total{phase=\"forward\"} %.6f\n"
+                "cogvlm_step_phase_seconds_total{phase=\"sample\"} %.6f\n",
+            st->plan_ms / 1e3, st->encode_ms / 1e3, st->forward_ms / 1e3, st->sample_ms / 1e3);
     bprintf(&b, "# HELP cogvlm_requests_total Requests ended in the engine, by outcome.\n"
                 "# TYPE cogvlm_requests_total counter\n"
                 "cogvlm_requests_total{status=\"finished\"} %llu\n"

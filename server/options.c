@@ -51,6 +51,10 @@ const struct cvlm_option cvlm_options[] = {
      "Reuse the KV blocks of identical prompt prefixes (same image + text).", 0, 0},
     {"max_context", OPT_INT, O(max_context), "0", "tokens",
      "Slots per sequence (prompt + output); 0 = the model's max_position_embeddings.", 0, 1 << 24},
+    {"max_images_per_step", OPT_INT, O(max_images_per_step), "1", "images",
+     "Images the vision tower encodes in one engine step while the step's decodes wait "
+     "(cached images do not count); 0 = no limit. Higher: faster image prefill in bursts, "
+     "longer pauses for running streams.", 0, 1024},
     {"max_n", OPT_INT, O(max_n), "4", "", "Largest `n` (choices per request) accepted.", 1, 128},
     {"max_body_bytes", OPT_BYTES, O(max_body_bytes), "20M", "bytes",
      "Largest request body; larger ones get 413 while still being received.", 1024, 1ull << 32},

@@ -31,6 +31,7 @@ struct cvlm_server_options {
     uint64_t vision_cache_memory;
     int prefix_cache;
     int max_context;
+    int max_images_per_step;
     int max_n;
     uint64_t max_body_bytes;
     uint64_t max_image_pixels;

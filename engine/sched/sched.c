@@ -1,14 +1,18 @@
 /* sched.c - continuous batching over the paged KV cache: one step at a time.
  *
- * A running request has slots [n_computed, n_tokens) still to feed: one for a decode,
- * more for a prefill (or a recompute after preemption). Each step builds one mixed
- * batch under the token budget: first every decode (oldest first), then prefill chunks
- * of running requests, then new admissions in FIFO order. The vision tower runs once per
- * image, just before the image's first chunk, unless the vision cache has it or the
- * prefix cache already holds the image's KV. A request is admitted only when its whole
- * known sequence fits in free or evictable blocks; decode growth that finds none
- * preempts the newest running request, which is requeued first and recomputed later
- * (its sampler state and emitted text are kept, so its output does not change).
+ * A step reads as its phases (cvlm_sched_step): apply cancellations -> plan -> encode
+ * images -> forward -> sample -> publish. A running request has slots [n_computed,
+ * n_tokens) still to feed: one for a decode, more for a prefill (or a recompute after
+ * preemption). The plan is one mixed batch under the token budget: first every decode
+ * (oldest first), then prefill chunks of running requests, then new admissions in FIFO
+ * order. The vision tower runs once per image, in the step that feeds the image's first
+ * slots, unless the vision cache has it or the prefix cache already holds the image's KV;
+ * at most max_images_per_step images are encoded per step (the decodes of the batch wait
+ * for them: a 17B tower costs seconds per image on a CPU), a chunk whose image is over
+ * the budget stops before the image and continues in a later step. A request is admitted
+ * only when its whole known sequence fits in free or evictable blocks; decode growth that
+ * finds none preempts the newest running request, which is requeued first and recomputed
+ * later (its sampler state and emitted text are kept, so its output does not change).
  */
 #include "engine/sched/sched.h"
 
@@ -109,7 +113,7 @@ void cvlm_sched_abort_all(struct cvlm_engine *e)
         finish(e, r, CVLM_FINISH_CANCELLED, NULL);
 }
 
-static void handle_cancels(struct cvlm_engine *e)
+static void apply_cancels(struct cvlm_engine *e)
 {
     for (int i = e->n_running - 1; i >= 0; i--)
         if (atomic_load(&e->running[i]->cancel))
@@ -228,53 +232,49 @@ static int admit(struct cvlm_engine *e, struct cvlm_request *r)
     return 1;
 }
 
-/* Runs (or fetches) the image features if slots of the image remain to be fed. */
-static int need_vision(struct cvlm_engine *e, struct cvlm_request *r)
-{
-    if (r->image_start < 0 || r->feats || r->n_computed >= r->image_start + r->image_len)
-        return 0;
-    if ((r->feats = cvlm_vc_get(e->vc, r->img_hash))) {
-        e->st.vision_hits++;
-        return 0;
-    }
-    e->st.vision_misses++;
-    if (!(r->feats = cvlm_vc_insert(e->vc, r->img_hash)))
-        return cvlm_errf(CVLM_ENOMEM, "out of memory for image features");
-    double t0 = cvlm_now_ms();
-    int rc = cvlm_model_encode_image(e->model, r->pixels, r->feats, NULL);
-    r->vision_ms += cvlm_now_ms() - t0;
-    if (rc) { /* never leave unfilled features in the cache */
-        cvlm_vc_discard(e->vc, r->feats);
-        r->feats = NULL;
-    }
-    return rc;
-}
+/* ---- phase 2: the plan ------------------------------------------------------------------ */
 
-/* ---- building the batch --------------------------------------------------------------- */
-
+/* What one step will run: sequences e->b_req[0..ns) with e->b_nfed[s] slots each (decodes
+ * first, then prefill chunks), and the requests whose image goes through the vision tower
+ * first, e->enc_req[0..n_enc). The token arrays of the batch are built from it once the
+ * images are encoded. */
 struct plan {
-    int n, ns, budget;
+    int ns;     /* sequences planned */
+    int budget; /* tokens left under max_batched_tokens */
+    int images; /* vision-tower runs left under the per-step image budget; < 0: no limit */
+    int n_enc;  /* images to encode this step */
+    int n;      /* tokens in the built batch */
 };
 
-/* Adds slots [n_computed, n_computed + cnt) of r as the next sequence of the batch. */
-static void add_seq(struct cvlm_engine *e, struct plan *p, struct cvlm_request *r, int cnt)
+static void plan_seq(struct cvlm_engine *e, struct plan *p, struct cvlm_request *r, int cnt)
 {
-    int s = p->ns++;
-    e->b_req[s] = r;
-    e->b_seqs[s] = (struct cvlm_seq_kv){r->blocks, r->n_blocks};
-    e->b_feats[s] = r->feats;
-    e->b_nfed[s] = cnt;
-    for (int slot = r->n_computed; slot < r->n_computed + cnt; slot++, p->n++) {
-        int rel = slot - r->image_start;
-        e->b_ids[p->n] = r->tokens[slot];
-        e->b_pos[p->n] = cvlm_req_pos(r, slot);
-        e->b_expert[p->n] = cvlm_req_expert(r, slot);
-        e->b_seq[p->n] = s;
-        e->b_slot[p->n] = slot;
-        e->b_img[p->n] = r->image_start >= 0 && rel >= 0 && rel < r->image_len ? rel : -1;
-        e->b_want[p->n] = slot == r->n_tokens - 1;
-    }
+    e->b_req[p->ns] = r;
+    e->b_nfed[p->ns++] = cnt;
     p->budget -= cnt;
+}
+
+/* Whether r's next chunk of *cnt slots can run this step, as far as its image goes: no
+ * image slot in it, features already held or in the vision cache, or the step's image
+ * budget admits one more vision-tower run (r is then queued for the encode phase).
+ * Without budget the chunk stops before the image, so its text prefix still runs, or r
+ * waits for a later step (returns 0). */
+static int plan_vision(struct cvlm_engine *e, struct plan *p, struct cvlm_request *r, int *cnt)
+{
+    if (r->image_start < 0 || r->feats || r->n_computed >= r->image_start + r->image_len ||
+        r->n_computed + *cnt <= r->image_start)
+        return 1;
+    if ((r->feats = cvlm_vc_get(e->vc, r->img_hash))) {
+        e->st.vision_hits++;
+        return 1;
+    }
+    if (p->images != 0) {
+        p->images -= p->images > 0;
+        e->enc_req[p->n_enc++] = r;
+        return 1;
+    }
+    e->st.images_deferred++;
+    *cnt = r->image_start - r->n_computed;
+    return *cnt > 0;
 }
 
 /* Newest running request (highest admission number). */
@@ -306,44 +306,133 @@ static void grow_decodes(struct cvlm_engine *e)
     }
 }
 
-/* Prefill chunk for r (vision first when needed); 0, or <0 if r failed. */
-static int add_prefill(struct cvlm_engine *e, struct plan *p, struct cvlm_request *r)
+/* The next prefill chunk of r, within the token budget and the image budget. */
+static void plan_prefill(struct cvlm_engine *e, struct plan *p, struct cvlm_request *r)
 {
     int cnt = r->n_tokens - r->n_computed;
     if (cnt > p->budget)
         cnt = p->budget;
-    if (cnt <= 0)
-        return 0;
-    int rc = need_vision(e, r);
-    if (rc) {
-        finish(e, r, CVLM_FINISH_ERROR, cvlm_last_error());
-        return rc;
-    }
-    add_seq(e, p, r, cnt);
-    return 0;
+    if (cnt > 0 && plan_vision(e, p, r, &cnt))
+        plan_seq(e, p, r, cnt);
 }
 
+/* Decodes (oldest first), prefill chunks of running requests, then admissions in FIFO
+ * order while tokens, sequences and KV blocks last. */
 static void plan_step(struct cvlm_engine *e, struct plan *p)
 {
     struct cvlm_request *r;
     grow_decodes(e);
     for (int i = 0; i < e->n_running && p->budget > 0; i++)
         if (e->running[i]->n_tokens - e->running[i]->n_computed == 1)
-            add_seq(e, p, e->running[i], 1);
-    for (int i = 0; i < e->n_running && p->budget > 0; i++) {
-        r = e->running[i];
-        if (r->n_tokens - r->n_computed > 1 && add_prefill(e, p, r) < 0)
-            i--; /* r was removed from the running list */
-    }
+            plan_seq(e, p, e->running[i], 1);
+    for (int i = 0; i < e->n_running && p->budget > 0; i++)
+        if (e->running[i]->n_tokens - e->running[i]->n_computed > 1)
+            plan_prefill(e, p, e->running[i]);
     while (p->budget > 0 && e->n_running < e->opts.max_seqs && (r = e->wait_head)) {
         if (!admit(e, r))
             break; /* FIFO: the head waits for blocks; nothing overtakes it */
         dequeue(e);
-        add_prefill(e, p, r);
+        plan_prefill(e, p, r);
     }
 }
 
-/* ---- after the forward pass ------------------------------------------------------------- */
+/* ---- phase 3: images ---------------------------------------------------------------------- */
+
+/* Takes r's planned chunk out of the plan (its image could not be encoded). */
+static void unplan(struct cvlm_engine *e, struct plan *p, struct cvlm_request *r)
+{
+    for (int s = 0; s < p->ns; s++)
+        if (e->b_req[s] == r) {
+            p->budget += e->b_nfed[s];
+            memmove(&e->b_req[s], &e->b_req[s + 1], (size_t)(p->ns - s - 1) * sizeof(r));
+            memmove(&e->b_nfed[s], &e->b_nfed[s + 1], (size_t)(p->ns - s - 1) * sizeof(int));
+            p->ns--;
+            return;
+        }
+}
+
+/* Runs r's image through the vision tower into a vision-cache entry (or finds it there,
+ * encoded earlier in this step for another request with the same image). */
+static int encode_one(struct cvlm_engine *e, struct cvlm_request *r)
+{
+    if ((r->feats = cvlm_vc_get(e->vc, r->img_hash))) {
+        e->st.vision_hits++;
+        return 0;
+    }
+    e->st.vision_misses++;
+    if (!(r->feats = cvlm_vc_insert(e->vc, r->img_hash)))
+        return cvlm_errf(CVLM_ENOMEM, "out of memory for image features");
+    double t0 = cvlm_now_ms();
+    int rc = cvlm_model_encode_image(e->model, r->pixels, r->feats, NULL);
+    r->vision_ms += cvlm_now_ms() - t0;
+    e->st.images_encoded++;
+    if (rc) { /* never leave unfilled features in the cache */
+        cvlm_vc_discard(e->vc, r->feats);
+        r->feats = NULL;
+    }
+    return rc;
+}
+
+/* The vision tower for every image the plan feeds this step; a request whose image fails
+ * is finished with the error and leaves the plan. */
+static void encode_images(struct cvlm_engine *e, struct plan *p)
+{
+    for (int i = 0; i < p->n_enc; i++) {
+        struct cvlm_request *r = e->enc_req[i];
+        if (encode_one(e, r)) {
+            unplan(e, p, r);
+            finish(e, r, CVLM_FINISH_ERROR, cvlm_last_error());
+        }
+    }
+}
+
+/* ---- phase 4: the forward pass -------------------------------------------------------------- */
+
+/* Writes sequence s of the plan (slots [n_computed, n_computed + b_nfed[s])) into the
+ * batch's token arrays. */
+static void build_seq(struct cvlm_engine *e, struct plan *p, int s)
+{
+    struct cvlm_request *r = e->b_req[s];
+    int cnt = e->b_nfed[s];
+    e->b_seqs[s] = (struct cvlm_seq_kv){r->blocks, r->n_blocks};
+    e->b_feats[s] = r->feats;
+    for (int slot = r->n_computed; slot < r->n_computed + cnt; slot++, p->n++) {
+        int rel = slot - r->image_start;
+        e->b_ids[p->n] = r->tokens[slot];
+        e->b_pos[p->n] = cvlm_req_pos(r, slot);
+        e->b_expert[p->n] = cvlm_req_expert(r, slot);
+        e->b_seq[p->n] = s;
+        e->b_slot[p->n] = slot;
+        e->b_img[p->n] = r->image_start >= 0 && rel >= 0 && rel < r->image_len ? rel : -1;
+        e->b_want[p->n] = slot == r->n_tokens - 1;
+    }
+}
+
+/* The language model over the planned batch; on failure every request in it fails. */
+static int forward(struct cvlm_engine *e, struct plan *p)
+{
+    for (int s = 0; s < p->ns; s++)
+        build_seq(e, p, s);
+    struct cvlm_batch b = {.n_tokens = p->n, .ids = e->b_ids, .pos = e->b_pos,
+                           .expert = e->b_expert, .seq = e->b_seq, .slot = e->b_slot,
+                           .img_row = e->b_img, .img_feats = e->b_feats, .seqs = e->b_seqs,
+                           .n_seqs = p->ns, .want_logits = e->b_want};
+    int rc = cvlm_model_forward(e->model, &b, e->logits);
+    e->st.steps++;
+    if (rc) {
+        char msg[256];
+        snprintf(msg, sizeof(msg), "model step failed: %s", cvlm_last_error());
+        for (int s = 0; s < p->ns; s++)
+            finish(e, e->b_req[s], CVLM_FINISH_ERROR, msg);
+        return rc;
+    }
+    for (int s = 0; s < p->ns; s++)
+        e->st.prompt_tokens += (uint64_t)(e->b_req[s]->n_computed < e->b_req[s]->n_prompt
+                                              ? e->b_nfed[s] : 0);
+    return 0;
+}
+
+/* ---- phase 5: sampling and output ----------------------------------------------------------- */
 
 /* log-softmax of the raw logits for the chosen token and the top-n alternatives. */
 static void fill_logprobs(const float *raw, int V, int top, struct cvlm_token_out *t)
@@ -414,7 +503,9 @@ static void next_token(struct cvlm_engine *e, struct cvlm_request *r, float *row
         finish(e, r, CVLM_FINISH_LENGTH, NULL);
 }
 
-static void after_forward(struct cvlm_engine *e, struct plan *p)
+/* Advances every sequence of the batch; those that fed their last known slot sample their
+ * next token and publish it (text, logprobs, finish) to their owner. */
+static void sample_and_publish(struct cvlm_engine *e, struct plan *p)
 {
     int V = e->w->cfg.vocab_size, k = 0;
     for (int s = 0; s < p->ns; s++) {
@@ -428,29 +519,31 @@ static void after_forward(struct cvlm_engine *e, struct plan *p)
     }
 }
 
+/* Adds the time since *t to a phase's total and moves *t on. */
+static void lap(double *total, double *t)
+{
+    double now = cvlm_now_ms();
+    *total += now - *t;
+    *t = now;
+}
+
 int cvlm_sched_step(struct cvlm_engine *e)
 {
-    struct plan p = {0, 0, e->opts.max_batched_tokens};
-    handle_cancels(e);
-    plan_step(e, &p);
-    if (p.n == 0)
-        return 0;
-    struct cvlm_batch b = {.n_tokens = p.n, .ids = e->b_ids, .pos = e->b_pos,
-                           .expert = e->b_expert, .seq = e->b_seq, .slot = e->b_slot,
-                           .img_row = e->b_img, .img_feats = e->b_feats, .seqs = e->b_seqs,
-                           .n_seqs = p.ns, .want_logits = e->b_want};
-    int rc = cvlm_model_forward(e->model, &b, e->logits);
-    e->st.steps++;
-    if (rc) {
-        char msg[256];
-        snprintf(msg, sizeof(msg), "model step failed: %s", cvlm_last_error());
-        for (int s = 0; s < p.ns; s++)
-            finish(e, e->b_req[s], CVLM_FINISH_ERROR, msg);
+    int per_step = e->opts.max_images_per_step;
+    struct plan p = {.budget = e->opts.max_batched_tokens, .images = per_step > 0 ? per_step : -1};
+    double t = cvlm_now_ms();
+    apply_cancels(e);                    /* 1. cancellations free their blocks */
+    plan_step(e, &p);                    /* 2. decodes, prefill chunks, admissions */
+    lap(&e->st.plan_ms, &t);
+    encode_images(e, &p);                /* 3. the vision tower, within its budget */
+    lap(&e->st.encode_ms, &t);
+    if (p.ns == 0)
+        return p.n_enc > 0;
+    int rc = forward(e, &p);             /* 4. the language model */
+    lap(&e->st.forward_ms, &t);
+    if (rc)
         return rc;
-    }
-    for (int s = 0; s < p.ns; s++)
-        e->st.prompt_tokens += (uint64_t)(e->b_req[s]->n_computed < e->b_req[s]->n_prompt
-                                              ? e->b_nfed[s] : 0);
-    after_forward(e, &p);
+    sample_and_publish(e, &p);           /* 5. sample, 6. publish to the owners */
+    lap(&e->st.sample_ms, &t);
     return 1;
 }

@@ -779,3 +779,94 @@ TEST(engine_token_text_lead_strip)
     CHECK(check_token_texts(t, "cogvlm-tiny-shapes") > 0);
     cvlm_engine_destroy(t);
 }
+
+/* Starts a greedy request about image `img` (prompt k of the family), without logprobs. */
+static int start_image(struct cvlm_engine *e, struct job *j, const unsigned char *img,
+                       size_t len)
+{
+    struct cvlm_request_params p = {0};
+    memset(j, 0, sizeof(*j));
+    pthread_mutex_init(&j->mu, NULL);
+    pthread_cond_init(&j->cv, NULL);
+    cvlm_sampling_defaults(&p.sampling);
+    p.sampling.temperature = 0;
+    p.prompt = "What is in this image?";
+    p.image = img;
+    p.image_len = len;
+    p.max_tokens = 6;
+    p.logprobs = 0;
+    p.ignore_eos = 1;
+    if (cvlm_request_create(e, &p, &j->r))
+        return -1;
+    return cvlm_engine_submit(e, j->r, on_wake, j);
+}
+
+/* The image-encoding phase of a step runs at most max_images_per_step vision-tower runs;
+ * the other images' chunks wait a step (their text before the image still runs), and
+ * the answers are those of each request alone. */
+TEST(engine_image_budget_per_step)
+{
+    static const char *const files[3] = {"golden-tiny/image.png", "images/demo.jpg",
+                                         "images/pear.png"};
+    unsigned char *img[3];
+    size_t len[3];
+    for (int i = 0; i < 3; i++)
+        REQUIRE((img[i] = cvlm_test_read_file(cvlm_test_data(files[i]), &len[i])));
+    struct job alone[3], together[3];
+    struct cvlm_engine_stats st;
+    for (int budget = 1; budget >= -1; budget -= 2) { /* 1 image per step, then no limit */
+        struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
+                                     .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
+                                     .threads = 2, .kv_bytes = 8 << 20, .no_prefix_cache = 1,
+                                     .max_images_per_step = budget, .queue_limit = 16};
+        struct cvlm_engine *e = NULL;
+        REQUIRE(cvlm_engine_create(&o, &e) == 0);
+        if (budget == 1)
+            for (int i = 0; i < 3; i++) {
+                REQUIRE(start_image(e, &alone[i], img[i], len[i]) == 0);
+                wait_job(&alone[i]);
+            }
+        struct cvlm_engine_stats st0;
+        settle(e, &st0);
+        /* submitted together: one admission step plans all three first chunks */
+        struct cvlm_request *rs[3];
+        for (int i = 0; i < 3; i++) {
+            struct cvlm_request_params p = {0};
+            memset(&together[i], 0, sizeof(together[i]));
+            pthread_mutex_init(&together[i].mu, NULL);
+            pthread_cond_init(&together[i].cv, NULL);
+            cvlm_sampling_defaults(&p.sampling);
+            p.sampling.temperature = 0;
+            p.prompt = "What is in this image?";
+            p.image = img[i];
+            p.image_len = len[i];
+            p.max_tokens = 6;
+            p.logprobs = 0;
+            p.ignore_eos = 1;
+            REQUIRE(cvlm_request_create(e, &p, &together[i].r) == 0);
+            rs[i] = together[i].r;
+        }
+        /* one group: the engine thread takes all three into its queue at once (the wake-ups
+         * go to the first job; wait_job polls the others) */
+        REQUIRE(cvlm_engine_submit_group(e, rs, 3, on_wake, &together[0]) == 0);
+        for (int i = 0; i < 3; i++)
+            wait_job(&together[i]);
+        settle(e, &st);
+        for (int i = 0; i < 3; i++) {
+            CHECKF(same_output(&together[i], &alone[i]), "budget %d: image %d differs alone",
+                   budget, i);
+            end(&together[i]);
+        }
+        CHECK(st.images_encoded - st0.images_encoded == 3);
+        if (budget == 1)
+            CHECKF(st.images_deferred > st0.images_deferred, "budget 1: nothing deferred");
+        else
+            CHECK(st.images_deferred == st0.images_deferred);
+        CHECK(st.encode_ms > 0 && st.forward_ms > 0 && st.plan_ms >= 0 && st.sample_ms >= 0);
+        cvlm_engine_destroy(e);
+    }
+    for (int i = 0; i < 3; i++) {
+        end(&alone[i]);
+        free(img[i]);
+    }
+}
