@@ -17,6 +17,7 @@ SERVER_LIBS = -lmicrohttpd -luv -lb64
 
 ifeq ($(SAN),1)
 SANFLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+SANFLAGS += -DCVLM_CHECK_OPS=1 # the op table's entry checks on (engine/model/backend_check.h)
 LDFLAGS += -fsanitize=address,undefined
 endif
 ifeq ($(FUZZ),1)
@@ -32,7 +33,7 @@ Q =
 say =
 endif
 
-LIB_SRCS    = $(wildcard engine/*.c engine/*/*.c) $(wildcard kernels/cpu/*.c)
+LIB_SRCS    = $(wildcard base/*.c engine/*.c engine/*/*.c) $(wildcard kernels/cpu/*.c)
 ifneq ($(CUDA),1)
 LIB_SRCS   += kernels/cuda/stub.c  # a CPU build: the CUDA entry points say "not built with CUDA"
 endif

@@ -127,16 +127,19 @@ static int data_url(struct conn *c, const char *url, struct parsed *pp)
     return 0;
 }
 
-/* Joins a to *dst with a newline (both may be NULL); returns 0 or -1 (no memory). */
+/* Joins a to *dst with a newline (*dst may be NULL); returns 0 or -1 (no memory). */
 static int join(char **dst, const char *a)
 {
-    size_t l0 = *dst ? strlen(*dst) : 0, l1 = strlen(a);
-    char *n = realloc(*dst, l0 + l1 + 2);
+    struct cvlm_buf b = {0};
+    if (*dst && **dst) {
+        cvlm_buf_puts(&b, *dst);
+        cvlm_buf_append(&b, "\n", 1);
+    }
+    cvlm_buf_puts(&b, a);
+    char *n = cvlm_buf_take(&b, NULL);
     if (!n)
         return -1;
-    if (l0)
-        n[l0++] = '\n';
-    memcpy(n + l0, a, l1 + 1);
+    free(*dst);
     *dst = n;
     return 0;
 }
@@ -465,7 +468,7 @@ void cvlm_api_prepare(struct conn *c)
 {
     struct parsed pp = {0};
     json_error_t jerr;
-    json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, &jerr), *model;
+    json_t *root = json_loadb(c->body.p ? c->body.p : "", c->body.len, 0, &jerr), *model;
     c->o.chat = !strcmp(c->route, "/v1/chat/completions");
     if (!root) {
         cvlm_api_error(c, 400, "invalid_request_error", NULL, "invalid_json",

@@ -240,28 +240,19 @@ static json_t *usage(const struct conn *c)
     return json_pack("{sisisi}", "prompt_tokens", p, "completion_tokens", g, "total_tokens", p + g);
 }
 
-/* Appends `data: <json>\n\n` (consumes j). */
+/* Appends `data: <json>\n\n` (consumes j). Out of memory fails the stream's buffer, which
+ * then ends the stream with an error (http.c), never with a silently missing event. */
 static void sse_event(struct conn *c, json_t *j)
 {
     size_t n;
     char *s = dump(j, &n);
-    if (!s)
+    if (!s) {
+        c->sse.failed = 1;
         return;
-    size_t need = c->sse_len + n + 9;
-    if (need > c->sse_cap) {
-        size_t nc = need * 2;
-        char *b = realloc(c->sse, nc);
-        if (!b) {
-            free(s);
-            return;
-        }
-        c->sse = b;
-        c->sse_cap = nc;
     }
-    memcpy(c->sse + c->sse_len, "data: ", 6);
-    memcpy(c->sse + c->sse_len + 6, s, n);
-    memcpy(c->sse + c->sse_len + 6 + n, "\n\n", 2);
-    c->sse_len += n + 8;
+    cvlm_buf_append(&c->sse, "data: ", 6);
+    cvlm_buf_append(&c->sse, s, n);
+    cvlm_buf_append(&c->sse, "\n\n", 2);
     free(s);
 }
 
@@ -307,34 +298,21 @@ static void observe(struct cvlm_srv *s, const struct cvlm_output *o)
         cvlm_hist_observe(&m->itl, (o->e2e_ms - o->ttft_ms) / 1e3 / (o->completion_tokens - 1));
 }
 
-/* Appends the items of JSON array `arr` to b as compact text. */
-static int jbuf_items(struct jbuf *b, json_t *arr)
+/* Appends the items of JSON array `arr` to b as compact text, comma-separated. */
+static int json_items(struct cvlm_buf *b, json_t *arr)
 {
     size_t i;
     json_t *v;
     json_array_foreach(arr, i, v) {
         char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
-        size_t n = t ? strlen(t) : 0, need = b->n + n + 2;
         if (!t)
             return -1;
-        if (need > b->cap) {
-            size_t nc = need * 2;
-            char *p = realloc(b->p, nc);
-            if (!p) {
-                free(t);
-                return -1;
-            }
-            b->p = p;
-            b->cap = nc;
-        }
-        if (b->n)
-            b->p[b->n++] = ',';
-        memcpy(b->p + b->n, t, n);
-        b->n += n;
-        b->p[b->n] = 0;
+        if (b->len)
+            cvlm_buf_append(b, ",", 1);
+        cvlm_buf_puts(b, t);
         free(t);
     }
-    return 0;
+    return b->failed ? -1 : 0;
 }
 
 /* Non-streaming: one take's logprobs entries, rendered now and kept as text. */
@@ -342,14 +320,14 @@ static void keep_logprobs(struct conn *c, struct choice *ch, json_t *entries)
 {
     int rc = 0;
     if (c->o.chat) {
-        rc = jbuf_items(&ch->lp[0], entries);
+        rc = json_items(&ch->lp[0], entries);
     } else {
         static const char *const keys[4] = {"tokens", "token_logprobs", "top_logprobs",
                                             "text_offset"};
         json_t *leg = lp_legacy(entries, ch->lp_off), *e;
         size_t i;
         for (int k = 0; !rc && k < 4; k++)
-            rc = jbuf_items(&ch->lp[k], json_object_get(leg, keys[k]));
+            rc = json_items(&ch->lp[k], json_object_get(leg, keys[k]));
         json_array_foreach(entries, i, e)
             ch->lp_off += utf8_chars(json_object_get(e, "bytes"));
         json_decref(leg);
@@ -371,27 +349,13 @@ static void collect_one(struct conn *c, int i, struct cvlm_output *o)
         ch->role_sent = 1;
         if (o->text_len || lp)
             stream_chunk(c, i, o->text ? o->text : "", o->text_len, lp, NULL, 0);
-        ch->len += o->text_len;
         for (size_t k = 0; lp && k < json_array_size(lp); k++)
             ch->lp_off += utf8_chars(json_object_get(json_array_get(lp, k), "bytes"));
         if (finish_name(o->finish)) /* a failed or cancelled one ends in an error event */
             stream_chunk(c, i, "", 0, NULL, finish_name(o->finish), 0);
     } else {
-        if (o->text_len && ch->len + o->text_len + 1 > ch->cap) {
-            size_t nc = (ch->len + o->text_len + 1) * 2;
-            char *b = realloc(ch->text, nc);
-            if (b) {
-                ch->text = b;
-                ch->cap = nc;
-            } else {
-                cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory for the output");
-            }
-        }
-        if (o->text_len && ch->len + o->text_len + 1 <= ch->cap) {
-            memcpy(ch->text + ch->len, o->text, o->text_len);
-            ch->len += o->text_len;
-            ch->text[ch->len] = 0;
-        }
+        if (o->text_len && cvlm_buf_append(&ch->text, o->text, o->text_len))
+            cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory for the output");
         if (lp)
             keep_logprobs(c, ch, lp);
     }
@@ -444,14 +408,7 @@ int cvlm_api_collect(struct conn *c)
             json_object_set_new(j, "usage", usage(c));
             sse_event(c, j);
         }
-        size_t need = c->sse_len + 14;
-        char *b = need > c->sse_cap ? realloc(c->sse, need) : c->sse;
-        if (b) {
-            c->sse = b;
-            c->sse_cap = need > c->sse_cap ? need : c->sse_cap;
-            memcpy(c->sse + c->sse_len, "data: [DONE]\n\n", 14);
-            c->sse_len += 14;
-        }
+        cvlm_buf_puts(&c->sse, "data: [DONE]\n\n");
         c->sse_end = 1;
     }
     return 1;
@@ -470,7 +427,7 @@ static char *splice_logprobs(const struct conn *c, char *body, size_t *len,
     size_t total = *len + 1;
     for (int i = 0; i < c->n_ch; i++)
         for (int k = 0; k < 4; k++)
-            total += c->ch[i].lp[k].n + 2;
+            total += c->ch[i].lp[k].len + 2;
     char *out = malloc(total), *w = out, *r = body, m[80], q[96];
     if (!out) {
         free(body);
@@ -486,8 +443,8 @@ static char *splice_logprobs(const struct conn *c, char *body, size_t *len,
             memcpy(w, r, (size_t)(at - r));
             w += at - r;
             *w++ = '[';
-            memcpy(w, c->ch[i].lp[k].p ? c->ch[i].lp[k].p : "", c->ch[i].lp[k].n);
-            w += c->ch[i].lp[k].n;
+            memcpy(w, c->ch[i].lp[k].p ? c->ch[i].lp[k].p : "", c->ch[i].lp[k].len);
+            w += c->ch[i].lp[k].len;
             *w++ = ']';
             r = at + strlen(q);
         }
@@ -519,9 +476,10 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
         if (c->o.chat)
             json_object_set_new(o, "message",
                                 json_pack("{sssosn}", "role", "assistant", "content",
-                                          jstr(ch->text ? ch->text : "", ch->len), "refusal"));
+                                          jstr(ch->text.p ? ch->text.p : "", ch->text.len),
+                                          "refusal"));
         else
-            json_object_set_new(o, "text", jstr(ch->text ? ch->text : "", ch->len));
+            json_object_set_new(o, "text", jstr(ch->text.p ? ch->text.p : "", ch->text.len));
         json_object_set_new(o, "logprobs", lp);
         json_object_set_new(o, "finish_reason", json_string(finish_name(ch->finish)
                                                                 ? finish_name(ch->finish)

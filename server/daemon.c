@@ -107,8 +107,9 @@ uint64_t cvlm_watchdog_start(uv_loop_t *loop)
     uint64_t ms = usec / 2000; /* half the interval */
     if (ms < 1)
         ms = 1;
-    uv_timer_init(loop, &wd_timer);
-    uv_timer_start(&wd_timer, on_watchdog, 0, ms); /* a first ping at once */
+    if (UV_CHECK(uv_timer_init(loop, &wd_timer)) ||
+        UV_CHECK(uv_timer_start(&wd_timer, on_watchdog, 0, ms))) /* a first ping at once */
+        return 0;
     uv_unref((uv_handle_t *)&wd_timer);
     wd_active = 1;
     LOG_INFO("systemd watchdog: %.3f s, keep-alive every %.3f s", usec / 1e6, ms / 1e3);

@@ -44,13 +44,13 @@ static void conn_free(struct conn *c)
     struct cvlm_srv *s = c->s;
     for (int i = 0; i < c->n_ch; i++) {
         cvlm_request_unref(c->ch[i].r);
-        free(c->ch[i].text);
+        cvlm_buf_free(&c->ch[i].text);
         for (int k = 0; k < 4; k++)
-            free(c->ch[i].lp[k].p);
+            cvlm_buf_free(&c->ch[i].lp[k]);
     }
     free(c->ch);
-    free(c->body);
-    free(c->sse);
+    cvlm_buf_free(&c->body);
+    cvlm_buf_free(&c->sse);
     free(c->reply);
     if (c->prev)
         c->prev->next = c->next;
@@ -133,15 +133,16 @@ static enum MHD_Result queue(struct conn *c, int status, char *body, size_t len,
         free(body);
         return MHD_NO;
     }
-    MHD_add_response_header(r, "Content-Type", ctype);
-    MHD_add_response_header(r, "X-Request-Id", c->id);
+    MHD_CHECK(MHD_add_response_header(r, "Content-Type", ctype));
+    MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->id));
     if (status == 429)
-        MHD_add_response_header(r, "Retry-After", "1");
+        MHD_CHECK(MHD_add_response_header(r, "Retry-After", "1"));
     if (status == 405)
-        MHD_add_response_header(r, "Allow", strstr(c->route, "/v1/c") ? "POST" : "GET");
+        MHD_CHECK(MHD_add_response_header(r, "Allow", strstr(c->route, "/v1/c") ? "POST" : "GET"));
     if (status == 401)
-        MHD_add_response_header(r, "WWW-Authenticate", "Bearer");
+        MHD_CHECK(MHD_add_response_header(r, "WWW-Authenticate", "Bearer"));
     ok = MHD_queue_response(c->mc, (unsigned)status, r);
+    MHD_CHECK(ok);
     MHD_destroy_response(r);
     c->status = status;
     c->state = CONN_SENT;
@@ -164,17 +165,21 @@ static enum MHD_Result reply_error(struct conn *c, int status, const char *type,
     return queue_error(c);
 }
 
-/* Streaming body: hands over what the engine produced, suspends when there is nothing. */
+/* Streaming body: hands over what the engine produced, suspends when there is nothing.
+ * A stream whose buffer could not grow ends with an error (the client sees a cut chunked
+ * body, never a stream with events silently missing). */
 static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
 {
     struct conn *c = cls;
     (void)pos;
-    if (c->sse_off < c->sse_len) {
-        size_t n = c->sse_len - c->sse_off < max ? c->sse_len - c->sse_off : max;
-        memcpy(buf, c->sse + c->sse_off, n);
+    if (c->sse.failed)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (c->sse_off < c->sse.len) {
+        size_t n = c->sse.len - c->sse_off < max ? c->sse.len - c->sse_off : max;
+        memcpy(buf, c->sse.p + c->sse_off, n);
         c->sse_off += n;
-        if (c->sse_off == c->sse_len)
-            c->sse_off = c->sse_len = 0;
+        if (c->sse_off == c->sse.len)
+            c->sse_off = c->sse.len = 0;
         return (ssize_t)n;
     }
     if (c->sse_end)
@@ -190,11 +195,13 @@ static enum MHD_Result queue_stream(struct conn *c)
     enum MHD_Result ok;
     if (!r)
         return MHD_NO;
-    MHD_add_response_header(r, "Content-Type", "text/event-stream; charset=utf-8");
-    MHD_add_response_header(r, "Cache-Control", "no-cache");
-    MHD_add_response_header(r, "X-Accel-Buffering", "no"); /* nginx: do not buffer SSE */
-    MHD_add_response_header(r, "X-Request-Id", c->id);
+    MHD_CHECK(MHD_add_response_header(r, "Content-Type", "text/event-stream; charset=utf-8"));
+    MHD_CHECK(MHD_add_response_header(r, "Cache-Control", "no-cache"));
+    /* nginx: do not buffer SSE */
+    MHD_CHECK(MHD_add_response_header(r, "X-Accel-Buffering", "no"));
+    MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->id));
     ok = MHD_queue_response(c->mc, 200, r);
+    MHD_CHECK(ok);
     MHD_destroy_response(r);
     c->status = 200;
     c->state = CONN_SENT;
@@ -250,7 +257,7 @@ static void on_engine_wake(void *ctx)
         s->wake_head = c;
     }
     pthread_mutex_unlock(&s->wake_mu);
-    uv_async_send(&s->wake);
+    UV_CHECK(uv_async_send(&s->wake)); /* engine thread: the logger is thread-safe */
 }
 
 /* Prepared (or failed): submit every choice, or turn the error into the reply. */
@@ -313,8 +320,9 @@ static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *
         struct MHD_Response *r = cvlm_api_misc(s, url, &status);
         if (!r)
             return MHD_NO;
-        MHD_add_response_header(r, "X-Request-Id", c->id);
+        MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->id));
         enum MHD_Result ok = MHD_queue_response(mc, (unsigned)status, r);
+        MHD_CHECK(ok);
         MHD_destroy_response(r);
         c->status = status;
         c->state = CONN_SENT;
@@ -344,22 +352,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     if (c->state == CONN_BODY && *upload_size) {
         size_t n = *upload_size;
         *upload_size = 0;
-        if (c->too_big || c->len + n > s->cfg->max_body_bytes) {
-            c->too_big = 1; /* keep reading (and dropping) so the 413 can be delivered */
-            c->len += n;    /* bytes received: past 4x the limit, give up and close */
-            return c->len > 4 * s->cfg->max_body_bytes ? MHD_NO : MHD_YES;
+        c->received += n;
+        if (c->too_big || c->received > s->cfg->max_body_bytes) {
+            c->too_big = 1; /* keep reading (and dropping) so the 413 can be delivered; */
+            /* past 4x the limit, give up and close */
+            return c->received > 4 * s->cfg->max_body_bytes ? MHD_NO : MHD_YES;
         }
-        if (c->len + n + 1 > c->cap) {
-            size_t nc = (c->len + n + 1) * 2;
-            char *nb = realloc(c->body, nc);
-            if (!nb)
-                return MHD_NO;
-            c->body = nb;
-            c->cap = nc;
+        if (cvlm_buf_append(&c->body, upload, n)) {
+            LOG_ERROR("%s: out of memory for a %zu-byte body", c->id, c->received);
+            return MHD_NO;
         }
-        memcpy(c->body + c->len, upload, n);
-        c->len += n;
-        c->body[c->len] = 0;
         return MHD_YES;
     }
     if (c->state == CONN_BODY) { /* the whole body is here */
@@ -369,7 +371,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         c->state = CONN_PREP;
         c->work.data = c;
         suspend(c);
-        if (uv_queue_work(s->loop, &c->work, work_cb, after_work)) {
+        if (UV_CHECK(uv_queue_work(s->loop, &c->work, work_cb, after_work))) {
             resume(c);
             return reply_error(c, 500, "server_error", NULL, "cannot queue work");
         }
@@ -462,7 +464,7 @@ static void on_wake(uv_async_t *a)
         c->wake_queued = 0;
         pthread_mutex_unlock(&s->wake_mu);
         int done = cvlm_api_collect(c);
-        if (!c->mhd_done && c->o.stream && (c->sse_len || c->sse_end)) {
+        if (!c->mhd_done && c->o.stream && (c->sse.len || c->sse_end || c->sse.failed)) {
             resume(c);
         } else if (!c->mhd_done && !c->o.stream && done && c->state == CONN_RUN) {
             finish_reply(c);
@@ -507,7 +509,7 @@ static int missed_output(struct conn *c)
     c->stale_ticks = 0;
     int done = cvlm_api_collect(c);
     LOG_WARN("%s: output without a wake-up, delivered by the tick", c->id);
-    if (c->o.stream && (c->sse_len || c->sse_end))
+    if (c->o.stream && (c->sse.len || c->sse_end || c->sse.failed))
         resume(c);
     else if (!c->o.stream && c->state == CONN_RUN && done)
         finish_reply(c);
@@ -599,12 +601,12 @@ void cvlm_http_kick(struct cvlm_srv *s)
         return; /* stopping */
     /* twice: MHD moves connections resumed since its last run back to the ready list at
      * the start of a run but only serves them in the next one */
-    MHD_run(s->mhd);
-    MHD_run(s->mhd);
+    MHD_CHECK(MHD_run(s->mhd));
+    MHD_CHECK(MHD_run(s->mhd));
     if (MHD_get_timeout(s->mhd, &to) == MHD_YES)
-        uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
+        UV_CHECK(uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0));
     else
-        uv_timer_stop(&s->mhd_timer);
+        UV_CHECK(uv_timer_stop(&s->mhd_timer));
 }
 
 static void mhd_log(void *cls, const char *fmt, va_list ap)
@@ -659,13 +661,15 @@ int cvlm_http_start(struct cvlm_srv *s)
     const union MHD_DaemonInfo *pi = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
     if (!ei)
         return -1;
-    uv_poll_init(s->loop, &s->mhd_poll, ei->epoll_fd);
-    uv_timer_init(s->loop, &s->mhd_timer);
-    uv_timer_init(s->loop, &s->tick);
-    uv_async_init(s->loop, &s->wake, on_wake);
+    if (UV_CHECK(uv_poll_init(s->loop, &s->mhd_poll, ei->epoll_fd)) ||
+        UV_CHECK(uv_timer_init(s->loop, &s->mhd_timer)) ||
+        UV_CHECK(uv_timer_init(s->loop, &s->tick)) ||
+        UV_CHECK(uv_async_init(s->loop, &s->wake, on_wake)))
+        return -1;
     s->mhd_poll.data = s->mhd_timer.data = s->tick.data = s->wake.data = s;
-    uv_poll_start(&s->mhd_poll, UV_READABLE, on_mhd_poll);
-    uv_timer_start(&s->tick, on_tick, 250, 250);
+    if (UV_CHECK(uv_poll_start(&s->mhd_poll, UV_READABLE, on_mhd_poll)) ||
+        UV_CHECK(uv_timer_start(&s->tick, on_tick, 250, 250)))
+        return -1;
     cvlm_http_kick(s);
     LOG_INFO("listening on http://%s%s%s:%u", strchr(s->cfg->host, ':') ? "[" : "",
              s->cfg->host, strchr(s->cfg->host, ':') ? "]" : "",
@@ -700,7 +704,7 @@ void cvlm_http_stop(struct cvlm_srv *s)
         if (!c->mhd_done)
             resume(c);
     }
-    uv_poll_stop(&s->mhd_poll);
+    UV_CHECK(uv_poll_stop(&s->mhd_poll));
     MHD_stop_daemon(s->mhd);
     s->mhd = NULL;
     /* let the work pool and the engine finish with the remaining connections */

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <uv.h>
 
 static enum cvlm_log_level min_level = CVLM_LOG_INFO;
 static int json_mode;
@@ -61,4 +62,19 @@ void cvlm_log(enum cvlm_log_level lvl, const char *fmt, ...)
     } else {
         fprintf(stderr, "%s %-5s %s\n", ts, names[lvl], msg);
     }
+}
+
+int cvlm_log_uv_failed(int rc, const char *call, const char *file, int line)
+{
+    if (rc >= 0)
+        return 0;
+    cvlm_log(CVLM_LOG_ERROR, "%s:%d: %s: %s", file, line, call, uv_strerror(rc));
+    return 1;
+}
+
+int cvlm_log_call_failed(int failed, const char *call, const char *file, int line)
+{
+    if (failed)
+        cvlm_log(CVLM_LOG_ERROR, "%s:%d: %s failed", file, line, call);
+    return failed;
 }

@@ -14,4 +14,14 @@ void cvlm_log(enum cvlm_log_level lvl, const char *fmt, ...) __attribute__((form
 #define LOG_WARN(...) cvlm_log(CVLM_LOG_WARN, __VA_ARGS__)
 #define LOG_ERROR(...) cvlm_log(CVLM_LOG_ERROR, __VA_ARGS__)
 
+/* Checked calls of the loop's libraries (architecture: every call that can fail is
+ * checked, with file:line): a failure is logged as `file:line: call: reason` and the macro
+ * evaluates to nonzero, so that `if (UV_CHECK(uv_timer_init(...))) return -1;` reads as
+ * what it does. UV_CHECK takes a libuv return code (< 0 is an error), MHD_CHECK an
+ * MHD_Result (MHD_NO is an error). */
+#define UV_CHECK(call) cvlm_log_uv_failed((call), #call, __FILE__, __LINE__)
+#define MHD_CHECK(call) cvlm_log_call_failed((call) != MHD_YES, #call, __FILE__, __LINE__)
+int cvlm_log_uv_failed(int rc, const char *call, const char *file, int line);
+int cvlm_log_call_failed(int failed, const char *call, const char *file, int line);
+
 #endif

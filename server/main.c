@@ -182,14 +182,17 @@ int main(int argc, char **argv)
         cvlm_options_free(&cfg);
         return 1;
     }
-    uv_signal_init(s.loop, &s.sig_term);
-    uv_signal_init(s.loop, &s.sig_int);
     s.sig_term.data = s.sig_int.data = &s;
-    uv_signal_start(&s.sig_term, on_signal, SIGTERM);
-    uv_signal_start(&s.sig_int, on_signal, SIGINT);
+    if (UV_CHECK(uv_signal_init(s.loop, &s.sig_term)) ||
+        UV_CHECK(uv_signal_init(s.loop, &s.sig_int)) ||
+        UV_CHECK(uv_signal_start(&s.sig_term, on_signal, SIGTERM)) ||
+        UV_CHECK(uv_signal_start(&s.sig_int, on_signal, SIGINT))) {
+        cvlm_options_free(&cfg);
+        return 1;
+    }
     cvlm_watchdog_start(s.loop); /* WATCHDOG=1 every WATCHDOG_USEC/2 when systemd asks */
     load.work.data = &s;
-    if (load_prepare(&cfg) || uv_queue_work(s.loop, &load.work, load_cb, load_done)) {
+    if (load_prepare(&cfg) || UV_CHECK(uv_queue_work(s.loop, &load.work, load_cb, load_done))) {
         LOG_ERROR("cannot start loading the model");
         return 1;
     }
@@ -212,7 +215,7 @@ int main(int argc, char **argv)
     cvlm_watchdog_stop();
     uv_run(s.loop, UV_RUN_NOWAIT);
     cvlm_engine_destroy(s.engine);
-    uv_loop_close(s.loop);
+    UV_CHECK(uv_loop_close(s.loop)); /* UV_EBUSY: a handle left open (a bug worth a log) */
     cvlm_options_free(&cfg);
     LOG_INFO("exit %d", s.exit_code);
     return s.exit_code;

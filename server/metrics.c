@@ -1,6 +1,8 @@
 /* metrics.c - histogram/counter bookkeeping and the text exposition format. */
 #include "server/metrics.h"
 
+#include "base/buf.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,61 +51,33 @@ void cvlm_metrics_http(struct cvlm_metrics *m, const char *route, int status)
         m->http[m->n_http++] = (struct cvlm_http_count){route, status, 1};
 }
 
-struct buf {
-    char *p;
-    size_t len, cap;
-};
-
-static void bprintf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void bprintf(struct buf *b, const char *fmt, ...)
+static void gauge(struct cvlm_buf *b, const char *name, const char *help, double v)
 {
-    va_list ap;
-    for (;;) {
-        va_start(ap, fmt);
-        int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0)
-            return;
-        if (b->p && b->len + (size_t)n < b->cap) {
-            b->len += (size_t)n;
-            return;
-        }
-        size_t nc = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
-        char *np = realloc(b->p, nc);
-        if (!np)
-            return;
-        b->p = np;
-        b->cap = nc;
-    }
+    cvlm_buf_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, v);
 }
 
-static void gauge(struct buf *b, const char *name, const char *help, double v)
+static void counter(struct cvlm_buf *b, const char *name, const char *help, uint64_t v)
 {
-    bprintf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, v);
-}
-
-static void counter(struct buf *b, const char *name, const char *help, uint64_t v)
-{
-    bprintf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
+    cvlm_buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
             (unsigned long long)v);
 }
 
-static void hist(struct buf *b, const char *name, const char *help, const struct cvlm_hist *h)
+static void hist(struct cvlm_buf *b, const char *name, const char *help, const struct cvlm_hist *h)
 {
     uint64_t cum = 0;
-    bprintf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    cvlm_buf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     for (int i = 0; i < h->n; i++) {
         cum += h->counts[i];
-        bprintf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
+        cvlm_buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
     }
-    bprintf(b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n", name,
+    cvlm_buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n", name,
             (unsigned long long)h->count, name, h->sum, name, (unsigned long long)h->count);
 }
 
 char *cvlm_metrics_render(const struct cvlm_metrics *m, const struct cvlm_engine_stats *st,
                           size_t *len)
 {
-    struct buf b = {0};
+    struct cvlm_buf b = {0};
     gauge(&b, "cogvlm_requests_running", "Requests running in the engine.", st->running);
     gauge(&b, "cogvlm_requests_waiting", "Requests waiting for admission.", st->waiting);
     gauge(&b, "cogvlm_kv_blocks_used", "KV cache blocks held by requests.", st->kv_used);
@@ -130,14 +104,14 @@ char *cvlm_metrics_render(const struct cvlm_metrics *m, const struct cvlm_engine
             st->images_encoded);
     counter(&b, "cogvlm_images_deferred_total",
             "Prefill chunks held back a step by --max-images-per-step.", st->images_deferred);
-    bprintf(&b, "# HELP cogvlm_step_phase_seconds_total Engine time by step phase.\n"
+    cvlm_buf_printf(&b, "# HELP cogvlm_step_phase_seconds_total Engine time by step phase.\n"
                 "# TYPE cogvlm_step_phase_seconds_total counter\n"
                 "cogvlm_step_phase_seconds_total{phase=\"plan\"} %.6f\n"
                 "cogvlm_step_phase_seconds_total{phase=\"encode_images\"} %.6f\n"
                 "cogvlm_step_phase_seconds_total{phase=\"forward\"} %.6f\n"
                 "cogvlm_step_phase_seconds_total{phase=\"sample\"} %.6f\n",
             st->plan_ms / 1e3, st->encode_ms / 1e3, st->forward_ms / 1e3, st->sample_ms / 1e3);
-    bprintf(&b, "# HELP cogvlm_requests_total Requests ended in the engine, by outcome.\n"
+    cvlm_buf_printf(&b, "# HELP cogvlm_requests_total Requests ended in the engine, by outcome.\n"
                 "# TYPE cogvlm_requests_total counter\n"
                 "cogvlm_requests_total{status=\"finished\"} %llu\n"
                 "cogvlm_requests_total{status=\"cancelled\"} %llu\n"
@@ -149,11 +123,10 @@ char *cvlm_metrics_render(const struct cvlm_metrics *m, const struct cvlm_engine
     hist(&b, "cogvlm_request_duration_seconds", "End-to-end request latency.", &m->e2e);
     hist(&b, "cogvlm_queue_time_seconds", "Time waiting for admission.", &m->queue);
     hist(&b, "cogvlm_vision_tower_seconds", "Vision tower time per image.", &m->vision);
-    bprintf(&b, "# HELP cogvlm_http_requests_total HTTP requests by route and status.\n"
+    cvlm_buf_printf(&b, "# HELP cogvlm_http_requests_total HTTP requests by route and status.\n"
                 "# TYPE cogvlm_http_requests_total counter\n");
     for (int i = 0; i < m->n_http; i++)
-        bprintf(&b, "cogvlm_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n",
+        cvlm_buf_printf(&b, "cogvlm_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n",
                 m->http[i].route, m->http[i].status, (unsigned long long)m->http[i].n);
-    *len = b.len;
-    return b.p;
+    return cvlm_buf_take(&b, len); /* NULL when memory ran out (the connection is closed) */
 }

@@ -11,6 +11,7 @@
 #ifndef CVLM_SERVER_H
 #define CVLM_SERVER_H
 
+#include "base/buf.h"
 #include "engine/engine.h"
 #include "server/options.h"
 #include "server/metrics.h"
@@ -35,22 +36,16 @@ enum conn_cut {
     CUT_DRAIN,   /* still running at the --drain-timeout deadline: 503 / error event */
 };
 
-/* JSON text of array items, comma-separated, without the brackets. */
-struct jbuf {
-    char *p;
-    size_t n, cap;
-};
-
 struct choice {
     struct cvlm_request *r;
     int done;               /* its finish has been taken */
     enum cvlm_finish finish;
-    char *text;             /* accumulated (non-streaming) */
-    size_t len, cap;
+    struct cvlm_buf text;   /* accumulated (non-streaming) */
     /* non-streaming logprobs, kept as compact JSON text (a jansson tree of them costs
-     * ~8x the text): chat: lp[0] = content entries; completions: lp[0..3] = tokens,
-     * token_logprobs, top_logprobs, text_offset. lp_off: the next token's text offset. */
-    struct jbuf lp[4];
+     * ~8x the text), the items of each array comma-separated without the brackets: chat:
+     * lp[0] = content entries; completions: lp[0..3] = tokens, token_logprobs,
+     * top_logprobs, text_offset. lp_off: the next token's text offset (characters). */
+    struct cvlm_buf lp[4];
     size_t lp_off;
     int prompt_tokens, completion_tokens;
     int role_sent;          /* streaming: first delta sent */
@@ -72,8 +67,8 @@ struct conn {
     char id[48];
     long long created;
     double t_start;
-    char *body;
-    size_t len, cap;
+    struct cvlm_buf body;    /* the request body as received */
+    size_t received;         /* body bytes received (also those dropped past the limit) */
     int too_big;
     enum conn_state state;
     int suspended, mhd_done, refs;
@@ -88,9 +83,9 @@ struct conn {
     int client_gone;         /* the tick saw the peer close a suspended connection */
     int status;              /* error reply: HTTP status, message, type, param, code */
     char err_msg[512], err_type[40], err_param[64], err_code[40];
-    /* streaming output not yet handed to MHD */
-    char *sse;
-    size_t sse_len, sse_cap, sse_off;
+    /* streaming output not yet handed to MHD: sse.p[sse_off..sse.len) */
+    struct cvlm_buf sse;
+    size_t sse_off;
     int sse_end;             /* [DONE] appended: end of stream after sse drains */
     uv_work_t work;
     int wake_queued;         /* wake_mu */

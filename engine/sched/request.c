@@ -221,8 +221,8 @@ static void request_free(struct cvlm_request *r)
     free(r->pixels);
     free(r->tokens);
     free(r->blocks);
-    free(r->hold);
-    free(r->out);
+    cvlm_buf_free(&r->hold);
+    cvlm_buf_free(&r->out);
     free(r->otok);
     pthread_mutex_destroy(&r->mu);
     free(r);
@@ -331,29 +331,11 @@ int cvlm_request_prompt_tokens(const struct cvlm_request *r)
 
 /* ---- output -------------------------------------------------------------------------- */
 
-static int grow(char **buf, size_t *cap, size_t need)
-{
-    if (need <= *cap)
-        return 0;
-    size_t nc = *cap ? *cap : 64;
-    while (nc < need)
-        nc *= 2;
-    char *nb = realloc(*buf, nc);
-    if (!nb)
-        return -1;
-    *buf = nb;
-    *cap = nc;
-    return 0;
-}
-
 /* Appends text to the output queue (mu held by the caller). */
 static void out_text(struct cvlm_request *r, const char *s, size_t n)
 {
-    if (n && !grow(&r->out, &r->out_cap, r->out_len + n + 1)) {
-        memcpy(r->out + r->out_len, s, n);
-        r->out_len += n;
-        r->out[r->out_len] = 0;
-    }
+    if (n && cvlm_buf_append(&r->out, s, n))
+        r->out_failed = 1;
 }
 
 /* Length of the longest suffix of s[0..n) that is a proper prefix of a stop string. */
@@ -375,25 +357,26 @@ static size_t stop_prefix_suffix(const struct cvlm_request *r, const char *s, si
  * found (the request is then finished by the caller). */
 static int release_held(struct cvlm_request *r, int final)
 {
-    size_t cut = r->hold_len, keep = 0;
+    struct cvlm_buf *h = &r->hold;
+    size_t cut = h->len, keep = 0;
     int hit = 0;
-    for (int i = 0; i < r->n_stop && r->hold_len; i++) {
-        char *at = memmem(r->hold, r->hold_len, r->stop[i], strlen(r->stop[i]));
-        if (at && (size_t)(at - r->hold) < cut) {
-            cut = (size_t)(at - r->hold);
+    for (int i = 0; i < r->n_stop && h->len; i++) {
+        char *at = memmem(h->p, h->len, r->stop[i], strlen(r->stop[i]));
+        if (at && (size_t)(at - h->p) < cut) {
+            cut = (size_t)(at - h->p);
             hit = 1;
         }
     }
     if (!hit && !final) {
-        keep = stop_prefix_suffix(r, r->hold, r->hold_len);
-        cut = r->hold_len - keep;
+        keep = stop_prefix_suffix(r, h->p, h->len);
+        cut = h->len - keep;
     }
     pthread_mutex_lock(&r->mu);
-    out_text(r, r->hold, cut);
+    out_text(r, h->p, cut);
     pthread_mutex_unlock(&r->mu);
     if (keep)
-        memmove(r->hold, r->hold + r->hold_len - keep, keep);
-    r->hold_len = hit ? 0 : keep;
+        memmove(h->p, h->p + h->len - keep, keep);
+    h->len = hit ? 0 : keep;
     r->stop_hit |= hit;
     return hit;
 }
@@ -412,8 +395,10 @@ static void out_token(struct cvlm_request *r, const struct cvlm_token_out *t)
     if (r->n_otok == r->otok_cap) {
         int nc = r->otok_cap ? r->otok_cap * 2 : 16;
         struct cvlm_token_out *no = realloc(r->otok, (size_t)nc * sizeof(*no));
-        if (!no)
+        if (!no) {
+            r->out_failed = 1;
             return;
+        }
         r->otok = no;
         r->otok_cap = nc;
     }
@@ -430,10 +415,8 @@ int cvlm_req_emit_token(struct cvlm_request *r, const struct cvlm_token_out *t)
     /* text first: the token's record says how much of its piece the text left out */
     int pushed = !cvlm_detok_push(&r->dt, t->id, piece, sizeof(piece), &n);
     rec.lead_strip = (int8_t)(pushed ? r->dt.last_strip : 0);
-    if (pushed && n && !grow(&r->hold, &r->hold_cap, r->hold_len + n)) {
-        memcpy(r->hold + r->hold_len, piece, n);
-        r->hold_len += n;
-    }
+    if (pushed && n && cvlm_buf_append(&r->hold, piece, n))
+        r->out_failed = 1;
     pthread_mutex_lock(&r->mu);
     r->completion_tokens++;
     if (r->logprobs >= 0)
@@ -443,8 +426,9 @@ int cvlm_req_emit_token(struct cvlm_request *r, const struct cvlm_token_out *t)
     int stopped = release_held(r, 0);
     pthread_mutex_lock(&r->mu);
     wake_locked(r);
+    int failed = r->out_failed;
     pthread_mutex_unlock(&r->mu);
-    return stopped;
+    return failed ? -1 : stopped;
 }
 
 void cvlm_req_finish(struct cvlm_request *r, enum cvlm_finish why, const char *error)
@@ -456,13 +440,15 @@ void cvlm_req_finish(struct cvlm_request *r, enum cvlm_finish why, const char *e
      * (a stop string already cut the hold to nothing) */
     int more = why != CVLM_FINISH_ERROR && !r->stop_hit;
     if (more && !cvlm_detok_flush(&r->dt, piece, sizeof(piece), &n) && n &&
-        !grow(&r->hold, &r->hold_cap, r->hold_len + n)) {
-        memcpy(r->hold + r->hold_len, piece, n);
-        r->hold_len += n;
-    }
+        cvlm_buf_append(&r->hold, piece, n))
+        r->out_failed = 1;
     if (more && release_held(r, 1) && why != CVLM_FINISH_CANCELLED)
         why = CVLM_FINISH_STOP;
     pthread_mutex_lock(&r->mu);
+    if (r->out_failed && why != CVLM_FINISH_CANCELLED) { /* never a silently shortened text */
+        why = CVLM_FINISH_ERROR;
+        error = "out of memory for the output";
+    }
     r->finish = why;
     if (error)
         snprintf(r->error, sizeof(r->error), "%s", error);
@@ -479,12 +465,10 @@ int cvlm_request_take(struct cvlm_request *r, struct cvlm_output *o)
     int any;
     memset(o, 0, sizeof(*o));
     pthread_mutex_lock(&r->mu);
-    o->text = r->out;
-    o->text_len = r->out_len;
+    if (r->out.len || r->out.failed) /* a failed buffer gives NULL and 0 (and is reset) */
+        o->text = cvlm_buf_take(&r->out, &o->text_len);
     o->tokens = r->otok;
     o->n_tokens = r->n_otok;
-    r->out = NULL;
-    r->out_len = r->out_cap = 0;
     r->otok = NULL;
     r->n_otok = r->otok_cap = 0;
     o->prompt_tokens = r->n_prompt;
@@ -506,7 +490,7 @@ int cvlm_request_take(struct cvlm_request *r, struct cvlm_output *o)
 int cvlm_request_pending(struct cvlm_request *r)
 {
     pthread_mutex_lock(&r->mu);
-    int any = r->out_len || r->n_otok || (r->finish != CVLM_FINISH_NONE && !r->finish_taken);
+    int any = r->out.len || r->n_otok || (r->finish != CVLM_FINISH_NONE && !r->finish_taken);
     pthread_mutex_unlock(&r->mu);
     return any;
 }

@@ -12,7 +12,8 @@
 #define CVLM_REQUEST_H
 
 #include "engine/engine.h"
-#include "engine/util/clock.h"
+#include "base/buf.h"
+#include "base/clock.h"
 #include "engine/text/tokenizer.h"
 
 #include <pthread.h>
@@ -59,8 +60,7 @@ struct cvlm_request {
     struct cvlm_feats *feats; /* pinned vision-cache entry while image slots remain */
     struct cvlm_rng rng;
     struct cvlm_detok dt;
-    char *hold;               /* decoded text held back: may start a stop string */
-    size_t hold_len, hold_cap;
+    struct cvlm_buf hold;     /* decoded text held back: may start a stop string */
     int stop_hit;             /* a stop string ended the text: nothing more is emitted */
     uint64_t admit_no;        /* admission order: the newest is preempted first */
     double t_submit, t_admit, t_first, vision_ms;
@@ -68,10 +68,10 @@ struct cvlm_request {
 
     /* output queue (mu) */
     pthread_mutex_t mu;
-    char *out;
-    size_t out_len, out_cap;
+    struct cvlm_buf out;      /* text not yet taken */
     struct cvlm_token_out *otok;
     int n_otok, otok_cap;
+    int out_failed;           /* output could not be queued (memory): the request fails */
     enum cvlm_finish finish;
     int finish_taken;
     char error[256];
@@ -92,8 +92,10 @@ static inline uint8_t cvlm_req_expert(const struct cvlm_request *r, int slot)
 }
 
 /* Engine-thread side of the output: appends a generated token (with its sampled
- * logprobs when asked), runs the stop-string hold-back, and finishes. Each returns
- * nonzero when the request has just finished. */
+ * logprobs when asked), runs the stop-string hold-back, and finishes.
+ * cvlm_req_emit_token returns 0, 1 when a stop string ended the text, or -1 when the
+ * output could not be queued (out of memory: the caller fails the request; no output is
+ * ever dropped silently). */
 int cvlm_req_emit_token(struct cvlm_request *r, const struct cvlm_token_out *t);
 void cvlm_req_finish(struct cvlm_request *r, enum cvlm_finish why, const char *error);
 

@@ -497,7 +497,10 @@ static void next_token(struct cvlm_engine *e, struct cvlm_request *r, float *row
     if (r->logprobs >= 0)
         fill_logprobs(e->lp_scratch, V, r->logprobs, &t);
     r->tokens[r->n_tokens++] = id;
-    if (cvlm_req_emit_token(r, &t))
+    int emitted = cvlm_req_emit_token(r, &t);
+    if (emitted < 0)
+        finish(e, r, CVLM_FINISH_ERROR, "out of memory for the output");
+    else if (emitted)
         finish(e, r, CVLM_FINISH_STOP, NULL);
     else if (r->n_tokens >= r->cap)
         finish(e, r, CVLM_FINISH_LENGTH, NULL);

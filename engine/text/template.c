@@ -1,57 +1,24 @@
 /* template.c - prompt text, token types, position ids and expert routing (template.h). */
 #include "engine/text/template.h"
 
+#include "base/buf.h"
 #include "engine/error.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Appends a NUL-terminated string to a growing buffer; returns 0 or -1 (no memory). */
-static int append(char **buf, size_t *len, size_t *cap, const char *s)
-{
-    size_t n = strlen(s);
-    if (*len + n + 1 > *cap) {
-        size_t nc = (*len + n + 1) * 2;
-        char *nb = realloc(*buf, nc);
-        if (!nb)
-            return -1;
-        *buf = nb;
-        *cap = nc;
-    }
-    memcpy(*buf + *len, s, n + 1);
-    *len += n;
-    return 0;
-}
-
 char *cvlm_template_render(enum cvlm_template t, const struct cvlm_turn *history, int n_history,
                            const char *query)
 {
     const char *tag = t == CVLM_TEMPLATE_VQA ? "Short answer:" : "Answer:";
-    char *buf = NULL;
-    size_t len = 0, cap = 0;
-    int bad = 0;
+    struct cvlm_buf b = {0};
     if (t == CVLM_TEMPLATE_BASE)
         return strdup(query);
-    bad |= append(&buf, &len, &cap, "");
-    for (int i = 0; i < n_history; i++) {
-        bad |= append(&buf, &len, &cap, "Question: ");
-        bad |= append(&buf, &len, &cap, history[i].query);
-        bad |= append(&buf, &len, &cap, " ");
-        bad |= append(&buf, &len, &cap, tag);
-        bad |= append(&buf, &len, &cap, " ");
-        bad |= append(&buf, &len, &cap, history[i].response);
-        bad |= append(&buf, &len, &cap, "\n");
-    }
-    bad |= append(&buf, &len, &cap, "Question: ");
-    bad |= append(&buf, &len, &cap, query);
-    bad |= append(&buf, &len, &cap, " ");
-    bad |= append(&buf, &len, &cap, tag);
-    if (bad) {
-        free(buf);
-        return NULL;
-    }
-    return buf;
+    for (int i = 0; i < n_history; i++)
+        cvlm_buf_printf(&b, "Question: %s %s %s\n", history[i].query, tag, history[i].response);
+    cvlm_buf_printf(&b, "Question: %s %s", query, tag);
+    return cvlm_buf_take(&b, NULL); /* NULL when memory ran out */
 }
 
 int cvlm_position_ids(const uint8_t *types, int n, int32_t *pos)

@@ -24,8 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "base/buf.h"
 #include "engine/error.h"
 #include "engine/text/sp_model.h"
+#include "engine/util/fileio.h"
 
 #define WS "\xe2\x96\x81" /* U+2581, SentencePiece's whitespace symbol */
 #define WS_LEN 3
@@ -36,38 +38,15 @@
 
 /* ---- small helpers ------------------------------------------------------------------ */
 
-struct buf {
-    char *p;
-    size_t n, cap;
-};
-
-static int buf_reserve(struct buf *b, size_t extra)
+/* The growable buffer of base/buf.h with the tokenizer's error codes. */
+static int buf_reserve(struct cvlm_buf *b, size_t extra)
 {
-    if (b->cap - b->n >= extra)
-        return 0;
-    size_t nc = b->cap ? b->cap : 64;
-    while (nc - b->n < extra) {
-        if (nc > SIZE_MAX / 2)
-            return cvlm_errf(CVLM_ENOMEM, "tokenizer: buffer too large");
-        nc *= 2;
-    }
-    char *np = realloc(b->p, nc);
-    if (!np)
-        return cvlm_errf(CVLM_ENOMEM, "tokenizer: out of memory (%zu bytes)", nc);
-    b->p = np;
-    b->cap = nc;
-    return 0;
+    return cvlm_buf_reserve(b, extra) ? cvlm_errf(CVLM_ENOMEM, "tokenizer: out of memory") : 0;
 }
 
-static int buf_put(struct buf *b, const void *data, size_t n)
+static int buf_put(struct cvlm_buf *b, const void *data, size_t n)
 {
-    int rc = buf_reserve(b, n);
-    if (rc)
-        return rc;
-    if (n)
-        memcpy(b->p + b->n, data, n);
-    b->n += n;
-    return 0;
+    return cvlm_buf_append(b, data, n) ? cvlm_errf(CVLM_ENOMEM, "tokenizer: out of memory") : 0;
 }
 
 /* ---- loading and accessors ----------------------------------------------------------- */
@@ -79,36 +58,19 @@ int cvlm_tokenizer_load_mem(const void *data, size_t len, struct cvlm_tokenizer 
 
 int cvlm_tokenizer_load(const char *path, struct cvlm_tokenizer **out)
 {
+    unsigned char *data;
+    size_t len;
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return cvlm_errf(errno == ENOENT ? CVLM_ENOENT : CVLM_EIO, "%s: %s", path, strerror(errno));
-    struct buf b = {0};
-    int rc = 0;
-    for (;;) {
-        if ((rc = buf_reserve(&b, 1 << 16)))
-            break;
-        size_t got = fread(b.p + b.n, 1, b.cap - b.n, f);
-        b.n += got;
-        if (got == 0)
-            break;
-        if (b.n > MAX_MODEL_FILE) {
-            rc = cvlm_errf(CVLM_ETOOBIG, "%s: larger than %u bytes", path, MAX_MODEL_FILE);
-            break;
-        }
+    int rc = cvlm_read_file(path, MAX_MODEL_FILE, &data, &len);
+    if (rc)
+        return rc;
+    rc = cvlm_tokenizer_load_mem(data, len, out);
+    if (rc) {
+        char detail[256]; /* cvlm_errf must not read the buffer it writes */
+        snprintf(detail, sizeof(detail), "%s", cvlm_last_error());
+        cvlm_errf(rc, "%s: %s", path, detail);
     }
-    if (!rc && ferror(f))
-        rc = cvlm_errf(CVLM_EIO, "%s: read error", path);
-    fclose(f);
-    if (!rc) {
-        rc = cvlm_tokenizer_load_mem(b.p, b.n, out);
-        if (rc) {
-            char detail[256]; /* cvlm_errf must not read the buffer it writes */
-            snprintf(detail, sizeof(detail), "%s", cvlm_last_error());
-            cvlm_errf(rc, "%s: %s", path, detail);
-        }
-    }
-    free(b.p);
+    free(data);
     return rc;
 }
 
@@ -240,28 +202,28 @@ static size_t norm_prefix(const struct cvlm_tokenizer *t, const uint8_t *in, siz
     return (size_t)k;
 }
 
-static int put_ws(const struct cvlm_tokenizer *t, struct buf *out)
+static int put_ws(const struct cvlm_tokenizer *t, struct cvlm_buf *out)
 {
     return t->escape_ws ? buf_put(out, WS, WS_LEN) : buf_put(out, " ", 1);
 }
 
-static int put_escaped(const struct cvlm_tokenizer *t, struct buf *out, const char *s, size_t n)
+static int put_escaped(const struct cvlm_tokenizer *t, struct cvlm_buf *out, const char *s, size_t n)
 {
     int rc = buf_reserve(out, n * WS_LEN);
     for (size_t i = 0; !rc && i < n; i++) {
         if (t->escape_ws && s[i] == ' ') {
-            memcpy(out->p + out->n, WS, WS_LEN);
-            out->n += WS_LEN;
+            memcpy(out->p + out->len, WS, WS_LEN);
+            out->len += WS_LEN;
         } else {
-            out->p[out->n++] = s[i];
+            out->p[out->len++] = s[i];
         }
     }
     return rc;
 }
 
-/* Normalizer::Normalize (without the offset mapping). Leaves out->n == 0 for input that
+/* Normalizer::Normalize (without the offset mapping). Leaves out->len == 0 for input that
  * normalizes to nothing. */
-static int normalize(const struct cvlm_tokenizer *t, const uint8_t *in, size_t len, struct buf *out)
+static int normalize(const struct cvlm_tokenizer *t, const uint8_t *in, size_t len, struct cvlm_buf *out)
 {
     const char *s;
     size_t sl, step;
@@ -298,8 +260,8 @@ static int normalize(const struct cvlm_tokenizer *t, const uint8_t *in, size_t l
     if (t->remove_extra_ws) { /* trailing whitespace */
         const char *ws = t->escape_ws ? WS : " ";
         size_t wl = t->escape_ws ? WS_LEN : 1;
-        while (out->n >= wl && !memcmp(out->p + out->n - wl, ws, wl))
-            out->n -= wl;
+        while (out->len >= wl && !memcmp(out->p + out->len - wl, ws, wl))
+            out->len -= wl;
     }
     if (t->ws_suffix && t->add_dummy_prefix)
         rc = put_ws(t, out);
@@ -331,8 +293,8 @@ struct bpe {
     int32_t *rm_id;
     uint32_t *rm_left, rm_mask;
     size_t rm_n;
-    struct buf stack; /* re-segmentation work list of (start, len) pairs */
-    struct buf ids;
+    struct cvlm_buf stack; /* re-segmentation work list of (start, len) pairs */
+    struct cvlm_buf ids;
     int prev_unk;
 };
 
@@ -519,12 +481,12 @@ static int resegment(struct bpe *b, uint32_t start, uint32_t len)
     int rc;
     if (!b->t->has_unused)
         return emit(b, start, len);
-    b->stack.n = 0;
+    b->stack.len = 0;
     if ((rc = buf_put(&b->stack, item, sizeof(item))))
         return rc;
-    while (b->stack.n) {
-        b->stack.n -= sizeof(item);
-        memcpy(item, b->stack.p + b->stack.n, sizeof(item));
+    while (b->stack.len) {
+        b->stack.len -= sizeof(item);
+        memcpy(item, b->stack.p + b->stack.len, sizeof(item));
         int32_t id = cvlm_sp_lookup(b->t, b->text + item[0], item[1]);
         uint32_t left = id >= 0 && b->t->pieces[id].type == CVLM_SP_UNUSED ? rm_get(b, id) : 0;
         if (left == 0 || left >= item[1]) {
@@ -559,16 +521,16 @@ static int bpe_encode(struct bpe *b, size_t n)
 int cvlm_tokenizer_encode(const struct cvlm_tokenizer *t, const char *text, size_t len,
                           int32_t **ids, size_t *n_ids)
 {
-    struct buf norm = {0};
+    struct cvlm_buf norm = {0};
     struct bpe b = {.t = t};
     *ids = NULL;
     *n_ids = 0;
     int rc = normalize(t, (const uint8_t *)text, len, &norm);
-    if (!rc && norm.n > INT32_MAX / 4)
+    if (!rc && norm.len > INT32_MAX / 4)
         rc = cvlm_errf(CVLM_ETOOBIG, "tokenizer: input of %zu bytes is too long", len);
-    if (!rc && norm.n) {
+    if (!rc && norm.len) {
         b.text = norm.p;
-        rc = bpe_encode(&b, norm.n);
+        rc = bpe_encode(&b, norm.len);
     }
     free(norm.p);
     free(b.sym);
@@ -581,21 +543,21 @@ int cvlm_tokenizer_encode(const struct cvlm_tokenizer *t, const char *text, size
         return rc;
     }
     *ids = (int32_t *)(void *)b.ids.p;
-    *n_ids = b.ids.n / sizeof(int32_t);
+    *n_ids = b.ids.len / sizeof(int32_t);
     return 0;
 }
 
 int cvlm_tokenizer_min_ids(const struct cvlm_tokenizer *t, const char *text, size_t len,
                            size_t *out)
 {
-    struct buf norm = {0};
+    struct cvlm_buf norm = {0};
     /* a byte-fallback or unknown piece covers one UTF-8 character: up to 4 bytes */
     size_t longest = t->max_piece_len > 4 ? t->max_piece_len : 4;
     int rc = normalize(t, (const uint8_t *)text, len, &norm);
     *out = 0;
     if (rc)
         return rc;
-    *out = (norm.n + longest - 1) / longest;
+    *out = (norm.len + longest - 1) / longest;
     free(norm.p);
     return 0;
 }
@@ -646,7 +608,7 @@ size_t cvlm_tokenizer_piece_text(const struct cvlm_tokenizer *t, int32_t id, con
 
 /* ProcessBytePieces: a run of raw bytes, U+FFFD for each byte that does not start a
  * well-formed sequence within the run. */
-static int put_byte_run(struct buf *out, const uint8_t *s, size_t n)
+static int put_byte_run(struct cvlm_buf *out, const uint8_t *s, size_t n)
 {
     int rc = 0;
     while (!rc && n) {
@@ -663,8 +625,8 @@ static int put_byte_run(struct buf *out, const uint8_t *s, size_t n)
     return rc;
 }
 
-static int decode_ids(const struct cvlm_tokenizer *t, const int32_t *ids, size_t n, struct buf *out,
-                      struct buf *run)
+static int decode_ids(const struct cvlm_tokenizer *t, const int32_t *ids, size_t n, struct cvlm_buf *out,
+                      struct cvlm_buf *run)
 {
     int rc, is_bos_ws = 1, bos_ws_seen = 0;
     for (size_t i = 0; i < n; i++) {
@@ -676,22 +638,22 @@ static int decode_ids(const struct cvlm_tokenizer *t, const int32_t *ids, size_t
                 return rc;
             continue;
         }
-        if ((rc = put_byte_run(out, (const uint8_t *)run->p, run->n)))
+        if ((rc = put_byte_run(out, (const uint8_t *)run->p, run->len)))
             return rc;
-        run->n = 0;
-        if (bos_ws_seen || out->n)
+        run->len = 0;
+        if (bos_ws_seen || out->len)
             is_bos_ws = 0;
         piece_text(t, ids[i], is_bos_ws, &s, &sl, &bos_ws_seen);
         if ((rc = buf_put(out, s, sl)))
             return rc;
     }
-    return put_byte_run(out, (const uint8_t *)run->p, run->n);
+    return put_byte_run(out, (const uint8_t *)run->p, run->len);
 }
 
 int cvlm_tokenizer_decode(const struct cvlm_tokenizer *t, const int32_t *ids, size_t n, char **text,
                           size_t *len)
 {
-    struct buf out = {0}, run = {0};
+    struct cvlm_buf out = {0}, run = {0};
     *text = NULL;
     *len = 0;
     for (size_t i = 0; i < n; i++)
@@ -709,7 +671,7 @@ int cvlm_tokenizer_decode(const struct cvlm_tokenizer *t, const int32_t *ids, si
         return rc;
     }
     *text = out.p;
-    *len = out.n - 1;
+    *len = out.len - 1;
     return 0;
 }
 

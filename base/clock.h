@@ -1,4 +1,4 @@
-/* clock.h - the engine's one clock: monotonic milliseconds, for timings and deadlines. */
+/* clock.h - the one clock of the project: monotonic milliseconds, for timings and deadlines. */
 #ifndef CVLM_CLOCK_H
 #define CVLM_CLOCK_H
 
