@@ -6,6 +6,7 @@
  * AVX2, FMA and F16C.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/simd.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -31,14 +32,6 @@ INLINE2 float ld1(const void *base, const int dt, size_t i)
         return ((const float *)base)[i];
     uint16_t h = ((const uint16_t *)base)[i];
     return dt == CVLM_DTYPE_F16 ? cvlm_f16_to_f32(h) : cvlm_bf16_to_f32(h);
-}
-
-INLINE2 float hsum8(__m256 v)
-{
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
 }
 
 /* 2 W rows x M (1..4) x rows per pass: 8 accumulators + 2 weights + 1 x vector. */

@@ -7,6 +7,7 @@
  * (vcvtph2ps). Accumulation is F32 with FMA.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/simd.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -37,20 +38,6 @@ INLINE512 __m512 ld16_full(const void *base, int dt, size_t i)
     if (dt == CVLM_DTYPE_F16)
         return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* Sums each of 4 vectors; returns [sum a, sum b, sum c, sum d]. */
-INLINE512 __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
-{
-    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
-    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
-    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b8), _mm256_extractf128_ps(b8, 1));
-    __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c8), _mm256_extractf128_ps(c8, 1));
-    __m128 d4 = _mm_add_ps(_mm256_castps256_ps128(d8), _mm256_extractf128_ps(d8, 1));
-    return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
 }
 
 /* ---- matrix-vector: R = 4 W rows per pass, M (1..4) x rows ------------------------------ */
@@ -128,31 +115,7 @@ AVX512 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int
     CVLM_CPU_GEMV_DISPATCH(gemv_range);
 }
 
-/* ---- packing W: 16 x 16 in-register transposes ------------------------------------------ */
-
-/* r[0..16) := its transpose, by 4 butterfly stages: stage b swaps element (i, c | b) with
- * (i | b, c) for every i, c with bit b clear. */
-INLINE512 void transpose16(__m512 r[16])
-{
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-#pragma GCC unroll 4
-    for (int b = 8; b >= 1; b >>= 1) {
-        __m512i vb = _mm512_set1_epi32(b), v16 = _mm512_set1_epi32(16);
-        __mmask16 hi = _mm512_test_epi32_mask(iota, vb); /* lanes c with bit b set */
-        /* low row: c (bit clear) from itself, c (bit set) from the partner's c & ~b */
-        __m512i lo_idx = _mm512_mask_or_epi32(iota, hi, _mm512_andnot_si512(vb, iota), v16);
-        /* high row: c (bit clear) from the low row's c | b, c (bit set) from itself */
-        __m512i hi_idx = _mm512_mask_or_epi32(_mm512_or_si512(iota, vb), hi, iota, v16);
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & b)
-                continue;
-            __m512 a = r[i], c = r[i | b];
-            r[i] = _mm512_permutex2var_ps(a, lo_idx, c);
-            r[i | b] = _mm512_permutex2var_ps(a, hi_idx, c);
-        }
-    }
-}
+/* ---- packing W: 16 x 16 in-register transposes (transpose16, simd.h) -------------------- */
 
 INLINE512 void pack_group(float *bp, const void *w, const int dt, int n0, int N, int k0, int kc,
                           int K)

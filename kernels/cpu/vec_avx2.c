@@ -5,6 +5,7 @@
  * formulas on a zero-padded 8-lane buffer so every element takes the vector path.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/simd.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -89,14 +90,6 @@ AVX2 static void silu_mul(float *o, const float *g, const float *u, int n)
         _mm256_storeu_ps(bg, silu_mul8(_mm256_loadu_ps(bg), _mm256_loadu_ps(bu)));
         memcpy(o + i, bg, (size_t)(n - i) * sizeof(float));
     }
-}
-
-INLINE2 float hsum8(__m256 v)
-{
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
 }
 
 AVX2 static float exp_sum(float *p, int n, float mx)

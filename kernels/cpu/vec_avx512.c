@@ -7,6 +7,7 @@
  * Only reached when the backend detected AVX-512 F/BW/VL/DQ.
  */
 #include "kernels/cpu/cpu.h"
+#include "kernels/cpu/simd.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -104,19 +105,6 @@ AVX512 static float exp_sum(float *p, int n, float mx)
     return _mm512_reduce_add_ps(s);
 }
 
-INLINE512 __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d)
-{
-    __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
-    __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
-    __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
-    __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
-    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(a8), _mm256_extractf128_ps(a8, 1));
-    __m128 b4 = _mm_add_ps(_mm256_castps256_ps128(b8), _mm256_extractf128_ps(b8, 1));
-    __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(c8), _mm256_extractf128_ps(c8, 1));
-    __m128 d4 = _mm_add_ps(_mm256_castps256_ps128(d8), _mm256_extractf128_ps(d8, 1));
-    return _mm_hadd_ps(_mm_hadd_ps(a4, b4), _mm_hadd_ps(c4, d4));
-}
-
 /* 16 elements at p + d: a plain load for whole chunks (masked loads cost more on some
  * cores), a masked one for the tail. */
 INLINE512 __m512 ld(const float *p, int d, int n)
@@ -188,27 +176,6 @@ AVX512 static void add(float *y, const float *x, size_t n)
         _mm512_mask_storeu_ps(
             y + i, m,
             _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + i), _mm512_maskz_loadu_ps(m, x + i)));
-    }
-}
-
-/* r[0..16) := its transpose (4 butterfly stages of two-source permutes, see gemm_avx512.c) */
-INLINE512 void transpose16(__m512 r[16])
-{
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-#pragma GCC unroll 4
-    for (int b = 8; b >= 1; b >>= 1) {
-        __m512i vb = _mm512_set1_epi32(b), v16 = _mm512_set1_epi32(16);
-        __mmask16 hi = _mm512_test_epi32_mask(iota, vb);
-        __m512i lo_idx = _mm512_mask_or_epi32(iota, hi, _mm512_andnot_si512(vb, iota), v16);
-        __m512i hi_idx = _mm512_mask_or_epi32(_mm512_or_si512(iota, vb), hi, iota, v16);
-#pragma GCC unroll 16
-        for (int i = 0; i < 16; i++) {
-            if (i & b)
-                continue;
-            __m512 a = r[i], c = r[i | b];
-            r[i] = _mm512_permutex2var_ps(a, lo_idx, c);
-            r[i | b] = _mm512_permutex2var_ps(a, hi_idx, c);
-        }
     }
 }
 

@@ -1,22 +1,21 @@
-"""Helpers of the black-box API suite: starting the real daemon, raw HTTP, SSE parsing,
+"""Helpers of the black-box API suite: starting the real daemon, a streaming reader,
 JSON-schema validation against OpenAI's official spec and our own openapi.yaml, Prometheus
 parsing, test images.
 
-Everything here talks to 127.0.0.1 only.
+What the three Python suites share (paths, HTTP, SSE framing, chat bodies, hand-written
+PNGs, the daemon wrapper's log readers) lives in tests/lib/cvlmtest.py; the names the
+tests import from here are re-exported below. Everything here talks to 127.0.0.1 only.
 """
-import base64
 import copy
-import http.client
 import io
 import json
 import os
 import signal
 import socket
-import struct
 import subprocess
+import sys
 import threading
 import time
-import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,16 +24,16 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("COGVLM_SHARED_DATA") or (REPO.parent / "shared" / "data"))
-SERVER_BIN = Path(os.environ.get("COGVLM_SERVER_BIN") or (REPO / "build" / "cogvlm-server"))
-MODEL_DIR = Path(os.environ.get("COGVLM_TEST_MODEL") or (SHARED / "golden-tiny" / "model-bf16"))
-TOKENIZER = Path(os.environ.get("COGVLM_TEST_TOKENIZER") or (SHARED / "llama2-tokenizer.model"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import cvlmtest  # noqa: E402
+from cvlmtest import (HOST, MODEL_DIR, REPO, SERVER_BIN, SHARED, TOKENIZER,  # noqa: E402,F401
+                      Resp, chat_body, data_url, free_port, http_request, png_claiming,
+                      sse_events)
+
 OPENAI_SPEC = SHARED / "openai-openapi.yaml"
 OUR_SPEC = REPO / "openapi.yaml"
 IMAGES = SHARED / "images"
 CONTEXT_LEN = int(os.environ.get("COGVLM_TEST_CONTEXT", "2048"))
-HOST = "127.0.0.1"
 
 # Options every test server gets unless a test overrides them.
 BASE_ARGS = {
@@ -48,56 +47,6 @@ BASE_ARGS = {
     "--queue-limit": "64",
     "--log-level": "info",
 }
-
-
-# ------------------------------------------------------------------------- raw HTTP
-class Resp:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers  # dict, lower-case names
-        self.body = body
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<{self.status} {self.headers.get('content-type')} {self.body[:400]!r}>"
-
-
-def http_request(port, method, path, body=None, headers=None, timeout=60):
-    """One request on a fresh connection; body may be bytes, str or a JSON-able object."""
-    h = dict(headers or {})
-    if body is not None and not isinstance(body, (bytes, str)):
-        body = json.dumps(body)
-        h.setdefault("Content-Type", "application/json")
-    if isinstance(body, str):
-        body = body.encode()
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=h)
-        r = conn.getresponse()
-        data = r.read()
-        return Resp(r.status, {k.lower(): v for k, v in r.getheaders()}, data)
-    finally:
-        conn.close()
-
-
-def sse_events(body):
-    """Splits an SSE body into its `data:` payloads (strings), checking the framing:
-    every event is exactly one `data: ...` line followed by an empty line."""
-    assert isinstance(body, bytes)
-    text = body.decode("utf-8")  # strict: the stream must be valid UTF-8
-    assert text.endswith("data: [DONE]\n\n"), f"stream does not end with [DONE]: {text[-200:]!r}"
-    events = text.split("\n\n")
-    assert events[-1] == ""
-    out = []
-    for ev in events[:-1]:
-        assert ev.startswith("data: "), f"event is not a data line: {ev[:200]!r}"
-        assert "\n" not in ev, f"event spans several lines: {ev[:200]!r}"
-        out.append(ev[len("data: "):])
-    assert out[-1] == "[DONE]"
-    assert "[DONE]" not in out[:-1]
-    return out
 
 
 # ------------------------------------------------------------------------- schemas
@@ -252,36 +201,11 @@ def jpeg_bytes(w=64, h=48):
     return buf.getvalue()
 
 
-def data_url(data, mime):
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def _png_chunk(kind, data):
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_claiming(width, height, idat=b""):
-    """A tiny PNG whose header claims width x height RGB pixels; the data is whatever
-    idat holds (by default a few compressed bytes: far too little)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    if not idat:
-        idat = zlib.compress(b"\x00" * 64)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-            + _png_chunk(b"IEND", b""))
-
-
 @lru_cache(maxsize=None)
 def png_bomb(side=16384):
     """A complete, valid grayscale PNG of side x side black pixels (side^2 bytes once
     decoded: 256 MiB for 16384) that compresses to a few hundred KB."""
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)
-    rows = row * 64
-    parts = [comp.compress(rows) for _ in range(side // 64)]
-    parts.append(comp.flush())
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts))
-            + _png_chunk(b"IEND", b""))
+    return cvlmtest.png_bomb(side)
 
 
 def shared_image(name):
@@ -290,13 +214,7 @@ def shared_image(name):
 
 
 # ------------------------------------------------------------------------- the daemon
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(cvlmtest.ServerProcess):
     """The real build/cogvlm-server on a free loopback port."""
 
     def __init__(self, log_dir, name="server", args=None, env=None, served_name=None):
@@ -340,8 +258,7 @@ class Server:
     def start(self, timeout=60):
         if not SERVER_BIN.exists():
             raise RuntimeError(f"{SERVER_BIN} is missing: run `make` first")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COGVLM_")}
-        env.update(self.extra_env)
+        env = cvlmtest.server_env(self.extra_env)
         last = None
         for attempt in range(3):
             self.port = free_port()
@@ -371,18 +288,6 @@ class Server:
                 break
         raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before becoming "
                            f"healthy; argv {self.argv()}; log:\n{self.log_tail()}")
-
-    def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n=40):
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
 
     def request(self, method, path, body=None, headers=None, timeout=60):
         return http_request(self.port, method, path, body, headers, timeout)
@@ -463,30 +368,13 @@ def slow_args(tmp_dir, **more):
     return a
 
 
-# ------------------------------------------------------------------------- requests
-def chat_body(model, text="Describe the picture.", image_url=None, **kw):
-    if image_url is None:
-        content = text
-    else:
-        content = [{"type": "text", "text": text},
-                   {"type": "image_url", "image_url": {"url": image_url}}]
-    body = {"model": model, "messages": [{"role": "user", "content": content}]}
-    body.update(kw)
-    return body
-
-
 class StreamReader:
     """A streaming request on a raw socket, read incrementally (for tests that must act
     while a stream is in flight). Handles chunked transfer encoding."""
 
     def __init__(self, port, path, body, headers=None, timeout=30):
         self.sock = socket.create_connection((HOST, port), timeout=timeout)
-        data = json.dumps(body).encode()
-        hdr = (f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(data)}\r\n")
-        for k, v in (headers or {}).items():
-            hdr += f"{k}: {v}\r\n"
-        self.sock.sendall(hdr.encode() + b"\r\n" + data)
+        self.sock.sendall(cvlmtest.request_bytes("POST", path, body, headers, port))
         self.buf = b""
         self.status = None
         self.headers = {}
@@ -506,11 +394,7 @@ class StreamReader:
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split()[1])
-        for ln in lines[1:]:
-            k, v = ln.split(":", 1)
-            self.headers[k.strip().lower()] = v.strip()
+        self.status, self.headers = cvlmtest.parse_head(head)
         self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
         return self.status
 

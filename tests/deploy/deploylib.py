@@ -1,27 +1,26 @@
 """Helpers of the deployment tests (stdlib only): starting build/cogvlm-server with the
-tiny test model on a loopback port, HTTP, Prometheus text parsing, process cleanup.
+tiny test model on a loopback port, HTTP, Prometheus text parsing, process cleanup. What
+the three Python suites share lives in tests/lib/cvlmtest.py; the names the tests use from
+it are re-exported here.
 
 Environment (the same names as tests/api): COGVLM_SERVER_BIN (default build/cogvlm-server),
 COGVLM_SHARED_DATA (default ../shared/data), COGVLM_TEST_MODEL, COGVLM_TEST_TOKENIZER,
 COGVLM_DEPLOY_TEST_LOGS (copy the daemons' logs there).
 """
-import http.client
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("COGVLM_SHARED_DATA") or (REPO.parent / "shared" / "data"))
-SERVER_BIN = Path(os.environ.get("COGVLM_SERVER_BIN") or (REPO / "build" / "cogvlm-server"))
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import cvlmtest  # noqa: E402
+from cvlmtest import HOST, REPO, SERVER_BIN, SHARED, free_port  # noqa: E402,F401
+
 MODEL_ID = "tiny"  # every test server gets --served-model-name tiny
 
 
@@ -63,7 +62,7 @@ class Failures:
         return 0
 
 
-class Server:
+class Server(cvlmtest.ServerProcess):
     """One cogvlm-server process on 127.0.0.1, port 0 (the kernel picks; read back from
     the 'listening on' log line). Its own process group so that cleanup reaches it."""
 
@@ -71,12 +70,7 @@ class Server:
         self.name = name
         self.log_path = Path(workdir) / f"{name}.log"
         self.log = open(self.log_path, "wb")
-        e = dict(os.environ)
-        for k in list(e):
-            if k.startswith("COGVLM_") or k in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                 "WATCHDOG_PID"):
-                del e[k]
-        e.update(env or {})
+        e = cvlmtest.server_env(env, drop=("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"))
         args = [str(SERVER_BIN), "--host", HOST, "--port", "0", "--served-model-name",
                 MODEL_ID, "--threads", "1", "--kv-memory", "32M", "--drain-timeout", "20",
                 "--request-timeout", "60", "--log-level", "info"] + model_args()
@@ -86,18 +80,11 @@ class Server:
         self.pid = self.proc.pid
         self.port = None
 
-    def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
     def wait_listening(self, timeout=30):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            m = re.search(r"listening on http://[^\s:]+:(\d+)", self.log_text())
-            if m:
-                self.port = int(m.group(1))
+            self.port = cvlmtest.listening_port(self.log_text())
+            if self.port:
                 return self.port
             if self.proc.poll() is not None:
                 break
@@ -147,33 +134,14 @@ class Server:
 
 def request(port, method, path, body=None, headers=None, timeout=30):
     """One request on a fresh connection: (status, headers dict lower-case, body bytes)."""
-    h = dict(headers or {})
-    if body is not None and not isinstance(body, (bytes, str)):
-        body = json.dumps(body)
-        h.setdefault("Content-Type", "application/json")
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=h)
-        r = conn.getresponse()
-        data = r.read()
-        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
-    finally:
-        conn.close()
+    r = cvlmtest.http_request(port, method, path, body, headers, timeout)
+    return r.status, r.headers, r.body
 
 
 def parse_metrics(text):
-    """Prometheus text -> {(name, frozenset(labels.items())): value}."""
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)', line)
-        if not m:
-            continue
-        labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"',
-                                      m.group(3) or ""))
-        out[(m.group(1), labels)] = float(m.group(4))
-    return out
+    """Prometheus text -> {(name, frozenset(labels.items())): value} (bad lines skipped)."""
+    return {(name, frozenset(labels.items())): value
+            for name, labels, value in cvlmtest.metric_samples(text, strict=False)}
 
 
 def metric_sum(metrics, name, **labels):
@@ -202,14 +170,6 @@ def install_sigterm_exit(deadline_s=None):
 
 # ------------------------------------------------------------------------------ nginx
 NGINX_CONF = REPO / "deploy" / "nginx" / "cogvlm.conf"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def find_nginx():

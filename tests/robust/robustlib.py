@@ -1,6 +1,7 @@
 """Helpers of the robustness suite (Python 3 stdlib only): starting build/cogvlm-server on
 a loopback port, raw HTTP over sockets, Prometheus parsing, /proc memory figures, images
-written by hand (zlib + struct), result lines.
+written by hand (zlib + struct), result lines. What the three Python suites share lives in
+tests/lib/cvlmtest.py; the names the tests use from it are re-exported here.
 
 Every server started here dies with the test process (PR_SET_PDEATHSIG) and is killed at
 exit and on SIGTERM/SIGINT/SIGHUP, so a failing or interrupted test leaves nothing behind.
@@ -11,11 +12,8 @@ COGVLM_ROBUST_LOGS (keep the daemons' logs there; default a temporary directory 
 removed unless a test failed).
 """
 import atexit
-import base64
 import ctypes
-import json
 import os
-import re
 import resource
 import shutil
 import signal
@@ -26,17 +24,19 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = Path(os.environ.get("COGVLM_SHARED_DATA") or (REPO.parent / "shared" / "data"))
-SERVER_BIN = Path(os.environ.get("COGVLM_SERVER_BIN") or (REPO / "build" / "cogvlm-server")).absolute()
-# The random-weight golden model: its greedy outputs run to max_tokens without an EOS, which
-# the overload and timeout tests rely on for long generations.
-MODEL_DIR = Path(os.environ.get("COGVLM_TEST_MODEL") or (SHARED / "golden-tiny" / "model-bf16")).absolute()
-TOKENIZER = Path(os.environ.get("COGVLM_TEST_TOKENIZER") or (SHARED / "llama2-tokenizer.model")).absolute()
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+import cvlmtest  # noqa: E402
+from cvlmtest import (HOST, REPO, SHARED, Resp, data_url, png, png_bomb,  # noqa: E402,F401
+                      png_claiming, request_bytes)
+
+# Absolute: the servers run with cwd REPO. The model is the random-weight golden one: its
+# greedy outputs run to max_tokens without an EOS, which the overload and timeout tests
+# rely on for long generations.
+SERVER_BIN = cvlmtest.SERVER_BIN.absolute()
+MODEL_DIR = cvlmtest.MODEL_DIR.absolute()
+TOKENIZER = cvlmtest.TOKENIZER.absolute()
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 MiB = 1024 * 1024
@@ -176,19 +176,6 @@ def main(name, fn):
 
 
 # ------------------------------------------------------------------------- raw HTTP
-class Resp:
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        return f"<{self.status} {self.body[:300]!r}>"
-
-
 def read_response(sock, deadline):
     """Reads one HTTP/1.1 response (Content-Length, chunked or close-delimited)."""
     buf = b""
@@ -204,12 +191,7 @@ def read_response(sock, deadline):
     while b"\r\n\r\n" not in buf:
         fill()
     head, buf = buf.split(b"\r\n\r\n", 1)
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for ln in lines[1:]:
-        k, v = ln.split(":", 1)
-        headers[k.strip().lower()] = v.strip()
+    status, headers = cvlmtest.parse_head(head)
     if "content-length" in headers:
         n = int(headers["content-length"])
         while len(buf) < n:
@@ -234,20 +216,6 @@ def read_response(sock, deadline):
     except EOFError:
         pass
     return Resp(status, headers, buf)
-
-
-def request_bytes(method, path, body=None, headers=None, port=0):
-    h = {"Host": f"{HOST}:{port}"}
-    h.update(headers or {})
-    if body is not None:
-        if not isinstance(body, (bytes, str)):
-            body = json.dumps(body)
-            h.setdefault("Content-Type", "application/json")
-        if isinstance(body, str):
-            body = body.encode()
-        h["Content-Length"] = str(len(body))
-    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items())
-    return head.encode() + b"\r\n" + (body or b"")
 
 
 def http(port, method, path, body=None, headers=None, timeout=60):
@@ -279,31 +247,14 @@ def check_error_body(resp, status=None):
     return None
 
 
-def sse_payloads(body):
-    """`data:` payloads of an SSE body; raises if the framing is wrong."""
-    text = body.decode("utf-8")
-    if not text.endswith("data: [DONE]\n\n"):
-        raise AssertionError(f"stream does not end with [DONE]: {text[-200:]!r}")
-    return [ev[6:] for ev in text.split("\n\n")[:-1]]
+# `data:` payloads of an SSE body (the last one "[DONE]"); raises if the framing is wrong.
+sse_payloads = cvlmtest.sse_events
 
 
 # ------------------------------------------------------------------------- metrics
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)\s*$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
 def parse_metrics(text):
-    """[(name, {labels}, value)] of a Prometheus text exposition."""
-    out = []
-    for ln in text.splitlines():
-        if not ln or ln.startswith("#"):
-            continue
-        m = _SAMPLE.match(ln)
-        if not m:
-            raise AssertionError(f"bad metrics line {ln!r}")
-        labels = dict(_LABEL.findall(m.group(3) or ""))
-        out.append((m.group(1), labels, float(m.group(4))))
-    return out
+    """[(name, {labels}, value)] of a Prometheus text exposition (a bad line raises)."""
+    return list(cvlmtest.metric_samples(text, strict=True))
 
 
 def metric(samples, name, **labels):
@@ -391,41 +342,7 @@ def tcp_established(port):
 
 
 # ------------------------------------------------------------------------- images
-def _chunk(kind, data):
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
-def png(width, height, pixel=lambda x, y: (200, 30, 60)):
-    """A valid 8-bit RGB PNG, written row by row."""
-    raw = bytearray()
-    for y in range(height):
-        raw.append(0)
-        for x in range(width):
-            raw.extend(pixel(x, y))
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + _chunk(b"IEND", b""))
-
-
-def png_claiming(width, height):
-    """A ~70-byte PNG whose header claims width x height RGB pixels; its data is far too short."""
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
-
-
-def png_bomb(side, value=0):
-    """A complete, valid grayscale PNG of side x side pixels of one gray value (side^2
-    bytes decoded) that compresses about 1000:1."""
-    comp = zlib.compressobj(9)
-    row = b"\x00" + bytes([value]) * side
-    rows = row * 64
-    parts = [comp.compress(rows) for _ in range(side // 64)]
-    parts.append(comp.compress(row * (side % 64)))
-    parts.append(comp.flush())
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-            + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b""))
-
-
+# (png, png_claiming and png_bomb come from cvlmtest)
 def gif_claiming(width, height):
     """A GIF89a whose screen and image descriptor claim width x height, 1 byte of LZW data."""
     return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
@@ -449,23 +366,19 @@ def webp_claiming(width, height):
     return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
 
 
-def data_url(data, mime="image/png"):
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
 def chat(model, text="hi", image=None, mime="image/png", **kw):
-    content = text if image is None else [
-        {"type": "text", "text": text},
-        {"type": "image_url", "image_url": {"url": image if isinstance(image, str) else data_url(image, mime)}}]
-    body = {"model": model, "messages": [{"role": "user", "content": content}]}
-    body.update(kw)
-    return body
+    """A chat request body; image is a URL (str) or the image's bytes (sent as a data URL)."""
+    if image is not None and not isinstance(image, str):
+        image = data_url(image, mime)
+    return cvlmtest.chat_body(model, text, image, **kw)
 
 
 # ------------------------------------------------------------------------- the daemon
-class Server:
+class Server(cvlmtest.ServerProcess):
     """build/cogvlm-server on an ephemeral loopback port (--port 0; the port is read from
     its `listening on http://HOST:PORT` log line)."""
+
+    tail_lines = 30
 
     def __init__(self, name, args=None, wrapper=None, env=None):
         self.name = name
@@ -492,8 +405,7 @@ class Server:
     def start(self, timeout=60):
         if not SERVER_BIN.exists():
             raise RuntimeError(f"{SERVER_BIN} is missing: run `make` first")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COGVLM_")}
-        env.update(self.env)
+        env = cvlmtest.server_env(self.env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -505,9 +417,7 @@ class Server:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while "
                                    f"starting; log:\n{self.log_tail()}")
             if self.port is None:
-                m = re.search(r"listening on http://\S*:(\d+)\s", self.log_text())
-                if m:
-                    self.port = int(m.group(1))
+                self.port = cvlmtest.listening_port(self.log_text())
             if self.port:
                 try:
                     if http(self.port, "GET", "/health", timeout=5).status == 200:
@@ -516,18 +426,6 @@ class Server:
                     pass
             time.sleep(0.05)
         raise RuntimeError(f"{self.name}: not healthy within {timeout}s; log:\n{self.log_tail()}")
-
-    def log_text(self):
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def log_tail(self, n=30):
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def alive(self):
-        return self.proc is not None and self.proc.poll() is None
 
     def http(self, method, path, body=None, headers=None, timeout=60):
         return http(self.port, method, path, body, headers, timeout)

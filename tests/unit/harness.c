@@ -5,6 +5,7 @@
  */
 #include "tests/unit/harness.h"
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,6 +110,16 @@ int cvlm_test_write_file(const char *path, const void *data, size_t len)
     if (fclose(f) != 0)
         rc = -1;
     return rc;
+}
+
+double cvlm_test_max_rel(const float *a, const float *b, size_t n)
+{
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]) / fmax(1.0, fabs(b[i]));
+        worst = d > worst || d != d ? d : worst;
+    }
+    return worst;
 }
 
 /* COGVLM_TEST_SKIP: comma-separated name fragments of tests not to run (`make test` runs

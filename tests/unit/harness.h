@@ -33,6 +33,9 @@ const char *cvlm_test_tmpdir(void);
 unsigned char *cvlm_test_read_file(const char *path, size_t *len);
 /* Writes a whole file; returns 0 on success. */
 int cvlm_test_write_file(const char *path, const void *data, size_t len);
+/* max_i |a_i - b_i| / max(1, |b_i|) over n floats (b is the reference); NaN if any term is
+ * NaN, so a NaN output can never pass a `< tol` check. */
+double cvlm_test_max_rel(const float *a, const float *b, size_t n);
 
 #define TEST(name)                                                                         \
     static void test_##name(void);                                                         \

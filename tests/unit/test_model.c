@@ -8,7 +8,6 @@
 #include "engine/text/template.h"
 #include "tests/unit/harness.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -81,16 +80,6 @@ static int step(struct fx *f, const struct cvlm_prompt *p, const int32_t *bt, in
     return cvlm_model_forward(f->m, &b, logits);
 }
 
-static double max_rel(const float *a, const float *b, size_t n)
-{
-    double m = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]) / fmax(1.0, fabs(b[i]));
-        m = d > m || d != d ? d : m;
-    }
-    return m;
-}
-
 TEST(model_chunked_prefill_matches_full)
 {
     struct fx f;
@@ -108,13 +97,13 @@ TEST(model_chunked_prefill_matches_full)
     for (int from = 0; from < T; from += 3)
         REQUIRE(step(&f, &p, bt, 10, from, from + 3 < T ? from + 3 : T, feats,
                      part + (size_t)from * V) == 0);
-    CHECKF(max_rel(part, full, (size_t)T * V) < 1e-5, "chunks of 3: %g",
-           max_rel(part, full, (size_t)T * V));
+    CHECKF(cvlm_test_max_rel(part, full, (size_t)T * V) < 1e-5, "chunks of 3: %g",
+           cvlm_test_max_rel(part, full, (size_t)T * V));
     /* and one token at a time */
     for (int t = 0; t < T; t++)
         REQUIRE(step(&f, &p, bt, 10, t, t + 1, feats, part + (size_t)t * V) == 0);
-    CHECKF(max_rel(part, full, (size_t)T * V) < 1e-5, "token by token: %g",
-           max_rel(part, full, (size_t)T * V));
+    CHECKF(cvlm_test_max_rel(part, full, (size_t)T * V) < 1e-5, "token by token: %g",
+           cvlm_test_max_rel(part, full, (size_t)T * V));
     free(full);
     free(part);
     cvlm_prompt_free(&p);
@@ -180,11 +169,11 @@ TEST(model_mixed_batch_matches_separate_runs)
     struct part p1[2] = {{&b, 1, 0, ha}, {&a, 0, 0, a.n}}, p2[1] = {{&b, 1, ha, b.n}};
     REQUIRE(mixed_step(&f, p1, 2, seqs, 2, feats, mix) == 0);
     REQUIRE(mixed_step(&f, p2, 1, seqs, 2, feats, mix + (size_t)(ha + a.n) * V) == 0);
-    CHECKF(max_rel(mix + (size_t)ha * V, ref_a, (size_t)a.n * V) < 1e-5, "seq a: %g",
-           max_rel(mix + (size_t)ha * V, ref_a, (size_t)a.n * V));
-    CHECKF(max_rel(mix, ref_b, (size_t)ha * V) < 1e-5, "seq b first half");
-    CHECKF(max_rel(mix + (size_t)(ha + a.n) * V, ref_b + (size_t)ha * V, (size_t)(b.n - ha) * V) <
-               1e-5,
+    CHECKF(cvlm_test_max_rel(mix + (size_t)ha * V, ref_a, (size_t)a.n * V) < 1e-5, "seq a: %g",
+           cvlm_test_max_rel(mix + (size_t)ha * V, ref_a, (size_t)a.n * V));
+    CHECKF(cvlm_test_max_rel(mix, ref_b, (size_t)ha * V) < 1e-5, "seq b first half");
+    CHECKF(cvlm_test_max_rel(mix + (size_t)(ha + a.n) * V, ref_b + (size_t)ha * V,
+                             (size_t)(b.n - ha) * V) < 1e-5,
            "seq b second half");
     /* a bad block table is refused, not followed */
     int32_t bad[1] = {999};

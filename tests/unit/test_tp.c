@@ -99,16 +99,6 @@ out:
     return rc;
 }
 
-static double max_rel(const float *a, const float *b, size_t n)
-{
-    double worst = 0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]) / fmax(1.0, fabs(b[i]));
-        worst = d > worst || d != d ? d : worst;
-    }
-    return worst;
-}
-
 static void alloc_run(struct tp_run *r, const struct cvlm_config *c)
 {
     r->feats = calloc((size_t)IMG_TOKENS * c->hidden_size, sizeof(float));
@@ -135,9 +125,11 @@ static void check_dtype(enum cvlm_dtype dt)
     REQUIRE(run(w, 1, &ref) == 0);
     for (int tp = 2; tp <= 4; tp *= 2) {
         CHECKF(run(w, tp, &got) == 0, "tp %d: %s", tp, cvlm_last_error());
-        double ev = max_rel(got.vit, ref.vit, (size_t)c.vision.num_positions * c.vision.hidden_size);
-        double ef = max_rel(got.feats, ref.feats, (size_t)IMG_TOKENS * c.hidden_size);
-        double el = max_rel(got.logits, ref.logits, (size_t)(T_PROMPT + N_DECODE) * c.vocab_size);
+        double ev = cvlm_test_max_rel(got.vit, ref.vit,
+                                      (size_t)c.vision.num_positions * c.vision.hidden_size);
+        double ef = cvlm_test_max_rel(got.feats, ref.feats, (size_t)IMG_TOKENS * c.hidden_size);
+        double el =
+            cvlm_test_max_rel(got.logits, ref.logits, (size_t)(T_PROMPT + N_DECODE) * c.vocab_size);
         CHECKF(ev < 5e-5 && ef < 1e-5 && el < 1e-5,
                "%s tp %d vs 1: vit %.3g, features %.3g, logits %.3g", cvlm_dtype_name(dt), tp,
                ev, ef, el);
