@@ -25,7 +25,8 @@ the output while rendering it), since no configured limit covers this memory.
 
 Part 4, --request-timeout 1 against requests that would generate for several seconds
 (n=4, top_logprobs, max_tokens calibrated to ~3 s): both the non-streaming and the streaming one must
-end (cancelled) within TIMEOUT_BOUND s, counted as cancelled by the engine.
+end (cancelled) within TIMEOUT_BOUND s, counted as cancelled by the engine; the first is a 504
+(`code: request_timeout`), the second ends with that error as an event before [DONE].
 """
 import json
 import socket
@@ -306,7 +307,15 @@ def request_timeout(chk):
         gen = rl.metric(m1, "cogvlm_generation_tokens_total") - rl.metric(m0, "cogvlm_generation_tokens_total")
         what = "stream" if stream else "non-stream"
         out[what] = f"{r.status} after {dt:.1f} s, {gen:.0f} of {4 * tokens} tokens, {can:.0f} of 4 cancelled"
-        chk.ok(r.status == 200, f"{what} with --request-timeout 1: {r!r}")
+        if stream:  # an error event (no finish_reason) ends it, then [DONE]
+            ev = rl.sse_payloads(r.body) if r.status == 200 else []
+            errs = [json.loads(e)["error"] for e in ev[:-1] if '"error"' in e]
+            chk.ok(r.status == 200 and ev[-1:] == ["[DONE]"] and len(errs) == 1 and
+                   errs[0].get("code") == "request_timeout",
+                   f"stream with --request-timeout 1 ends with a request_timeout event: {r!r}")
+        else:  # a 504, never a 200 with finish_reason "length"
+            chk.ok(r.status == 504 and '"request_timeout"' in r.body.decode(errors="replace"),
+                   f"non-stream with --request-timeout 1 is a 504 request_timeout: {r!r}")
         cond = dt <= TIMEOUT_BOUND and can == 4
         if stream:
             rl.known(chk, KNOWN_ISSUES, "stream-request-timeout", cond,
