@@ -14,6 +14,7 @@
  * tools/bench/ can run llama.cpp on exactly the same weights.
  */
 #include "engine/error.h"
+#include "base/clock.h"
 #include "engine/model/model.h"
 #include "cli/cli.h"
 
@@ -45,11 +46,10 @@ struct bench_result {
     int threads;
 };
 
+/* Seconds of the monotonic clock. */
 static double now_s(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+    return cvlm_now_ms() / 1e3;
 }
 
 /* ---- presets ------------------------------------------------------------------------ */

@@ -7,6 +7,7 @@
  * cache off) and with a prefix-cache hit.
  */
 #include "engine/engine.h"
+#include "base/clock.h"
 #include "engine/util/fileio.h"
 #include "engine/model/model.h"
 #include "cli/cli.h"
@@ -32,13 +33,6 @@ static void on_wake(void *ctx)
     pthread_mutex_unlock(&w->mu);
 }
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-
 struct result {
     double wall_ms, ttft_ms;
     long tokens;
@@ -55,7 +49,7 @@ static int run_batch(struct cvlm_engine *e, const struct cvlm_request_params *ba
     memset(res, 0, sizeof(*res));
     if (!r || !text || !done)
         return -1;
-    double t0 = now_ms();
+    double t0 = cvlm_now_ms();
     for (int i = 0; i < n && !rc; i++) {
         struct cvlm_request_params p = *base;
         snprintf(text[i], 128, "%s (request %d)", base->prompt, i); /* no shared prefix */
@@ -82,7 +76,7 @@ static int run_batch(struct cvlm_engine *e, const struct cvlm_request_params *ba
             }
         }
     }
-    res->wall_ms = now_ms() - t0;
+    res->wall_ms = cvlm_now_ms() - t0;
     for (int i = 0; i < n; i++)
         cvlm_request_unref(r[i]);
     free(r);

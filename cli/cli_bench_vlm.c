@@ -14,6 +14,7 @@
  * backend's status check, which waits for the device). JSON for tests/gpu/run.sh.
  */
 #include "engine/error.h"
+#include "base/clock.h"
 #include "engine/model/model.h"
 #include "cli/cli.h"
 
@@ -38,11 +39,10 @@ struct vlm_result {
     double t_step[MAX_BATCHES], step_bytes[MAX_BATCHES];
 };
 
+/* Seconds of the monotonic clock. */
 static double now_s(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+    return cvlm_now_ms() / 1e3;
 }
 
 /* cogvlm-chat-hf (cogvlm-model.md §1): LM 32 x (4096, 32 heads, MLP 11008), vocab 32000;

@@ -6,6 +6,7 @@
  * decode tokens/s.
  */
 #include "engine/error.h"
+#include "base/clock.h"
 #include "engine/util/fileio.h"
 #include "engine/image/image.h"
 #include "engine/model/model.h"
@@ -27,13 +28,6 @@ struct run_opts {
     struct cvlm_model_opts mo; /* backend, tp, threads */
     struct cvlm_sampling sp;
 };
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
 
 static int usage(int rc)
 {
@@ -157,17 +151,17 @@ static void close_session(struct session *s)
 static int encode_image(const struct run_opts *o, struct session *s)
 {
     const struct cvlm_config *c = &s->w->cfg;
-    double t0 = now_ms();
+    double t0 = cvlm_now_ms();
     int rc = load_pixels(o->image, c->vision.image_size, &s->pixels);
     if (rc)
         return rc;
-    s->t_img = now_ms() - t0;
+    s->t_img = cvlm_now_ms() - t0;
     s->feats = cvlm_model_feats_alloc(s->m);
     if (!s->feats)
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
-    t0 = now_ms();
+    t0 = cvlm_now_ms();
     rc = cvlm_model_encode_image(s->m, s->pixels, s->feats, NULL);
-    s->t_vit = now_ms() - t0;
+    s->t_vit = cvlm_now_ms() - t0;
     return rc;
 }
 
@@ -207,16 +201,16 @@ static int generate(const struct run_opts *o, struct session *s)
     char text[1024];
     size_t len;
     int n = s->p.n, chunk = cvlm_model_max_tokens(s->m), rc;
-    double t0 = now_ms();
+    double t0 = cvlm_now_ms();
     for (int from = 0; from < n; from += chunk) {
         int to = from + chunk < n ? from + chunk : n;
         if ((rc = feed(s, from, to, s->p.pos + from, s->p.expert + from)))
             return rc;
     }
-    s->t_prefill = now_ms() - t0;
+    s->t_prefill = cvlm_now_ms() - t0;
     cvlm_rng_seed(&rng, o->sp.seed);
     cvlm_detok_init(&dt, s->tok);
-    t0 = now_ms();
+    t0 = cvlm_now_ms();
     for (int k = 0; k < o->max_tokens; k++) {
         int id = cvlm_sample(&o->sp, s->logits, c->vocab_size, s->tokens, n + k, n, &rng);
         if (id < 0)
@@ -236,7 +230,7 @@ static int generate(const struct run_opts *o, struct session *s)
         if ((rc = feed(s, n + k, n + k + 1, &pos, &expert)))
             return rc;
     }
-    s->t_decode = now_ms() - t0;
+    s->t_decode = cvlm_now_ms() - t0;
     if (!cvlm_detok_flush(&dt, text, sizeof(text), &len) && len)
         fwrite(text, 1, len, stdout);
     putchar('\n');

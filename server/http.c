@@ -12,6 +12,7 @@
  */
 #include "server/server.h"
 
+#include "base/clock.h"
 #include "server/log.h"
 
 #include <arpa/inet.h>
@@ -21,13 +22,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 /* ---- connection lifetime ------------------------------------------------------------ */
 
@@ -110,7 +104,7 @@ static struct conn *conn_new(struct cvlm_srv *s, struct MHD_Connection *mc, cons
     c->s = s;
     c->mc = mc;
     c->route = route;
-    c->t_start = now_ms();
+    c->t_start = cvlm_now_ms();
     c->created = (long long)time(NULL);
     snprintf(c->id, sizeof(c->id), "%016llx%08x", (unsigned long long)++s->next_id,
              (unsigned)(c->t_start * 1000) ^ (unsigned)rand());
@@ -427,9 +421,9 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                       : c->cut == CUT_TIMEOUT ? " (cut by the server: request timeout)"
                                              : "";
     if (*why && !c->client_gone && (ours || c->cut))
-        LOG_WARN("%s %s %d %.1fms%s", c->id, c->route, status, now_ms() - c->t_start, why);
+        LOG_WARN("%s %s %d %.1fms%s", c->id, c->route, status, cvlm_now_ms() - c->t_start, why);
     else
-        LOG_INFO("%s %s %d %.1fms%s", c->id, c->route, status, now_ms() - c->t_start, why);
+        LOG_INFO("%s %s %d %.1fms%s", c->id, c->route, status, cvlm_now_ms() - c->t_start, why);
     conn_maybe_free(c);
 }
 
@@ -521,7 +515,7 @@ static void drain_progress(struct cvlm_srv *s);
 static void on_tick(uv_timer_t *t)
 {
     struct cvlm_srv *s = t->data;
-    double now = now_ms();
+    double now = cvlm_now_ms();
     for (struct conn *c = s->live; c; c = c->next) {
         if (c->mhd_done || !(c->state == CONN_RUN || (c->state == CONN_SENT && c->o.stream)) ||
             all_done(c)) /* streams are CONN_SENT once their headers are queued */
@@ -564,7 +558,7 @@ static void drain_progress(struct cvlm_srv *s)
             n++;
         }
     busy |= s->engine && cvlm_engine_pending(s->engine) > 0;
-    if (busy && now_ms() < s->drain_deadline)
+    if (busy && cvlm_now_ms() < s->drain_deadline)
         return;
     if (busy && !s->drain_cutting) {
         LOG_WARN("drain timeout: cutting %d request(s) still running or being sent", n);
@@ -575,7 +569,7 @@ static void drain_progress(struct cvlm_srv *s)
                 cancel_all(c);
             }
         s->drain_cutting = 1;
-        s->drain_deadline = now_ms() + DRAIN_CUT_GRACE_MS;
+        s->drain_deadline = cvlm_now_ms() + DRAIN_CUT_GRACE_MS;
         return;
     }
     LOG_INFO(busy ? "drain grace over; stopping" : "drained; stopping");
@@ -682,7 +676,7 @@ void cvlm_http_begin_drain(struct cvlm_srv *s)
     if (s->draining)
         return;
     s->draining = 1;
-    s->drain_deadline = now_ms() + s->cfg->drain_timeout * 1e3;
+    s->drain_deadline = cvlm_now_ms() + s->cfg->drain_timeout * 1e3;
     cvlm_engine_drain(s->engine);
     LOG_INFO("draining (up to %d s)", s->cfg->drain_timeout);
     drain_progress(s);
