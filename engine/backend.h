@@ -14,6 +14,15 @@
  * - Small per-token metadata (ids, positions, slots, block tables) is passed as host
  *   arrays; a device backend uploads them itself.
  * - Ops run in issue order on the backend's stream; to_host() waits for completion.
+ * - Row counts (M, n, N of attention_full, n_tokens) may be 0: the op does nothing.
+ *   Widths, head counts and head sizes are > 0; a row stride is >= its row width.
+ * - Alignment: activations and weights are aligned to their element size (whole-row
+ *   offsets keep it); a kernel with wider loads tests the pointers and falls back.
+ * - Aliasing: an output shares no memory with an input, except where the op below says
+ *   "may be": then it is that input exactly (same pointer, same rows), element for element.
+ * engine/model/backend_check.h wraps any backend's table in checks of all of this
+ * (debug and sanitized builds), so a violation fails the step with a message naming the
+ * op instead of corrupting memory.
  */
 #ifndef CVLM_BACKEND_H
 #define CVLM_BACKEND_H
@@ -164,23 +173,24 @@ struct cvlm_backend_i {
     /* out[i] = table[ids[i]] */
     void (*embed)(struct cvlm_backend *be, void *out, const struct cvlm_tensor *table,
                   const int32_t *ids, int M, int D);
-    /* y = x / sqrt(mean(x^2) + eps) * w */
+    /* y = x / sqrt(mean(x^2) + eps) * w; w [D]; y may be x */
     void (*rmsnorm)(struct cvlm_backend *be, void *y, const void *x,
                     const struct cvlm_tensor *w, int M, int D, float eps);
-    /* y = (x - mean) / sqrt(var + eps) * w + b */
+    /* y = (x - mean) / sqrt(var + eps) * w + b; w, b [D] (b may be NULL); y may be x */
     void (*layernorm)(struct cvlm_backend *be, void *y, const void *x,
                       const struct cvlm_tensor *w, const struct cvlm_tensor *b, int M, int D,
                       float eps);
-    void (*add)(struct cvlm_backend *be, void *y, const void *x, size_t n); /* y += x */
+    void (*add)(struct cvlm_backend *be, void *y, const void *x, size_t n); /* y += x; y may be x */
     /* The residual step between sub-layers in one pass: x[M,D] += r, then
-     * y = x / sqrt(mean(x^2) + eps) * w. y may be r. Optional (NULL: the model calls add
+     * y = x / sqrt(mean(x^2) + eps) * w. y may be r or x. Optional (NULL: the model calls add
      * and rmsnorm); the same arithmetic as those two, so results do not change. */
     void (*add_rmsnorm)(struct cvlm_backend *be, void *y, void *x, const void *r,
                         const struct cvlm_tensor *w, int M, int D, float eps);
     /* y[i] = x[i] + broadcast row b (ViT pos/bias helpers): y[M,D] += b[D] per row */
     void (*add_row)(struct cvlm_backend *be, void *y, const struct cvlm_tensor *b, int M, int D);
     void (*gelu)(struct cvlm_backend *be, void *x, size_t n); /* exact erf GELU, in place */
-    /* out[M,N] = silu(gate) * up; gate/up rows g_stride apart (a fused [gate|up] works) */
+    /* out[M,N] = silu(gate) * up; gate/up rows g_stride apart (a fused [gate|up] works);
+     * out may be gate or up when g_stride == N */
     void (*silu_mul)(struct cvlm_backend *be, void *out, const void *gate, const void *up,
                      int g_stride, int M, int N);
     /* Rotate-half RoPE in place on n_heads heads of each row (row stride `stride`),

@@ -1,7 +1,8 @@
 /* model_group.c - struct cvlm_model: the tensor-parallel group that runs model_rank.c's ranks.
  *
  * Creation: one backend per rank (CPU: the threads split between the ranks; CUDA:
- * device + r), the weight shard of each rank (weights_shard.c), the group's comm (in-
+ * device + r; wrapped in the op table's entry checks when they are enabled, see
+ * backend_check.h), the weight shard of each rank (weights_shard.c), the group's comm (in-
  * process CPU ranks or NCCL; a no-op for tp == 1) and the ranks themselves.
  *
  * Execution: tp == 1 runs rank 0 directly on the caller's thread. With tp > 1, ranks
@@ -14,6 +15,7 @@
 #include "engine/model/model_rank.h"
 
 #include "engine/error.h"
+#include "engine/model/backend_check.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -33,7 +35,7 @@ struct job {
 struct cvlm_model {
     struct cvlm_weights *w;
     int tp;
-    struct cvlm_backend *be[CVLM_MAX_TP];
+    struct cvlm_backend *be[CVLM_MAX_TP]; /* each rank's; the checked one when checks are on */
     struct cvlm_weights *shard[CVLM_MAX_TP];
     struct cvlm_comm *comm[CVLM_MAX_TP];
     struct cvlm_rank *rank[CVLM_MAX_TP];
@@ -109,6 +111,7 @@ static void wait_workers(struct cvlm_model *m)
 static int create_backends(struct cvlm_model *m, const struct cvlm_model_opts *o)
 {
     int threads = o->threads > 0 ? o->threads : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    struct cvlm_backend *real[CVLM_MAX_TP];
     for (int r = 0; r < m->tp; r++) {
         if (o->backend == CVLM_BACKEND_CUDA)
             m->be[r] = cvlm_backend_cuda_create(o->device + r);
@@ -121,10 +124,20 @@ static int create_backends(struct cvlm_model *m, const struct cvlm_model_opts *o
         }
         if (!m->be[r])
             return cvlm_errf(CVLM_ENOMEM, "cannot create the CPU backend");
+        real[r] = m->be[r];
+        /* debug and sanitized builds: every op call of this rank goes through the entry
+         * checks (backend_check.h); the model never sees the difference */
+        if (cvlm_backend_check_enabled()) {
+            if (!(m->be[r] = cvlm_backend_check_wrap(real[r]))) {
+                real[r]->ops->destroy(real[r]);
+                return cvlm_errf(CVLM_ENOMEM, "out of memory");
+            }
+        }
     }
+    /* the collectives reach into the real backends (NCCL: the CUDA device and stream) */
     return m->tp > 1 && o->backend == CVLM_BACKEND_CUDA
-               ? cvlm_comm_nccl_group_create(m->be, m->tp, m->comm)
-               : cvlm_comm_cpu_group_create(m->be, m->tp, m->comm);
+               ? cvlm_comm_nccl_group_create(real, m->tp, m->comm)
+               : cvlm_comm_cpu_group_create(real, m->tp, m->comm);
 }
 
 static int start_workers(struct cvlm_model *m)
@@ -148,7 +161,8 @@ static int kv_opts(struct cvlm_model *m, const struct cvlm_model_opts *o,
                    struct cvlm_model_opts *ro)
 {
     const struct cvlm_config *c = &m->w->cfg;
-    size_t es = cvlm_dtype_size(m->be[0]->act_dtype), bs = (size_t)(o->block_size > 0 ? o->block_size : 16);
+    size_t es = cvlm_dtype_size(m->be[0]->act_dtype);
+    size_t bs = (size_t)(o->block_size > 0 ? o->block_size : 16);
     *ro = *o;
     m->kv_block_bytes = 2 * (size_t)c->num_layers * bs * (size_t)(c->hidden_size / m->tp) * es;
     if (o->kv_blocks > 0 || !o->kv_bytes)

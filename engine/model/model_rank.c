@@ -5,6 +5,9 @@
  * Tensor parallelism (cogvlm-model.md §8): a rank holds H/tp heads and I/tp MLP columns
  * (weights_shard.c). Widths below: D, d the full hidden sizes; Dl = D/tp the rank's
  * attention width (its heads), Il = I/tp its MLP width, and likewise dl, Fl in the ViT.
+ * Rows: T = max_tokens (n of them used in a step), N = num_patches + 1 ViT rows (CLS
+ * first), np = num_patches. Every buffer's shape is written at struct cvlm_rank; the op
+ * table checks them at entry in debug and sanitized builds (backend_check.h).
  * The residual stream x is full width and identical on all ranks; the row-parallel GEMMs
  * (dense, down, ViT dense and fc2) produce partial sums that one all-reduce completes
  * before they are added to it. With tp == 1 the all-reduce is a no-op.
@@ -38,15 +41,38 @@ struct cvlm_rank {
     int Dl, Hl, Il, dl, vHl, Fl; /* the rank's widths (see the top of the file) */
     int max_tokens, block_size, kv_blocks;
     float *inv_freq;            /* [head_dim/2] host */
-    struct cvlm_kv_layer *kv;   /* [num_layers] */
-    /* LM arena, max_tokens rows each */
-    void *x, *h, *qkv, *attn, *g, *u, *lg;
-    /* host scratch for the permuted per-token metadata */
-    int32_t *perm, *inv, *ids_p, *pos_p, *seq_p, *slot_p, *img_p, *rows;
-    float *dbg;                 /* 2 * max_tokens * hidden, allocated on first debug use */
-    /* vision arena (one image) */
-    void *vx, *vqkv, *va, *vt, *vm, *vpatch, *ah, *ag, *au;
-    int32_t *iota;
+    struct cvlm_kv_layer *kv;   /* [num_layers], k and v [kv_blocks, block_size, Dl] each */
+    /* LM arena in backend memory; T = max_tokens, rows in permuted order (experts
+     * grouped). Only the first n rows of a step are used. */
+    void *x; /* [T, D] residual stream, full width on every rank */
+    /* [T, D] the sub-layer branch: RMS(x) going in; the attention dense / MLP down output
+     * coming out (partial sums until the all-reduce); at the end the final-normed rows
+     * whose logits are wanted */
+    void *branch;
+    void *qkv;          /* [T, 3*Dl] this rank's heads, [q | k | v], RoPE'd in place */
+    void *attn_out;     /* [T, Dl] attention output of this rank's heads */
+    void *mlp_gate;     /* [T, Il] gate(h), then silu(gate) * up in place */
+    void *mlp_up;       /* [T, Il] up(h) */
+    void *logits_chunk; /* [LOGIT_ROWS, V] lm_head output, rank 0 only */
+    /* host scratch for the per-token metadata, [T] each: perm[q] is the batch index of
+     * permuted row q, inv its inverse; *_p the batch's arrays in permuted order */
+    int32_t *perm, *inv, *ids_p, *pos_p, *seq_p, *slot_p, *img_p;
+    int32_t *logit_rows;        /* [T] permuted rows whose logits are wanted */
+    float *dbg;                 /* [2, T, D] host, allocated on first debug use */
+    /* vision arena in backend memory (one image); N = num_patches + 1 (CLS first),
+     * np = num_patches */
+    void *vit_x;        /* [N, d] ViT residual stream */
+    void *vit_qkv;      /* [N, 3*dl] this rank's heads, [q | k | v] */
+    void *vit_attn_out; /* [N, dl] */
+    /* [N, d] the branch output: position embeddings at the start, then dense / fc2
+     * (partial sums until the all-reduce), LayerNorm'd in place */
+    void *vit_branch;
+    void *vit_mlp;      /* [N, Fl] fc1, GELU in place */
+    void *vit_patches;  /* [np, C*P*P] patchified pixels, the patch conv's GEMM input */
+    void *adapter_x;    /* [np, D] proj of the patch rows, LayerNorm'd and GELU'd in place */
+    void *adapter_gate; /* [np, I] glu gate, then silu(gate) * up in place */
+    void *adapter_up;   /* [np, I] glu up */
+    int32_t *vit_pos_ids; /* [N] host: 0..N-1, the position-embedding rows */
 };
 
 /* ---- creation ------------------------------------------------------------------------ */
@@ -81,22 +107,22 @@ static int alloc_lm(struct cvlm_rank *m)
     size_t T = (size_t)m->max_tokens, D = (size_t)c->hidden_size, Dl = (size_t)m->Dl;
     size_t Il = (size_t)m->Il, kv_rows = (size_t)m->kv_blocks * (size_t)m->block_size;
     int fail = 0;
-    m->x = arena(m, T, D, &fail);
-    m->h = arena(m, T, D, &fail);
-    m->qkv = arena(m, T, 3 * Dl, &fail);
-    m->attn = arena(m, T, Dl, &fail);
-    m->g = arena(m, T, Il, &fail);
-    m->u = arena(m, T, Il, &fail);
-    if (m->rank == 0) /* the only rank with lm_head */
-        m->lg = arena(m, LOGIT_ROWS, (size_t)c->vocab_size, &fail);
+    m->x = arena(m, T, D, &fail);                 /* [T, D] */
+    m->branch = arena(m, T, D, &fail);            /* [T, D] */
+    m->qkv = arena(m, T, 3 * Dl, &fail);          /* [T, 3*Dl] */
+    m->attn_out = arena(m, T, Dl, &fail);         /* [T, Dl] */
+    m->mlp_gate = arena(m, T, Il, &fail);         /* [T, Il] */
+    m->mlp_up = arena(m, T, Il, &fail);           /* [T, Il] */
+    if (m->rank == 0) /* the only rank with lm_head: [LOGIT_ROWS, V] */
+        m->logits_chunk = arena(m, LOGIT_ROWS, (size_t)c->vocab_size, &fail);
     m->kv = calloc((size_t)c->num_layers, sizeof(*m->kv));
     fail |= !m->kv;
     for (int l = 0; !fail && l < c->num_layers; l++) {
-        m->kv[l].k = arena(m, kv_rows, Dl, &fail);
-        m->kv[l].v = arena(m, kv_rows, Dl, &fail);
+        m->kv[l].k = arena(m, kv_rows, Dl, &fail); /* [kv_blocks * block_size, Dl] */
+        m->kv[l].v = arena(m, kv_rows, Dl, &fail); /* [kv_blocks * block_size, Dl] */
     }
     int32_t **host[] = {&m->perm, &m->inv, &m->ids_p, &m->pos_p, &m->seq_p, &m->slot_p,
-                        &m->img_p, &m->rows};
+                        &m->img_p, &m->logit_rows}; /* [T] each */
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         fail |= !(*host[i] = malloc(T * sizeof(int32_t)));
     return fail ? cvlm_errf(CVLM_ENOMEM, "out of memory for the activation arena / KV cache")
@@ -111,19 +137,20 @@ static int alloc_vision(struct cvlm_rank *m)
         return 0;
     size_t np = (size_t)cvlm_config_num_patches(c), N = np + 1, d = (size_t)v->hidden_size;
     size_t D = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
+    size_t patch_row = (size_t)(v->in_channels * v->patch_size * v->patch_size);
     int fail = 0;
-    m->vx = arena(m, N, d, &fail);
-    m->vqkv = arena(m, N, 3 * (size_t)m->dl, &fail);
-    m->va = arena(m, N, (size_t)m->dl, &fail);
-    m->vt = arena(m, N, d, &fail);
-    m->vm = arena(m, N, (size_t)m->Fl, &fail);
-    m->vpatch = arena(m, np, (size_t)(v->in_channels * v->patch_size * v->patch_size), &fail);
-    m->ah = arena(m, np, D, &fail);
-    m->ag = arena(m, np, I, &fail);
-    m->au = arena(m, np, I, &fail);
-    fail |= !(m->iota = malloc(N * sizeof(int32_t)));
+    m->vit_x = arena(m, N, d, &fail);                          /* [N, d] */
+    m->vit_qkv = arena(m, N, 3 * (size_t)m->dl, &fail);        /* [N, 3*dl] */
+    m->vit_attn_out = arena(m, N, (size_t)m->dl, &fail);       /* [N, dl] */
+    m->vit_branch = arena(m, N, d, &fail);                     /* [N, d] */
+    m->vit_mlp = arena(m, N, (size_t)m->Fl, &fail);            /* [N, Fl] */
+    m->vit_patches = arena(m, np, patch_row, &fail);           /* [np, C*P*P] */
+    m->adapter_x = arena(m, np, D, &fail);                     /* [np, D] */
+    m->adapter_gate = arena(m, np, I, &fail);                  /* [np, I] */
+    m->adapter_up = arena(m, np, I, &fail);                    /* [np, I] */
+    fail |= !(m->vit_pos_ids = malloc(N * sizeof(int32_t)));   /* [N] host */
     for (size_t i = 0; !fail && i < N; i++)
-        m->iota[i] = (int32_t)i;
+        m->vit_pos_ids[i] = (int32_t)i;
     return fail ? cvlm_errf(CVLM_ENOMEM, "out of memory for the vision arena") : 0;
 }
 
@@ -203,8 +230,10 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
 {
     if (!m)
         return;
-    void *dev[] = {m->x, m->h, m->qkv, m->attn, m->g, m->u, m->lg, m->vx, m->vqkv,
-                   m->va, m->vt, m->vm, m->vpatch, m->ah, m->ag, m->au};
+    void *dev[] = {m->x,        m->branch,     m->qkv,          m->attn_out,
+                   m->mlp_gate, m->mlp_up,     m->logits_chunk, m->vit_x,
+                   m->vit_qkv,  m->vit_attn_out, m->vit_branch, m->vit_mlp,
+                   m->vit_patches, m->adapter_x, m->adapter_gate, m->adapter_up};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
             m->op->free(m->be, dev[i]);
@@ -216,7 +245,7 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
     }
     free(m->kv);
     void *host[] = {m->inv_freq, m->perm, m->inv, m->ids_p, m->pos_p, m->seq_p,
-                    m->slot_p, m->img_p, m->rows, m->dbg, m->iota};
+                    m->slot_p, m->img_p, m->logit_rows, m->dbg, m->vit_pos_ids};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         free(host[i]);
     free(m);
@@ -234,26 +263,33 @@ static const struct cvlm_tensor *opt(const struct cvlm_tensor *t)
 
 /* ---- vision tower + adapter -------------------------------------------------------- */
 
+/* One ViT block on the N rows of the image (CLS + patches). */
 static void vit_layer(struct cvlm_rank *m, const struct cvlm_vit_layer *L, int N)
 {
     const struct cvlm_backend_i *op = m->op;
     const struct cvlm_vision_config *v = &m->c->vision;
-    int d = v->hidden_size, dl = m->dl, Fl = m->Fl;
+    int d = v->hidden_size, dl = m->dl, Fl = m->Fl, hd = d / v->num_heads;
+    float eps = v->layer_norm_eps;
+    void *x = m->vit_x;             /* [N, d] */
+    void *qkv = m->vit_qkv;         /* [N, 3*dl] */
+    void *att = m->vit_attn_out;    /* [N, dl] */
+    void *br = m->vit_branch;       /* [N, d] */
+    void *mlp = m->vit_mlp;         /* [N, Fl] */
     /* x = x + LN_in(dense(attn(qkv(x))))   -- the norm is on the branch output, so it
      * comes after the all-reduce of dense's partial sums */
-    op->gemm(m->be, m->vqkv, m->vx, d, &L->qkv_w, &L->qkv_b, N, 3 * dl, d);
-    op->attention_full(m->be, m->va, m->vqkv, N, m->vHl, d / v->num_heads);
-    op->gemm(m->be, m->vt, m->va, dl, &L->dense_w, opt(&L->dense_b), N, d, dl);
-    cvlm_comm_allreduce(m->comm, m->vt, (size_t)N * d);
-    op->layernorm(m->be, m->vt, m->vt, &L->ln_in_w, &L->ln_in_b, N, d, v->layer_norm_eps);
-    op->add(m->be, m->vx, m->vt, (size_t)N * d);
+    op->gemm(m->be, qkv, x, d, &L->qkv_w, &L->qkv_b, N, 3 * dl, d);
+    op->attention_full(m->be, att, qkv, N, m->vHl, hd);
+    op->gemm(m->be, br, att, dl, &L->dense_w, opt(&L->dense_b), N, d, dl);
+    cvlm_comm_allreduce(m->comm, br, (size_t)N * d);
+    op->layernorm(m->be, br, br, &L->ln_in_w, &L->ln_in_b, N, d, eps);
+    op->add(m->be, x, br, (size_t)N * d);
     /* x = x + LN_post(fc2(gelu(fc1(x)))) */
-    op->gemm(m->be, m->vm, m->vx, d, &L->fc1_w, &L->fc1_b, N, Fl, d);
-    op->gelu(m->be, m->vm, (size_t)N * Fl);
-    op->gemm(m->be, m->vt, m->vm, Fl, &L->fc2_w, opt(&L->fc2_b), N, d, Fl);
-    cvlm_comm_allreduce(m->comm, m->vt, (size_t)N * d);
-    op->layernorm(m->be, m->vt, m->vt, &L->ln_post_w, &L->ln_post_b, N, d, v->layer_norm_eps);
-    op->add(m->be, m->vx, m->vt, (size_t)N * d);
+    op->gemm(m->be, mlp, x, d, &L->fc1_w, &L->fc1_b, N, Fl, d);
+    op->gelu(m->be, mlp, (size_t)N * Fl);
+    op->gemm(m->be, br, mlp, Fl, &L->fc2_w, opt(&L->fc2_b), N, d, Fl);
+    cvlm_comm_allreduce(m->comm, br, (size_t)N * d);
+    op->layernorm(m->be, br, br, &L->ln_post_w, &L->ln_post_b, N, d, eps);
+    op->add(m->be, x, br, (size_t)N * d);
 }
 
 /* GLU adapter on the patch rows (CLS dropped): feats rows 1..np; boi/eoi around them. */
@@ -263,15 +299,20 @@ static void adapter(struct cvlm_rank *m, void *feats, int np)
     const struct cvlm_weights *w = m->w;
     int d = m->c->vision.hidden_size, D = m->c->hidden_size, I = m->c->intermediate_size;
     int32_t zero = 0;
-    op->gemm(m->be, m->ah, cvlm_be_row(m->be, m->vx, 1, (size_t)d), d, &w->proj, NULL, np, D, d);
+    const void *patches = cvlm_be_row(m->be, m->vit_x, 1, (size_t)d); /* [np, d] */
+    void *h = m->adapter_x;                                          /* [np, D] */
+    void *gate = m->adapter_gate, *up = m->adapter_up;               /* [np, I] */
+    void *out = cvlm_be_row(m->be, feats, 1, (size_t)D);             /* [np, D] */
+    /* h = gelu(LN(proj(patches))); out = down(silu(gate(h)) * up(h)) */
+    op->gemm(m->be, h, patches, d, &w->proj, NULL, np, D, d);
     /* norm1 uses PyTorch's default LayerNorm eps 1e-5, not the ViT's eps (spec §3.5) */
-    op->layernorm(m->be, m->ah, m->ah, &w->proj_norm_w, &w->proj_norm_b, np, D, 1e-5f);
-    op->gelu(m->be, m->ah, (size_t)np * D);
-    op->gemm(m->be, m->ag, m->ah, D, &w->glu_gate, NULL, np, I, D);
-    op->gemm(m->be, m->au, m->ah, D, &w->glu_up, NULL, np, I, D);
-    op->silu_mul(m->be, m->ag, m->ag, m->au, I, np, I);
-    op->gemm(m->be, cvlm_be_row(m->be, feats, 1, (size_t)D), m->ag, I, &w->glu_down, NULL, np,
-             D, I);
+    op->layernorm(m->be, h, h, &w->proj_norm_w, &w->proj_norm_b, np, D, 1e-5f);
+    op->gelu(m->be, h, (size_t)np * D);
+    op->gemm(m->be, gate, h, D, &w->glu_gate, NULL, np, I, D);
+    op->gemm(m->be, up, h, D, &w->glu_up, NULL, np, I, D);
+    op->silu_mul(m->be, gate, gate, up, I, np, I);
+    op->gemm(m->be, out, gate, I, &w->glu_down, NULL, np, D, I);
+    /* feats [np + 2, D] = [boi; out; eoi] */
     op->embed(m->be, feats, &w->boi, &zero, 1, D);
     op->embed(m->be, cvlm_be_row(m->be, feats, (size_t)np + 1, (size_t)D), &w->eoi, &zero, 1, D);
 }
@@ -279,27 +320,29 @@ static void adapter(struct cvlm_rank *m, void *feats, int np)
 void cvlm_rank_encode_image(struct cvlm_rank *m, const float *pixels, struct cvlm_feats *f,
                             float *vit_out)
 {
-    void *feats = f->buf[m->rank];
+    void *feats = f->buf[m->rank]; /* [np + 2, D] */
     const struct cvlm_backend_i *op = m->op;
     const struct cvlm_weights *w = m->w;
     const struct cvlm_vision_config *v = &m->c->vision;
     int np = cvlm_config_num_patches(m->c), N = np + 1, d = v->hidden_size;
     int P = v->patch_size, S = v->image_size, C = v->in_channels, row = C * P * P;
     int32_t zero = 0;
+    void *x = m->vit_x;                                       /* [N, d], CLS first */
+    void *x_patches = cvlm_be_row(m->be, x, 1, (size_t)d);    /* [np, d] */
     /* patch conv as a GEMM: the [d, C, P, P] kernel is a row-major [d, C*P*P] matrix */
     struct cvlm_tensor pw = w->patch_w;
     pw.ndim = 2;
     pw.shape[1] = row;
-    op->patchify(m->be, m->vpatch, pixels, C, S, S, P);
-    op->gemm(m->be, cvlm_be_row(m->be, m->vx, 1, (size_t)d), m->vpatch, row, &pw, &w->patch_b,
-             np, d, row);
-    op->embed(m->be, m->vx, &w->cls, &zero, 1, d);
-    op->embed(m->be, m->vt, &w->pos, m->iota, N, d);
-    op->add(m->be, m->vx, m->vt, (size_t)N * d);
+    op->patchify(m->be, m->vit_patches, pixels, C, S, S, P); /* [np, C*P*P] */
+    op->gemm(m->be, x_patches, m->vit_patches, row, &pw, &w->patch_b, np, d, row);
+    op->embed(m->be, x, &w->cls, &zero, 1, d);
+    /* x += pos[0..N) (gathered into the branch buffer first) */
+    op->embed(m->be, m->vit_branch, &w->pos, m->vit_pos_ids, N, d);
+    op->add(m->be, x, m->vit_branch, (size_t)N * d);
     for (int j = 0; j < v->num_layers; j++)
         vit_layer(m, &w->vit[j], N);
     if (vit_out)
-        op->to_host(m->be, vit_out, m->vx, (size_t)N * d);
+        op->to_host(m->be, vit_out, x, (size_t)N * d);
     adapter(m, feats, np);
 }
 
@@ -394,35 +437,41 @@ static void add_norm(struct cvlm_rank *m, void *y, void *x, const void *r,
 
 /* On entry h = RMS(x) with this layer's input norm (the previous layer, or the caller for
  * layer 0, computed it with the residual add); on return x is the layer's output and, if
- * a layer follows, h = RMS(x) with its input norm. */
+ * a layer follows, h = RMS(x) with its input norm. Rows are permuted: the nl language-
+ * expert tokens first. */
 static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_batch *ab, int nl)
 {
     const struct cvlm_backend_i *op = m->op;
     const struct cvlm_lm_layer *L = &m->w->layers[l];
     int n = ab->n_tokens, D = m->c->hidden_size, Dl = m->Dl, Il = m->Il, H = m->Hl;
-    int hd = D / m->c->num_heads;
-    size_t es = cvlm_dtype_size(m->be->act_dtype);
-    void *k = (char *)m->qkv + (size_t)Dl * es, *v = (char *)m->qkv + 2 * (size_t)Dl * es;
-    /* attention: h = RMS(x); qkv [n, q|k|v of the rank's heads] per expert; RoPE on q and
-     * k; cache k, v; attend; dense's partial sums all-reduced across ranks */
-    expert_gemm(m, m->qkv, m->h, L->qkv, n, nl, 3 * Dl, D);
-    op->rope(m->be, m->qkv, 3 * Dl, m->pos_p, n, H, hd, m->inv_freq);
-    op->rope(m->be, k, 3 * Dl, m->pos_p, n, H, hd, m->inv_freq);
-    op->kv_write(m->be, &m->kv[l], k, v, 3 * Dl, ab, H, hd);
-    op->attention_paged(m->be, m->attn, m->qkv, 3 * Dl, &m->kv[l], ab, H, hd);
-    expert_gemm(m, m->h, m->attn, L->dense, n, nl, D, Dl);
-    cvlm_comm_allreduce(m->comm, m->h, (size_t)n * D);
-    add_norm(m, m->h, m->x, m->h, &L->post_norm, n);
+    int hd = D / m->c->num_heads, S = 3 * Dl; /* S: the row stride of q, k and v */
+    void *x = m->x;                                 /* [n, D] residual stream */
+    void *h = m->branch;                            /* [n, D] sub-layer input, then output */
+    void *q = m->qkv;                               /* [n, Dl] rows S apart */
+    void *k = cvlm_be_row(m->be, q, 1, (size_t)Dl); /* [n, Dl] rows S apart */
+    void *v = cvlm_be_row(m->be, q, 2, (size_t)Dl); /* [n, Dl] rows S apart */
+    void *att = m->attn_out;                        /* [n, Dl] */
+    void *gate = m->mlp_gate, *up = m->mlp_up;      /* [n, Il] each */
+    /* attention: qkv = W_qkv[e] h per expert; RoPE on q and k; cache k, v; attend over
+     * the cache; h = dense[e] att, partial sums all-reduced across ranks */
+    expert_gemm(m, q, h, L->qkv, n, nl, S, D);
+    op->rope(m->be, q, S, m->pos_p, n, H, hd, m->inv_freq);
+    op->rope(m->be, k, S, m->pos_p, n, H, hd, m->inv_freq);
+    op->kv_write(m->be, &m->kv[l], k, v, S, ab, H, hd);
+    op->attention_paged(m->be, att, q, S, &m->kv[l], ab, H, hd);
+    expert_gemm(m, h, att, L->dense, n, nl, D, Dl);
+    cvlm_comm_allreduce(m->comm, h, (size_t)n * D);
+    add_norm(m, h, x, h, &L->post_norm, n); /* x += h; h = RMS(x) */
     /* MLP: x += down(silu(gate(h)) * up(h)), h = RMS(x), per expert; one all-reduce */
-    expert_gemm(m, m->g, m->h, L->gate, n, nl, Il, D);
-    expert_gemm(m, m->u, m->h, L->up, n, nl, Il, D);
-    op->silu_mul(m->be, m->g, m->g, m->u, Il, n, Il);
-    expert_gemm(m, m->h, m->g, L->down, n, nl, D, Il);
-    cvlm_comm_allreduce(m->comm, m->h, (size_t)n * D);
+    expert_gemm(m, gate, h, L->gate, n, nl, Il, D);
+    expert_gemm(m, up, h, L->up, n, nl, Il, D);
+    op->silu_mul(m->be, gate, gate, up, Il, n, Il);
+    expert_gemm(m, h, gate, L->down, n, nl, D, Il);
+    cvlm_comm_allreduce(m->comm, h, (size_t)n * D);
     if (l + 1 < m->c->num_layers)
-        add_norm(m, m->h, m->x, m->h, &m->w->layers[l + 1].input_norm, n);
+        add_norm(m, h, x, h, &m->w->layers[l + 1].input_norm, n);
     else
-        op->add(m->be, m->x, m->h, (size_t)n * D);
+        op->add(m->be, x, h, (size_t)n * D);
 }
 
 /* Replaces the embeddings of image slots by their feature rows, one copy per run of
@@ -450,16 +499,18 @@ static void logits_out(struct cvlm_rank *m, const struct cvlm_batch *b, float *l
     int n = b->n_tokens, D = m->c->hidden_size, V = m->c->vocab_size, k = 0;
     for (int i = 0; i < n; i++)
         if (b->want_logits ? b->want_logits[i] : i == n - 1)
-            m->rows[k++] = m->inv[i];
-    /* final norm on the wanted rows only (gathered into h), then lm_head in chunks */
-    m->op->copy_rows(m->be, m->h, m->x, m->rows, k, D);
-    m->op->rmsnorm(m->be, m->h, m->h, &m->w->final_norm, k, D, m->c->rms_norm_eps);
-    debug_rows(m, b, m->c->num_layers, m->h, k, NULL);
+            m->logit_rows[k++] = m->inv[i];
+    /* final norm on the wanted rows only (gathered into the branch buffer h [k, D]), then
+     * lm_head in chunks of LOGIT_ROWS rows */
+    void *h = m->branch;
+    m->op->copy_rows(m->be, h, m->x, m->logit_rows, k, D);
+    m->op->rmsnorm(m->be, h, h, &m->w->final_norm, k, D, m->c->rms_norm_eps);
+    debug_rows(m, b, m->c->num_layers, h, k, NULL);
     for (int r = 0; r < k; r += LOGIT_ROWS) {
         int cnt = k - r < LOGIT_ROWS ? k - r : LOGIT_ROWS;
-        m->op->gemm(m->be, m->lg, cvlm_be_row(m->be, m->h, (size_t)r, (size_t)D), D,
-                    &m->w->lm_head, NULL, cnt, V, D);
-        m->op->to_host(m->be, logits + (size_t)r * V, m->lg, (size_t)cnt * V);
+        m->op->gemm(m->be, m->logits_chunk, cvlm_be_row(m->be, h, (size_t)r, (size_t)D), D,
+                    &m->w->lm_head, NULL, cnt, V, D); /* [cnt, V] */
+        m->op->to_host(m->be, logits + (size_t)r * V, m->logits_chunk, (size_t)cnt * V);
     }
 }
 
@@ -467,9 +518,11 @@ void cvlm_rank_forward(struct cvlm_rank *m, const struct cvlm_batch *b, float *l
 {
     int D = m->c->hidden_size, n = b->n_tokens, nl = permute(m, b);
     struct cvlm_attn_batch ab = {n, m->seq_p, m->slot_p, b->seqs, m->block_size};
+    /* x [n, D] = embeddings (image slots: their feature rows); h = RMS(x) for layer 0 */
     m->op->embed(m->be, m->x, &m->w->embed, m->ids_p, n, D);
     splice_image(m, b, n);
-    m->op->rmsnorm(m->be, m->h, m->x, &m->w->layers[0].input_norm, n, D, m->c->rms_norm_eps);
+    m->op->rmsnorm(m->be, m->branch, m->x, &m->w->layers[0].input_norm, n, D,
+                   m->c->rms_norm_eps);
     for (int l = 0; l < m->c->num_layers; l++) {
         debug_rows(m, b, l, m->x, n, m->inv);
         decoder_layer(m, l, &ab, nl);
