@@ -275,15 +275,20 @@ void cvlm_model_feats_to_host(struct cvlm_model *m, const struct cvlm_feats *f, 
 
 /* ---- calls --------------------------------------------------------------------------- */
 
-/* The first error any rank's backend recorded (device backends: a failed launch). */
+/* The first error any rank recorded: its backend's (device backends: a failed launch;
+ * the op checks: a violated contract) or a failed all-reduce. Every rank's record is read
+ * (and cleared), whichever is reported. */
 static int status(struct cvlm_model *m)
 {
+    int first = 0;
     for (int r = 0; r < m->tp; r++) {
         int rc = m->be[r]->ops->status ? m->be[r]->ops->status(m->be[r]) : 0;
-        if (rc)
-            return rc;
+        if (!rc)
+            rc = cvlm_rank_comm_status(m->rank[r]);
+        if (rc && !first)
+            first = rc;
     }
-    return 0;
+    return first;
 }
 
 int cvlm_model_encode_image(struct cvlm_model *m, const float *pixels, struct cvlm_feats *f,

@@ -26,6 +26,7 @@
 #include "engine/error.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -37,6 +38,8 @@ struct cvlm_rank {
     struct cvlm_backend *be;
     const struct cvlm_backend_i *op;
     struct cvlm_comm *comm;
+    int comm_rc;                /* the first failed all-reduce since the last status */
+    char comm_err[256];         /* ... and where it was (file:line) */
     int rank, tp;
     int Dl, Hl, Il, dl, vHl, Fl; /* the rank's widths (see the top of the file) */
     int max_tokens, block_size, kv_blocks;
@@ -74,6 +77,28 @@ struct cvlm_rank {
     void *adapter_up;   /* [np, I] glu up */
     int32_t *vit_pos_ids; /* [N] host: 0..N-1, the position-embedding rows */
 };
+
+/* All-reduce of n activations across the ranks (engine/comm.h). Every rank calls it (a
+ * rank that skipped one would leave the others waiting); the first failure is kept with
+ * its file:line and fails the step through cvlm_rank_comm_status(). */
+#define ALLREDUCE(m, buf, n) allreduce_checked((m), (buf), (n), __FILE__, __LINE__)
+static void allreduce_checked(struct cvlm_rank *m, void *buf, size_t n, const char *file,
+                              int line)
+{
+    int rc = cvlm_comm_allreduce(m->comm, buf, n);
+    if (rc && !m->comm_rc) {
+        m->comm_rc = rc;
+        snprintf(m->comm_err, sizeof(m->comm_err), "%s:%d: all-reduce of %zu values: %s", file,
+                 line, n, cvlm_last_error());
+    }
+}
+
+int cvlm_rank_comm_status(struct cvlm_rank *m)
+{
+    int rc = m->comm_rc;
+    m->comm_rc = 0;
+    return rc ? cvlm_errf(rc, "%s", m->comm_err) : 0;
+}
 
 /* ---- creation ------------------------------------------------------------------------ */
 
@@ -280,14 +305,14 @@ static void vit_layer(struct cvlm_rank *m, const struct cvlm_vit_layer *L, int N
     op->gemm(m->be, qkv, x, d, &L->qkv_w, &L->qkv_b, N, 3 * dl, d);
     op->attention_full(m->be, att, qkv, N, m->vHl, hd);
     op->gemm(m->be, br, att, dl, &L->dense_w, opt(&L->dense_b), N, d, dl);
-    cvlm_comm_allreduce(m->comm, br, (size_t)N * d);
+    ALLREDUCE(m, br, (size_t)N * d);
     op->layernorm(m->be, br, br, &L->ln_in_w, &L->ln_in_b, N, d, eps);
     op->add(m->be, x, br, (size_t)N * d);
     /* x = x + LN_post(fc2(gelu(fc1(x)))) */
     op->gemm(m->be, mlp, x, d, &L->fc1_w, &L->fc1_b, N, Fl, d);
     op->gelu(m->be, mlp, (size_t)N * Fl);
     op->gemm(m->be, br, mlp, Fl, &L->fc2_w, opt(&L->fc2_b), N, d, Fl);
-    cvlm_comm_allreduce(m->comm, br, (size_t)N * d);
+    ALLREDUCE(m, br, (size_t)N * d);
     op->layernorm(m->be, br, br, &L->ln_post_w, &L->ln_post_b, N, d, eps);
     op->add(m->be, x, br, (size_t)N * d);
 }
@@ -460,14 +485,14 @@ static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_bat
     op->kv_write(m->be, &m->kv[l], k, v, S, ab, H, hd);
     op->attention_paged(m->be, att, q, S, &m->kv[l], ab, H, hd);
     expert_gemm(m, h, att, L->dense, n, nl, D, Dl);
-    cvlm_comm_allreduce(m->comm, h, (size_t)n * D);
+    ALLREDUCE(m, h, (size_t)n * D);
     add_norm(m, h, x, h, &L->post_norm, n); /* x += h; h = RMS(x) */
     /* MLP: x += down(silu(gate(h)) * up(h)), h = RMS(x), per expert; one all-reduce */
     expert_gemm(m, gate, h, L->gate, n, nl, Il, D);
     expert_gemm(m, up, h, L->up, n, nl, Il, D);
     op->silu_mul(m->be, gate, gate, up, Il, n, Il);
     expert_gemm(m, h, gate, L->down, n, nl, D, Il);
-    cvlm_comm_allreduce(m->comm, h, (size_t)n * D);
+    ALLREDUCE(m, h, (size_t)n * D);
     if (l + 1 < m->c->num_layers)
         add_norm(m, h, x, h, &m->w->layers[l + 1].input_norm, n);
     else

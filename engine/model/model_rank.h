@@ -31,6 +31,9 @@ void cvlm_rank_forward(struct cvlm_rank *m, const struct cvlm_batch *b, float *l
 void cvlm_rank_encode_image(struct cvlm_rank *m, const float *pixels, struct cvlm_feats *f,
                             float *vit_out);
 int cvlm_rank_max_tokens(const struct cvlm_rank *m);
+/* The first all-reduce that failed since the last call (0 if none), as an error with
+ * its file:line; clears it. */
+int cvlm_rank_comm_status(struct cvlm_rank *m);
 int cvlm_rank_kv_blocks(const struct cvlm_rank *m);
 int cvlm_rank_block_size(const struct cvlm_rank *m);
 
