@@ -81,7 +81,8 @@ MODEL_ARGS ?= --model ../shared/data/golden-tiny/model-bf16 \
               --tokenizer ../shared/data/llama2-tokenizer.model
 endif
 
-.PHONY: all deps test unit-test asan asan-test check-cuda check-layout run clean bench fuzz fuzz-run fuzz-smoke
+.PHONY: all deps test unit-test asan asan-test check-cuda check-layout check-format format run \
+        clean bench fuzz fuzz-run fuzz-smoke
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
@@ -149,13 +150,28 @@ deps:
 # The whole suite: deps, build, CUDA compile check (when nvcc exists), 20 s of each fuzz
 # target, the unit and API suites under ASan + UBSan, then every suite on the normal
 # build. The last line printed is the suite's "N passed, N failed".
-test: deps check-layout all check-cuda fuzz-smoke asan-test unit-test
+test: deps check-layout check-format all check-cuda fuzz-smoke asan-test unit-test
 
 # The layering rules (docs/ARCHITECTURE.md) on every #include, and the checker's own
 # self-test (each rule rejects a planted violation).
 check-layout:
 	$(Q)python3 tools/check_layout.py --self-test
 	$(Q)python3 tools/check_layout.py
+
+# Format is mechanical: .clang-format for every C/CUDA file (`make format` rewrites them,
+# `make check-format` fails on any file it would change, and on any line over 100 columns
+# in them: comments included, which clang-format does not reflow).
+FORMAT_SRCS = $(shell git ls-files '*.c' '*.h' '*.cu' '*.cuh' 2>/dev/null)
+format:
+	$(Q)clang-format -i $(FORMAT_SRCS)
+
+check-format:
+	$(Q)clang-format --dry-run -Werror $(FORMAT_SRCS)
+	$(Q)python3 -c 'import sys; bad = [f"{f}:{i}: {len(l)} columns" for f in sys.argv[1:] \
+	    for i, l in enumerate(open(f, encoding="utf-8", errors="replace"), 1) \
+	    if len(l.rstrip("\n")) > 100]; bad and print("\n".join(bad), \
+	    "\ncheck-format: lines over 100 columns"); sys.exit(1 if bad else 0)' $(FORMAT_SRCS)
+	@echo "check-format: $(words $(FORMAT_SRCS)) files formatted, no line over 100 columns"
 
 unit-test: $(BUILD)/tests/unit-tests $(BUILD)/cogvlm $(BUILD)/cogvlm-server
 	$(Q)COGVLM_BIN=$(abspath $(BUILD)/cogvlm) COGVLM_SERVER_BIN=$(abspath $(BUILD)/cogvlm-server) \

@@ -13,10 +13,10 @@
 #include <stddef.h>
 
 struct cvlm_buf {
-    char *p;     /* NULL until the first byte */
-    size_t len;  /* bytes held, not counting the terminating NUL */
-    size_t cap;  /* bytes allocated */
-    int failed;  /* an allocation failed */
+    char *p;    /* NULL until the first byte */
+    size_t len; /* bytes held, not counting the terminating NUL */
+    size_t cap; /* bytes allocated */
+    int failed; /* an allocation failed */
 };
 
 /* Room for `extra` more bytes (and the NUL). 0, or -1 when memory ran out. */

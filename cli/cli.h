@@ -11,9 +11,9 @@ struct cvlm_model_opts;
 
 /* The model placement options every subcommand that runs the model takes. */
 #define CVLM_CLI_MODEL_USAGE "[--backend cpu|cuda] [--tp N] [--device N] [--threads N]"
-#define CVLM_CLI_MODEL_HELP                                                               \
-    "--backend: cpu (default) or cuda; --tp N: tensor-parallel ranks (CPU: in-process\n"   \
-    "ranks sharing --threads; CUDA: GPUs device..device+N-1); --threads: CPU threads,\n"  \
+#define CVLM_CLI_MODEL_HELP                                                              \
+    "--backend: cpu (default) or cuda; --tp N: tensor-parallel ranks (CPU: in-process\n" \
+    "ranks sharing --threads; CUDA: GPUs device..device+N-1); --threads: CPU threads,\n" \
     "0 = one per core.\n"
 /* If argv[*i] is one of those options, stores its value, advances *i past it and returns
  * 1; returns 0 for another argument and -1 (message printed) for a bad value. */

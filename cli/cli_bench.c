@@ -13,10 +13,10 @@
  * --write-checkpoint DIR saves the text model's weights (config.json + safetensors) so
  * tools/bench/ can run llama.cpp on exactly the same weights.
  */
-#include "engine/error.h"
 #include "base/clock.h"
-#include "engine/model/model.h"
 #include "cli/cli.h"
+#include "engine/error.h"
+#include "engine/model/model.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -111,19 +111,19 @@ static int preset(const char *name, int vit_layers, struct cvlm_config *c)
 
 static int usage(int rc)
 {
-    fprintf(rc ? stderr : stdout,
-            "usage: cogvlm bench [--preset NAME | --config config.json] [--dtype bf16|f16|f32]\n"
-            "                    [--threads N] [--prompt-tokens 512] [--decode-tokens 64]\n"
-            "                    [--vision-layers 4] [--seed S] [--json FILE]\n"
-            "                    [--write-checkpoint DIR] [--logits-out FILE]\n"
-            "                    " CVLM_CLI_MODEL_USAGE "\n"
-            "Presets: llama-2048 (default; LLaMA-shaped, hidden 2048, 22 layers, 32 heads,\n"
-            "MLP 5632, vocab 32000), llama-small, cogvlm-17b-l2, vit-17b.\n"
-            "--vision-layers 0 skips the vision tower; --prompt-tokens 0 skips the text\n"
-            "model. --write-checkpoint saves the text model's random weights;\n"
-            "--logits-out writes the last prompt token's logits (raw float32).\n"
-            "On --backend cuda the random weights are generated on the device.\n"
-            CVLM_CLI_MODEL_HELP);
+    fprintf(
+        rc ? stderr : stdout,
+        "usage: cogvlm bench [--preset NAME | --config config.json] [--dtype bf16|f16|f32]\n"
+        "                    [--threads N] [--prompt-tokens 512] [--decode-tokens 64]\n"
+        "                    [--vision-layers 4] [--seed S] [--json FILE]\n"
+        "                    [--write-checkpoint DIR] [--logits-out FILE]\n"
+        "                    " CVLM_CLI_MODEL_USAGE "\n"
+        "Presets: llama-2048 (default; LLaMA-shaped, hidden 2048, 22 layers, 32 heads,\n"
+        "MLP 5632, vocab 32000), llama-small, cogvlm-17b-l2, vit-17b.\n"
+        "--vision-layers 0 skips the vision tower; --prompt-tokens 0 skips the text\n"
+        "model. --write-checkpoint saves the text model's random weights;\n"
+        "--logits-out writes the last prompt token's logits (raw float32).\n"
+        "On --backend cuda the random weights are generated on the device.\n" CVLM_CLI_MODEL_HELP);
     return rc;
 }
 
@@ -489,8 +489,7 @@ static int bench_vision(const struct bench_opts *o, struct bench_result *r)
     float *px = NULL;
     struct cvlm_feats *feats = NULL;
     int rc;
-    if ((rc = preset("vit-17b", o->vit_layers, &c)) ||
-        (rc = dummy_weights(o, &c, o->seed + 1, &w)))
+    if ((rc = preset("vit-17b", o->vit_layers, &c)) || (rc = dummy_weights(o, &c, o->seed + 1, &w)))
         return rc;
     size_t npx = (size_t)3 * c.vision.image_size * c.vision.image_size;
     if (!(px = malloc(npx * sizeof(float)))) {

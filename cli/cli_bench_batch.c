@@ -6,11 +6,11 @@
  * the time to first token of an image request cold, with a vision-cache hit (prefix
  * cache off) and with a prefix-cache hit.
  */
-#include "engine/engine.h"
 #include "base/clock.h"
-#include "engine/util/fileio.h"
-#include "engine/model/model.h"
 #include "cli/cli.h"
+#include "engine/engine.h"
+#include "engine/model/model.h"
+#include "engine/util/fileio.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -44,7 +44,7 @@ static int run_batch(struct cvlm_engine *e, const struct cvlm_request_params *ba
 {
     struct waiter w = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0};
     struct cvlm_request **r = calloc((size_t)n, sizeof(*r));
-    char (*text)[128] = calloc((size_t)n, 128);
+    char(*text)[128] = calloc((size_t)n, 128);
     int *done = calloc((size_t)n, sizeof(int)), left = n, seen = 0, rc = 0;
     memset(res, 0, sizeof(*res));
     if (!r || !text || !done)
@@ -54,7 +54,8 @@ static int run_batch(struct cvlm_engine *e, const struct cvlm_request_params *ba
         struct cvlm_request_params p = *base;
         snprintf(text[i], 128, "%s (request %d)", base->prompt, i); /* no shared prefix */
         p.prompt = text[i];
-        if ((rc = cvlm_request_create(e, &p, &r[i])) || (rc = cvlm_engine_submit(e, r[i], on_wake, &w)))
+        if ((rc = cvlm_request_create(e, &p, &r[i])) ||
+            (rc = cvlm_engine_submit(e, r[i], on_wake, &w)))
             fprintf(stderr, "bench-batch: %s\n", cvlm_last_error());
     }
     while (!rc && left > 0) {
@@ -122,8 +123,10 @@ static double image_ttft(struct cvlm_engine *e, const struct cvlm_request_params
 
 int cvlm_cli_bench_batch(int argc, char **argv)
 {
-    struct cvlm_engine_opts eo = {.kv_bytes = (size_t)1 << 30, .max_seqs = 64,
-                                  .max_batched_tokens = 1024, .vision_cache_bytes = 64 << 20};
+    struct cvlm_engine_opts eo = {.kv_bytes = (size_t)1 << 30,
+                                  .max_seqs = 64,
+                                  .max_batched_tokens = 1024,
+                                  .vision_cache_bytes = 64 << 20};
     struct cvlm_request_params p = {0};
     const char *image = NULL, *json = NULL;
     int levels[8] = {1, 4, 16, 64}, n_levels = 4;
@@ -135,7 +138,9 @@ int cvlm_cli_bench_batch(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         struct cvlm_model_opts mo = {.backend = (enum cvlm_backend_kind)eo.backend,
-                                     .tp = eo.tp, .threads = eo.threads, .device = eo.device};
+                                     .tp = eo.tp,
+                                     .threads = eo.threads,
+                                     .device = eo.device};
         int mrc = cvlm_cli_model_opt(argc, argv, &i, &mo);
         if (mrc < 0)
             return 2;
@@ -152,16 +157,21 @@ int cvlm_cli_bench_batch(int argc, char **argv)
             printf("usage: cogvlm bench-batch --model DIR [--tokenizer PATH] [--dummy-weights]\n"
                    "       [--concurrency 1,4,16,64] [--max-tokens 64] [--image PATH] "
                    "[--json FILE]\n       " CVLM_CLI_MODEL_USAGE "\n"
-                   "--dummy-weights: random weights of DIR/config.json (no safetensors).\n"
-                   CVLM_CLI_MODEL_HELP);
+                   "--dummy-weights: random weights of DIR/config.json (no "
+                   "safetensors).\n" CVLM_CLI_MODEL_HELP);
             return strcmp(a, "--help") ? 2 : 0;
         }
         i++;
-        if (!strcmp(a, "--model")) eo.model_dir = v;
-        else if (!strcmp(a, "--tokenizer")) eo.tokenizer = v;
-        else if (!strcmp(a, "--max-tokens")) p.max_tokens = atoi(v);
-        else if (!strcmp(a, "--image")) image = v;
-        else if (!strcmp(a, "--json")) json = v;
+        if (!strcmp(a, "--model"))
+            eo.model_dir = v;
+        else if (!strcmp(a, "--tokenizer"))
+            eo.tokenizer = v;
+        else if (!strcmp(a, "--max-tokens"))
+            p.max_tokens = atoi(v);
+        else if (!strcmp(a, "--image"))
+            image = v;
+        else if (!strcmp(a, "--json"))
+            json = v;
         else if (!strcmp(a, "--concurrency")) {
             n_levels = 0;
             for (char *s = (char *)v; *s && n_levels < 8; s += strspn(s, ","))
@@ -212,8 +222,10 @@ int cvlm_cli_bench_batch(int argc, char **argv)
             printf("image TTFT: cold %.1f ms, vision-cache hit %.1f ms, prefix-cache hit %.1f ms\n",
                    cold, warm, prefix);
             if (jf)
-                fprintf(jf, ", \"image_ttft_ms\": {\"cold\": %.2f, \"vision_cache_hit\": %.2f, "
-                            "\"prefix_cache_hit\": %.2f}", cold, warm, prefix);
+                fprintf(jf,
+                        ", \"image_ttft_ms\": {\"cold\": %.2f, \"vision_cache_hit\": %.2f, "
+                        "\"prefix_cache_hit\": %.2f}",
+                        cold, warm, prefix);
         }
         free(img);
     }

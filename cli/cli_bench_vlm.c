@@ -13,10 +13,10 @@
  * Every phase is warmed up once and synchronized (the model's calls return after the
  * backend's status check, which waits for the device). JSON for tests/gpu/run.sh.
  */
-#include "engine/error.h"
 #include "base/clock.h"
-#include "engine/model/model.h"
 #include "cli/cli.h"
+#include "engine/error.h"
+#include "engine/model/model.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -50,15 +50,24 @@ static double now_s(void)
 static void config_17b(struct cvlm_config *c, int layers, int vit_layers)
 {
     memset(c, 0, sizeof(*c));
-    *c = (struct cvlm_config){.vocab_size = 32000, .hidden_size = 4096,
-                              .intermediate_size = 11008, .num_layers = layers,
-                              .num_heads = 32, .max_position_embeddings = 4096,
-                              .rms_norm_eps = 1e-5f, .rope_theta = 10000.0f,
-                              .bos_token_id = 1, .eos_token_id = 2,
-                              .template_version = CVLM_TEMPLATE_CHAT, .has_vision = 1};
-    c->vision = (struct cvlm_vision_config){.image_size = 490, .patch_size = 14,
-                                            .in_channels = 3, .hidden_size = 1792,
-                                            .num_heads = 16, .num_layers = vit_layers,
+    *c = (struct cvlm_config){.vocab_size = 32000,
+                              .hidden_size = 4096,
+                              .intermediate_size = 11008,
+                              .num_layers = layers,
+                              .num_heads = 32,
+                              .max_position_embeddings = 4096,
+                              .rms_norm_eps = 1e-5f,
+                              .rope_theta = 10000.0f,
+                              .bos_token_id = 1,
+                              .eos_token_id = 2,
+                              .template_version = CVLM_TEMPLATE_CHAT,
+                              .has_vision = 1};
+    c->vision = (struct cvlm_vision_config){.image_size = 490,
+                                            .patch_size = 14,
+                                            .in_channels = 3,
+                                            .hidden_size = 1792,
+                                            .num_heads = 16,
+                                            .num_layers = vit_layers,
                                             .intermediate_size = 15360,
                                             .num_positions = 35 * 35 + 1,
                                             .layer_norm_eps = 1e-6f};
@@ -95,8 +104,13 @@ static int parse_batches(const char *v, struct vlm_opts *o)
 
 static int parse(int argc, char **argv, struct vlm_opts *o)
 {
-    *o = (struct vlm_opts){.dtype = CVLM_DTYPE_BF16, .question = 50, .steps = 32,
-                           .layers = 32, .vit_layers = 63, .batch = {1, 16, 64}, .n_batch = 3};
+    *o = (struct vlm_opts){.dtype = CVLM_DTYPE_BF16,
+                           .question = 50,
+                           .steps = 32,
+                           .layers = 32,
+                           .vit_layers = 63,
+                           .batch = {1, 16, 64},
+                           .n_batch = 3};
     for (int i = 1; i < argc; i++) {
         const char *a, *v;
         int k = cvlm_cli_arg(argc, argv, &i, &o->mo, &a, &v);
@@ -105,20 +119,30 @@ static int parse(int argc, char **argv, struct vlm_opts *o)
                 return k == 2 ? 1 : -1;
             continue;
         }
-        if (!strcmp(a, "--config")) o->config = v;
-        else if (!strcmp(a, "--json")) o->json = v;
-        else if (!strcmp(a, "--question-tokens")) o->question = atoi(v);
-        else if (!strcmp(a, "--decode-steps")) o->steps = atoi(v);
-        else if (!strcmp(a, "--layers")) o->layers = atoi(v);
-        else if (!strcmp(a, "--vit-layers")) o->vit_layers = atoi(v);
+        if (!strcmp(a, "--config"))
+            o->config = v;
+        else if (!strcmp(a, "--json"))
+            o->json = v;
+        else if (!strcmp(a, "--question-tokens"))
+            o->question = atoi(v);
+        else if (!strcmp(a, "--decode-steps"))
+            o->steps = atoi(v);
+        else if (!strcmp(a, "--layers"))
+            o->layers = atoi(v);
+        else if (!strcmp(a, "--vit-layers"))
+            o->vit_layers = atoi(v);
         else if (!strcmp(a, "--batch")) {
             if (parse_batches(v, o))
                 return -1;
         } else if (!strcmp(a, "--dtype")) {
-            if (!strcmp(v, "bf16")) o->dtype = CVLM_DTYPE_BF16;
-            else if (!strcmp(v, "f16")) o->dtype = CVLM_DTYPE_F16;
-            else if (!strcmp(v, "f32")) o->dtype = CVLM_DTYPE_F32;
-            else return -1;
+            if (!strcmp(v, "bf16"))
+                o->dtype = CVLM_DTYPE_BF16;
+            else if (!strcmp(v, "f16"))
+                o->dtype = CVLM_DTYPE_F16;
+            else if (!strcmp(v, "f32"))
+                o->dtype = CVLM_DTYPE_F32;
+            else
+                return -1;
         } else
             return -1;
     }
@@ -148,12 +172,16 @@ static int plan_prompt(struct plan *p, const struct cvlm_config *c, int question
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
     for (int t = 0; t < p->T; t++) {
         int rel = t - 1, in_img = rel >= 0 && rel < p->img_len;
-        p->ids[t] = t == 0 ? c->bos_token_id : 3 + (int32_t)(((uint32_t)t * 2654435761u) %
-                                                           (uint32_t)(c->vocab_size - 3));
+        p->ids[t] =
+            t == 0 ? c->bos_token_id
+                   : 3 + (int32_t)(((uint32_t)t * 2654435761u) % (uint32_t)(c->vocab_size - 3));
         p->img[t] = in_img ? rel : -1;
         p->expert[t] = in_img ? CVLM_EXPERT_VISION : CVLM_EXPERT_LANG;
-        p->pos[t] = t == 0 ? 0 : !in_img ? 4 + (rel - p->img_len) : rel == 0 ? 1
-                    : rel == p->img_len - 1 ? 3 : 2;
+        p->pos[t] = t == 0                  ? 0
+                    : !in_img               ? 4 + (rel - p->img_len)
+                    : rel == 0              ? 1
+                    : rel == p->img_len - 1 ? 3
+                                            : 2;
         p->slot[t] = t;
     }
     for (int b = 0; b < (p->T + bs - 1) / bs; b++)
@@ -167,14 +195,20 @@ static void plan_free(struct plan *p)
     free(p->bt);
 }
 
-static int prefill(struct cvlm_model *m, const struct plan *p, struct cvlm_feats *f,
-                   float *logits)
+static int prefill(struct cvlm_model *m, const struct plan *p, struct cvlm_feats *f, float *logits)
 {
     const struct cvlm_feats *fs[1] = {f};
     struct cvlm_seq_kv kv = {p->bt, (p->T + p->bs - 1) / p->bs};
-    struct cvlm_batch b = {.n_tokens = p->T, .ids = p->ids, .pos = p->pos, .expert = p->expert,
-                           .seq = p->seq, .slot = p->slot, .img_row = p->img, .img_feats = fs,
-                           .seqs = &kv, .n_seqs = 1};
+    struct cvlm_batch b = {.n_tokens = p->T,
+                           .ids = p->ids,
+                           .pos = p->pos,
+                           .expert = p->expert,
+                           .seq = p->seq,
+                           .slot = p->slot,
+                           .img_row = p->img,
+                           .img_feats = fs,
+                           .seqs = &kv,
+                           .n_seqs = 1};
     return cvlm_model_forward(m, &b, logits);
 }
 
@@ -201,8 +235,8 @@ static int dec_init(struct dec *d, const struct plan *p, int B, int steps)
     d->ids = calloc((size_t)B, 4), d->pos = calloc((size_t)B, 4), d->seq = calloc((size_t)B, 4);
     d->slot = calloc((size_t)B, 4), d->img = calloc((size_t)B, 4);
     d->expert = calloc((size_t)B, 1), d->want = calloc((size_t)B, 1);
-    if (!d->bt || !d->seqs || !d->ids || !d->pos || !d->seq || !d->slot || !d->img ||
-        !d->expert || !d->want)
+    if (!d->bt || !d->seqs || !d->ids || !d->pos || !d->seq || !d->slot || !d->img || !d->expert ||
+        !d->want)
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
     for (int s = 0; s < B; s++) {
         int32_t *t = d->bt + (size_t)s * d->nb;
@@ -231,9 +265,16 @@ static int dec_step(struct cvlm_model *m, struct dec *d, int pos0, int k, float 
         d->pos[s] = pos0 + k;
         d->ids[s] = 3 + (d->ids[s] * 31 + k) % 1000;
     }
-    struct cvlm_batch b = {.n_tokens = d->B, .ids = d->ids, .pos = d->pos, .expert = d->expert,
-                           .seq = d->seq, .slot = d->slot, .img_row = d->img, .seqs = d->seqs,
-                           .n_seqs = d->B, .want_logits = d->want};
+    struct cvlm_batch b = {.n_tokens = d->B,
+                           .ids = d->ids,
+                           .pos = d->pos,
+                           .expert = d->expert,
+                           .seq = d->seq,
+                           .slot = d->slot,
+                           .img_row = d->img,
+                           .seqs = d->seqs,
+                           .n_seqs = d->B,
+                           .want_logits = d->want};
     return cvlm_model_forward(m, &b, logits);
 }
 
@@ -332,21 +373,23 @@ static void report(const struct vlm_opts *o, const struct cvlm_config *c,
     const char *be = o->mo.backend == CVLM_BACKEND_CUDA ? "cuda" : "cpu";
     int tp = o->mo.tp > 1 ? o->mo.tp : 1;
     if (!json) {
-        printf("cogvlm bench-vlm: %s backend, tp %d, %s weights, LM %d layers, ViT %d layers\n",
-               be, tp, cvlm_dtype_name(o->dtype), c->num_layers, c->vision.num_layers);
-        printf("  vision tower+adapter  %.1f ms  (%.1f TFLOP/s of %.1f TFLOP)\n",
-               r->t_vision * 1e3, r->vision_flop / r->t_vision / 1e12, r->vision_flop / 1e12);
+        printf("cogvlm bench-vlm: %s backend, tp %d, %s weights, LM %d layers, ViT %d layers\n", be,
+               tp, cvlm_dtype_name(o->dtype), c->num_layers, c->vision.num_layers);
+        printf("  vision tower+adapter  %.1f ms  (%.1f TFLOP/s of %.1f TFLOP)\n", r->t_vision * 1e3,
+               r->vision_flop / r->t_vision / 1e12, r->vision_flop / 1e12);
         printf("  prefill %4d tokens    %.1f ms  (%.1f TFLOP/s)\n", r->T, r->t_prefill * 1e3,
                r->prefill_flop / r->t_prefill / 1e12);
         printf("  vision + prefill      %.1f ms\n", (r->t_vision + r->t_prefill) * 1e3);
         for (int i = 0; i < o->n_batch; i++)
-            printf("  decode batch %3d      %.1f tokens/s  (%.2f ms/step, %.0f GB/s read, ctx %d)\n",
-                   o->batch[i], o->batch[i] / r->t_step[i], r->t_step[i] * 1e3,
-                   r->step_bytes[i] / r->t_step[i] / 1e9, r->ctx);
+            printf(
+                "  decode batch %3d      %.1f tokens/s  (%.2f ms/step, %.0f GB/s read, ctx %d)\n",
+                o->batch[i], o->batch[i] / r->t_step[i], r->t_step[i] * 1e3,
+                r->step_bytes[i] / r->t_step[i] / 1e9, r->ctx);
         return;
     }
-    fprintf(f, "{\"backend\": \"%s\", \"tp\": %d, \"dtype\": \"%s\", \"layers\": %d, "
-               "\"vit_layers\": %d, \"prompt_tokens\": %d, \"decode_context\": %d,\n",
+    fprintf(f,
+            "{\"backend\": \"%s\", \"tp\": %d, \"dtype\": \"%s\", \"layers\": %d, "
+            "\"vit_layers\": %d, \"prompt_tokens\": %d, \"decode_context\": %d,\n",
             be, tp, cvlm_dtype_name(o->dtype), c->num_layers, c->vision.num_layers, r->T, r->ctx);
     fprintf(f, " \"vision_ms\": %.3f, \"vision_tflop\": %.4f, \"vision_tflops\": %.3f,\n",
             r->t_vision * 1e3, r->vision_flop / 1e12, r->vision_flop / r->t_vision / 1e12);
@@ -355,9 +398,11 @@ static void report(const struct vlm_opts *o, const struct cvlm_config *c,
             (r->t_vision + r->t_prefill) * 1e3);
     fprintf(f, " \"decode\": [");
     for (int i = 0; i < o->n_batch; i++)
-        fprintf(f, "%s{\"batch\": %d, \"tok_s\": %.3f, \"step_ms\": %.4f, \"bytes_per_step\": %.0f, "
-                   "\"gb_s\": %.3f}", i ? ", " : "", o->batch[i], o->batch[i] / r->t_step[i],
-                r->t_step[i] * 1e3, r->step_bytes[i], r->step_bytes[i] / r->t_step[i] / 1e9);
+        fprintf(f,
+                "%s{\"batch\": %d, \"tok_s\": %.3f, \"step_ms\": %.4f, \"bytes_per_step\": %.0f, "
+                "\"gb_s\": %.3f}",
+                i ? ", " : "", o->batch[i], o->batch[i] / r->t_step[i], r->t_step[i] * 1e3,
+                r->step_bytes[i], r->step_bytes[i] / r->t_step[i] / 1e9);
     fprintf(f, "]}\n");
 }
 

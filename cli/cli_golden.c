@@ -17,12 +17,12 @@
  * differing token fails only if it is not a near tie (reference margin of our token over
  * 2 * tolerance * max(1, |logit|)).
  */
+#include "cli/cli.h"
 #include "engine/error.h"
-#include "engine/util/fileio.h"
 #include "engine/image/image.h"
 #include "engine/model/model.h"
 #include "engine/text/template.h"
-#include "cli/cli.h"
+#include "engine/util/fileio.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -71,7 +71,8 @@ static float *load_array(const struct golden *g, json_t *desc, size_t *n)
     float *buf;
     if (!json_is_string(json_object_get(desc, "file")) || !json_is_array(shape))
         return NULL;
-    json_array_foreach(shape, i, v) cnt *= (size_t)json_integer_value(v);
+    json_array_foreach (shape, i, v)
+        cnt *= (size_t)json_integer_value(v);
     snprintf(path, sizeof(path), "%s/%s", g->dir, json_string_value(json_object_get(desc, "file")));
     if (!(f = fopen(path, "rb")))
         return NULL;
@@ -152,11 +153,19 @@ static int prefill(struct cvlm_model *m, struct run *r, int from, int to)
                      : -1;
         want[i] = 1;
     }
-    struct cvlm_batch b = {.n_tokens = n, .ids = r->p.ids + from, .pos = r->p.pos + from,
-                           .expert = r->p.expert + from, .seq = seq, .slot = slot,
-                           .img_row = img, .img_feats = (const struct cvlm_feats *const *)&r->feats,
-                           .seqs = &r->seq, .n_seqs = 1,
-                           .want_logits = want, .on_hidden = on_hidden, .dbg_ctx = &r->cap};
+    struct cvlm_batch b = {.n_tokens = n,
+                           .ids = r->p.ids + from,
+                           .pos = r->p.pos + from,
+                           .expert = r->p.expert + from,
+                           .seq = seq,
+                           .slot = slot,
+                           .img_row = img,
+                           .img_feats = (const struct cvlm_feats *const *)&r->feats,
+                           .seqs = &r->seq,
+                           .n_seqs = 1,
+                           .want_logits = want,
+                           .on_hidden = on_hidden,
+                           .dbg_ctx = &r->cap};
     r->cap.offset = from;
     rc = cvlm_model_forward(m, &b, r->logits + (size_t)from * V);
 out:
@@ -178,8 +187,14 @@ static int generate(struct cvlm_model *m, struct run *r, int steps, const int32_
         int32_t id = forced ? forced[k - 1] : r->tokens[k - 1];
         int32_t pos = r->p.next_pos + k - 1, slot = T + k - 1, seq = 0;
         uint8_t expert = CVLM_EXPERT_LANG;
-        struct cvlm_batch b = {.n_tokens = 1, .ids = &id, .pos = &pos, .expert = &expert,
-                               .seq = &seq, .slot = &slot, .seqs = &r->seq, .n_seqs = 1};
+        struct cvlm_batch b = {.n_tokens = 1,
+                               .ids = &id,
+                               .pos = &pos,
+                               .expert = &expert,
+                               .seq = &seq,
+                               .slot = &slot,
+                               .seqs = &r->seq,
+                               .n_seqs = 1};
         int rc = cvlm_model_forward(m, &b, r->gen_logits + (size_t)k * V);
         if (rc)
             return rc;
@@ -267,8 +282,8 @@ static int token_diff(const struct golden *g, int k, int want, int got, const fl
 
 /* --tokens report: agreement of the teacher-forced greedy tokens; 1 unless a differing
  * token is not a near tie. */
-static int token_report(struct golden *g, json_t *gen, const struct run *r,
-                        const int32_t *want, int steps, int V)
+static int token_report(struct golden *g, json_t *gen, const struct run *r, const int32_t *want,
+                        int steps, int V)
 {
     size_t n = 0;
     float *ref = load_array(g, json_object_get(gen, "logits"), &n);
@@ -296,9 +311,10 @@ static int setup_run(struct golden *g, struct cvlm_model *m, json_t *c, struct r
     const char *t = json_string_value(json_object_get(c, "template_version"));
     const char *q = json_string_value(json_object_get(c, "query"));
     int has_image = json_is_true(json_object_get(c, "has_image")), rc;
-    enum cvlm_template tmpl = !t ? cfg->template_version
+    enum cvlm_template tmpl = !t                   ? cfg->template_version
                               : !strcmp(t, "base") ? CVLM_TEMPLATE_BASE
-                              : !strcmp(t, "vqa") ? CVLM_TEMPLATE_VQA : CVLM_TEMPLATE_CHAT;
+                              : !strcmp(t, "vqa")  ? CVLM_TEMPLATE_VQA
+                                                   : CVLM_TEMPLATE_CHAT;
     if (!q)
         return cvlm_errf(CVLM_EFORMAT, "case without a query");
     if ((rc = cvlm_prompt_build(cfg, g->tok, tmpl, NULL, 0, q, has_image, &r->p)))
@@ -489,15 +505,16 @@ static void run_all(struct golden *g)
         g->failed++;
     } else {
         prepare_image(g, &w->cfg);
-        json_array_foreach(cases, i, c) run_case(g, m, c,
-                                                 json_string_value(json_object_get(c, "name")), 1);
+        json_array_foreach (cases, i, c)
+            run_case(g, m, c, json_string_value(json_object_get(c, "name")), 1);
     }
     cvlm_model_destroy(m);
     cvlm_weights_destroy(w);
-    json_array_foreach(json_object_get(g->man, "bf16_checks"), i, c) {
+    json_array_foreach (json_object_get(g->man, "bf16_checks"), i, c) {
         const char *variant = json_string_value(json_object_get(c, "variant"));
         enum cvlm_rope_freq rf = variant && !strcmp(variant, "inv_freq_exact")
-                                     ? CVLM_ROPE_FREQ_EXACT : CVLM_ROPE_FREQ_FILE;
+                                     ? CVLM_ROPE_FREQ_EXACT
+                                     : CVLM_ROPE_FREQ_FILE;
         char label[256];
         const char *name = json_string_value(json_object_get(c, "name"));
         snprintf(label, sizeof(label), "bf16 %s (%s)", name ? name : "?", variant ? variant : "?");
@@ -537,8 +554,7 @@ static int parse_args(int argc, char **argv, struct golden *g, const char **tok)
                    "--tokens: exact (default; cpu): free greedy decoding, every token must\n"
                    "match; report (default with --backend cuda): the reference tokens are fed,\n"
                    "agreement and the top-2 margins of differing tokens are reported, and only\n"
-                   "a difference that is not a near tie fails.\n"
-                   CVLM_CLI_MODEL_HELP);
+                   "a difference that is not a near tie fails.\n" CVLM_CLI_MODEL_HELP);
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }

@@ -4,10 +4,10 @@
  * (so a bad checkpoint fails here with the loader's message) and prints the shapes,
  * parameter counts and byte sizes per component.
  */
-#include "engine/error.h"
-#include "engine/text/tokenizer.h"
-#include "engine/model/weights.h"
 #include "cli/cli.h"
+#include "engine/error.h"
+#include "engine/model/weights.h"
+#include "engine/text/tokenizer.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -51,8 +51,8 @@ static void describe(const char *dir, struct cvlm_weights *w)
                c->vision.image_size, c->vision.image_size, c->vision.patch_size,
                cvlm_config_num_patches(c), cvlm_config_image_tokens(c), c->vision.hidden_size,
                c->vision.num_layers, c->vision.num_heads, c->vision.intermediate_size);
-    printf("parameters  %lld language model, %lld vision tower + adapter\n",
-           (long long)t.params[0], (long long)t.params[1]);
+    printf("parameters  %lld language model, %lld vision tower + adapter\n", (long long)t.params[0],
+           (long long)t.params[1]);
     printf("weights     %.1f MiB (tensors: %zu F32, %zu F16, %zu BF16)\n",
            (double)t.bytes / (1 << 20), t.by_dtype[CVLM_DTYPE_F32], t.by_dtype[CVLM_DTYPE_F16],
            t.by_dtype[CVLM_DTYPE_BF16]);

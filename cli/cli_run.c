@@ -5,14 +5,14 @@
  * stdout. Timings go to stderr: image preprocess ms, vision tower ms, prefill tokens/s,
  * decode tokens/s.
  */
-#include "engine/error.h"
 #include "base/clock.h"
-#include "engine/util/fileio.h"
+#include "cli/cli.h"
+#include "engine/error.h"
 #include "engine/image/image.h"
 #include "engine/model/model.h"
 #include "engine/sched/sampler.h"
 #include "engine/text/template.h"
-#include "cli/cli.h"
+#include "engine/util/fileio.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,14 +31,14 @@ struct run_opts {
 
 static int usage(int rc)
 {
-    fprintf(rc ? stderr : stdout,
-            "usage: cogvlm run [--model DIR] [--tokenizer PATH] [--image PATH] --prompt TEXT\n"
-            "                  [--template chat|vqa|base] [--max-tokens N] [--temperature T]\n"
-            "                  [--top-p P] [--top-k K] [--seed S]\n"
-            "                  " CVLM_CLI_MODEL_USAGE "\n"
-            "Defaults: --model " DEFAULT_MODEL ", tokenizer DIR/tokenizer.model, the model's\n"
-            "template, 128 new tokens, greedy (temperature 0), threads = cores.\n"
-            CVLM_CLI_MODEL_HELP);
+    fprintf(
+        rc ? stderr : stdout,
+        "usage: cogvlm run [--model DIR] [--tokenizer PATH] [--image PATH] --prompt TEXT\n"
+        "                  [--template chat|vqa|base] [--max-tokens N] [--temperature T]\n"
+        "                  [--top-p P] [--top-k K] [--seed S]\n"
+        "                  " CVLM_CLI_MODEL_USAGE "\n"
+        "Defaults: --model " DEFAULT_MODEL ", tokenizer DIR/tokenizer.model, the model's\n"
+        "template, 128 new tokens, greedy (temperature 0), threads = cores.\n" CVLM_CLI_MODEL_HELP);
     return rc;
 }
 
@@ -56,17 +56,28 @@ static int parse(int argc, char **argv, struct run_opts *o)
                 return k == 2 ? 1 : -1;
             continue;
         }
-        if (!strcmp(a, "--model")) o->model = v;
-        else if (!strcmp(a, "--tokenizer")) o->tokenizer = v;
-        else if (!strcmp(a, "--image")) o->image = v;
-        else if (!strcmp(a, "--prompt")) o->prompt = v;
-        else if (!strcmp(a, "--template")) o->tmpl = v;
-        else if (!strcmp(a, "--max-tokens")) o->max_tokens = atoi(v);
-        else if (!strcmp(a, "--temperature")) o->sp.temperature = (float)atof(v);
-        else if (!strcmp(a, "--top-p")) o->sp.top_p = (float)atof(v);
-        else if (!strcmp(a, "--top-k")) o->sp.top_k = atoi(v);
-        else if (!strcmp(a, "--seed")) o->sp.seed = strtoull(v, NULL, 10);
-        else return -1;
+        if (!strcmp(a, "--model"))
+            o->model = v;
+        else if (!strcmp(a, "--tokenizer"))
+            o->tokenizer = v;
+        else if (!strcmp(a, "--image"))
+            o->image = v;
+        else if (!strcmp(a, "--prompt"))
+            o->prompt = v;
+        else if (!strcmp(a, "--template"))
+            o->tmpl = v;
+        else if (!strcmp(a, "--max-tokens"))
+            o->max_tokens = atoi(v);
+        else if (!strcmp(a, "--temperature"))
+            o->sp.temperature = (float)atof(v);
+        else if (!strcmp(a, "--top-p"))
+            o->sp.top_p = (float)atof(v);
+        else if (!strcmp(a, "--top-k"))
+            o->sp.top_k = atoi(v);
+        else if (!strcmp(a, "--seed"))
+            o->sp.seed = strtoull(v, NULL, 10);
+        else
+            return -1;
     }
     if (!o->prompt || o->max_tokens < 1 || o->sp.temperature < 0 || o->sp.top_p <= 0 ||
         o->sp.top_p > 1 || o->sp.top_k < 0)
@@ -111,9 +122,10 @@ static int open_session(const struct run_opts *o, struct session *s)
     if ((rc = cvlm_tokenizer_load(o->tokenizer ? o->tokenizer : path, &s->tok)))
         return rc;
     const struct cvlm_config *c = &s->w->cfg;
-    enum cvlm_template t = !o->tmpl ? c->template_version
+    enum cvlm_template t = !o->tmpl                   ? c->template_version
                            : !strcmp(o->tmpl, "base") ? CVLM_TEMPLATE_BASE
-                           : !strcmp(o->tmpl, "vqa") ? CVLM_TEMPLATE_VQA : CVLM_TEMPLATE_CHAT;
+                           : !strcmp(o->tmpl, "vqa")  ? CVLM_TEMPLATE_VQA
+                                                      : CVLM_TEMPLATE_CHAT;
     if ((rc = cvlm_prompt_build(c, s->tok, t, NULL, 0, o->prompt, o->image != NULL, &s->p)))
         return rc;
     int total = s->p.n + o->max_tokens, bs = 16;
@@ -181,10 +193,16 @@ static int feed(struct session *s, int from, int to, const int32_t *pos, const u
         slot[i] = at;
         img[i] = s->p.image_start >= 0 && rel >= 0 && rel < img_len ? rel : -1;
     }
-    struct cvlm_batch b = {.n_tokens = n, .ids = s->tokens + from, .pos = pos, .expert = expert,
-                           .seq = seq, .slot = slot, .img_row = img,
+    struct cvlm_batch b = {.n_tokens = n,
+                           .ids = s->tokens + from,
+                           .pos = pos,
+                           .expert = expert,
+                           .seq = seq,
+                           .slot = slot,
+                           .img_row = img,
                            .img_feats = (const struct cvlm_feats *const *)&s->feats,
-                           .seqs = &kv, .n_seqs = 1};
+                           .seqs = &kv,
+                           .n_seqs = 1};
     rc = cvlm_model_forward(s->m, &b, s->logits);
 out:
     free(seq);
@@ -252,8 +270,9 @@ int cvlm_cli_run(int argc, char **argv)
     }
     if (o.image)
         fprintf(stderr, "image preprocess %.1f ms, vision tower %.1f ms\n", s.t_img, s.t_vit);
-    fprintf(stderr, "prefill %d tokens in %.1f ms (%.1f tokens/s), decode %d tokens in %.1f ms "
-                    "(%.1f tokens/s), %s backend, tp %d, %d threads per rank\n",
+    fprintf(stderr,
+            "prefill %d tokens in %.1f ms (%.1f tokens/s), decode %d tokens in %.1f ms "
+            "(%.1f tokens/s), %s backend, tp %d, %d threads per rank\n",
             s.p.n, s.t_prefill, s.p.n / (s.t_prefill / 1e3), s.n_decoded, s.t_decode,
             s.n_decoded > 0 ? s.n_decoded / (s.t_decode / 1e3) : 0.0,
             cvlm_model_backend(s.m)->ops->name, cvlm_model_tp(s.m),

@@ -13,9 +13,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli/cli.h"
 #include "engine/error.h"
 #include "engine/text/tokenizer.h"
-#include "cli/cli.h"
 
 static void usage(FILE *f)
 {

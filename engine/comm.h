@@ -43,7 +43,8 @@ static inline int cvlm_comm_allreduce(struct cvlm_comm *c, void *buf, size_t n)
 }
 
 /* Creates the n handles of one group over the ranks' backends be[0..n): out[r] for rank r.
- * n == 1 gives the no-op (for any backend). Returns 0 or a negative CVLM_E* code (nothing created). */
+ * n == 1 gives the no-op (for any backend). Returns 0 or a negative CVLM_E* code (nothing
+ * created). */
 int cvlm_comm_cpu_group_create(struct cvlm_backend *const *be, int n, struct cvlm_comm **out);
 int cvlm_comm_nccl_group_create(struct cvlm_backend *const *be, int n, struct cvlm_comm **out);
 

@@ -48,9 +48,9 @@ static int alloc_scratch(struct cvlm_engine *e)
     e->logits = malloc(S * V * sizeof(float));
     e->lp_scratch = malloc(V * sizeof(float));
     e->enc_req = malloc(S * sizeof(*e->enc_req));
-    return e->b_ids && e->b_pos && e->b_seq && e->b_slot && e->b_img && e->b_expert &&
-                   e->b_want && e->b_seqs && e->b_feats && e->b_req && e->b_nfed &&
-                   e->running && e->logits && e->lp_scratch && e->enc_req
+    return e->b_ids && e->b_pos && e->b_seq && e->b_slot && e->b_img && e->b_expert && e->b_want &&
+                   e->b_seqs && e->b_feats && e->b_req && e->b_nfed && e->running && e->logits &&
+                   e->lp_scratch && e->enc_req
                ? 0
                : cvlm_errf(CVLM_ENOMEM, "out of memory");
 }
@@ -85,8 +85,8 @@ static int load_tokenizer(struct cvlm_engine *e)
         return cvlm_errf(CVLM_ESHAPE,
                          "the tokenizer %s has %d pieces but %s/config.json has vocab_size %d: "
                          "ids from %d up would have no embedding; use the model's own tokenizer",
-                         o->tokenizer ? o->tokenizer : path, n, o->model_dir,
-                         e->w->cfg.vocab_size, e->w->cfg.vocab_size);
+                         o->tokenizer ? o->tokenizer : path, n, o->model_dir, e->w->cfg.vocab_size,
+                         e->w->cfg.vocab_size);
     return 0;
 }
 
@@ -100,9 +100,12 @@ static int load(struct cvlm_engine *e)
     if ((rc = load_tokenizer(e)))
         return rc;
     const struct cvlm_config *c = &e->w->cfg;
-    struct cvlm_model_opts mo = {.max_tokens = o->max_batched_tokens, .kv_bytes = o->kv_bytes,
-                                 .block_size = o->block_size, .threads = o->threads,
-                                 .backend = (enum cvlm_backend_kind)o->backend, .tp = o->tp,
+    struct cvlm_model_opts mo = {.max_tokens = o->max_batched_tokens,
+                                 .kv_bytes = o->kv_bytes,
+                                 .block_size = o->block_size,
+                                 .threads = o->threads,
+                                 .backend = (enum cvlm_backend_kind)o->backend,
+                                 .tp = o->tp,
                                  .device = o->device};
     if ((rc = cvlm_model_create(e->w, &mo, &e->model)))
         return rc;
@@ -224,9 +227,9 @@ void cvlm_engine_destroy(struct cvlm_engine *e)
     }
     if (e->kv)
         cvlm_sched_abort_all(e);
-    void *scratch[] = {e->b_ids, e->b_pos, e->b_seq, e->b_slot, e->b_img, e->b_expert,
-                       e->b_want, e->b_seqs, e->b_feats, e->b_req, e->b_nfed, e->running,
-                       e->logits, e->lp_scratch, e->enc_req};
+    void *scratch[] = {e->b_ids,    e->b_pos,   e->b_seq,  e->b_slot,     e->b_img,
+                       e->b_expert, e->b_want,  e->b_seqs, e->b_feats,    e->b_req,
+                       e->b_nfed,   e->running, e->logits, e->lp_scratch, e->enc_req};
     for (size_t i = 0; i < sizeof(scratch) / sizeof(scratch[0]); i++)
         free(scratch[i]);
     cvlm_vc_destroy(e->vc);

@@ -72,8 +72,8 @@ struct cvlm_chat_turn {
 
 enum cvlm_finish {
     CVLM_FINISH_NONE = 0,
-    CVLM_FINISH_STOP,      /* EOS, a stop string or a stop token */
-    CVLM_FINISH_LENGTH,    /* max_tokens or the context length */
+    CVLM_FINISH_STOP,   /* EOS, a stop string or a stop token */
+    CVLM_FINISH_LENGTH, /* max_tokens or the context length */
     CVLM_FINISH_CANCELLED,
     CVLM_FINISH_ERROR,
 };
@@ -87,17 +87,17 @@ struct cvlm_request_params {
     const char *prompt;
     const struct cvlm_chat_turn *history;
     int n_history;
-    const char *template_name;  /* NULL: the model's; "base" | "chat" | "vqa" */
-    const void *image;          /* encoded image bytes (JPEG/PNG/WebP/GIF) or NULL */
+    const char *template_name; /* NULL: the model's; "base" | "chat" | "vqa" */
+    const void *image;         /* encoded image bytes (JPEG/PNG/WebP/GIF) or NULL */
     size_t image_len;
     struct cvlm_sampling sampling;
-    int max_tokens;             /* 0: up to the context length */
-    const char *const *stop;    /* stop strings, matched on the output text */
+    int max_tokens;          /* 0: up to the context length */
+    const char *const *stop; /* stop strings, matched on the output text */
     int n_stop;
     const int32_t *stop_ids;
     int n_stop_ids;
     int ignore_eos;
-    int logprobs;               /* -1: none; else top alternatives per token (0..20) */
+    int logprobs; /* -1: none; else top alternatives per token (0..20) */
     /* OpenAI logit_bias: up to CVLM_MAX_LOGIT_BIAS entries (copied; ids in [0, vocab_size),
      * biases in [-100, 100], an id listed twice adds up). Each bias is added to the raw
      * logit before penalties, temperature and the filters, so it steers greedy decoding
@@ -147,12 +147,12 @@ struct cvlm_token_out {
 };
 
 struct cvlm_output {
-    char *text;                   /* new output text, whole UTF-8 (malloc'd, may be NULL) */
+    char *text; /* new output text, whole UTF-8 (malloc'd, may be NULL) */
     size_t text_len;
     struct cvlm_token_out *tokens; /* new tokens (malloc'd), if logprobs were asked */
     int n_tokens;
-    enum cvlm_finish finish;      /* set once, on the last take */
-    char error[256];              /* CVLM_FINISH_ERROR: what went wrong */
+    enum cvlm_finish finish; /* set once, on the last take */
+    char error[256];         /* CVLM_FINISH_ERROR: what went wrong */
     int prompt_tokens, completion_tokens;
     /* timings (ms), final on the last take: queue wait, vision tower, time to first
      * token from submit, end-to-end */

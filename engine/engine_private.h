@@ -10,12 +10,12 @@
 #define CVLM_ENGINE_PRIVATE_H
 
 #include "engine/engine.h"
-#include "engine/sched/kvcache.h"
 #include "engine/model/model.h"
-#include "engine/sched/request.h"
-#include "engine/text/tokenizer.h"
-#include "engine/sched/vcache.h"
 #include "engine/model/weights.h"
+#include "engine/sched/kvcache.h"
+#include "engine/sched/request.h"
+#include "engine/sched/vcache.h"
+#include "engine/text/tokenizer.h"
 
 #include <pthread.h>
 
@@ -42,8 +42,8 @@ struct cvlm_engine {
     const struct cvlm_feats **b_feats;
     struct cvlm_request **b_req; /* [max_seqs] sequence -> request */
     int *b_nfed;
-    float *logits;               /* [max_seqs, vocab] */
-    float *lp_scratch;           /* [vocab] */
+    float *logits;                 /* [max_seqs, vocab] */
+    float *lp_scratch;             /* [vocab] */
     struct cvlm_request **enc_req; /* [max_seqs] images to encode this step */
 
     /* mu */

@@ -108,8 +108,9 @@ static int data_url(struct conn *c, const char *url, struct parsed *pp)
 {
     const char *comma = strchr(url, ',');
     if (strncmp(url, "data:", 5))
-        return bad(c, "messages", "%s", "image_url must be a data: URL (fetching remote images "
-                                         "is disabled)");
+        return bad(c, "messages", "%s",
+                   "image_url must be a data: URL (fetching remote images "
+                   "is disabled)");
     if (!comma || (size_t)(comma - url) < 12 || strncmp(comma - 7, ";base64", 7))
         return bad(c, "messages", "%s",
                    "image_url data URL must be base64 (data:image/...;base64,)");
@@ -163,7 +164,7 @@ static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, ch
         return bad(c, "messages", "%s", "message content must be a string or a list of parts");
     free(*text);
     *text = NULL;
-    json_array_foreach(ct, i, part) {
+    json_array_foreach (ct, i, part) {
         const char *type = json_string_value(json_object_get(part, "type"));
         if (type && !strcmp(type, "text") && json_is_string(json_object_get(part, "text"))) {
             if (join(text, json_string_value(json_object_get(part, "text"))))
@@ -175,13 +176,15 @@ static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, ch
             if (!url)
                 return bad(c, "messages", "%s", "image_url part needs image_url.url");
             if (pp->image)
-                return bad(c, "messages", "%s", "CogVLM takes one image per conversation; "
-                                                "this request has more than one");
+                return bad(c, "messages", "%s",
+                           "CogVLM takes one image per conversation; "
+                           "this request has more than one");
             if (data_url(c, url, pp))
                 return -1;
         } else {
-            return bad(c, "messages", "%s", "content parts must be {type: text} or "
-                                            "{type: image_url} (images in user messages only)");
+            return bad(c, "messages", "%s",
+                       "content parts must be {type: text} or "
+                       "{type: image_url} (images in user messages only)");
         }
     }
     if (!*text && !(*text = strdup("")))
@@ -203,7 +206,7 @@ static int conversation(struct conn *c, json_t *msgs, struct parsed *pp)
     pp->assistants = calloc(n, sizeof(char *));
     if (!pp->turns || !pp->users || !pp->assistants)
         return bad(c, NULL, "%s", "out of memory");
-    json_array_foreach(msgs, i, m) {
+    json_array_foreach (msgs, i, m) {
         const char *role = json_string_value(json_object_get(m, "role"));
         char *text = NULL;
         if (!json_is_object(m) || !role)
@@ -261,7 +264,7 @@ static int stops(struct conn *c, json_t *root, struct parsed *pp)
     }
     if (!json_is_array(v) || json_array_size(v) > MAX_STOP)
         return bad(c, "stop", "%s", "'stop' must be a string or a list of up to 16 strings");
-    json_array_foreach(v, i, s) {
+    json_array_foreach (v, i, s) {
         if (!json_is_string(s))
             return bad(c, "stop", "%s", "'stop' must be a string or a list of strings");
         if (*json_string_value(s))
@@ -290,8 +293,8 @@ static int sampling(struct conn *c, json_t *r, struct parsed *pp)
         return -1;
     if (top_p <= 0)
         return bad(c, "top_p", "%s", "'top_p' must be greater than 0");
-    if (so && !json_is_null(so) && (!json_is_object(so) ||
-                                    boolean(c, so, "include_usage", &c->o.include_usage)))
+    if (so && !json_is_null(so) &&
+        (!json_is_object(so) || boolean(c, so, "include_usage", &c->o.include_usage)))
         return c->status ? -1
                          : bad(c, "stream_options", "%s", "'stream_options' must be an object");
     if (so && !json_is_null(so) && !c->o.stream) /* as OpenAI answers it */
@@ -325,16 +328,18 @@ static int logit_bias(struct conn *c, json_t *r, struct parsed *pp)
         return bad(c, "logit_bias", "%s", "'logit_bias' must be an object of token id -> bias");
     if (json_object_size(v) > MAX_LOGIT_BIAS)
         return bad(c, "logit_bias", "%s", "'logit_bias' may hold at most 300 tokens");
-    json_object_foreach(v, key, b) {
+    json_object_foreach (v, key, b) {
         char *end;
         long id = strtol(key, &end, 10);
         if (!*key || *end || id < 0 || id > INT32_MAX)
             return bad(c, "logit_bias", "logit_bias: '%.40s' is not a token id", key);
         if (!json_is_number(b) || !(json_number_value(b) >= -100 && json_number_value(b) <= 100))
-            return bad(c, "logit_bias", "logit_bias: the bias of token %.40s must be a number "
-                                        "between -100 and 100", key);
-        pp->bias[pp->p.n_logit_bias++] = (struct cvlm_logit_bias){(int32_t)id,
-                                                                 (float)json_number_value(b)};
+            return bad(c, "logit_bias",
+                       "logit_bias: the bias of token %.40s must be a number "
+                       "between -100 and 100",
+                       key);
+        pp->bias[pp->p.n_logit_bias++] =
+            (struct cvlm_logit_bias){(int32_t)id, (float)json_number_value(b)};
     }
     pp->p.logit_bias = pp->bias;
     return 0;
@@ -351,8 +356,10 @@ static int unsupported(struct conn *c, json_t *r)
             return bad(c, "response_format", "%s",
                        "'response_format' must be an object with a 'type'");
         if (strcmp(type, "text"))
-            return bad(c, "response_format", "response_format type '%.40s' is not supported "
-                                             "(only 'text')", type);
+            return bad(c, "response_format",
+                       "response_format type '%.40s' is not supported "
+                       "(only 'text')",
+                       type);
     }
     static const char *const lists[] = {"tools", "functions"};
     for (size_t i = 0; i < 2; i++) {

@@ -135,7 +135,8 @@ static void choice_cancelled(struct conn *c)
     else if (c->cut == CUT_DRAIN)
         choice_failed(c, 503, "service_unavailable", "server_shutting_down",
                       "the server is shutting down and the request did not finish within "
-                      "its drain timeout (%d s)", c->s->cfg->drain_timeout);
+                      "its drain timeout (%d s)",
+                      c->s->cfg->drain_timeout);
     else
         choice_failed(c, 503, "service_unavailable", "request_cancelled",
                       "the request was cancelled");
@@ -172,8 +173,8 @@ static json_t *lp_entries(struct cvlm_srv *s, const struct cvlm_output *o)
         /* the alternatives at this position read as they would have had they been chosen */
         json_t *e = token_obj(s, t->id, t->logprob, t->lead_strip, 1), *top = json_array();
         for (int k = 0; k < t->n_top; k++)
-            json_array_append_new(top, token_obj(s, t->top_id[k], t->top_logprob[k],
-                                                 t->lead_strip, 1));
+            json_array_append_new(top,
+                                  token_obj(s, t->top_id[k], t->top_logprob[k], t->lead_strip, 1));
         json_object_set_new(e, "top_logprobs", top);
         json_array_append_new(arr, e);
     }
@@ -186,7 +187,7 @@ static size_t utf8_chars(json_t *bytes)
 {
     size_t i, n = 0;
     json_t *b;
-    json_array_foreach(bytes, i, b)
+    json_array_foreach (bytes, i, b)
         n += ((unsigned)json_integer_value(b) & 0xc0u) != 0x80u;
     return n;
 }
@@ -198,19 +199,19 @@ static json_t *lp_legacy(json_t *entries, size_t offset0)
     json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(), *offs = json_array();
     json_t *e, *t;
     size_t i, k, off = offset0;
-    json_array_foreach(entries, i, e) {
+    json_array_foreach (entries, i, e) {
         json_t *tok = json_object_get(e, "token"), *top = json_object();
         json_array_append(tokens, tok);
         json_array_append(lps, json_object_get(e, "logprob"));
-        json_array_foreach(json_object_get(e, "top_logprobs"), k, t)
+        json_array_foreach (json_object_get(e, "top_logprobs"), k, t)
             json_object_set(top, json_string_value(json_object_get(t, "token")),
                             json_object_get(t, "logprob"));
         json_array_append_new(tops, top);
         json_array_append_new(offs, json_integer((json_int_t)off));
         off += utf8_chars(json_object_get(e, "bytes"));
     }
-    return json_pack("{sosososo}", "tokens", tokens, "token_logprobs", lps, "top_logprobs",
-                     tops, "text_offset", offs);
+    return json_pack("{sosososo}", "tokens", tokens, "token_logprobs", lps, "top_logprobs", tops,
+                     "text_offset", offs);
 }
 
 /* ---- chunks and bodies ------------------------------------------------------------------- */
@@ -221,9 +222,10 @@ static json_t *envelope(const struct conn *c, int chunk)
     char id[80];
     snprintf(id, sizeof(id), "%s-%s", c->o.chat ? "chatcmpl" : "cmpl", c->id);
     json_object_set_new(j, "id", json_string(id));
-    json_object_set_new(j, "object", json_string(c->o.chat ? (chunk ? "chat.completion.chunk"
-                                                                    : "chat.completion")
-                                                           : "text_completion"));
+    json_object_set_new(j, "object",
+                        json_string(c->o.chat
+                                        ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                                        : "text_completion"));
     json_object_set_new(j, "created", json_integer(c->created));
     json_object_set_new(j, "model", json_string(c->o.model));
     json_object_set_new(j, "system_fingerprint", json_string("cogvlm-server"));
@@ -303,7 +305,7 @@ static int json_items(struct cvlm_buf *b, json_t *arr)
 {
     size_t i;
     json_t *v;
-    json_array_foreach(arr, i, v) {
+    json_array_foreach (arr, i, v) {
         char *t = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!t)
             return -1;
@@ -328,7 +330,7 @@ static void keep_logprobs(struct conn *c, struct choice *ch, json_t *entries)
         size_t i;
         for (int k = 0; !rc && k < 4; k++)
             rc = json_items(&ch->lp[k], json_object_get(leg, keys[k]));
-        json_array_foreach(entries, i, e)
+        json_array_foreach (entries, i, e)
             ch->lp_off += utf8_chars(json_object_get(e, "bytes"));
         json_decref(leg);
     }
@@ -481,9 +483,9 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
         else
             json_object_set_new(o, "text", jstr(ch->text.p ? ch->text.p : "", ch->text.len));
         json_object_set_new(o, "logprobs", lp);
-        json_object_set_new(o, "finish_reason", json_string(finish_name(ch->finish)
-                                                                ? finish_name(ch->finish)
-                                                                : "stop"));
+        json_object_set_new(
+            o, "finish_reason",
+            json_string(finish_name(ch->finish) ? finish_name(ch->finish) : "stop"));
         json_array_append_new(choices, o);
     }
     json_object_set_new(j, "choices", choices);

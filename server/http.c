@@ -117,11 +117,9 @@ static struct conn *conn_new(struct cvlm_srv *s, struct MHD_Connection *mc, cons
 
 /* ---- responses ------------------------------------------------------------------------ */
 
-static enum MHD_Result queue(struct conn *c, int status, char *body, size_t len,
-                             const char *ctype)
+static enum MHD_Result queue(struct conn *c, int status, char *body, size_t len, const char *ctype)
 {
-    struct MHD_Response *r =
-        MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
     enum MHD_Result ok;
     if (!r) {
         free(body);
@@ -152,8 +150,8 @@ static enum MHD_Result queue_error(struct conn *c)
     return queue(c, c->status, body, len, "application/json");
 }
 
-static enum MHD_Result reply_error(struct conn *c, int status, const char *type,
-                                   const char *code, const char *msg)
+static enum MHD_Result reply_error(struct conn *c, int status, const char *type, const char *code,
+                                   const char *msg)
 {
     cvlm_api_error(c, status, type, NULL, code, "%s", msg);
     return queue_error(c);
@@ -291,8 +289,8 @@ static void after_work(uv_work_t *w, int status)
 }
 
 /* First call for a request: route, method, auth and body-size checks. */
-static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *mc,
-                                     const char *url, const char *method, void **con_cls)
+static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *mc, const char *url,
+                                     const char *method, void **con_cls)
 {
     const char *route = route_of(url);
     struct conn *c = conn_new(s, mc, route ? route : "other");
@@ -333,8 +331,8 @@ static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload, size_t *upload_size, void **con_cls)
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
 {
     struct cvlm_srv *s = cls;
     struct conn *c = *con_cls;
@@ -409,17 +407,17 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     c->mhd_done = 1;
     int ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK && !c->client_gone;
     /* cut by us: the daemon stopping (drain deadline), never blamed on the client */
-    int ours = !ok && !c->client_gone &&
-               (s->stopping || toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN);
+    int ours =
+        !ok && !c->client_gone && (s->stopping || toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN);
     if (!ok)
         cancel_all(c); /* the client went away (or the daemon stops): free its KV now */
     int status = conn_outcome(c, ok, ours);
     cvlm_metrics_http(&s->metrics, c->route, status);
-    const char *why = ours                 ? " (cut by the server: still being sent at exit)"
-                      : !ok                  ? " (client gone)"
-                      : c->cut == CUT_DRAIN  ? " (cut by the server: drain timeout)"
+    const char *why = ours                    ? " (cut by the server: still being sent at exit)"
+                      : !ok                   ? " (client gone)"
+                      : c->cut == CUT_DRAIN   ? " (cut by the server: drain timeout)"
                       : c->cut == CUT_TIMEOUT ? " (cut by the server: request timeout)"
-                                             : "";
+                                              : "";
     if (*why && !c->client_gone && (ours || c->cut))
         LOG_WARN("%s %s %d %.1fms%s", c->id, c->route, status, cvlm_now_ms() - c->t_start, why);
     else
@@ -645,8 +643,8 @@ int cvlm_http_start(struct cvlm_srv *s)
         flags, (uint16_t)s->cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, &ss,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_CONNECTION_TIMEOUT,
         (unsigned)s->cfg->connection_timeout, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)s->cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        (size_t)64 * 1024, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_END);
+        (unsigned)s->cfg->max_connections, MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)64 * 1024,
+        MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_END);
     if (!s->mhd) {
         LOG_ERROR("cannot listen on %s:%d", s->cfg->host, s->cfg->port);
         return -1;
@@ -665,8 +663,8 @@ int cvlm_http_start(struct cvlm_srv *s)
         UV_CHECK(uv_timer_start(&s->tick, on_tick, 250, 250)))
         return -1;
     cvlm_http_kick(s);
-    LOG_INFO("listening on http://%s%s%s:%u", strchr(s->cfg->host, ':') ? "[" : "",
-             s->cfg->host, strchr(s->cfg->host, ':') ? "]" : "",
+    LOG_INFO("listening on http://%s%s%s:%u", strchr(s->cfg->host, ':') ? "[" : "", s->cfg->host,
+             strchr(s->cfg->host, ':') ? "]" : "",
              pi ? (unsigned)pi->port : (unsigned)s->cfg->port);
     return 0;
 }

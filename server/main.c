@@ -36,15 +36,24 @@ static int load_prepare(const struct cvlm_server_options *c)
     load.tokenizer = *c->tokenizer ? strdup(c->tokenizer) : NULL;
     if (!load.model || (*c->tokenizer && !load.tokenizer))
         return -1;
-    load.opts = (struct cvlm_engine_opts){
-        .model_dir = load.model, .tokenizer = load.tokenizer, .threads = c->threads,
-        .backend = !strcmp(c->backend, "cuda"), .tp = c->tp, .device = c->device,
-        .dummy_weights = c->dummy_weights, .kv_bytes = c->kv_memory,
-        .block_size = c->block_size, .max_batched_tokens = c->max_batched_tokens,
-        .max_seqs = c->max_seqs, .queue_limit = c->queue_limit,
-        .vision_cache_bytes = c->vision_cache_memory, .no_prefix_cache = !c->prefix_cache,
-        .max_image_pixels = c->max_image_pixels, .max_context = c->max_context,
-        .max_images_per_step = c->max_images_per_step ? c->max_images_per_step : -1};
+    load.opts = (struct cvlm_engine_opts){.model_dir = load.model,
+                                          .tokenizer = load.tokenizer,
+                                          .threads = c->threads,
+                                          .backend = !strcmp(c->backend, "cuda"),
+                                          .tp = c->tp,
+                                          .device = c->device,
+                                          .dummy_weights = c->dummy_weights,
+                                          .kv_bytes = c->kv_memory,
+                                          .block_size = c->block_size,
+                                          .max_batched_tokens = c->max_batched_tokens,
+                                          .max_seqs = c->max_seqs,
+                                          .queue_limit = c->queue_limit,
+                                          .vision_cache_bytes = c->vision_cache_memory,
+                                          .no_prefix_cache = !c->prefix_cache,
+                                          .max_image_pixels = c->max_image_pixels,
+                                          .max_context = c->max_context,
+                                          .max_images_per_step =
+                                              c->max_images_per_step ? c->max_images_per_step : -1};
     return 0;
 }
 
@@ -165,8 +174,8 @@ int main(int argc, char **argv)
         cvlm_options_free(&cfg);
         return 2;
     }
-    if ((strcmp(cfg.backend, "cpu") && strcmp(cfg.backend, "cuda")) || cfg.tp < 1 ||
-        cfg.tp > 8 || cfg.device < 0) {
+    if ((strcmp(cfg.backend, "cpu") && strcmp(cfg.backend, "cuda")) || cfg.tp < 1 || cfg.tp > 8 ||
+        cfg.device < 0) {
         fprintf(stderr, "cogvlm-server: --backend must be cpu or cuda, --tp 1..8, --device >= 0\n");
         cvlm_options_free(&cfg);
         return 2;

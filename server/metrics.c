@@ -9,9 +9,9 @@
 #include <string.h>
 
 static const double lat_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                                    1, 2.5, 5, 10, 30, 60, 120, 300};
-static const double tok_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075,
-                                    0.1, 0.25, 0.5, 1, 2.5};
+                                    1,     2.5,    5,     10,   30,    60,   120, 300};
+static const double tok_bounds[] = {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                    0.075,  0.1,   0.25,   0.5,   1,    2.5};
 
 static void hist_init(struct cvlm_hist *h, const double *b, int n)
 {
@@ -59,7 +59,7 @@ static void gauge(struct cvlm_buf *b, const char *name, const char *help, double
 static void counter(struct cvlm_buf *b, const char *name, const char *help, uint64_t v)
 {
     cvlm_buf_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
-            (unsigned long long)v);
+                    (unsigned long long)v);
 }
 
 static void hist(struct cvlm_buf *b, const char *name, const char *help, const struct cvlm_hist *h)
@@ -68,10 +68,11 @@ static void hist(struct cvlm_buf *b, const char *name, const char *help, const s
     cvlm_buf_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
     for (int i = 0; i < h->n; i++) {
         cum += h->counts[i];
-        cvlm_buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i], (unsigned long long)cum);
+        cvlm_buf_printf(b, "%s_bucket{le=\"%g\"} %llu\n", name, h->bounds[i],
+                        (unsigned long long)cum);
     }
     cvlm_buf_printf(b, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.9g\n%s_count %llu\n", name,
-            (unsigned long long)h->count, name, h->sum, name, (unsigned long long)h->count);
+                    (unsigned long long)h->count, name, h->sum, name, (unsigned long long)h->count);
 }
 
 char *cvlm_metrics_render(const struct cvlm_metrics *m, const struct cvlm_engine_stats *st,
@@ -104,29 +105,33 @@ char *cvlm_metrics_render(const struct cvlm_metrics *m, const struct cvlm_engine
             st->images_encoded);
     counter(&b, "cogvlm_images_deferred_total",
             "Prefill chunks held back a step by --max-images-per-step.", st->images_deferred);
-    cvlm_buf_printf(&b, "# HELP cogvlm_step_phase_seconds_total Engine time by step phase.\n"
-                "# TYPE cogvlm_step_phase_seconds_total counter\n"
-                "cogvlm_step_phase_seconds_total{phase=\"plan\"} %.6f\n"
-                "cogvlm_step_phase_seconds_total{phase=\"encode_images\"} %.6f\n"
-                "cogvlm_step_phase_seconds_total{phase=\"forward\"} %.6f\n"
-                "cogvlm_step_phase_seconds_total{phase=\"sample\"} %.6f\n",
-            st->plan_ms / 1e3, st->encode_ms / 1e3, st->forward_ms / 1e3, st->sample_ms / 1e3);
-    cvlm_buf_printf(&b, "# HELP cogvlm_requests_total Requests ended in the engine, by outcome.\n"
-                "# TYPE cogvlm_requests_total counter\n"
-                "cogvlm_requests_total{status=\"finished\"} %llu\n"
-                "cogvlm_requests_total{status=\"cancelled\"} %llu\n"
-                "cogvlm_requests_total{status=\"failed\"} %llu\n",
-            (unsigned long long)st->requests_finished, (unsigned long long)st->requests_cancelled,
-            (unsigned long long)st->requests_failed);
+    cvlm_buf_printf(&b,
+                    "# HELP cogvlm_step_phase_seconds_total Engine time by step phase.\n"
+                    "# TYPE cogvlm_step_phase_seconds_total counter\n"
+                    "cogvlm_step_phase_seconds_total{phase=\"plan\"} %.6f\n"
+                    "cogvlm_step_phase_seconds_total{phase=\"encode_images\"} %.6f\n"
+                    "cogvlm_step_phase_seconds_total{phase=\"forward\"} %.6f\n"
+                    "cogvlm_step_phase_seconds_total{phase=\"sample\"} %.6f\n",
+                    st->plan_ms / 1e3, st->encode_ms / 1e3, st->forward_ms / 1e3,
+                    st->sample_ms / 1e3);
+    cvlm_buf_printf(&b,
+                    "# HELP cogvlm_requests_total Requests ended in the engine, by outcome.\n"
+                    "# TYPE cogvlm_requests_total counter\n"
+                    "cogvlm_requests_total{status=\"finished\"} %llu\n"
+                    "cogvlm_requests_total{status=\"cancelled\"} %llu\n"
+                    "cogvlm_requests_total{status=\"failed\"} %llu\n",
+                    (unsigned long long)st->requests_finished,
+                    (unsigned long long)st->requests_cancelled,
+                    (unsigned long long)st->requests_failed);
     hist(&b, "cogvlm_time_to_first_token_seconds", "Time to first token.", &m->ttft);
     hist(&b, "cogvlm_inter_token_latency_seconds", "Time between output tokens.", &m->itl);
     hist(&b, "cogvlm_request_duration_seconds", "End-to-end request latency.", &m->e2e);
     hist(&b, "cogvlm_queue_time_seconds", "Time waiting for admission.", &m->queue);
     hist(&b, "cogvlm_vision_tower_seconds", "Vision tower time per image.", &m->vision);
     cvlm_buf_printf(&b, "# HELP cogvlm_http_requests_total HTTP requests by route and status.\n"
-                "# TYPE cogvlm_http_requests_total counter\n");
+                        "# TYPE cogvlm_http_requests_total counter\n");
     for (int i = 0; i < m->n_http; i++)
         cvlm_buf_printf(&b, "cogvlm_http_requests_total{route=\"%s\",status=\"%d\"} %llu\n",
-                m->http[i].route, m->http[i].status, (unsigned long long)m->http[i].n);
+                        m->http[i].route, m->http[i].status, (unsigned long long)m->http[i].n);
     return cvlm_buf_take(&b, len); /* NULL when memory ran out (the connection is closed) */
 }

@@ -9,10 +9,9 @@
 #define O(field) offsetof(struct cvlm_server_options, field)
 
 const struct cvlm_option cvlm_options[] = {
-    {"host", OPT_STR, O(host), "127.0.0.1", "",
-     "Address to listen on; 0.0.0.0 for all interfaces.", 0, 0},
-    {"port", OPT_INT, O(port), "8000", "", "TCP port to listen on; 0 picks a free one.", 0,
-     65535},
+    {"host", OPT_STR, O(host), "127.0.0.1", "", "Address to listen on; 0.0.0.0 for all interfaces.",
+     0, 0},
+    {"port", OPT_INT, O(port), "8000", "", "TCP port to listen on; 0 picks a free one.", 0, 65535},
     {"model", OPT_STR, O(model), "models/cogvlm-tiny-shapes", "",
      "Checkpoint directory (config.json + safetensors + tokenizer.model).", 0, 0},
     {"tokenizer", OPT_STR, O(tokenizer), "", "",
@@ -23,12 +22,13 @@ const struct cvlm_option cvlm_options[] = {
      "cpu or cuda (a build with `make cuda`); cuda runs BF16 activations on the GPU(s).", 0, 0},
     {"tp", OPT_INT, O(tp), "1", "ranks",
      "Tensor-parallel ranks: GPUs device..device+tp-1 (cuda) or in-process CPU ranks; must "
-     "divide the model's heads and MLP widths.", 1, 8},
-    {"device", OPT_INT, O(device), "0", "", "First CUDA device (rank r uses device + r).", 0,
-     1023},
+     "divide the model's heads and MLP widths.",
+     1, 8},
+    {"device", OPT_INT, O(device), "0", "", "First CUDA device (rank r uses device + r).", 0, 1023},
     {"dummy_weights", OPT_BOOL, O(dummy_weights), "false", "",
      "Serve random weights of MODEL/config.json instead of its safetensors (benchmarks "
-     "only: the answers are noise).", 0, 0},
+     "only: the answers are noise).",
+     0, 0},
     {"threads", OPT_INT, O(threads), "0", "",
      "CPU threads for the model (split between the ranks); 0 = one per core.", 0, 4096},
     {"kv_memory", OPT_BYTES, O(kv_memory), "256M", "bytes",
@@ -43,10 +43,10 @@ const struct cvlm_option cvlm_options[] = {
     {"max_seqs", OPT_INT, O(max_seqs), "64", "", "Sequences running at once.", 1, 1 << 16},
     {"queue_limit", OPT_INT, O(queue_limit), "256", "",
      "Sequences waiting for admission before new requests get 429; a request's n choices "
-     "are queued together, accepted while fewer than this many wait.", 1, 1 << 20},
+     "are queued together, accepted while fewer than this many wait.",
+     1, 1 << 20},
     {"vision_cache_memory", OPT_BYTES, O(vision_cache_memory), "64M", "bytes",
-     "Cache of vision-tower outputs by image content; 0 disables it.", 0,
-     1ull << 44},
+     "Cache of vision-tower outputs by image content; 0 disables it.", 0, 1ull << 44},
     {"prefix_cache", OPT_BOOL, O(prefix_cache), "true", "",
      "Reuse the KV blocks of identical prompt prefixes (same image + text).", 0, 0},
     {"max_context", OPT_INT, O(max_context), "0", "tokens",
@@ -54,7 +54,8 @@ const struct cvlm_option cvlm_options[] = {
     {"max_images_per_step", OPT_INT, O(max_images_per_step), "1", "images",
      "Images the vision tower encodes in one engine step while the step's decodes wait "
      "(cached images do not count); 0 = no limit. Higher: faster image prefill in bursts, "
-     "longer pauses for running streams.", 0, 1024},
+     "longer pauses for running streams.",
+     0, 1024},
     {"max_n", OPT_INT, O(max_n), "4", "", "Largest `n` (choices per request) accepted.", 1, 128},
     {"max_body_bytes", OPT_BYTES, O(max_body_bytes), "20M", "bytes",
      "Largest request body; larger ones get 413 while still being received.", 1024, 1ull << 32},
@@ -68,8 +69,8 @@ const struct cvlm_option cvlm_options[] = {
      "Longest a generation may run; it is then cancelled. 0 = no limit.", 0, 1 << 24},
     {"drain_timeout", OPT_INT, O(drain_timeout), "30", "seconds",
      "On SIGTERM/SIGINT, how long in-flight requests may finish before exit.", 0, 86400},
-    {"api_key", OPT_STR, O(api_key), "", "",
-     "If set, /v1/* requires `Authorization: Bearer KEY`.", 0, 0},
+    {"api_key", OPT_STR, O(api_key), "", "", "If set, /v1/* requires `Authorization: Bearer KEY`.",
+     0, 0},
     {"api_key_file", OPT_STR, O(api_key_file), "", "",
      "File whose first line is the API key (keeps it out of the process list).", 0, 0},
     {"log_level", OPT_STR, O(log_level), "info", "", "debug, info, warn or error.", 0, 0},
@@ -96,9 +97,18 @@ static int parse_bytes(const char *s, uint64_t *out)
         return -1;
     int shift = 0;
     switch (toupper((unsigned char)*end)) {
-    case 'K': shift = 10; end++; break;
-    case 'M': shift = 20; end++; break;
-    case 'G': shift = 30; end++; break;
+    case 'K':
+        shift = 10;
+        end++;
+        break;
+    case 'M':
+        shift = 20;
+        end++;
+        break;
+    case 'G':
+        shift = 30;
+        end++;
+        break;
     default: break;
     }
     if (*end == 'B' || *end == 'b')
@@ -146,7 +156,8 @@ static int set_value(struct cvlm_server_options *c, const struct cvlm_option *o,
         n = strtol(v, &end, 10);
         if (errno || end == v || *end || n < 0 || n > 1000000000)
             return snprintf(err, errlen, "%s: '%s' is not a non-negative integer",
-                            opt_name(o, name, sizeof(name)), v), -1;
+                            opt_name(o, name, sizeof(name)), v),
+                   -1;
         if ((uint64_t)n < o->lo || (uint64_t)n > o->hi)
             return out_of_range(o, v, err, errlen);
         *(int *)p = (int)n;
@@ -155,7 +166,8 @@ static int set_value(struct cvlm_server_options *c, const struct cvlm_option *o,
         uint64_t b;
         if (parse_bytes(v, &b))
             return snprintf(err, errlen, "%s: '%s' is not a size (e.g. 512M)",
-                            opt_name(o, name, sizeof(name)), v), -1;
+                            opt_name(o, name, sizeof(name)), v),
+                   -1;
         if (b < o->lo || b > o->hi)
             return out_of_range(o, v, err, errlen);
         *(uint64_t *)p = b;
@@ -168,7 +180,8 @@ static int set_value(struct cvlm_server_options *c, const struct cvlm_option *o,
             *(int *)p = 0;
         else
             return snprintf(err, errlen, "%s: '%s' is not true/false",
-                            opt_name(o, name, sizeof(name)), v), -1;
+                            opt_name(o, name, sizeof(name)), v),
+                   -1;
         return 0;
     }
     return -1;
@@ -295,7 +308,7 @@ void cvlm_options_print_help(FILE *f)
 }
 
 int cvlm_options_parse(struct cvlm_server_options *c, int argc, char **argv, char *err,
-                          size_t errlen)
+                       size_t errlen)
 {
     memset(c, 0, sizeof(*c));
     for (int i = 1; i < argc; i++)

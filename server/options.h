@@ -52,9 +52,9 @@ struct cvlm_option {
     const char *key;
     enum cvlm_opt_type type;
     size_t offset;
-    const char *def;   /* default, as text */
-    const char *unit;  /* "" when none */
-    const char *help;  /* what it does and what a change means */
+    const char *def;  /* default, as text */
+    const char *unit; /* "" when none */
+    const char *help; /* what it does and what a change means */
     /* OPT_INT / OPT_BYTES: the accepted range, checked at parse time (a value outside it
      * is an error naming the option, never silently wrapped or clamped) */
     uint64_t lo, hi;
@@ -66,7 +66,7 @@ extern const int cvlm_n_options;
 /* Fills cfg from defaults, the config file (--config / COGVLM_CONFIG), the environment and
  * argv. Returns 0, 1 when --help was printed, or -1 with a message in err. */
 int cvlm_options_parse(struct cvlm_server_options *cfg, int argc, char **argv, char *err,
-                          size_t errlen);
+                       size_t errlen);
 void cvlm_options_free(struct cvlm_server_options *cfg);
 void cvlm_options_print_help(FILE *f);
 

@@ -13,8 +13,8 @@
 
 #include "base/buf.h"
 #include "engine/engine.h"
-#include "server/options.h"
 #include "server/metrics.h"
+#include "server/options.h"
 
 #include <jansson.h>
 #include <microhttpd.h>
@@ -38,9 +38,9 @@ enum conn_cut {
 
 struct choice {
     struct cvlm_request *r;
-    int done;               /* its finish has been taken */
+    int done; /* its finish has been taken */
     enum cvlm_finish finish;
-    struct cvlm_buf text;   /* accumulated (non-streaming) */
+    struct cvlm_buf text; /* accumulated (non-streaming) */
     /* non-streaming logprobs, kept as compact JSON text (a jansson tree of them costs
      * ~8x the text), the items of each array comma-separated without the brackets: chat:
      * lp[0] = content entries; completions: lp[0..3] = tokens, token_logprobs,
@@ -48,27 +48,27 @@ struct choice {
     struct cvlm_buf lp[4];
     size_t lp_off;
     int prompt_tokens, completion_tokens;
-    int role_sent;          /* streaming: first delta sent */
+    int role_sent; /* streaming: first delta sent */
 };
 
 /* What the client asked for, beyond the engine's parameters. */
 struct api_opts {
-    int chat;               /* chat.completions vs completions */
+    int chat; /* chat.completions vs completions */
     int stream, include_usage;
     int n;
-    int logprobs;           /* -1 none, else top-N */
+    int logprobs; /* -1 none, else top-N */
     char model[256];
 };
 
 struct conn {
     struct cvlm_srv *s;
     struct MHD_Connection *mc;
-    const char *route;       /* for metrics: "/v1/chat/completions", ... */
+    const char *route; /* for metrics: "/v1/chat/completions", ... */
     char id[48];
     long long created;
     double t_start;
-    struct cvlm_buf body;    /* the request body as received */
-    size_t received;         /* body bytes received (also those dropped past the limit) */
+    struct cvlm_buf body; /* the request body as received */
+    size_t received;      /* body bytes received (also those dropped past the limit) */
     int too_big;
     enum conn_state state;
     int suspended, mhd_done, refs;
@@ -76,22 +76,22 @@ struct conn {
     struct api_opts o;
     struct choice *ch;
     int n_ch;
-    int stale_ticks;        /* ticks that saw output pending with no wake-up queued */
-    int gen_failed;          /* a stream's choice failed: an error event ends the stream */
-    int fail_status;         /* ... with this status in the metrics and the log */
-    enum conn_cut cut;       /* set before the server cancels the choices itself */
-    int client_gone;         /* the tick saw the peer close a suspended connection */
-    int status;              /* error reply: HTTP status, message, type, param, code */
+    int stale_ticks;   /* ticks that saw output pending with no wake-up queued */
+    int gen_failed;    /* a stream's choice failed: an error event ends the stream */
+    int fail_status;   /* ... with this status in the metrics and the log */
+    enum conn_cut cut; /* set before the server cancels the choices itself */
+    int client_gone;   /* the tick saw the peer close a suspended connection */
+    int status;        /* error reply: HTTP status, message, type, param, code */
     char err_msg[512], err_type[40], err_param[64], err_code[40];
     /* streaming output not yet handed to MHD: sse.p[sse_off..sse.len) */
     struct cvlm_buf sse;
     size_t sse_off;
-    int sse_end;             /* [DONE] appended: end of stream after sse drains */
+    int sse_end; /* [DONE] appended: end of stream after sse drains */
     uv_work_t work;
-    int wake_queued;         /* wake_mu */
-    struct conn *wake_next;  /* wake_mu */
+    int wake_queued;          /* wake_mu */
+    struct conn *wake_next;   /* wake_mu */
     struct conn *prev, *next; /* live list */
-    char *reply;             /* CONN_REPLY: body to send */
+    char *reply;              /* CONN_REPLY: body to send */
     size_t reply_len;
 };
 
@@ -108,9 +108,9 @@ struct cvlm_srv {
     char model_id[256];
     char api_key[512];
     int ready, draining, exit_code;
-    int drain_cutting;             /* the drain deadline passed: what ran was cancelled */
-    int stopping;                  /* MHD is being stopped: completions now are our cuts */
-    long long started;             /* unix time the server started (model "created") */
+    int drain_cutting; /* the drain deadline passed: what ran was cancelled */
+    int stopping;      /* MHD is being stopped: completions now are our cuts */
+    long long started; /* unix time the server started (model "created") */
     double drain_deadline;
     struct cvlm_metrics metrics;
     pthread_mutex_t wake_mu;

@@ -7,8 +7,8 @@
 #include "engine/image/image.h"
 
 #include "engine/error.h"
-#include "engine/util/hash.h"
 #include "engine/image/image_internal.h"
+#include "engine/util/hash.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -97,18 +97,10 @@ int cvlm_image_decode(const void *data, size_t len, const struct cvlm_image_limi
     if (!data && len)
         return cvlm_errf(CVLM_EINVAL, "image: no data");
     switch (detect(p, len)) {
-    case FMT_JPEG:
-        rc = cvlm_image_decode_jpeg(p, len, max_px, out);
-        break;
-    case FMT_PNG:
-        rc = cvlm_image_decode_png(p, len, max_px, out);
-        break;
-    case FMT_GIF:
-        rc = cvlm_image_decode_gif(p, len, max_px, out);
-        break;
-    case FMT_WEBP:
-        rc = cvlm_image_decode_webp(p, len, max_px, out);
-        break;
+    case FMT_JPEG: rc = cvlm_image_decode_jpeg(p, len, max_px, out); break;
+    case FMT_PNG: rc = cvlm_image_decode_png(p, len, max_px, out); break;
+    case FMT_GIF: rc = cvlm_image_decode_gif(p, len, max_px, out); break;
+    case FMT_WEBP: rc = cvlm_image_decode_webp(p, len, max_px, out); break;
     default:
         return cvlm_errf(CVLM_EUNSUPPORTED,
                          "image: unknown format (%zu bytes; JPEG, PNG, WebP and GIF are "

@@ -109,15 +109,9 @@ static int jpeg_header(struct jpeg_dec *d, uint64_t max_pixels)
     if (rc)
         return rc;
     switch (ci->num_components) {
-    case 1:
-        ci->out_color_space = JCS_GRAYSCALE;
-        break;
-    case 3:
-        ci->out_color_space = JCS_RGB;
-        break;
-    case 4:
-        ci->out_color_space = JCS_CMYK;
-        break;
+    case 1: ci->out_color_space = JCS_GRAYSCALE; break;
+    case 3: ci->out_color_space = JCS_RGB; break;
+    case 4: ci->out_color_space = JCS_CMYK; break;
     default:
         return cvlm_errf(CVLM_EUNSUPPORTED, "JPEG: cannot handle %d-component images",
                          ci->num_components);

@@ -110,9 +110,7 @@ static void png_convert_row(const struct png_dec *d, const uint8_t *src, uint8_t
 {
     uint32_t w = d->w;
     switch (d->kind) {
-    case K_RGB8:
-        memcpy(dst, src, (size_t)w * 3);
-        break;
+    case K_RGB8: memcpy(dst, src, (size_t)w * 3); break;
     case K_GRAY8:
         for (uint32_t x = 0; x < w; x++, dst += 3)
             dst[0] = dst[1] = dst[2] = src[x];

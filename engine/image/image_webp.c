@@ -20,18 +20,12 @@
 static const char *vp8_status(VP8StatusCode st)
 {
     switch (st) {
-    case VP8_STATUS_OUT_OF_MEMORY:
-        return "out of memory";
-    case VP8_STATUS_INVALID_PARAM:
-        return "invalid parameter";
-    case VP8_STATUS_BITSTREAM_ERROR:
-        return "bitstream error";
-    case VP8_STATUS_UNSUPPORTED_FEATURE:
-        return "unsupported feature";
-    case VP8_STATUS_NOT_ENOUGH_DATA:
-        return "not enough data (truncated file)";
-    default:
-        return "malformed data";
+    case VP8_STATUS_OUT_OF_MEMORY: return "out of memory";
+    case VP8_STATUS_INVALID_PARAM: return "invalid parameter";
+    case VP8_STATUS_BITSTREAM_ERROR: return "bitstream error";
+    case VP8_STATUS_UNSUPPORTED_FEATURE: return "unsupported feature";
+    case VP8_STATUS_NOT_ENOUGH_DATA: return "not enough data (truncated file)";
+    default: return "malformed data";
     }
 }
 

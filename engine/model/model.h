@@ -26,15 +26,15 @@ enum cvlm_rope_freq {
 enum cvlm_backend_kind { CVLM_BACKEND_CPU = 0, CVLM_BACKEND_CUDA = 1 };
 
 struct cvlm_model_opts {
-    int max_tokens;   /* tokens per forward call (prefill chunk + decodes); 0 = 512 */
-    int kv_blocks;    /* KV cache blocks; 0 = from kv_bytes, else max_tokens * 4 slots */
-    size_t kv_bytes;  /* KV cache bytes per rank, when kv_blocks is 0 */
-    int block_size;   /* slots per block; 0 = 16 */
+    int max_tokens;  /* tokens per forward call (prefill chunk + decodes); 0 = 512 */
+    int kv_blocks;   /* KV cache blocks; 0 = from kv_bytes, else max_tokens * 4 slots */
+    size_t kv_bytes; /* KV cache bytes per rank, when kv_blocks is 0 */
+    int block_size;  /* slots per block; 0 = 16 */
     enum cvlm_rope_freq rope_freq;
     enum cvlm_backend_kind backend;
-    int threads;      /* CPU: threads over all ranks; 0 = one per online core */
-    int tp;           /* tensor-parallel ranks; 0 = 1 */
-    int device;       /* CUDA: rank r runs on device + r */
+    int threads; /* CPU: threads over all ranks; 0 = one per online core */
+    int tp;      /* tensor-parallel ranks; 0 = 1 */
+    int device;  /* CUDA: rank r runs on device + r */
 };
 
 struct cvlm_model;
@@ -44,12 +44,12 @@ struct cvlm_feats;
 /* One forward step over a flat set of tokens from any number of sequences. */
 struct cvlm_batch {
     int n_tokens;
-    const int32_t *ids;      /* [n] token ids (ignored where img_row >= 0) */
-    const int32_t *pos;      /* [n] RoPE positions */
-    const uint8_t *expert;   /* [n] CVLM_EXPERT_LANG / CVLM_EXPERT_VISION */
-    const int32_t *seq;      /* [n] index into seqs */
-    const int32_t *slot;     /* [n] KV slot of the token inside its sequence */
-    const int32_t *img_row;  /* [n] row of its sequence's image features replacing the
+    const int32_t *ids;     /* [n] token ids (ignored where img_row >= 0) */
+    const int32_t *pos;     /* [n] RoPE positions */
+    const uint8_t *expert;  /* [n] CVLM_EXPERT_LANG / CVLM_EXPERT_VISION */
+    const int32_t *seq;     /* [n] index into seqs */
+    const int32_t *slot;    /* [n] KV slot of the token inside its sequence */
+    const int32_t *img_row; /* [n] row of its sequence's image features replacing the
                                 embedding, or -1; may be NULL (no image slots) */
     const struct cvlm_feats *const *img_feats; /* [n_seqs] features, or NULL */
     const struct cvlm_seq_kv *seqs;

@@ -230,13 +230,34 @@ void cvlm_model_destroy(struct cvlm_model *m)
     free(m);
 }
 
-int cvlm_model_block_size(const struct cvlm_model *m) { return cvlm_rank_block_size(m->rank[0]); }
-int cvlm_model_kv_blocks(const struct cvlm_model *m) { return cvlm_rank_kv_blocks(m->rank[0]); }
-int cvlm_model_max_tokens(const struct cvlm_model *m) { return cvlm_rank_max_tokens(m->rank[0]); }
-int cvlm_model_tp(const struct cvlm_model *m) { return m->tp; }
-struct cvlm_backend *cvlm_model_backend(const struct cvlm_model *m) { return m->be[0]; }
-const struct cvlm_config *cvlm_model_config(const struct cvlm_model *m) { return &m->w->cfg; }
-size_t cvlm_model_kv_block_bytes(const struct cvlm_model *m) { return m->kv_block_bytes; }
+int cvlm_model_block_size(const struct cvlm_model *m)
+{
+    return cvlm_rank_block_size(m->rank[0]);
+}
+int cvlm_model_kv_blocks(const struct cvlm_model *m)
+{
+    return cvlm_rank_kv_blocks(m->rank[0]);
+}
+int cvlm_model_max_tokens(const struct cvlm_model *m)
+{
+    return cvlm_rank_max_tokens(m->rank[0]);
+}
+int cvlm_model_tp(const struct cvlm_model *m)
+{
+    return m->tp;
+}
+struct cvlm_backend *cvlm_model_backend(const struct cvlm_model *m)
+{
+    return m->be[0];
+}
+const struct cvlm_config *cvlm_model_config(const struct cvlm_model *m)
+{
+    return &m->w->cfg;
+}
+size_t cvlm_model_kv_block_bytes(const struct cvlm_model *m)
+{
+    return m->kv_block_bytes;
+}
 
 /* ---- image features ------------------------------------------------------------------ */
 

@@ -38,13 +38,13 @@ struct cvlm_rank {
     struct cvlm_backend *be;
     const struct cvlm_backend_i *op;
     struct cvlm_comm *comm;
-    int comm_rc;                /* the first failed all-reduce since the last status */
-    char comm_err[256];         /* ... and where it was (file:line) */
+    int comm_rc;        /* the first failed all-reduce since the last status */
+    char comm_err[256]; /* ... and where it was (file:line) */
     int rank, tp;
     int Dl, Hl, Il, dl, vHl, Fl; /* the rank's widths (see the top of the file) */
     int max_tokens, block_size, kv_blocks;
-    float *inv_freq;            /* [head_dim/2] host */
-    struct cvlm_kv_layer *kv;   /* [num_layers], k and v [kv_blocks, block_size, Dl] each */
+    float *inv_freq;          /* [head_dim/2] host */
+    struct cvlm_kv_layer *kv; /* [num_layers], k and v [kv_blocks, block_size, Dl] each */
     /* LM arena in backend memory; T = max_tokens, rows in permuted order (experts
      * grouped). Only the first n rows of a step are used. */
     void *x; /* [T, D] residual stream, full width on every rank */
@@ -60,8 +60,8 @@ struct cvlm_rank {
     /* host scratch for the per-token metadata, [T] each: perm[q] is the batch index of
      * permuted row q, inv its inverse; *_p the batch's arrays in permuted order */
     int32_t *perm, *inv, *ids_p, *pos_p, *seq_p, *slot_p, *img_p;
-    int32_t *logit_rows;        /* [T] permuted rows whose logits are wanted */
-    float *dbg;                 /* [2, T, D] host, allocated on first debug use */
+    int32_t *logit_rows; /* [T] permuted rows whose logits are wanted */
+    float *dbg;          /* [2, T, D] host, allocated on first debug use */
     /* vision arena in backend memory (one image); N = num_patches + 1 (CLS first),
      * np = num_patches */
     void *vit_x;        /* [N, d] ViT residual stream */
@@ -70,11 +70,11 @@ struct cvlm_rank {
     /* [N, d] the branch output: position embeddings at the start, then dense / fc2
      * (partial sums until the all-reduce), LayerNorm'd in place */
     void *vit_branch;
-    void *vit_mlp;      /* [N, Fl] fc1, GELU in place */
-    void *vit_patches;  /* [np, C*P*P] patchified pixels, the patch conv's GEMM input */
-    void *adapter_x;    /* [np, D] proj of the patch rows, LayerNorm'd and GELU'd in place */
-    void *adapter_gate; /* [np, I] glu gate, then silu(gate) * up in place */
-    void *adapter_up;   /* [np, I] glu up */
+    void *vit_mlp;        /* [N, Fl] fc1, GELU in place */
+    void *vit_patches;    /* [np, C*P*P] patchified pixels, the patch conv's GEMM input */
+    void *adapter_x;      /* [np, D] proj of the patch rows, LayerNorm'd and GELU'd in place */
+    void *adapter_gate;   /* [np, I] glu gate, then silu(gate) * up in place */
+    void *adapter_up;     /* [np, I] glu up */
     int32_t *vit_pos_ids; /* [N] host: 0..N-1, the position-embedding rows */
 };
 
@@ -82,8 +82,7 @@ struct cvlm_rank {
  * rank that skipped one would leave the others waiting); the first failure is kept with
  * its file:line and fails the step through cvlm_rank_comm_status(). */
 #define ALLREDUCE(m, buf, n) allreduce_checked((m), (buf), (n), __FILE__, __LINE__)
-static void allreduce_checked(struct cvlm_rank *m, void *buf, size_t n, const char *file,
-                              int line)
+static void allreduce_checked(struct cvlm_rank *m, void *buf, size_t n, const char *file, int line)
 {
     int rc = cvlm_comm_allreduce(m->comm, buf, n);
     if (rc && !m->comm_rc) {
@@ -132,13 +131,13 @@ static int alloc_lm(struct cvlm_rank *m)
     size_t T = (size_t)m->max_tokens, D = (size_t)c->hidden_size, Dl = (size_t)m->Dl;
     size_t Il = (size_t)m->Il, kv_rows = (size_t)m->kv_blocks * (size_t)m->block_size;
     int fail = 0;
-    m->x = arena(m, T, D, &fail);                 /* [T, D] */
-    m->branch = arena(m, T, D, &fail);            /* [T, D] */
-    m->qkv = arena(m, T, 3 * Dl, &fail);          /* [T, 3*Dl] */
-    m->attn_out = arena(m, T, Dl, &fail);         /* [T, Dl] */
-    m->mlp_gate = arena(m, T, Il, &fail);         /* [T, Il] */
-    m->mlp_up = arena(m, T, Il, &fail);           /* [T, Il] */
-    if (m->rank == 0) /* the only rank with lm_head: [LOGIT_ROWS, V] */
+    m->x = arena(m, T, D, &fail);         /* [T, D] */
+    m->branch = arena(m, T, D, &fail);    /* [T, D] */
+    m->qkv = arena(m, T, 3 * Dl, &fail);  /* [T, 3*Dl] */
+    m->attn_out = arena(m, T, Dl, &fail); /* [T, Dl] */
+    m->mlp_gate = arena(m, T, Il, &fail); /* [T, Il] */
+    m->mlp_up = arena(m, T, Il, &fail);   /* [T, Il] */
+    if (m->rank == 0)                     /* the only rank with lm_head: [LOGIT_ROWS, V] */
         m->logits_chunk = arena(m, LOGIT_ROWS, (size_t)c->vocab_size, &fail);
     m->kv = calloc((size_t)c->num_layers, sizeof(*m->kv));
     fail |= !m->kv;
@@ -146,12 +145,11 @@ static int alloc_lm(struct cvlm_rank *m)
         m->kv[l].k = arena(m, kv_rows, Dl, &fail); /* [kv_blocks * block_size, Dl] */
         m->kv[l].v = arena(m, kv_rows, Dl, &fail); /* [kv_blocks * block_size, Dl] */
     }
-    int32_t **host[] = {&m->perm, &m->inv, &m->ids_p, &m->pos_p, &m->seq_p, &m->slot_p,
-                        &m->img_p, &m->logit_rows}; /* [T] each */
+    int32_t **host[] = {&m->perm,  &m->inv,    &m->ids_p, &m->pos_p,
+                        &m->seq_p, &m->slot_p, &m->img_p, &m->logit_rows}; /* [T] each */
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         fail |= !(*host[i] = malloc(T * sizeof(int32_t)));
-    return fail ? cvlm_errf(CVLM_ENOMEM, "out of memory for the activation arena / KV cache")
-                : 0;
+    return fail ? cvlm_errf(CVLM_ENOMEM, "out of memory for the activation arena / KV cache") : 0;
 }
 
 static int alloc_vision(struct cvlm_rank *m)
@@ -164,16 +162,16 @@ static int alloc_vision(struct cvlm_rank *m)
     size_t D = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
     size_t patch_row = (size_t)(v->in_channels * v->patch_size * v->patch_size);
     int fail = 0;
-    m->vit_x = arena(m, N, d, &fail);                          /* [N, d] */
-    m->vit_qkv = arena(m, N, 3 * (size_t)m->dl, &fail);        /* [N, 3*dl] */
-    m->vit_attn_out = arena(m, N, (size_t)m->dl, &fail);       /* [N, dl] */
-    m->vit_branch = arena(m, N, d, &fail);                     /* [N, d] */
-    m->vit_mlp = arena(m, N, (size_t)m->Fl, &fail);            /* [N, Fl] */
-    m->vit_patches = arena(m, np, patch_row, &fail);           /* [np, C*P*P] */
-    m->adapter_x = arena(m, np, D, &fail);                     /* [np, D] */
-    m->adapter_gate = arena(m, np, I, &fail);                  /* [np, I] */
-    m->adapter_up = arena(m, np, I, &fail);                    /* [np, I] */
-    fail |= !(m->vit_pos_ids = malloc(N * sizeof(int32_t)));   /* [N] host */
+    m->vit_x = arena(m, N, d, &fail);                        /* [N, d] */
+    m->vit_qkv = arena(m, N, 3 * (size_t)m->dl, &fail);      /* [N, 3*dl] */
+    m->vit_attn_out = arena(m, N, (size_t)m->dl, &fail);     /* [N, dl] */
+    m->vit_branch = arena(m, N, d, &fail);                   /* [N, d] */
+    m->vit_mlp = arena(m, N, (size_t)m->Fl, &fail);          /* [N, Fl] */
+    m->vit_patches = arena(m, np, patch_row, &fail);         /* [np, C*P*P] */
+    m->adapter_x = arena(m, np, D, &fail);                   /* [np, D] */
+    m->adapter_gate = arena(m, np, I, &fail);                /* [np, I] */
+    m->adapter_up = arena(m, np, I, &fail);                  /* [np, I] */
+    fail |= !(m->vit_pos_ids = malloc(N * sizeof(int32_t))); /* [N] host */
     for (size_t i = 0; !fail && i < N; i++)
         m->vit_pos_ids[i] = (int32_t)i;
     return fail ? cvlm_errf(CVLM_ENOMEM, "out of memory for the vision arena") : 0;
@@ -214,9 +212,8 @@ static int upload(struct cvlm_rank *m)
     return rc;
 }
 
-int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be,
-                     struct cvlm_comm *comm, const struct cvlm_model_opts *o,
-                     struct cvlm_rank **out)
+int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be, struct cvlm_comm *comm,
+                     const struct cvlm_model_opts *o, struct cvlm_rank **out)
 {
     struct cvlm_rank *m = calloc(1, sizeof(*m));
     int rc;
@@ -240,8 +237,8 @@ int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be,
     }
     m->max_tokens = o->max_tokens > 0 ? o->max_tokens : 512;
     m->block_size = o->block_size > 0 ? o->block_size : 16;
-    m->kv_blocks = o->kv_blocks > 0 ? o->kv_blocks
-                                    : (m->max_tokens * 4 + m->block_size - 1) / m->block_size;
+    m->kv_blocks =
+        o->kv_blocks > 0 ? o->kv_blocks : (m->max_tokens * 4 + m->block_size - 1) / m->block_size;
     if ((rc = init_inv_freq(m, o->rope_freq)) || (rc = upload(m)) || (rc = alloc_lm(m)) ||
         (rc = alloc_vision(m))) {
         cvlm_rank_destroy(m);
@@ -255,10 +252,10 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
 {
     if (!m)
         return;
-    void *dev[] = {m->x,        m->branch,     m->qkv,          m->attn_out,
-                   m->mlp_gate, m->mlp_up,     m->logits_chunk, m->vit_x,
-                   m->vit_qkv,  m->vit_attn_out, m->vit_branch, m->vit_mlp,
-                   m->vit_patches, m->adapter_x, m->adapter_gate, m->adapter_up};
+    void *dev[] = {m->x,           m->branch,       m->qkv,          m->attn_out,
+                   m->mlp_gate,    m->mlp_up,       m->logits_chunk, m->vit_x,
+                   m->vit_qkv,     m->vit_attn_out, m->vit_branch,   m->vit_mlp,
+                   m->vit_patches, m->adapter_x,    m->adapter_gate, m->adapter_up};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
             m->op->free(m->be, dev[i]);
@@ -269,16 +266,25 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
             m->op->free(m->be, m->kv[l].v);
     }
     free(m->kv);
-    void *host[] = {m->inv_freq, m->perm, m->inv, m->ids_p, m->pos_p, m->seq_p,
-                    m->slot_p, m->img_p, m->logit_rows, m->dbg, m->vit_pos_ids};
+    void *host[] = {m->inv_freq, m->perm,  m->inv,        m->ids_p, m->pos_p,      m->seq_p,
+                    m->slot_p,   m->img_p, m->logit_rows, m->dbg,   m->vit_pos_ids};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         free(host[i]);
     free(m);
 }
 
-int cvlm_rank_block_size(const struct cvlm_rank *m) { return m->block_size; }
-int cvlm_rank_kv_blocks(const struct cvlm_rank *m) { return m->kv_blocks; }
-int cvlm_rank_max_tokens(const struct cvlm_rank *m) { return m->max_tokens; }
+int cvlm_rank_block_size(const struct cvlm_rank *m)
+{
+    return m->block_size;
+}
+int cvlm_rank_kv_blocks(const struct cvlm_rank *m)
+{
+    return m->kv_blocks;
+}
+int cvlm_rank_max_tokens(const struct cvlm_rank *m)
+{
+    return m->max_tokens;
+}
 
 /* A bias a rank may lack (row-parallel biases live on rank 0 only). */
 static const struct cvlm_tensor *opt(const struct cvlm_tensor *t)
@@ -295,11 +301,11 @@ static void vit_layer(struct cvlm_rank *m, const struct cvlm_vit_layer *L, int N
     const struct cvlm_vision_config *v = &m->c->vision;
     int d = v->hidden_size, dl = m->dl, Fl = m->Fl, hd = d / v->num_heads;
     float eps = v->layer_norm_eps;
-    void *x = m->vit_x;             /* [N, d] */
-    void *qkv = m->vit_qkv;         /* [N, 3*dl] */
-    void *att = m->vit_attn_out;    /* [N, dl] */
-    void *br = m->vit_branch;       /* [N, d] */
-    void *mlp = m->vit_mlp;         /* [N, Fl] */
+    void *x = m->vit_x;          /* [N, d] */
+    void *qkv = m->vit_qkv;      /* [N, 3*dl] */
+    void *att = m->vit_attn_out; /* [N, dl] */
+    void *br = m->vit_branch;    /* [N, d] */
+    void *mlp = m->vit_mlp;      /* [N, Fl] */
     /* x = x + LN_in(dense(attn(qkv(x))))   -- the norm is on the branch output, so it
      * comes after the all-reduce of dense's partial sums */
     op->gemm(m->be, qkv, x, d, &L->qkv_w, &L->qkv_b, N, 3 * dl, d);
@@ -325,9 +331,9 @@ static void adapter(struct cvlm_rank *m, void *feats, int np)
     int d = m->c->vision.hidden_size, D = m->c->hidden_size, I = m->c->intermediate_size;
     int32_t zero = 0;
     const void *patches = cvlm_be_row(m->be, m->vit_x, 1, (size_t)d); /* [np, d] */
-    void *h = m->adapter_x;                                          /* [np, D] */
-    void *gate = m->adapter_gate, *up = m->adapter_up;               /* [np, I] */
-    void *out = cvlm_be_row(m->be, feats, 1, (size_t)D);             /* [np, D] */
+    void *h = m->adapter_x;                                           /* [np, D] */
+    void *gate = m->adapter_gate, *up = m->adapter_up;                /* [np, I] */
+    void *out = cvlm_be_row(m->be, feats, 1, (size_t)D);              /* [np, D] */
     /* h = gelu(LN(proj(patches))); out = down(silu(gate(h)) * up(h)) */
     op->gemm(m->be, h, patches, d, &w->proj, NULL, np, D, d);
     /* norm1 uses PyTorch's default LayerNorm eps 1e-5, not the ViT's eps (spec §3.5) */
@@ -352,8 +358,8 @@ void cvlm_rank_encode_image(struct cvlm_rank *m, const float *pixels, struct cvl
     int np = cvlm_config_num_patches(m->c), N = np + 1, d = v->hidden_size;
     int P = v->patch_size, S = v->image_size, C = v->in_channels, row = C * P * P;
     int32_t zero = 0;
-    void *x = m->vit_x;                                       /* [N, d], CLS first */
-    void *x_patches = cvlm_be_row(m->be, x, 1, (size_t)d);    /* [np, d] */
+    void *x = m->vit_x;                                    /* [N, d], CLS first */
+    void *x_patches = cvlm_be_row(m->be, x, 1, (size_t)d); /* [np, d] */
     /* patch conv as a GEMM: the [d, C, P, P] kernel is a row-major [d, C*P*P] matrix */
     struct cvlm_tensor pw = w->patch_w;
     pw.ndim = 2;
@@ -386,8 +392,7 @@ int cvlm_rank_check_batch(const struct cvlm_rank *m, const struct cvlm_batch *b)
         if (b->seq[t] < 0 || b->seq[t] >= b->n_seqs || b->slot[t] < 0 ||
             b->slot[t] >= b->seqs[b->seq[t]].n_blocks * m->block_size)
             return cvlm_errf(CVLM_EINVAL, "token %d: sequence/slot outside its block table", t);
-        if ((!b->img_row || b->img_row[t] < 0) &&
-            (b->ids[t] < 0 || b->ids[t] >= m->c->vocab_size))
+        if ((!b->img_row || b->img_row[t] < 0) && (b->ids[t] < 0 || b->ids[t] >= m->c->vocab_size))
             return cvlm_errf(CVLM_EINVAL, "token id %d outside the vocabulary", b->ids[t]);
         if (b->img_row && b->img_row[t] >= cvlm_config_image_tokens(m->c))
             return cvlm_errf(CVLM_EINVAL, "image row %d outside the image", b->img_row[t]);
@@ -427,8 +432,8 @@ static void expert_gemm(struct cvlm_rank *m, void *y, const void *x, const struc
         m->op->gemm(m->be, y, x, K, &w[CVLM_EXPERT_LANG], NULL, nl, N, K);
     if (n > nl)
         m->op->gemm(m->be, cvlm_be_row(m->be, y, (size_t)nl, (size_t)N),
-                    cvlm_be_row(m->be, x, (size_t)nl, (size_t)K), K, &w[CVLM_EXPERT_VISION],
-                    NULL, n - nl, N, K);
+                    cvlm_be_row(m->be, x, (size_t)nl, (size_t)K), K, &w[CVLM_EXPERT_VISION], NULL,
+                    n - nl, N, K);
 }
 
 /* Debug hook: the residual stream of the permuted rows, handed over in batch order. */
@@ -469,7 +474,7 @@ static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_bat
     const struct cvlm_backend_i *op = m->op;
     const struct cvlm_lm_layer *L = &m->w->layers[l];
     int n = ab->n_tokens, D = m->c->hidden_size, Dl = m->Dl, Il = m->Il, H = m->Hl;
-    int hd = D / m->c->num_heads, S = 3 * Dl; /* S: the row stride of q, k and v */
+    int hd = D / m->c->num_heads, S = 3 * Dl;       /* S: the row stride of q, k and v */
     void *x = m->x;                                 /* [n, D] residual stream */
     void *h = m->branch;                            /* [n, D] sub-layer input, then output */
     void *q = m->qkv;                               /* [n, Dl] rows S apart */
@@ -546,8 +551,7 @@ void cvlm_rank_forward(struct cvlm_rank *m, const struct cvlm_batch *b, float *l
     /* x [n, D] = embeddings (image slots: their feature rows); h = RMS(x) for layer 0 */
     m->op->embed(m->be, m->x, &m->w->embed, m->ids_p, n, D);
     splice_image(m, b, n);
-    m->op->rmsnorm(m->be, m->branch, m->x, &m->w->layers[0].input_norm, n, D,
-                   m->c->rms_norm_eps);
+    m->op->rmsnorm(m->be, m->branch, m->x, &m->w->layers[0].input_norm, n, D, m->c->rms_norm_eps);
     for (int l = 0; l < m->c->num_layers; l++) {
         debug_rows(m, b, l, m->x, n, m->inv);
         decoder_layer(m, l, &ab, nl);

@@ -19,9 +19,8 @@ struct cvlm_feats {
 
 struct cvlm_rank;
 
-int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be,
-                     struct cvlm_comm *comm, const struct cvlm_model_opts *o,
-                     struct cvlm_rank **out);
+int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be, struct cvlm_comm *comm,
+                     const struct cvlm_model_opts *o, struct cvlm_rank **out);
 void cvlm_rank_destroy(struct cvlm_rank *m);
 /* Checks batch metadata against the cache and the vocabulary (run once, before every rank
  * starts, so that no rank stops early and leaves the others waiting in an all-reduce). */

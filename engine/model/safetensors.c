@@ -45,19 +45,18 @@ static int read_u64_le(const unsigned char *p, uint64_t *v)
 }
 
 /* Fills one tensor from its JSON descriptor; checks everything but overlaps. */
-static int parse_entry(const char *name, json_t *desc, uint64_t data_size,
-                       struct cvlm_st_tensor *t)
+static int parse_entry(const char *name, json_t *desc, uint64_t data_size, struct cvlm_st_tensor *t)
 {
     json_t *jd = json_object_get(desc, "dtype"), *js = json_object_get(desc, "shape");
     json_t *jo = json_object_get(desc, "data_offsets");
     uint64_t numel = 1, begin, end;
 
-    if (!json_is_object(desc) || !json_is_string(jd) || !json_is_array(js) ||
-        !json_is_array(jo) || json_array_size(jo) != 2)
+    if (!json_is_object(desc) || !json_is_string(jd) || !json_is_array(js) || !json_is_array(jo) ||
+        json_array_size(jo) != 2)
         return cvlm_errf(CVLM_EFORMAT, "tensor %s: needs dtype, shape and data_offsets", name);
     if (parse_dtype(json_string_value(jd), &t->t.dtype))
-        return cvlm_errf(CVLM_EUNSUPPORTED, "tensor %s: unsupported dtype %s (F32/F16/BF16)",
-                         name, json_string_value(jd));
+        return cvlm_errf(CVLM_EUNSUPPORTED, "tensor %s: unsupported dtype %s (F32/F16/BF16)", name,
+                         json_string_value(jd));
     if (json_array_size(js) > CVLM_MAX_DIMS)
         return cvlm_errf(CVLM_EUNSUPPORTED, "tensor %s: %zu dims (max %d)", name,
                          json_array_size(js), CVLM_MAX_DIMS);
@@ -110,8 +109,9 @@ static int check_metadata(json_t *md)
     json_t *v;
     if (!json_is_object(md))
         return cvlm_errf(CVLM_EFORMAT, "__metadata__ must be an object");
-    json_object_foreach(md, k, v) if (!json_is_string(v)) return cvlm_errf(
-        CVLM_EFORMAT, "__metadata__ value of %s is not a string", k);
+    json_object_foreach (md, k, v)
+        if (!json_is_string(v))
+            return cvlm_errf(CVLM_EFORMAT, "__metadata__ value of %s is not a string", k);
     return 0;
 }
 
@@ -127,7 +127,7 @@ static int parse_header(json_t *root, uint64_t data_size, struct cvlm_st_tensor 
 
     if (!ts)
         return cvlm_errf(CVLM_ENOMEM, "out of memory for %zu tensors", cap);
-    json_object_foreach(root, key, val) {
+    json_object_foreach (root, key, val) {
         if (!strcmp(key, "__metadata__")) {
             if ((rc = check_metadata(val)))
                 goto fail;
@@ -220,8 +220,7 @@ static int map_file(const char *path, struct cvlm_st_file *f)
     struct stat sb;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return cvlm_errf(errno == ENOENT ? CVLM_ENOENT : CVLM_EIO, "%s: %s", path,
-                         strerror(errno));
+        return cvlm_errf(errno == ENOENT ? CVLM_ENOENT : CVLM_EIO, "%s: %s", path, strerror(errno));
     if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
         close(fd);
         return cvlm_errf(CVLM_EIO, "%s: not a regular file", path);
@@ -321,7 +320,7 @@ static int open_index(struct cvlm_safetensors *st, const char *dir, const char *
         rc = cvlm_errf(CVLM_EFORMAT, "%s: no weight_map object", index_path);
         goto out;
     }
-    json_object_foreach(map, key, v) {
+    json_object_foreach (map, key, v) {
         const char *fn = json_is_string(v) ? json_string_value(v) : "";
         int seen = 0;
         if (!safe_shard_name(fn)) {

@@ -28,9 +28,9 @@ struct cvlm_st_tensor {
 
 struct cvlm_st_file {
     char *path;
-    void *map;        /* whole file, PROT_READ */
+    void *map; /* whole file, PROT_READ */
     size_t size;
-    size_t data_off;  /* 8 + header length */
+    size_t data_off; /* 8 + header length */
 };
 
 struct cvlm_safetensors {

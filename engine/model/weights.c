@@ -30,8 +30,8 @@ static int get_int(json_t *o, const char *key, int def, int lo, int hi, int *out
         return 0;
     }
     if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
-        return cvlm_errf(CVLM_EFORMAT, "config.json: %s must be an integer in [%d, %d]", key,
-                         lo, hi);
+        return cvlm_errf(CVLM_EFORMAT, "config.json: %s must be an integer in [%d, %d]", key, lo,
+                         hi);
     *out = (int)json_integer_value(v);
     return 0;
 }
@@ -46,8 +46,7 @@ static int get_float(json_t *o, const char *key, double def, double lo, double h
         return 0;
     }
     if (!json_is_number(v) || json_number_value(v) < lo || json_number_value(v) > hi)
-        return cvlm_errf(CVLM_EFORMAT, "config.json: %s must be a number in [%g, %g]", key, lo,
-                         hi);
+        return cvlm_errf(CVLM_EFORMAT, "config.json: %s must be a number in [%g, %g]", key, lo, hi);
     *out = (float)json_number_value(v);
     return 0;
 }
@@ -124,8 +123,10 @@ static int parse_root(json_t *r, struct cvlm_config *c)
         (rc = parse_template(r, &c->template_version)))
         return rc;
     if (c->hidden_size % c->num_heads || (c->hidden_size / c->num_heads) % 2)
-        return cvlm_errf(CVLM_EFORMAT, "config.json: hidden_size %d / %d heads must be an even "
-                         "head size", c->hidden_size, c->num_heads);
+        return cvlm_errf(CVLM_EFORMAT,
+                         "config.json: hidden_size %d / %d heads must be an even "
+                         "head size",
+                         c->hidden_size, c->num_heads);
     if (c->bos_token_id >= c->vocab_size || c->eos_token_id >= c->vocab_size ||
         c->pad_token_id >= c->vocab_size)
         return cvlm_errf(CVLM_EFORMAT, "config.json: special token id beyond vocab_size %d",
@@ -206,8 +207,8 @@ static int visit_lm_layer(struct visit *v, const struct cvlm_config *c, struct c
                   "%s.%d.self_attn.rotary_emb.inv_freq", p, i)))
         return rc;
     for (int e = 0; e < (c->has_vision ? 2 : 1); e++) {
-        if ((rc = V2(&l->qkv[e], 3 * D, D, "%s.%d.self_attn.%s_expert_query_key_value.weight", p,
-                     i, ex[e])) ||
+        if ((rc = V2(&l->qkv[e], 3 * D, D, "%s.%d.self_attn.%s_expert_query_key_value.weight", p, i,
+                     ex[e])) ||
             (rc = V2(&l->dense[e], D, D, "%s.%d.self_attn.%s_expert_dense.weight", p, i, ex[e])) ||
             (rc = V2(&l->gate[e], I, D, "%s.%d.mlp.%s.gate_proj.weight", p, i, mlp[e])) ||
             (rc = V2(&l->up[e], I, D, "%s.%d.mlp.%s.up_proj.weight", p, i, mlp[e])) ||
@@ -292,8 +293,7 @@ static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape)
     size_t off = 0;
     off += (size_t)snprintf(buf, cap, "[");
     for (int i = 0; i < ndim && off < cap; i++)
-        off += (size_t)snprintf(buf + off, cap - off, "%s%lld", i ? ", " : "",
-                                (long long)shape[i]);
+        off += (size_t)snprintf(buf + off, cap - off, "%s%lld", i ? ", " : "", (long long)shape[i]);
     if (off < cap)
         snprintf(buf + off, cap - off, "]");
 }

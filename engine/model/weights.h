@@ -59,37 +59,37 @@ static inline int cvlm_config_image_tokens(const struct cvlm_config *c)
 enum { CVLM_EXPERT_LANG = 0, CVLM_EXPERT_VISION = 1 };
 
 struct cvlm_lm_layer {
-    struct cvlm_tensor input_norm, post_norm;  /* [D] */
-    struct cvlm_tensor qkv[2];                 /* [3D, D] */
-    struct cvlm_tensor dense[2];               /* [D, D] */
-    struct cvlm_tensor gate[2], up[2];         /* [I, D] */
-    struct cvlm_tensor down[2];                /* [D, I] */
-    struct cvlm_tensor inv_freq;               /* [head_dim/2], optional: data NULL if absent */
+    struct cvlm_tensor input_norm, post_norm; /* [D] */
+    struct cvlm_tensor qkv[2];                /* [3D, D] */
+    struct cvlm_tensor dense[2];              /* [D, D] */
+    struct cvlm_tensor gate[2], up[2];        /* [I, D] */
+    struct cvlm_tensor down[2];               /* [D, I] */
+    struct cvlm_tensor inv_freq;              /* [head_dim/2], optional: data NULL if absent */
 };
 
 struct cvlm_vit_layer {
-    struct cvlm_tensor qkv_w, qkv_b;           /* [3d, d], [3d] */
-    struct cvlm_tensor dense_w, dense_b;       /* [d, d], [d] */
-    struct cvlm_tensor ln_in_w, ln_in_b;       /* [d] */
-    struct cvlm_tensor fc1_w, fc1_b;           /* [F, d], [F] */
-    struct cvlm_tensor fc2_w, fc2_b;           /* [d, F], [d] */
-    struct cvlm_tensor ln_post_w, ln_post_b;   /* [d] */
+    struct cvlm_tensor qkv_w, qkv_b;         /* [3d, d], [3d] */
+    struct cvlm_tensor dense_w, dense_b;     /* [d, d], [d] */
+    struct cvlm_tensor ln_in_w, ln_in_b;     /* [d] */
+    struct cvlm_tensor fc1_w, fc1_b;         /* [F, d], [F] */
+    struct cvlm_tensor fc2_w, fc2_b;         /* [d, F], [d] */
+    struct cvlm_tensor ln_post_w, ln_post_b; /* [d] */
 };
 
 struct cvlm_weights {
     struct cvlm_config cfg;
     struct cvlm_safetensors *st;
-    struct cvlm_tensor embed;        /* [V, D] */
-    struct cvlm_tensor final_norm;   /* [D] */
-    struct cvlm_tensor lm_head;      /* [V, D] */
-    struct cvlm_lm_layer *layers;    /* [num_layers] */
+    struct cvlm_tensor embed;      /* [V, D] */
+    struct cvlm_tensor final_norm; /* [D] */
+    struct cvlm_tensor lm_head;    /* [V, D] */
+    struct cvlm_lm_layer *layers;  /* [num_layers] */
     /* vision tower + adapter (has_vision only) */
-    struct cvlm_tensor patch_w;      /* [d, C, P, P] */
-    struct cvlm_tensor patch_b;      /* [d] */
-    struct cvlm_tensor cls;          /* [1, d] */
-    struct cvlm_tensor pos;          /* [num_positions, d] */
-    struct cvlm_vit_layer *vit;      /* [vision.num_layers] */
-    struct cvlm_tensor proj;         /* [D, d] */
+    struct cvlm_tensor patch_w;                  /* [d, C, P, P] */
+    struct cvlm_tensor patch_b;                  /* [d] */
+    struct cvlm_tensor cls;                      /* [1, d] */
+    struct cvlm_tensor pos;                      /* [num_positions, d] */
+    struct cvlm_vit_layer *vit;                  /* [vision.num_layers] */
+    struct cvlm_tensor proj;                     /* [D, d] */
     struct cvlm_tensor proj_norm_w, proj_norm_b; /* [D] */
     struct cvlm_tensor glu_gate, glu_up;         /* [I, D] */
     struct cvlm_tensor glu_down;                 /* [D, I] */
@@ -131,14 +131,13 @@ int cvlm_weights_check_tp(const struct cvlm_config *cfg, int tp);
 /* Rank `rank`'s part of w for tp ranks (cogvlm-model.md §8; see weights_shard.c for the
  * split of every tensor). With tp == 1, a table of views of all of w. The shard borrows
  * w's memory: w must outlive it. */
-int cvlm_weights_shard(const struct cvlm_weights *w, int rank, int tp,
-                       struct cvlm_weights **out);
+int cvlm_weights_shard(const struct cvlm_weights *w, int rank, int tp, struct cvlm_weights **out);
 
 /* Calls fn once per tensor the config requires, with its HF name and expected shape;
  * stops at the first non-zero return. Used by the binder, by tools that write
  * checkpoints, and by tests. */
-typedef int (*cvlm_weight_visit_fn)(void *ctx, const char *name, struct cvlm_tensor *slot,
-                                    int ndim, const int64_t *shape, int optional);
+typedef int (*cvlm_weight_visit_fn)(void *ctx, const char *name, struct cvlm_tensor *slot, int ndim,
+                                    const int64_t *shape, int optional);
 int cvlm_weights_visit(struct cvlm_weights *w, cvlm_weight_visit_fn fn, void *ctx);
 
 #endif

@@ -127,8 +127,7 @@ int cvlm_weights_check_tp(const struct cvlm_config *c, int tp)
     return 0;
 }
 
-int cvlm_weights_shard(const struct cvlm_weights *src, int rank, int tp,
-                       struct cvlm_weights **out)
+int cvlm_weights_shard(const struct cvlm_weights *src, int rank, int tp, struct cvlm_weights **out)
 {
     const struct cvlm_config *c = &src->cfg;
     struct cvlm_weights *w = calloc(1, sizeof(*w));

@@ -8,8 +8,8 @@
  */
 #include "engine/sched/request.h"
 
-#include "engine/image/image.h"
 #include "engine/engine_private.h"
+#include "engine/image/image.h"
 #include "engine/text/template.h"
 
 #include <math.h>
@@ -53,8 +53,7 @@ static int check_logit_bias(const struct cvlm_request_params *p, int V)
                              "logit_bias: token id %d is outside the vocabulary of %d tokens",
                              (int)b->id, V);
         if (!(fabsf(b->bias) <= 100))
-            return cvlm_errf(CVLM_EINVAL,
-                             "logit_bias: the bias of token %d must be in [-100, 100]",
+            return cvlm_errf(CVLM_EINVAL, "logit_bias: the bias of token %d must be in [-100, 100]",
                              (int)b->id);
     }
     return 0;
@@ -70,8 +69,7 @@ static int check_stop_ids(const struct cvlm_request_params *p, int V)
         return cvlm_errf(CVLM_EINVAL, "%d stop token ids but no list", p->n_stop_ids);
     for (int i = 0; i < p->n_stop_ids; i++)
         if (p->stop_ids[i] < 0 || p->stop_ids[i] >= V)
-            return cvlm_errf(CVLM_EINVAL,
-                             "stop token id %d is outside the vocabulary of %d tokens",
+            return cvlm_errf(CVLM_EINVAL, "stop token id %d is outside the vocabulary of %d tokens",
                              (int)p->stop_ids[i], V);
     return 0;
 }
@@ -94,8 +92,8 @@ static int check_params(const struct cvlm_request_params *p, int V)
         return rc;
     if (p->logprobs < -1 || p->logprobs > CVLM_MAX_TOP_LOGPROBS)
         return cvlm_errf(CVLM_EINVAL, "top logprobs must be in 0..%d", CVLM_MAX_TOP_LOGPROBS);
-    if (p->template_name && strcmp(p->template_name, "base") &&
-        strcmp(p->template_name, "chat") && strcmp(p->template_name, "vqa"))
+    if (p->template_name && strcmp(p->template_name, "base") && strcmp(p->template_name, "chat") &&
+        strcmp(p->template_name, "vqa"))
         return cvlm_errf(CVLM_EINVAL, "template must be base, chat or vqa");
     if ((rc = check_sampling(&p->sampling)))
         return rc;
@@ -118,8 +116,9 @@ static enum cvlm_template template_of(const struct cvlm_engine *e, const char *n
 {
     if (!name)
         return e->w->cfg.template_version;
-    return !strcmp(name, "base") ? CVLM_TEMPLATE_BASE
-           : !strcmp(name, "vqa") ? CVLM_TEMPLATE_VQA : CVLM_TEMPLATE_CHAT;
+    return !strcmp(name, "base")  ? CVLM_TEMPLATE_BASE
+           : !strcmp(name, "vqa") ? CVLM_TEMPLATE_VQA
+                                  : CVLM_TEMPLATE_CHAT;
 }
 
 /* Fills the prompt (ids into r->tokens later, positions, experts) from the parameters. */
@@ -229,8 +228,8 @@ static void request_free(struct cvlm_request *r)
 }
 
 /* Takes over the prompt's arrays and sizes the request's own buffers. */
-static int adopt(struct cvlm_engine *e, const struct cvlm_request_params *p,
-                 struct cvlm_prompt *pr, struct cvlm_request *r)
+static int adopt(struct cvlm_engine *e, const struct cvlm_request_params *p, struct cvlm_prompt *pr,
+                 struct cvlm_request *r)
 {
     int bs = cvlm_kv_block_size(e->kv), room = e->max_context - pr->n;
     if (room <= 0 || (p->max_tokens && p->max_tokens > room))

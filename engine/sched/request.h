@@ -11,9 +11,9 @@
 #ifndef CVLM_REQUEST_H
 #define CVLM_REQUEST_H
 
-#include "engine/engine.h"
 #include "base/buf.h"
 #include "base/clock.h"
+#include "engine/engine.h"
 #include "engine/text/tokenizer.h"
 
 #include <pthread.h>
@@ -34,12 +34,12 @@ struct cvlm_request {
     const struct cvlm_tokenizer *tok;
 
     /* prepared input (immutable) */
-    int n_prompt, cap;        /* cap = n_prompt + max_new slots */
-    int32_t *pos;             /* [n_prompt] */
-    uint8_t *expert;          /* [n_prompt] */
-    int next_pos0;            /* position of the first generated token */
+    int n_prompt, cap; /* cap = n_prompt + max_new slots */
+    int32_t *pos;      /* [n_prompt] */
+    uint8_t *expert;   /* [n_prompt] */
+    int next_pos0;     /* position of the first generated token */
     int image_start, image_len;
-    float *pixels;            /* normalized CHW, NULL without image */
+    float *pixels; /* normalized CHW, NULL without image */
     uint64_t img_hash;
     struct cvlm_sampling sp;
     int max_new, ignore_eos, logprobs;
@@ -60,18 +60,18 @@ struct cvlm_request {
     struct cvlm_feats *feats; /* pinned vision-cache entry while image slots remain */
     struct cvlm_rng rng;
     struct cvlm_detok dt;
-    struct cvlm_buf hold;     /* decoded text held back: may start a stop string */
-    int stop_hit;             /* a stop string ended the text: nothing more is emitted */
-    uint64_t admit_no;        /* admission order: the newest is preempted first */
+    struct cvlm_buf hold; /* decoded text held back: may start a stop string */
+    int stop_hit;         /* a stop string ended the text: nothing more is emitted */
+    uint64_t admit_no;    /* admission order: the newest is preempted first */
     double t_submit, t_admit, t_first, vision_ms;
     struct cvlm_request *next;
 
     /* output queue (mu) */
     pthread_mutex_t mu;
-    struct cvlm_buf out;      /* text not yet taken */
+    struct cvlm_buf out; /* text not yet taken */
     struct cvlm_token_out *otok;
     int n_otok, otok_cap;
-    int out_failed;           /* output could not be queued (memory): the request fails */
+    int out_failed; /* output could not be queued (memory): the request fails */
     enum cvlm_finish finish;
     int finish_taken;
     char error[256];

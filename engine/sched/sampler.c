@@ -123,8 +123,7 @@ static int cmp_cand(const void *a, const void *b)
 }
 
 /* Candidates with p >= t, lowering t until the set must contain what the filters keep. */
-static int gather(const float *p, int V, float pmax, const struct cvlm_sampling *sp,
-                  struct cand *c)
+static int gather(const float *p, int V, float pmax, const struct cvlm_sampling *sp, struct cand *c)
 {
     for (float t = pmax;; t *= 1.0f / 16) {
         int n = 0;
@@ -141,8 +140,8 @@ static int gather(const float *p, int V, float pmax, const struct cvlm_sampling 
     }
 }
 
-int cvlm_sample(const struct cvlm_sampling *sp, float *logits, int V, const int32_t *tokens,
-                int n, int n_prompt, struct cvlm_rng *rng)
+int cvlm_sample(const struct cvlm_sampling *sp, float *logits, int V, const int32_t *tokens, int n,
+                int n_prompt, struct cvlm_rng *rng)
 {
     int rc = penalize(sp, logits, V, tokens, n, n_prompt);
     if (rc)

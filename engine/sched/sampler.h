@@ -57,7 +57,7 @@ void cvlm_logit_bias_apply(float *logits, int V, const struct cvlm_logit_bias *b
 /* Picks the next token. `logits` [V] is modified in place. tokens[0..n) are the
  * sequence so far, of which the first n_prompt are the prompt. Returns the id, or a
  * negative CVLM_E* code (out of memory). */
-int cvlm_sample(const struct cvlm_sampling *sp, float *logits, int V, const int32_t *tokens,
-                int n, int n_prompt, struct cvlm_rng *rng);
+int cvlm_sample(const struct cvlm_sampling *sp, float *logits, int V, const int32_t *tokens, int n,
+                int n_prompt, struct cvlm_rng *rng);
 
 #endif

@@ -72,8 +72,7 @@ static void remove_running(struct cvlm_engine *e, struct cvlm_request *r)
 {
     for (int i = 0; i < e->n_running; i++)
         if (e->running[i] == r) {
-            memmove(&e->running[i], &e->running[i + 1],
-                    (size_t)(e->n_running - i - 1) * sizeof(r));
+            memmove(&e->running[i], &e->running[i + 1], (size_t)(e->n_running - i - 1) * sizeof(r));
             e->n_running--;
             return;
         }
@@ -413,10 +412,17 @@ static int forward(struct cvlm_engine *e, struct plan *p)
 {
     for (int s = 0; s < p->ns; s++)
         build_seq(e, p, s);
-    struct cvlm_batch b = {.n_tokens = p->n, .ids = e->b_ids, .pos = e->b_pos,
-                           .expert = e->b_expert, .seq = e->b_seq, .slot = e->b_slot,
-                           .img_row = e->b_img, .img_feats = e->b_feats, .seqs = e->b_seqs,
-                           .n_seqs = p->ns, .want_logits = e->b_want};
+    struct cvlm_batch b = {.n_tokens = p->n,
+                           .ids = e->b_ids,
+                           .pos = e->b_pos,
+                           .expert = e->b_expert,
+                           .seq = e->b_seq,
+                           .slot = e->b_slot,
+                           .img_row = e->b_img,
+                           .img_feats = e->b_feats,
+                           .seqs = e->b_seqs,
+                           .n_seqs = p->ns,
+                           .want_logits = e->b_want};
     int rc = cvlm_model_forward(e->model, &b, e->logits);
     e->st.steps++;
     if (rc) {
@@ -427,8 +433,8 @@ static int forward(struct cvlm_engine *e, struct plan *p)
         return rc;
     }
     for (int s = 0; s < p->ns; s++)
-        e->st.prompt_tokens += (uint64_t)(e->b_req[s]->n_computed < e->b_req[s]->n_prompt
-                                              ? e->b_nfed[s] : 0);
+        e->st.prompt_tokens +=
+            (uint64_t)(e->b_req[s]->n_computed < e->b_req[s]->n_prompt ? e->b_nfed[s] : 0);
     return 0;
 }
 
@@ -535,18 +541,18 @@ int cvlm_sched_step(struct cvlm_engine *e)
     int per_step = e->opts.max_images_per_step;
     struct plan p = {.budget = e->opts.max_batched_tokens, .images = per_step > 0 ? per_step : -1};
     double t = cvlm_now_ms();
-    apply_cancels(e);                    /* 1. cancellations free their blocks */
-    plan_step(e, &p);                    /* 2. decodes, prefill chunks, admissions */
+    apply_cancels(e); /* 1. cancellations free their blocks */
+    plan_step(e, &p); /* 2. decodes, prefill chunks, admissions */
     lap(&e->st.plan_ms, &t);
-    encode_images(e, &p);                /* 3. the vision tower, within its budget */
+    encode_images(e, &p); /* 3. the vision tower, within its budget */
     lap(&e->st.encode_ms, &t);
     if (p.ns == 0)
         return p.n_enc > 0;
-    int rc = forward(e, &p);             /* 4. the language model */
+    int rc = forward(e, &p); /* 4. the language model */
     lap(&e->st.forward_ms, &t);
     if (rc)
         return rc;
-    sample_and_publish(e, &p);           /* 5. sample, 6. publish to the owners */
+    sample_and_publish(e, &p); /* 5. sample, 6. publish to the owners */
     lap(&e->st.sample_ms, &t);
     return 1;
 }

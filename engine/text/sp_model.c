@@ -150,14 +150,10 @@ static int pb_skip(struct pb *r, uint32_t field, int wt)
     uint64_t v;
     struct pb sub;
     switch (wt) {
-    case WT_VARINT:
-        return pb_varint(r, &v);
-    case WT_I64:
-        return pb_fixed(r, 8, NULL);
-    case WT_LEN:
-        return pb_bytes(r, &sub);
-    case WT_I32:
-        return pb_fixed(r, 4, NULL);
+    case WT_VARINT: return pb_varint(r, &v);
+    case WT_I64: return pb_fixed(r, 8, NULL);
+    case WT_LEN: return pb_bytes(r, &sub);
+    case WT_I32: return pb_fixed(r, 4, NULL);
     default:
         return cvlm_errf(CVLM_EFORMAT,
                          "tokenizer model: field %u has unsupported wire type %d at byte %zu",
@@ -279,23 +275,12 @@ static int parse_trainer(struct pb *r, struct proto_model *m)
             rc = pb_field_varint(r, field, wt, &v);
             m->byte_fallback = v != 0;
             break;
-        case 44:
-            rc = pb_field_str(r, field, wt, &m->unk_surface);
-            break;
-        case 45:
-            rc = pb_field_str(r, field, wt, &m->unk_piece);
-            break;
-        case 46:
-            rc = pb_field_str(r, field, wt, &m->bos_piece);
-            break;
-        case 47:
-            rc = pb_field_str(r, field, wt, &m->eos_piece);
-            break;
-        case 48:
-            rc = pb_field_str(r, field, wt, &m->pad_piece);
-            break;
-        default:
-            rc = pb_skip(r, field, wt);
+        case 44: rc = pb_field_str(r, field, wt, &m->unk_surface); break;
+        case 45: rc = pb_field_str(r, field, wt, &m->unk_piece); break;
+        case 46: rc = pb_field_str(r, field, wt, &m->bos_piece); break;
+        case 47: rc = pb_field_str(r, field, wt, &m->eos_piece); break;
+        case 48: rc = pb_field_str(r, field, wt, &m->pad_piece); break;
+        default: rc = pb_skip(r, field, wt);
         }
         if (rc)
             return rc;
@@ -311,12 +296,8 @@ static int parse_normalizer(struct pb *r, struct proto_norm *n)
 
     while ((rc = pb_key(r, &field, &wt)) == 1) {
         switch (field) {
-        case 1:
-            rc = pb_field_str(r, field, wt, &n->name);
-            break;
-        case 2:
-            rc = pb_field_str(r, field, wt, &n->charsmap);
-            break;
+        case 1: rc = pb_field_str(r, field, wt, &n->name); break;
+        case 2: rc = pb_field_str(r, field, wt, &n->charsmap); break;
         case 3:
             rc = pb_field_varint(r, field, wt, &v);
             n->add_dummy_prefix = v != 0;
@@ -329,8 +310,7 @@ static int parse_normalizer(struct pb *r, struct proto_norm *n)
             rc = pb_field_varint(r, field, wt, &v);
             n->escape_whitespaces = v != 0;
             break;
-        default:
-            rc = pb_skip(r, field, wt);
+        default: rc = pb_skip(r, field, wt);
         }
         if (rc)
             return rc;

@@ -41,7 +41,7 @@ struct cvlm_sp_unode {
 };
 
 struct cvlm_tokenizer {
-    int32_t n; /* vocabulary size; ids are 0..n-1 */
+    int32_t n;              /* vocabulary size; ids are 0..n-1 */
     uint32_t max_piece_len; /* bytes of the longest piece string (normalized text) */
     struct cvlm_sp_piece *pieces;
     char *strs, *dec;

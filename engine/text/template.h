@@ -9,8 +9,8 @@
 #ifndef CVLM_TEMPLATE_H
 #define CVLM_TEMPLATE_H
 
-#include "engine/text/tokenizer.h"
 #include "engine/model/weights.h"
+#include "engine/text/tokenizer.h"
 
 #include <stdint.h>
 
@@ -23,13 +23,13 @@ struct cvlm_turn {
 };
 
 struct cvlm_prompt {
-    int n;             /* slots */
-    int32_t *ids;      /* [n] token ids; image slots hold pad_token_id */
-    uint8_t *types;    /* [n] CVLM_TOKEN_LANG / CVLM_TOKEN_VIS */
-    int32_t *pos;      /* [n] RoPE position ids */
-    uint8_t *expert;   /* [n] CVLM_EXPERT_LANG / CVLM_EXPERT_VISION */
-    int image_start;   /* first image slot (boi), -1 without image */
-    int next_pos;      /* position of the first generated token */
+    int n;           /* slots */
+    int32_t *ids;    /* [n] token ids; image slots hold pad_token_id */
+    uint8_t *types;  /* [n] CVLM_TOKEN_LANG / CVLM_TOKEN_VIS */
+    int32_t *pos;    /* [n] RoPE position ids */
+    uint8_t *expert; /* [n] CVLM_EXPERT_LANG / CVLM_EXPERT_VISION */
+    int image_start; /* first image slot (boi), -1 without image */
+    int next_pos;    /* position of the first generated token */
 };
 
 /* Renders the template text (malloc'd): base = query verbatim; chat / vqa =

@@ -207,7 +207,8 @@ static int put_ws(const struct cvlm_tokenizer *t, struct cvlm_buf *out)
     return t->escape_ws ? buf_put(out, WS, WS_LEN) : buf_put(out, " ", 1);
 }
 
-static int put_escaped(const struct cvlm_tokenizer *t, struct cvlm_buf *out, const char *s, size_t n)
+static int put_escaped(const struct cvlm_tokenizer *t, struct cvlm_buf *out, const char *s,
+                       size_t n)
 {
     int rc = buf_reserve(out, n * WS_LEN);
     for (size_t i = 0; !rc && i < n; i++) {
@@ -223,7 +224,8 @@ static int put_escaped(const struct cvlm_tokenizer *t, struct cvlm_buf *out, con
 
 /* Normalizer::Normalize (without the offset mapping). Leaves out->len == 0 for input that
  * normalizes to nothing. */
-static int normalize(const struct cvlm_tokenizer *t, const uint8_t *in, size_t len, struct cvlm_buf *out)
+static int normalize(const struct cvlm_tokenizer *t, const uint8_t *in, size_t len,
+                     struct cvlm_buf *out)
 {
     const char *s;
     size_t sl, step;
@@ -625,8 +627,8 @@ static int put_byte_run(struct cvlm_buf *out, const uint8_t *s, size_t n)
     return rc;
 }
 
-static int decode_ids(const struct cvlm_tokenizer *t, const int32_t *ids, size_t n, struct cvlm_buf *out,
-                      struct cvlm_buf *run)
+static int decode_ids(const struct cvlm_tokenizer *t, const int32_t *ids, size_t n,
+                      struct cvlm_buf *out, struct cvlm_buf *run)
 {
     int rc, is_bos_ws = 1, bos_ws_seen = 0;
     for (size_t i = 0; i < n; i++) {

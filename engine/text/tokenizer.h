@@ -59,7 +59,7 @@ struct cvlm_detok {
                             * leading-space rule no longer applies */
     unsigned char pend[8]; /* bytes of an incomplete UTF-8 sequence held back (<= 3) */
     int n_pend;
-    int last_strip;        /* bytes of the last pushed id's piece text (as
+    int last_strip; /* bytes of the last pushed id's piece text (as
                             * cvlm_tokenizer_piece_text gives it) left out of the output:
                             * 1 for the leading space dropped at the start, else 0 */
 };

@@ -16,8 +16,7 @@ int cvlm_read_file(const char *path, size_t max, unsigned char **buf, size_t *le
     *buf = NULL;
     *len = 0;
     if (!f)
-        return cvlm_errf(errno == ENOENT ? CVLM_ENOENT : CVLM_EIO, "%s: %s", path,
-                         strerror(errno));
+        return cvlm_errf(errno == ENOENT ? CVLM_ENOENT : CVLM_EIO, "%s: %s", path, strerror(errno));
     if (fstat(fileno(f), &sb) || !S_ISREG(sb.st_mode)) {
         fclose(f);
         return cvlm_errf(CVLM_EIO, "%s: not a regular file", path);

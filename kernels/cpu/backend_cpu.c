@@ -352,7 +352,8 @@ static int cpu_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const
     size_t bytes = 0, at = 0;
     for (int i = 0; i < n; i++)
         if (!ts[i]->data && ts[i]->fill != CVLM_FILL_NONE)
-            bytes += ((size_t)cvlm_tensor_numel(ts[i]) * cvlm_dtype_size(ts[i]->dtype) + 63) & ~(size_t)63;
+            bytes += ((size_t)cvlm_tensor_numel(ts[i]) * cvlm_dtype_size(ts[i]->dtype) + 63) &
+                     ~(size_t)63;
     if (!bytes)
         return 0;
     if (cb->weights)

@@ -34,7 +34,7 @@ struct cpu_backend {
     const struct cpu_vec_ops *vec; /* element-wise and attention helpers for `isa` */
     float *scratch;                /* grows on demand; ops run one at a time */
     size_t scratch_cap;
-    void *weights;                 /* generated weights (upload_weights fills), or NULL */
+    void *weights; /* generated weights (upload_weights fills), or NULL */
 };
 
 /* The ISA the CPU supports, lowered to `COGVLM_CPU_ISA` when that names a lower path. */
@@ -119,29 +119,21 @@ void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float *c, in
 /* The body of a cvlm_cpu_gemv_<isa>: calls the file's own always-inlined
  * range(y, ldy, x, ldx, M, w, dtype, n0, n1, K) with M (1..4) and the weight dtype as
  * literal constants, so each of the 12 combinations compiles to its own loop. */
-#define CVLM_CPU_GEMV_M(range, DT)                                                         \
-    switch (M) {                                                                           \
-    case 1:                                                                                \
-        range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K);                                  \
-        break;                                                                             \
-    case 2:                                                                                \
-        range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K);                                  \
-        break;                                                                             \
-    case 3:                                                                                \
-        range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K);                                  \
-        break;                                                                             \
-    default:                                                                               \
-        range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K);                                  \
-        break;                                                                             \
+#define CVLM_CPU_GEMV_M(range, DT)                                    \
+    switch (M) {                                                      \
+    case 1: range(y, ldy, x, ldx, 1, w->data, DT, n0, n1, K); break;  \
+    case 2: range(y, ldy, x, ldx, 2, w->data, DT, n0, n1, K); break;  \
+    case 3: range(y, ldy, x, ldx, 3, w->data, DT, n0, n1, K); break;  \
+    default: range(y, ldy, x, ldx, 4, w->data, DT, n0, n1, K); break; \
     }
-#define CVLM_CPU_GEMV_DISPATCH(range)                                                      \
-    do {                                                                                   \
-        if (w->dtype == CVLM_DTYPE_BF16)                                                   \
-            CVLM_CPU_GEMV_M(range, CVLM_DTYPE_BF16)                                        \
-        else if (w->dtype == CVLM_DTYPE_F16)                                               \
-            CVLM_CPU_GEMV_M(range, CVLM_DTYPE_F16)                                         \
-        else                                                                               \
-            CVLM_CPU_GEMV_M(range, CVLM_DTYPE_F32)                                         \
+#define CVLM_CPU_GEMV_DISPATCH(range)               \
+    do {                                            \
+        if (w->dtype == CVLM_DTYPE_BF16)            \
+            CVLM_CPU_GEMV_M(range, CVLM_DTYPE_BF16) \
+        else if (w->dtype == CVLM_DTYPE_F16)        \
+            CVLM_CPU_GEMV_M(range, CVLM_DTYPE_F16)  \
+        else                                        \
+            CVLM_CPU_GEMV_M(range, CVLM_DTYPE_F32)  \
     } while (0)
 
 /* ---- vector math and attention helpers (vec_*.c; one set per ISA) ------------------- */

@@ -13,8 +13,8 @@
 #include <immintrin.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
-#define INLINE512                                                                                  \
-    static inline                                                                                  \
+#define INLINE512 \
+    static inline \
         __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
 
 /* 16 consecutive elements of a weight at element index i, widened; `m` masks a tail
@@ -202,8 +202,8 @@ AVX512 void cvlm_cpu_tile_avx512(const float *ap, const float *bp, int kc, float
 /* ---- BF16 weights with vdpbf16ps (AVX512_BF16) ------------------------------------------ */
 
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
-#define INLINEBF16                                                                                 \
-    static inline __attribute__((                                                                  \
+#define INLINEBF16                \
+    static inline __attribute__(( \
         always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx512bf16")))
 
 BF16 void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int M, int K)
@@ -227,17 +227,17 @@ BF16 void cvlm_cpu_split_bf16_avx512(uint16_t *xs, const float *x, int ldx, int 
 }
 
 /* acc[i][m] += W rows i (32 weights at r[i] + k, masked by t) . (hi + lo)[m] at k */
-#define BF16_STEP(LOAD)                                                                            \
-    do {                                                                                           \
-        __m512bh wv[4];                                                                            \
-        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) wv[i] = (__m512bh)(LOAD);              \
-        for (int m = 0; m < M; m++) {                                                              \
-            const uint16_t *xm = xs + (size_t)m * 2 * Kp + k;                                      \
-            __m512bh xh = (__m512bh)_mm512_loadu_si512(xm);                                        \
-            __m512bh xl = (__m512bh)_mm512_loadu_si512(xm + Kp);                                   \
-            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[i][m] =                        \
-                _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i][m], wv[i], xh), wv[i], xl);               \
-        }                                                                                          \
+#define BF16_STEP(LOAD)                                                               \
+    do {                                                                              \
+        __m512bh wv[4];                                                               \
+        _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) wv[i] = (__m512bh)(LOAD); \
+        for (int m = 0; m < M; m++) {                                                 \
+            const uint16_t *xm = xs + (size_t)m * 2 * Kp + k;                         \
+            __m512bh xh = (__m512bh)_mm512_loadu_si512(xm);                           \
+            __m512bh xl = (__m512bh)_mm512_loadu_si512(xm + Kp);                      \
+            _Pragma("GCC unroll 4") for (int i = 0; i < 4; i++) acc[i][m] =           \
+                _mm512_dpbf16_ps(_mm512_dpbf16_ps(acc[i][m], wv[i], xh), wv[i], xl);  \
+        }                                                                             \
     } while (0)
 
 /* 4 W rows x M (1..4) x rows: y[m][n + r] = sum_k W[n + r][k] * (hi[m][k] + lo[m][k]) */
@@ -275,18 +275,10 @@ BF16 void cvlm_cpu_gemv_bf16x2_avx512(float *y, int ldy, const uint16_t *xs, int
     for (int n = n0; n < n1; n += 4) {
         int rows = n1 - n;
         switch (M) {
-        case 1:
-            gemv4_bf16(y, ldy, xs, 1, wd, (size_t)n, K, rows);
-            break;
-        case 2:
-            gemv4_bf16(y, ldy, xs, 2, wd, (size_t)n, K, rows);
-            break;
-        case 3:
-            gemv4_bf16(y, ldy, xs, 3, wd, (size_t)n, K, rows);
-            break;
-        default:
-            gemv4_bf16(y, ldy, xs, 4, wd, (size_t)n, K, rows);
-            break;
+        case 1: gemv4_bf16(y, ldy, xs, 1, wd, (size_t)n, K, rows); break;
+        case 2: gemv4_bf16(y, ldy, xs, 2, wd, (size_t)n, K, rows); break;
+        case 3: gemv4_bf16(y, ldy, xs, 3, wd, (size_t)n, K, rows); break;
+        default: gemv4_bf16(y, ldy, xs, 4, wd, (size_t)n, K, rows); break;
         }
     }
 }

@@ -13,7 +13,7 @@
 #include <immintrin.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define INLINE512                                                                                  \
+#define INLINE512 \
     static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 static inline __mmask16 tail_mask(int n)

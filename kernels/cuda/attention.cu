@@ -146,9 +146,9 @@ __device__ void fa_rows(float *scratch, int ld, int *ri)
 
 /* S = Q K^T for this warp's 16 rows and the tile's 64 keys, stored to S (row-major). */
 template <int HDP>
-__device__ void
-fa_scores(const wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> *qf,
-          const bf16 *Ks, float *Sw, int lds)
+__device__ void fa_scores(
+    const wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> *qf, const bf16 *Ks,
+    float *Sw, int lds)
 {
     for (int nt = 0; nt < FA_BN / 16; nt++) {
         fa_acc acc;
@@ -310,22 +310,14 @@ template <int HDP> static size_t fa_smem()
 static size_t flash_smem(int hd)
 {
     switch ((hd + 15) / 16) {
-    case 1:
-        return fa_smem<16>();
-    case 2:
-        return fa_smem<32>();
-    case 3:
-        return fa_smem<48>();
-    case 4:
-        return fa_smem<64>();
-    case 5:
-        return fa_smem<80>();
-    case 6:
-        return fa_smem<96>();
-    case 7:
-        return fa_smem<112>();
-    default:
-        return fa_smem<128>();
+    case 1: return fa_smem<16>();
+    case 2: return fa_smem<32>();
+    case 3: return fa_smem<48>();
+    case 4: return fa_smem<64>();
+    case 5: return fa_smem<80>();
+    case 6: return fa_smem<96>();
+    case 7: return fa_smem<112>();
+    default: return fa_smem<128>();
     }
 }
 
@@ -351,22 +343,14 @@ template <int HDP> static bool flash_launch(struct cuda_backend *cb, const fa_pa
 static bool launch_flash(struct cuda_backend *cb, const fa_params *p, dim3 grid)
 {
     switch ((p->hd + 15) / 16) {
-    case 1:
-        return flash_launch<16>(cb, p, grid);
-    case 2:
-        return flash_launch<32>(cb, p, grid);
-    case 3:
-        return flash_launch<48>(cb, p, grid);
-    case 4:
-        return flash_launch<64>(cb, p, grid);
-    case 5:
-        return flash_launch<80>(cb, p, grid);
-    case 6:
-        return flash_launch<96>(cb, p, grid);
-    case 7:
-        return flash_launch<112>(cb, p, grid);
-    default:
-        return flash_launch<128>(cb, p, grid);
+    case 1: return flash_launch<16>(cb, p, grid);
+    case 2: return flash_launch<32>(cb, p, grid);
+    case 3: return flash_launch<48>(cb, p, grid);
+    case 4: return flash_launch<64>(cb, p, grid);
+    case 5: return flash_launch<80>(cb, p, grid);
+    case 6: return flash_launch<96>(cb, p, grid);
+    case 7: return flash_launch<112>(cb, p, grid);
+    default: return flash_launch<128>(cb, p, grid);
     }
 }
 

@@ -173,24 +173,12 @@ bool cu_attention_decode(struct cuda_backend *cb, const struct cu_attn_plan *p,
         gs *= 2;
     bool ok;
     switch (gs) {
-    case 1:
-        ok = launch_part<1>(cb, p, io, ws_o, ws_ml);
-        break;
-    case 2:
-        ok = launch_part<2>(cb, p, io, ws_o, ws_ml);
-        break;
-    case 4:
-        ok = launch_part<4>(cb, p, io, ws_o, ws_ml);
-        break;
-    case 8:
-        ok = launch_part<8>(cb, p, io, ws_o, ws_ml);
-        break;
-    case 16:
-        ok = launch_part<16>(cb, p, io, ws_o, ws_ml);
-        break;
-    default:
-        ok = launch_part<32>(cb, p, io, ws_o, ws_ml);
-        break;
+    case 1: ok = launch_part<1>(cb, p, io, ws_o, ws_ml); break;
+    case 2: ok = launch_part<2>(cb, p, io, ws_o, ws_ml); break;
+    case 4: ok = launch_part<4>(cb, p, io, ws_o, ws_ml); break;
+    case 8: ok = launch_part<8>(cb, p, io, ws_o, ws_ml); break;
+    case 16: ok = launch_part<16>(cb, p, io, ws_o, ws_ml); break;
+    default: ok = launch_part<32>(cb, p, io, ws_o, ws_ml); break;
     }
     if (!ok)
         return false;

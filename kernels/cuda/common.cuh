@@ -131,12 +131,12 @@ bool cu_check_blas(struct cuda_backend *cb, cublasStatus_t s, const char *what, 
 /* after a kernel launch: launch-configuration errors surface here, faults at to_host */
 #define CU_LAUNCHED(cb, name) cu_check_rt((cb), cudaGetLastError(), name, __FILE__, __LINE__)
 /* a cheap entry assertion of an op: records CVLM_ESHAPE and makes the op return */
-#define CU_REQUIRE(cb, cond, ...)                                                                  \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            cu_fail((cb), CVLM_ESHAPE, __FILE__, __LINE__, __VA_ARGS__);                           \
-            return;                                                                                \
-        }                                                                                          \
+#define CU_REQUIRE(cb, cond, ...)                                        \
+    do {                                                                 \
+        if (!(cond)) {                                                   \
+            cu_fail((cb), CVLM_ESHAPE, __FILE__, __LINE__, __VA_ARGS__); \
+            return;                                                      \
+        }                                                                \
     } while (0)
 
 /* Makes the backend's device current on this thread; false if the backend already holds

@@ -80,18 +80,10 @@ static bool gemv(struct cuda_backend *cb, bf16 *y, const bf16 *x, int ldx, const
 {
     unsigned grid = (unsigned)((N + GEMV_WARPS - 1) / GEMV_WARPS), threads = GEMV_WARPS * 32;
     switch (M) {
-    case 1:
-        k_gemv<1><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K);
-        break;
-    case 2:
-        k_gemv<2><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K);
-        break;
-    case 3:
-        k_gemv<3><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K);
-        break;
-    default:
-        k_gemv<4><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K);
-        break;
+    case 1: k_gemv<1><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K); break;
+    case 2: k_gemv<2><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K); break;
+    case 3: k_gemv<3><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K); break;
+    default: k_gemv<4><<<grid, threads, 0, cb->stream>>>(y, x, ldx, w, bias, N, K); break;
     }
     return CU_LAUNCHED(cb, "gemv");
 }

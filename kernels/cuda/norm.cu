@@ -144,8 +144,7 @@ static void rmsnorm_launch(struct cvlm_backend *be, void *y, void *x, const void
     int use_cache = smem > 0;
     unsigned grid = (unsigned)(M < 65535 ? M : 65535);
     k_rmsnorm<<<grid, norm_threads(D), smem, cb->stream>>>((bf16 *)y, (bf16 *)x, (const bf16 *)r,
-                                                           w->data, w->dtype, M, D, eps,
-                                                           use_cache);
+                                                           w->data, w->dtype, M, D, eps, use_cache);
     CU_LAUNCHED(cb, r ? "add_rmsnorm" : "rmsnorm");
 }
 

@@ -180,7 +180,7 @@ static bool upload_all(struct cuda_backend *cb, struct cvlm_tensor *const *ts, i
         } else {
             uint64_t key = seed * 0x100000001b3ull + (uint64_t)i;
             k_fill<<<cu_blocks(numel, 256, 4096), 256, 0, cb->stream>>>(dst, numel, t->fill,
-                                                                     t->dtype, key);
+                                                                        t->dtype, key);
             ok = CU_LAUNCHED(cb, "fill");
         }
     }

@@ -19,8 +19,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argv;
     snprintf(model, sizeof(model), "%s/golden-tiny/model-bf16", root ? root : "../shared/data");
     snprintf(tok, sizeof(tok), "%s/llama2-tokenizer.model", root ? root : "../shared/data");
-    struct cvlm_engine_opts o = {.model_dir = model, .tokenizer = tok, .threads = 1,
-                                 .kv_bytes = 8 << 20, .max_image_pixels = 1 << 22};
+    struct cvlm_engine_opts o = {.model_dir = model,
+                                 .tokenizer = tok,
+                                 .threads = 1,
+                                 .kv_bytes = 8 << 20,
+                                 .max_image_pixels = 1 << 22};
     if (cvlm_engine_create(&o, &srv.engine)) {
         fprintf(stderr, "fuzz_request: %s\n", cvlm_last_error());
         abort();

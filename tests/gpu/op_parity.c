@@ -37,8 +37,8 @@
  * backend in place of the GPU (no GPU needed: checks the harness itself); with
  * --fail-alloc N its N-th allocation fails (checks the recovery from a failed setup).
  */
-#include "engine/comm.h"
 #include "base/clock.h"
+#include "engine/comm.h"
 #include "engine/error.h"
 #include "kernels/cuda/cuda_api.h"
 
@@ -893,15 +893,9 @@ enum bench_op { B_GEMV, B_GEMM64, B_VIT_ATTN, B_DECODE_ATTN, B_PREFILL_ATTN };
 static void bench_call(struct cvlm_backend *g, struct bench_bufs *b, enum bench_op op)
 {
     switch (op) {
-    case B_GEMV:
-        g->ops->gemm(g, b->y, b->x, 4096, &b->w, NULL, 1, 11008, 4096);
-        break;
-    case B_GEMM64:
-        g->ops->gemm(g, b->y, b->x, 4096, &b->w, NULL, 64, 11008, 4096);
-        break;
-    case B_VIT_ATTN:
-        g->ops->attention_full(g, b->y, b->x, 1226, 16, 112);
-        break;
+    case B_GEMV: g->ops->gemm(g, b->y, b->x, 4096, &b->w, NULL, 1, 11008, 4096); break;
+    case B_GEMM64: g->ops->gemm(g, b->y, b->x, 4096, &b->w, NULL, 64, 11008, 4096); break;
+    case B_VIT_ATTN: g->ops->attention_full(g, b->y, b->x, 1226, 16, 112); break;
     case B_DECODE_ATTN:
         g->ops->attention_paged(g, b->y, b->x, 3 * 4096, &b->kv, &b->dec, 32, 128);
         break;

@@ -37,33 +37,33 @@ int cvlm_test_write_file(const char *path, const void *data, size_t len);
  * NaN, so a NaN output can never pass a `< tol` check. */
 double cvlm_test_max_rel(const float *a, const float *b, size_t n);
 
-#define TEST(name)                                                                         \
-    static void test_##name(void);                                                         \
-    static struct cvlm_test test_desc_##name = {#name, test_##name, NULL};                  \
-    __attribute__((constructor)) static void test_reg_##name(void)                          \
-    {                                                                                      \
-        cvlm_test_register(&test_desc_##name);                                             \
-    }                                                                                      \
+#define TEST(name)                                                         \
+    static void test_##name(void);                                         \
+    static struct cvlm_test test_desc_##name = {#name, test_##name, NULL}; \
+    __attribute__((constructor)) static void test_reg_##name(void)         \
+    {                                                                      \
+        cvlm_test_register(&test_desc_##name);                             \
+    }                                                                      \
     static void test_##name(void)
 
-#define CHECK(cond)                                                                        \
-    do {                                                                                   \
-        if (!(cond))                                                                       \
-            cvlm_test_fail(__FILE__, __LINE__, "%s", #cond);                               \
+#define CHECK(cond)                                          \
+    do {                                                     \
+        if (!(cond))                                         \
+            cvlm_test_fail(__FILE__, __LINE__, "%s", #cond); \
     } while (0)
 
-#define CHECKF(cond, ...)                                                                  \
-    do {                                                                                   \
-        if (!(cond))                                                                       \
-            cvlm_test_fail(__FILE__, __LINE__, __VA_ARGS__);                               \
+#define CHECKF(cond, ...)                                    \
+    do {                                                     \
+        if (!(cond))                                         \
+            cvlm_test_fail(__FILE__, __LINE__, __VA_ARGS__); \
     } while (0)
 
-#define REQUIRE(cond)                                                                      \
-    do {                                                                                   \
-        if (!(cond)) {                                                                     \
-            cvlm_test_fail(__FILE__, __LINE__, "%s", #cond);                               \
-            return;                                                                        \
-        }                                                                                  \
+#define REQUIRE(cond)                                        \
+    do {                                                     \
+        if (!(cond)) {                                       \
+            cvlm_test_fail(__FILE__, __LINE__, "%s", #cond); \
+            return;                                          \
+        }                                                    \
     } while (0)
 
 #endif

@@ -182,10 +182,10 @@ TEST(cpu_ops_gemm)
 /* ---- element-wise ops, norms, embedding ------------------------------------------------ */
 
 /* Runs `body` once per (ISA path, thread count) with a fresh backend `be`. */
-#define FOR_EACH_BACKEND(be, isa, threads)                                                         \
-    for (int isa = 0, nisa_ = n_isas(); isa < nisa_; isa++)                                        \
-        for (int threads = 1; threads <= 2; threads++)                                             \
-            for (struct cvlm_backend *be = make_backend(isa, threads); be;                         \
+#define FOR_EACH_BACKEND(be, isa, threads)                                 \
+    for (int isa = 0, nisa_ = n_isas(); isa < nisa_; isa++)                \
+        for (int threads = 1; threads <= 2; threads++)                     \
+            for (struct cvlm_backend *be = make_backend(isa, threads); be; \
                  be->ops->destroy(be), be = NULL)
 
 TEST(cpu_ops_norms)

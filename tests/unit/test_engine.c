@@ -91,9 +91,14 @@ static struct cvlm_engine *open_engine_tp(size_t kv_bytes, int max_seqs, int bat
 {
     struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
                                  .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
-                                 .threads = 2, .kv_bytes = kv_bytes, .block_size = 4,
-                                 .max_seqs = max_seqs, .max_batched_tokens = batched,
-                                 .vision_cache_bytes = 1 << 20, .queue_limit = 64, .tp = tp};
+                                 .threads = 2,
+                                 .kv_bytes = kv_bytes,
+                                 .block_size = 4,
+                                 .max_seqs = max_seqs,
+                                 .max_batched_tokens = batched,
+                                 .vision_cache_bytes = 1 << 20,
+                                 .queue_limit = 64,
+                                 .tp = tp};
     struct cvlm_engine *e = NULL;
     if (cvlm_engine_create(&o, &e))
         printf("  engine: %s\n", cvlm_last_error());
@@ -111,9 +116,14 @@ static unsigned char *png_bytes(size_t *len)
 }
 
 static const char *const prompts[] = {
-    "What is in this image?", "Describe it.", "How many shapes are there in the picture?",
-    "Where is the red square?", "Tell me a long story about a llama and a mountain.",
-    "Hi", "What color is the circle?", "Count to ten.",
+    "What is in this image?",
+    "Describe it.",
+    "How many shapes are there in the picture?",
+    "Where is the red square?",
+    "Tell me a long story about a llama and a mountain.",
+    "Hi",
+    "What color is the circle?",
+    "Count to ten.",
 };
 
 /* Starts job k of a family: varied prompts, every third with the image. */
@@ -225,8 +235,8 @@ TEST(engine_tp2_matches_tp1)
     REQUIRE(e1 && e2 && img);
     cvlm_engine_get_info(e1, &i1);
     cvlm_engine_get_info(e2, &i2);
-    CHECKF(i2.kv_blocks == 2 * i1.kv_blocks, "KV blocks %d with tp 2, %d with tp 1",
-           i2.kv_blocks, i1.kv_blocks);
+    CHECKF(i2.kv_blocks == 2 * i1.kv_blocks, "KV blocks %d with tp 2, %d with tp 1", i2.kv_blocks,
+           i1.kv_blocks);
     run_alone(e1, ref, img, len);
     for (int k = 0; k < NJOBS; k++)
         CHECK(start(e2, &tp[k], k, img, len, 12) == 0);
@@ -262,8 +272,7 @@ TEST(engine_preemption_keeps_outputs)
         end(&ref[k]);
     }
     settle(small, &st);
-    CHECKF(st.preemptions > 0, "no preemption happened (%llu)",
-           (unsigned long long)st.preemptions);
+    CHECKF(st.preemptions > 0, "no preemption happened (%llu)", (unsigned long long)st.preemptions);
     CHECKF(st.kv_used == 0, "%d blocks used, %d cached of %d", st.kv_used, st.kv_cached,
            st.kv_blocks);
     cvlm_engine_destroy(big);
@@ -277,7 +286,9 @@ TEST(engine_vision_cache_without_prefix_cache)
     unsigned char *img = png_bytes(&len);
     struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
                                  .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
-                                 .threads = 2, .kv_bytes = 4 << 20, .no_prefix_cache = 1,
+                                 .threads = 2,
+                                 .kv_bytes = 4 << 20,
+                                 .no_prefix_cache = 1,
                                  .vision_cache_bytes = 1 << 20};
     struct cvlm_engine *e = NULL;
     struct job j[3];
@@ -400,15 +411,16 @@ TEST(engine_random_soak)
     for (int k = 0; k < 64; k++)
         if (live[k]) {
             wait_job(&jobs[k]);
-            CHECK(jobs[k].last.finish != CVLM_FINISH_NONE && jobs[k].last.finish != CVLM_FINISH_ERROR);
+            CHECK(jobs[k].last.finish != CVLM_FINISH_NONE &&
+                  jobs[k].last.finish != CVLM_FINISH_ERROR);
             end(&jobs[k]);
         }
     settle(e, &st);
     CHECKF(st.kv_used == 0 && st.running == 0 && st.waiting == 0, "used %d running %d waiting %d",
            st.kv_used, st.running, st.waiting);
     CHECKF(st.requests_submitted == (uint64_t)submitted &&
-               st.requests_submitted == st.requests_finished + st.requests_cancelled +
-                                            st.requests_failed,
+               st.requests_submitted ==
+                   st.requests_finished + st.requests_cancelled + st.requests_failed,
            "submitted %d (%llu) != finished %llu + cancelled %llu + failed %llu", submitted,
            (unsigned long long)st.requests_submitted, (unsigned long long)st.requests_finished,
            (unsigned long long)st.requests_cancelled, (unsigned long long)st.requests_failed);
@@ -438,7 +450,9 @@ TEST(engine_dummy_weights)
 {
     struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
                                  .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
-                                 .threads = 2, .kv_bytes = 4 << 20, .block_size = 4,
+                                 .threads = 2,
+                                 .kv_bytes = 4 << 20,
+                                 .block_size = 4,
                                  .dummy_weights = 1};
     struct cvlm_engine *d = NULL, *e = open_engine(4 << 20, 4, 64);
     static struct job a, b;
@@ -490,7 +504,9 @@ static struct cvlm_engine *open_block_engine(int block_size, int no_prefix_cache
 {
     struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
                                  .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
-                                 .threads = 2, .kv_bytes = 8 << 20, .block_size = block_size,
+                                 .threads = 2,
+                                 .kv_bytes = 8 << 20,
+                                 .block_size = block_size,
                                  .no_prefix_cache = no_prefix_cache};
     struct cvlm_engine *e = NULL;
     *rc = cvlm_engine_create(&o, &e);
@@ -604,7 +620,9 @@ TEST(engine_tokenizer_beyond_vocabulary_refused)
     REQUIRE(dir);
     struct cvlm_engine_opts o = {.model_dir = dir,
                                  .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
-                                 .threads = 2, .kv_bytes = 4 << 20, .dummy_weights = 1};
+                                 .threads = 2,
+                                 .kv_bytes = 4 << 20,
+                                 .dummy_weights = 1};
     struct cvlm_engine *e = NULL;
     cvlm_clear_error();
     int rc = cvlm_engine_create(&o, &e);
@@ -674,8 +692,8 @@ TEST(engine_logit_bias)
     wait_job(&hot);
     CHECK(forced.n_ids == 6 && hot.n_ids == 6);
     for (int i = 0; i < forced.n_ids; i++) {
-        CHECKF(forced.ids[i] == x && hot.ids[i] == x, "step %d: %d / %d, want %d", i,
-               forced.ids[i], hot.ids[i], x);
+        CHECKF(forced.ids[i] == x && hot.ids[i] == x, "step %d: %d / %d, want %d", i, forced.ids[i],
+               hot.ids[i], x);
         CHECKF(forced.lp[i] < -1.0f && forced.top0[i] != x, "step %d: logprob %g top %d", i,
                (double)forced.lp[i], forced.top0[i]);
     }
@@ -690,16 +708,15 @@ TEST(engine_logit_bias)
     for (int i = 0; i < banned.n_ids; i++)
         CHECKF(banned.ids[i] != ref.ids[0], "step %d: banned token %d", i, ref.ids[0]);
     /* refusals */
-    static const struct cvlm_logit_bias bad[] = {{-1, 1}, {32000, 1}, {5, 100.5f}, {5, -101},
-                                                 {5, NAN}, {5, INFINITY}};
+    static const struct cvlm_logit_bias bad[] = {{-1, 1},   {32000, 1}, {5, 100.5f},
+                                                 {5, -101}, {5, NAN},   {5, INFINITY}};
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         p.logit_bias = &bad[i];
         p.n_logit_bias = 1;
         cvlm_clear_error();
         int rc = cvlm_request_create(e, &p, &r);
         CHECKF(rc == CVLM_EINVAL && r == NULL && !strncmp(cvlm_last_error(), "logit_bias:", 11),
-               "entry {%d, %g}: rc %d (%s)", bad[i].id, (double)bad[i].bias, rc,
-               cvlm_last_error());
+               "entry {%d, %g}: rc %d (%s)", bad[i].id, (double)bad[i].bias, rc, cvlm_last_error());
         cvlm_request_unref(r);
         r = NULL;
     }
@@ -769,8 +786,8 @@ static int check_token_texts(struct cvlm_engine *e, const char *model)
  * (" A" -> "A"), a completion's does not. */
 TEST(engine_token_text_lead_strip)
 {
-    struct cvlm_engine_opts o = {.model_dir = "models/cogvlm-tiny-shapes", .threads = 2,
-                                 .kv_bytes = 4 << 20};
+    struct cvlm_engine_opts o = {
+        .model_dir = "models/cogvlm-tiny-shapes", .threads = 2, .kv_bytes = 4 << 20};
     struct cvlm_engine *e = open_engine(4 << 20, 8, 64), *t = NULL;
     REQUIRE(e);
     CHECK(check_token_texts(e, "golden-tiny") > 0);
@@ -781,8 +798,7 @@ TEST(engine_token_text_lead_strip)
 }
 
 /* Starts a greedy request about image `img` (prompt k of the family), without logprobs. */
-static int start_image(struct cvlm_engine *e, struct job *j, const unsigned char *img,
-                       size_t len)
+static int start_image(struct cvlm_engine *e, struct job *j, const unsigned char *img, size_t len)
 {
     struct cvlm_request_params p = {0};
     memset(j, 0, sizeof(*j));
@@ -817,8 +833,11 @@ TEST(engine_image_budget_per_step)
     for (int budget = 1; budget >= -1; budget -= 2) { /* 1 image per step, then no limit */
         struct cvlm_engine_opts o = {.model_dir = cvlm_test_data("golden-tiny/model"),
                                      .tokenizer = cvlm_test_data("llama2-tokenizer.model"),
-                                     .threads = 2, .kv_bytes = 8 << 20, .no_prefix_cache = 1,
-                                     .max_images_per_step = budget, .queue_limit = 16};
+                                     .threads = 2,
+                                     .kv_bytes = 8 << 20,
+                                     .no_prefix_cache = 1,
+                                     .max_images_per_step = budget,
+                                     .queue_limit = 16};
         struct cvlm_engine *e = NULL;
         REQUIRE(cvlm_engine_create(&o, &e) == 0);
         if (budget == 1)

@@ -20,8 +20,8 @@ struct fx {
 
 static int fx_open(struct fx *f, int threads)
 {
-    struct cvlm_model_opts o = {.max_tokens = 64, .block_size = 4, .kv_blocks = 64,
-                                .threads = threads};
+    struct cvlm_model_opts o = {
+        .max_tokens = 64, .block_size = 4, .kv_blocks = 64, .threads = threads};
     memset(f, 0, sizeof(*f));
     if (cvlm_weights_load(cvlm_test_data("golden-tiny/model"), &f->w) ||
         cvlm_tokenizer_load(cvlm_test_data("llama2-tokenizer.model"), &f->tok) ||
@@ -72,10 +72,16 @@ static int step(struct fx *f, const struct cvlm_prompt *p, const int32_t *bt, in
         img[i] = p->image_start >= 0 && rel >= 0 && rel < img_len ? rel : -1;
         want[i] = 1;
     }
-    struct cvlm_batch b = {.n_tokens = n, .ids = p->ids + from, .pos = p->pos + from,
-                           .expert = p->expert + from, .seq = seq, .slot = slot,
-                           .img_row = img, .img_feats = (const struct cvlm_feats *const *)&feats,
-                           .seqs = &kv, .n_seqs = 1,
+    struct cvlm_batch b = {.n_tokens = n,
+                           .ids = p->ids + from,
+                           .pos = p->pos + from,
+                           .expert = p->expert + from,
+                           .seq = seq,
+                           .slot = slot,
+                           .img_row = img,
+                           .img_feats = (const struct cvlm_feats *const *)&feats,
+                           .seqs = &kv,
+                           .n_seqs = 1,
                            .want_logits = want};
     return cvlm_model_forward(f->m, &b, logits);
 }
@@ -137,10 +143,19 @@ static int mixed_step(struct fx *f, const struct part *parts, int np,
             img[n] = p->image_start >= 0 && rel >= 0 && rel < img_len ? rel : -1;
             want[n] = 1;
         }
-    const struct cvlm_feats *fs[4] = {feats, feats, feats, feats}; /* every sequence shows the same image */
-    struct cvlm_batch b = {.n_tokens = n, .ids = ids, .pos = pos, .expert = expert, .seq = seq,
-                           .slot = slot, .img_row = img, .img_feats = fs, .seqs = seqs,
-                           .n_seqs = ns, .want_logits = want};
+    const struct cvlm_feats *fs[4] = {feats, feats, feats,
+                                      feats}; /* every sequence shows the same image */
+    struct cvlm_batch b = {.n_tokens = n,
+                           .ids = ids,
+                           .pos = pos,
+                           .expert = expert,
+                           .seq = seq,
+                           .slot = slot,
+                           .img_row = img,
+                           .img_feats = fs,
+                           .seqs = seqs,
+                           .n_seqs = ns,
+                           .want_logits = want};
     return cvlm_model_forward(f->m, &b, logits);
 }
 
@@ -151,8 +166,8 @@ TEST(model_mixed_batch_matches_separate_runs)
     REQUIRE(fx_open(&f, 2) == 0);
     struct cvlm_feats *feats = image_feats(&f);
     REQUIRE(feats);
-    REQUIRE(cvlm_prompt_build(&f.w->cfg, f.tok, CVLM_TEMPLATE_VQA, NULL, 0,
-                              "What shape is it?", 1, &a) == 0);
+    REQUIRE(cvlm_prompt_build(&f.w->cfg, f.tok, CVLM_TEMPLATE_VQA, NULL, 0, "What shape is it?", 1,
+                              &a) == 0);
     REQUIRE(cvlm_prompt_build(&f.w->cfg, f.tok, CVLM_TEMPLATE_CHAT, NULL, 0,
                               "Tell me a story about a llama.", 0, &b) == 0);
     int V = f.V, ha = b.n / 2;

@@ -91,11 +91,22 @@ TEST(config_numeric_ranges)
     struct cvlm_server_options c;
     char err[256];
     static const char *const refused[][2] = {
-        {"--port", "84245"},      {"--port", "65536"},       {"--tp", "0"},
-        {"--tp", "9"},            {"--block-size", "0"},     {"--block-size", "1025"}, {"--max-seqs", "0"},
-        {"--max-n", "0"},         {"--max-n", "129"},        {"--queue-limit", "0"},
-        {"--max-batched-tokens", "0"}, {"--kv-memory", "20000G"}, {"--max-body-bytes", "1"},
-        {"--max-connections", "0"}, {"--drain-timeout", "86401"}, {"--max-image-pixels", "0"},
+        {"--port", "84245"},
+        {"--port", "65536"},
+        {"--tp", "0"},
+        {"--tp", "9"},
+        {"--block-size", "0"},
+        {"--block-size", "1025"},
+        {"--max-seqs", "0"},
+        {"--max-n", "0"},
+        {"--max-n", "129"},
+        {"--queue-limit", "0"},
+        {"--max-batched-tokens", "0"},
+        {"--kv-memory", "20000G"},
+        {"--max-body-bytes", "1"},
+        {"--max-connections", "0"},
+        {"--drain-timeout", "86401"},
+        {"--max-image-pixels", "0"},
     };
     unsetenv("COGVLM_PORT");
     for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {

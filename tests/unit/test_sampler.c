@@ -47,8 +47,7 @@ TEST(sampler_distribution_and_filters)
            "plain: %d %d %d", c[0], c[1], c[2]);
     sp.top_k = 2;
     histogram(&sp, l, n, c);
-    CHECKF(c[2] == 0 && fabs(c[0] / (double)n - 0.625) < 0.02, "top_k: %d %d %d", c[0], c[1],
-           c[2]);
+    CHECKF(c[2] == 0 && fabs(c[0] / (double)n - 0.625) < 0.02, "top_k: %d %d %d", c[0], c[1], c[2]);
     sp.top_k = 0;
     sp.top_p = 0.7f; /* 0.5 < 0.7, 0.5 + 0.3 >= 0.7: keeps two */
     histogram(&sp, l, n, c);
@@ -59,8 +58,7 @@ TEST(sampler_distribution_and_filters)
     sp.top_p = 1.0f;
     sp.min_p = 0.5f; /* keeps p >= 0.25 */
     histogram(&sp, l, n, c);
-    CHECKF(c[2] == 0 && fabs(c[0] / (double)n - 0.625) < 0.02, "min_p: %d %d %d", c[0], c[1],
-           c[2]);
+    CHECKF(c[2] == 0 && fabs(c[0] / (double)n - 0.625) < 0.02, "min_p: %d %d %d", c[0], c[1], c[2]);
     sp.min_p = 0;
     sp.temperature = 0.01f; /* cold: almost always the best */
     histogram(&sp, l, 2000, c);
@@ -139,6 +137,6 @@ TEST(sampler_tiny_temperature_is_greedy)
         if (id >= 0 && id < 5)
             c[id]++;
     }
-    CHECKF(c[2] > 0 && c[3] > 0 && c[2] + c[3] == 400, "temperature 1e-4: %d %d %d %d %d",
-           c[0], c[1], c[2], c[3], c[4]);
+    CHECKF(c[2] > 0 && c[3] > 0 && c[2] + c[3] == 400, "temperature 1e-4: %d %d %d %d %d", c[0],
+           c[1], c[2], c[3], c[4]);
 }

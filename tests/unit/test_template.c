@@ -78,8 +78,8 @@ TEST(template_prompt_build_with_tokenizer)
     /* "Question: What is in this image? Answer:" with the fixture's 6-slot image */
     REQUIRE(cvlm_prompt_build(&cfg, tok, CVLM_TEMPLATE_CHAT, NULL, 0, "What is in this image?", 1,
                               &p) == 0);
-    const int32_t ids[] = {1, 0, 0, 0, 0, 0, 0, 894, 29901, 1724, 338, 297, 445, 1967, 29973, 673,
-                           29901};
+    const int32_t ids[] = {1,    0,   0,   0,   0,    0,     0,   894,  29901,
+                           1724, 338, 297, 445, 1967, 29973, 673, 29901};
     const int32_t pos[] = {0, 1, 2, 2, 2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13};
     CHECK(p.n == 17 && !memcmp(p.ids, ids, sizeof(ids)) && !memcmp(p.pos, pos, sizeof(pos)));
     CHECK(p.image_start == 1 && p.next_pos == 14 && p.types[6] == 1 && p.expert[6] == 0);

@@ -18,15 +18,27 @@
 static void small_config(struct cvlm_config *c)
 {
     memset(c, 0, sizeof(*c));
-    *c = (struct cvlm_config){.vocab_size = 300, .hidden_size = 64, .intermediate_size = 128,
-                              .num_layers = 2, .num_heads = 4, .max_position_embeddings = 256,
-                              .rms_norm_eps = 1e-5f, .rope_theta = 10000.0f, .bos_token_id = 1,
-                              .eos_token_id = 2, .template_version = CVLM_TEMPLATE_CHAT,
+    *c = (struct cvlm_config){.vocab_size = 300,
+                              .hidden_size = 64,
+                              .intermediate_size = 128,
+                              .num_layers = 2,
+                              .num_heads = 4,
+                              .max_position_embeddings = 256,
+                              .rms_norm_eps = 1e-5f,
+                              .rope_theta = 10000.0f,
+                              .bos_token_id = 1,
+                              .eos_token_id = 2,
+                              .template_version = CVLM_TEMPLATE_CHAT,
                               .has_vision = 1};
-    c->vision = (struct cvlm_vision_config){.image_size = 28, .patch_size = 14,
-                                            .in_channels = 3, .hidden_size = 32, .num_heads = 4,
-                                            .num_layers = 2, .intermediate_size = 64,
-                                            .num_positions = 5, .layer_norm_eps = 1e-6f};
+    c->vision = (struct cvlm_vision_config){.image_size = 28,
+                                            .patch_size = 14,
+                                            .in_channels = 3,
+                                            .hidden_size = 32,
+                                            .num_heads = 4,
+                                            .num_layers = 2,
+                                            .intermediate_size = 64,
+                                            .num_positions = 5,
+                                            .layer_norm_eps = 1e-6f};
 }
 
 #define T_PROMPT 12
@@ -45,8 +57,8 @@ static int run(struct cvlm_weights *w, int tp, struct tp_run *out)
 {
     const struct cvlm_config *c = &w->cfg;
     int V = c->vocab_size, D = c->hidden_size, rc;
-    struct cvlm_model_opts o = {.max_tokens = 32, .block_size = 4, .kv_blocks = 8, .tp = tp,
-                                .threads = 2};
+    struct cvlm_model_opts o = {
+        .max_tokens = 32, .block_size = 4, .kv_blocks = 8, .tp = tp, .threads = 2};
     struct cvlm_model *m = NULL;
     struct cvlm_feats *f = NULL;
     float px[3 * 28 * 28];
@@ -58,7 +70,8 @@ static int run(struct cvlm_weights *w, int tp, struct tp_run *out)
         return rc;
     for (int i = 0; i < 3 * 28 * 28; i++)
         px[i] = (float)((i * 37) % 255) / 127.0f - 1.0f;
-    rc = (f = cvlm_model_feats_alloc(m)) ? cvlm_model_encode_image(m, px, f, out->vit) : CVLM_ENOMEM;
+    rc =
+        (f = cvlm_model_feats_alloc(m)) ? cvlm_model_encode_image(m, px, f, out->vit) : CVLM_ENOMEM;
     if (rc)
         goto out;
     cvlm_model_feats_to_host(m, f, out->feats);
@@ -72,9 +85,17 @@ static int run(struct cvlm_weights *w, int tp, struct tp_run *out)
         want[t] = 1;
     }
     const struct cvlm_feats *fs[1] = {f};
-    struct cvlm_batch b = {.n_tokens = T_PROMPT, .ids = ids, .pos = pos, .expert = expert,
-                           .seq = seq, .slot = slot, .img_row = img, .img_feats = fs,
-                           .seqs = &kv, .n_seqs = 1, .want_logits = want};
+    struct cvlm_batch b = {.n_tokens = T_PROMPT,
+                           .ids = ids,
+                           .pos = pos,
+                           .expert = expert,
+                           .seq = seq,
+                           .slot = slot,
+                           .img_row = img,
+                           .img_feats = fs,
+                           .seqs = &kv,
+                           .n_seqs = 1,
+                           .want_logits = want};
     if ((rc = cvlm_model_forward(m, &b, out->logits)))
         goto out;
     const float *last = out->logits + (size_t)(T_PROMPT - 1) * V;
@@ -85,8 +106,15 @@ static int run(struct cvlm_weights *w, int tp, struct tp_run *out)
         out->tokens[k] = best;
         int32_t id = best, p = pos[T_PROMPT - 1] + 1 + k, s = T_PROMPT + k, z = 0, noimg = -1;
         uint8_t ex = CVLM_EXPERT_LANG;
-        struct cvlm_batch d = {.n_tokens = 1, .ids = &id, .pos = &p, .expert = &ex, .seq = &z,
-                               .slot = &s, .img_row = &noimg, .seqs = &kv, .n_seqs = 1};
+        struct cvlm_batch d = {.n_tokens = 1,
+                               .ids = &id,
+                               .pos = &p,
+                               .expert = &ex,
+                               .seq = &z,
+                               .slot = &s,
+                               .img_row = &noimg,
+                               .seqs = &kv,
+                               .n_seqs = 1};
         float *row = out->logits + (size_t)(T_PROMPT + k) * V;
         if ((rc = cvlm_model_forward(m, &d, row)))
             goto out;
@@ -131,8 +159,8 @@ static void check_dtype(enum cvlm_dtype dt)
         double el =
             cvlm_test_max_rel(got.logits, ref.logits, (size_t)(T_PROMPT + N_DECODE) * c.vocab_size);
         CHECKF(ev < 5e-5 && ef < 1e-5 && el < 1e-5,
-               "%s tp %d vs 1: vit %.3g, features %.3g, logits %.3g", cvlm_dtype_name(dt), tp,
-               ev, ef, el);
+               "%s tp %d vs 1: vit %.3g, features %.3g, logits %.3g", cvlm_dtype_name(dt), tp, ev,
+               ef, el);
         CHECKF(!memcmp(got.tokens, ref.tokens, sizeof(ref.tokens)), "%s tp %d: greedy tokens",
                cvlm_dtype_name(dt), tp);
         /* not trivially equal: the model's outputs depend on the weights at all */

@@ -207,8 +207,7 @@ static const char *write_sharded(const char *name, int nshards, const char *inde
     off = (size_t)snprintf(idx, cap, "{\"metadata\":{\"total_size\":1},\"weight_map\":{");
     for (int s = 0; s < nshards; s++) {
         size_t lo = (size_t)s * per, hi = lo + per > st->n_tensors ? st->n_tensors : lo + per;
-        snprintf(path, sizeof(path), "%s/model-%05d-of-%05d.safetensors", dir_copy, s + 1,
-                 nshards);
+        snprintf(path, sizeof(path), "%s/model-%05d-of-%05d.safetensors", dir_copy, s + 1, nshards);
         st_write(path, e + lo, hi - lo, 0);
         for (size_t i = lo; i < hi; i++)
             off += (size_t)snprintf(idx + off, cap - off,
@@ -299,8 +298,7 @@ static void raw_case(const char *header, long long hlen, const void *data, size_
     cvlm_clear_error();
     int rc = cvlm_st_open(path, &st);
     CHECKF(rc == code, "[%s]: rc %d (%s), expected %d", needle, rc, cvlm_last_error(), code);
-    CHECKF(strstr(cvlm_last_error(), needle), "detail '%s' lacks '%s'", cvlm_last_error(),
-           needle);
+    CHECKF(strstr(cvlm_last_error(), needle), "detail '%s' lacks '%s'", cvlm_last_error(), needle);
     CHECK(st == NULL);
     cvlm_st_close(st);
 }
@@ -358,8 +356,8 @@ TEST(weights_hostile_headers)
 }
 
 /* Golden tensors with one change, written as a single file, loaded with the golden config. */
-static void golden_variant(const char *name, const char *drop, const char *rename_to,
-                           int reshape, int code, const char *needle)
+static void golden_variant(const char *name, const char *drop, const char *rename_to, int reshape,
+                           int code, const char *needle)
 {
     struct cvlm_safetensors *st;
     char path[700];
@@ -497,8 +495,8 @@ TEST(weights_bad_config)
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         int rc = cvlm_config_parse(cases[i].json, strlen(cases[i].json), &c);
-        CHECKF(rc < 0 && strstr(cvlm_last_error(), cases[i].needle), "case %zu: rc %d '%s'", i,
-               rc, cvlm_last_error());
+        CHECKF(rc < 0 && strstr(cvlm_last_error(), cases[i].needle), "case %zu: rc %d '%s'", i, rc,
+               cvlm_last_error());
     }
     const char *text_only = "{\"vocab_size\": 100, \"hidden_size\": 64, \"intermediate_size\": 8,"
                             " \"num_hidden_layers\": 1, \"num_attention_heads\": 4}";
