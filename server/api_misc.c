@@ -1,5 +1,13 @@
-/* api_misc.c - GET routes: /health, /metrics, /v1/models, /v1/models/{id}. */
+/* api_misc.c - GET routes: /health, /metrics, /v1/models, /v1/models/{id}.
+ *
+ * They run on the loop thread and answer at once: nothing here waits for the engine
+ * (the stats are a snapshot the engine thread publishes after each step), so a load
+ * balancer's health checks and Prometheus' scrapes are answered even while every engine
+ * step is busy. /health is 503 while loading or draining so that a balancer stops
+ * sending work before the daemon refuses it. */
 #include "server/server.h"
+
+#include "server/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,7 +20,7 @@ static struct MHD_Response *text(char *body, size_t len, const char *ctype)
         free(body);
         return NULL;
     }
-    MHD_add_response_header(r, "Content-Type", ctype);
+    MHD_CHECK(MHD_add_response_header(r, "Content-Type", ctype));
     return r;
 }
 
@@ -23,6 +31,8 @@ static struct MHD_Response *json_body(json_t *j)
     return s ? text(s, strlen(s), "application/json") : NULL;
 }
 
+/* OpenAI's Model object; `created` is when this daemon started (the checkpoint carries
+ * no date), `owned_by` names the server, as other self-hosted servers do. */
 static json_t *model_obj(const struct cvlm_srv *s)
 {
     return json_pack("{sssssIss}", "id", s->model_id, "object", "model", "created",

@@ -273,7 +273,10 @@ static int stops(struct conn *c, json_t *root, struct parsed *pp)
     return 0;
 }
 
-/* Sampling and output-shape fields shared by both routes. */
+/* Sampling and output-shape fields shared by both routes. Ranges are OpenAI's where it
+ * has one (temperature 0..2, penalties -2..2), else what the sampler accepts; a value
+ * outside is a 400 naming the field, never clamped silently. max_completion_tokens (the
+ * newer name) wins over max_tokens when both are set. */
 static int sampling(struct conn *c, json_t *r, struct parsed *pp)
 {
     struct cvlm_request_params *p = &pp->p;
@@ -445,7 +448,11 @@ static void parsed_free(struct parsed *pp)
     free(pp->image);
 }
 
-/* One engine request per choice; seeds are the request's seed + index, or random. */
+/* One engine request per choice; seeds are the request's seed + index, or random. The
+ * choices are independent engine requests (each its own KV blocks and sampler) that share
+ * one prompt: the prefix cache makes the second to n-th prefill nearly free, and each
+ * choice streams and finishes on its own. Seed + index keeps a seeded request with n > 1
+ * reproducible while its choices still differ. */
 static int make_choices(struct conn *c, struct parsed *pp)
 {
     if (!(c->ch = calloc((size_t)c->o.n, sizeof(*c->ch))))

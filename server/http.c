@@ -288,7 +288,10 @@ static void after_work(uv_work_t *w, int status)
     cvlm_http_kick(c->s);
 }
 
-/* First call for a request: route, method, auth and body-size checks. */
+/* First call for a request: route, method, auth and body-size checks. Everything that can
+ * be refused from the headers alone is refused here, before a byte of the body is read
+ * (a 413 for a declared Content-Length over the limit; a 503 while loading or draining),
+ * so a refused client costs no memory. */
 static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *mc, const char *url,
                                      const char *method, void **con_cls)
 {
@@ -339,6 +342,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     (void)version;
     if (!c)
         return start_request(s, mc, url, method, con_cls);
+    /* MHD calls this handler again for every piece of body and once more after the end
+     * of it; the connection's state says which call this is */
     if (c->state == CONN_SENT)
         return MHD_YES; /* a reply was queued on the first call; discard any body */
     if (c->state == CONN_BODY && *upload_size) {
