@@ -44,10 +44,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     memset(&c, 0, sizeof(c));
     c.s = &srv;
     c.route = data[0] & 1 ? "/v1/completions" : "/v1/chat/completions";
-    c.body = malloc(size);
-    memcpy(c.body, data + 1, size - 1);
-    c.body[size - 1] = 0;
-    c.len = size - 1;
+    if (cvlm_buf_append(&c.body, data + 1, size - 1))
+        return 0;
     cvlm_api_prepare(&c);
     if (c.status && (c.status < 400 || c.status > 599 || !c.err_msg[0]))
         abort(); /* an error must be a 4xx/5xx with a message */
@@ -58,6 +56,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         free(cvlm_api_error_body(&c, &len));
     }
     free(c.ch);
-    free(c.body);
+    cvlm_buf_free(&c.body);
     return 0;
 }
