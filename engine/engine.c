@@ -150,10 +150,7 @@ static void *engine_main(void *arg)
         while (e->in_head) {
             struct cvlm_request *r = e->in_head;
             e->in_head = r->next;
-            e->n_in--;
-            /* still waiting, as far as the queue limit goes, until the step's stats are
-             * published (else a submit in between saw neither count: the limit leaked) */
-            e->n_waiting_pub++;
+            e->n_in--; /* and n_waiting++ in the same critical section (enqueue) */
             cvlm_sched_enqueue(e, r, 0);
         }
         e->in_tail = NULL;
@@ -287,9 +284,10 @@ int cvlm_engine_submit_group(struct cvlm_engine *e, struct cvlm_request *const *
         if (rs[i]->state != CVLM_REQ_NEW)
             rc = cvlm_errf(CVLM_EINVAL, "request submitted twice");
     /* one client request is one entry of the limit, however many choices it has */
-    if (!rc && e->n_in + e->n_waiting_pub >= e->opts.queue_limit)
-        rc = cvlm_errf(CVLM_EBUSY, "the queue is full (%d sequences waiting, limit %d)",
-                       e->n_in + e->n_waiting_pub, e->opts.queue_limit);
+    int waiting = e->n_in + atomic_load(&e->n_waiting);
+    if (!rc && waiting >= e->opts.queue_limit)
+        rc = cvlm_errf(CVLM_EBUSY, "the queue is full (%d sequences waiting, limit %d)", waiting,
+                       e->opts.queue_limit);
     for (int i = 0; !rc && i < n; i++)
         submit_locked(e, rs[i], wake, ctx);
     if (!rc)

@@ -18,6 +18,7 @@
 #include "engine/text/tokenizer.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 struct cvlm_engine {
     struct cvlm_engine_opts opts; /* defaults filled in */
@@ -51,6 +52,10 @@ struct cvlm_engine {
     pthread_cond_t cv;
     struct cvlm_request *in_head, *in_tail; /* submitted, not yet taken by the thread */
     int n_in, n_waiting_pub;
+    /* requests in the engine thread's wait queue, kept exact at every enqueue and removal
+     * (the engine thread writes it; submit reads it under mu for the queue limit, where a
+     * count published once per step let submits pass a full queue or refused early) */
+    atomic_int n_waiting;
     int stop, draining;
     struct cvlm_engine_stats pub;
     pthread_t thread;

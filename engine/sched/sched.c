@@ -25,6 +25,7 @@
 
 void cvlm_sched_enqueue(struct cvlm_engine *e, struct cvlm_request *r, int front)
 {
+    atomic_fetch_add(&e->n_waiting, 1);
     r->state = CVLM_REQ_WAITING;
     r->next = NULL;
     if (front) {
@@ -45,6 +46,7 @@ static struct cvlm_request *dequeue(struct cvlm_engine *e)
 {
     struct cvlm_request *r = e->wait_head;
     if (r) {
+        atomic_fetch_sub(&e->n_waiting, 1);
         e->wait_head = r->next;
         if (!e->wait_head)
             e->wait_tail = NULL;
@@ -121,6 +123,7 @@ static void apply_cancels(struct cvlm_engine *e)
         struct cvlm_request *r = *pp;
         if (atomic_load(&r->cancel)) {
             *pp = r->next;
+            atomic_fetch_sub(&e->n_waiting, 1);
             finish(e, r, CVLM_FINISH_CANCELLED, NULL);
         } else {
             pp = &r->next;
