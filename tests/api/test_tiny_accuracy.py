@@ -4,12 +4,35 @@ Fresh scenes are drawn by this test's own generator (following the task contract
 shared/spec/tiny-model.md; its seed stream is not the trainer's), every question kind is
 asked through the HTTP API of the real daemon serving models/cogvlm-tiny-shapes, with
 greedy decoding, several requests at a time (so the scheduler batches them), and the
-accuracy per kind must reach the spec's minimum bar.
+accuracy per kind must reach THRESHOLD.
+
+THRESHOLD is the accuracy measured through this same API path on a large sample, minus a
+binomial safety margin, and never below the spec's minimum bar (MINIMUM). Measured on
+2026-12-07 (stage-3 step-8000 checkpoint): colour 229/230 = 99.6 %, shape 230/230 = 100 %,
+count 150/150 = 100 %, description 144/150 = 96.0 %, grounding 194/230 = 84.3 %, grounding
+on two-shape images 134/160 = 83.8 %, with
+
+    COGVLM_TINY_SCENES=150 COGVLM_TINY_SEED=9001 COGVLM_TINY_REPORT=/tmp/r.json \
+        tests/api/run.sh -k tiny_model_accuracy -s
+
+i.e. 150 scenes drawn with another seed than the test's (990 questions). For each kind,
+with p the measured accuracy (capped at 1 - 1/n_meas so that a perfect score still gets a
+margin), n_meas its number of questions there and n_test the number here (SCENES = 60
+scenes of this test's stream: 83 colour / shape / grounding questions, 60 count /
+description, 46 grounding questions on two-shape images), the threshold is
+
+    p - 3 * sqrt(p (1 - p) (1 / n_meas + 1 / n_test)), rounded down to 0.01,
+
+three standard deviations of the difference of two binomial proportions: a model as good as
+the measured one falls below it on a fresh sample of this size about once in 700 runs (one
+sided), while a clear regression (e.g. grounding back to the previous checkpoint's ~60 %)
+fails. Re-measure and recompute after retraining the model (models/cogvlm-tiny-shapes/README.md).
 """
 import base64
 import io
 import json
 import math
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +50,15 @@ KINDS = ("circle", "square", "triangle")
 # The spec's minimum bar (shared/spec/tiny-model.md); the test fails below it.
 MINIMUM = {"colour": 0.90, "shape": 0.90, "count": 0.95, "description": 0.75, "grounding": 0.50}
 TARGET = {"colour": 0.98, "shape": 0.98, "count": 0.99, "description": 0.95, "grounding": 0.90}
-SCENES = 40
+# Measured minus the margin above (margins: colour 0.025, shape 0.025, count 0.037,
+# description 0.090, grounding 0.140, grounding on two-shape images 0.185). On the test's
+# own 60 scenes the step-8000 checkpoint scored colour 98.8 %, shape / count 100 %,
+# description 96.7 %, grounding 84.3 %, two-shape grounding 80.4 % (37/46).
+THRESHOLD = {"colour": 0.97, "shape": 0.97, "count": 0.96, "description": 0.87,
+             "grounding": 0.70, "grounding_2shape": 0.65}
+SCENES = int(os.environ.get("COGVLM_TINY_SCENES", "60"))
+# A measurement run may draw other scenes (the default is the test's own fixed stream).
+SEED = int(os.environ.get("COGVLM_TINY_SEED", "20261127"))
 
 
 def scene(rng):
@@ -144,26 +175,40 @@ def ask(server, png, question):
 
 
 def test_tiny_model_accuracy_per_question_kind(tiny_server):
-    rng = random.Random(20261127)  # this test's own stream, not the trainer's
+    rng = random.Random(SEED)  # this test's own stream, not the trainer's
     jobs = []
     for _ in range(SCENES):
         shapes = scene(rng)
         png = render(rng, shapes)
-        jobs += [(kind, q, exp, png) for kind, q, exp in questions(shapes)]
+        jobs += [(kind, q, exp, png, len(shapes)) for kind, q, exp in questions(shapes)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         answers = list(pool.map(lambda j: ask(tiny_server, j[3], j[1]), jobs))
     score = {k: [0, 0] for k in MINIMUM}
+    by_n = {}
     misses = []
-    for (kind, q, exp, _), ans in zip(jobs, answers):
+    for (kind, q, exp, _, n), ans in zip(jobs, answers):
         ok = correct(kind, ans, exp)
         score[kind][0] += ok
         score[kind][1] += 1
+        key = f"{kind}_{n}shape"
+        by_n.setdefault(key, [0, 0])
+        by_n[key][0] += ok
+        by_n[key][1] += 1
         if not ok and len(misses) < 12:
             misses.append(f"{kind}: {q!r} -> {ans!r} (want {exp!r})")
     report = {k: round(v[0] / v[1], 3) for k, v in score.items()}
-    print("accuracy per kind:", report)
+    print("accuracy per kind:", report, {k: v[1] for k, v in score.items()})
+    print("by number of shapes:", {k: f"{v[0]}/{v[1]}" for k, v in sorted(by_n.items())})
+    if os.environ.get("COGVLM_TINY_REPORT"):
+        with open(os.environ["COGVLM_TINY_REPORT"], "w") as f:
+            json.dump({"scenes": SCENES, "seed": SEED, "score": score, "by_shapes": by_n}, f,
+                      indent=1)
     short = {k: a for k, a in report.items() if a < TARGET[k]}
     if short:
         print("below the spec's target:", short)
-    low = {k: a for k, a in report.items() if a < MINIMUM[k]}
-    assert not low, f"below the minimum bar {MINIMUM}: {report}\nexamples:\n" + "\n".join(misses)
+    g2 = by_n.get("grounding_2shape", [0, 0])
+    if g2[1]:
+        report["grounding_2shape"] = round(g2[0] / g2[1], 3)
+    bar = {k: max(MINIMUM.get(k, 0.0), t) for k, t in THRESHOLD.items()}
+    low = {k: a for k, a in report.items() if k in bar and a < bar[k]}
+    assert not low, f"below the thresholds {bar}: {report}\nexamples:\n" + "\n".join(misses)

@@ -50,7 +50,7 @@ def main():
         from export import load_exported
         from model import preprocess
         from train import greedy
-        torch.set_num_threads(2)
+        torch.set_num_threads(a.threads)
         net, _ = load_exported(a.model)
         sp = spm.SentencePieceProcessor(model_file=os.path.join(a.model, "tokenizer.model"))
         S = net.cfg["vision_config"]["image_size"]

@@ -20,6 +20,10 @@ Recipe (the model README, models/cogvlm-tiny-shapes/README.md, logs what each ch
   * loss on the answer tokens + EOS, each answer weighted 1/sqrt(len), grounding answers
     x --ground-weight, the units digit of each box coordinate x --units-weight.
 
+  * stage 3 (how the committed model was continued): --init-from an exported checkpoint,
+    grounding-heavy batches (--p-two 0.8, --other-frac 0.7), a low LR (2e-4); see the model
+    README for the exact commands.
+
     nice -n 10 /usr/bin/python3 tools/tiny/train.py --run tools/tiny/runs/v3
 """
 import argparse
@@ -78,14 +82,18 @@ class AuxHead(nn.Module):
 def aux_targets(scene, grid):
     """Per patch: index of the shape covering most of it (>= 15 %), else -1."""
     m = shapes.masks(scene)  # [n, 224, 224]
-    cell = shapes.CANVAS // grid
-    cov = m.reshape(len(scene.shapes), grid, cell, grid, cell).mean((2, 4)).reshape(
-        len(scene.shapes), -1)
+    # canvas pixel p belongs to cell floor(p * grid / 224) (cells of 28 px for grid 8; for a
+    # grid that does not divide 224, e.g. 10, the cells are 22 or 23 px wide)
+    starts = np.searchsorted((np.arange(shapes.CANVAS) * grid) // shapes.CANVAS, np.arange(grid))
+    sizes = np.diff(np.append(starts, shapes.CANVAS))
+    cov = np.add.reduceat(np.add.reduceat(m, starts, axis=1), starts, axis=2)
+    cov = (cov / (sizes[:, None] * sizes[None, :])).reshape(len(scene.shapes), -1)
     best = cov.argmax(0)
     return np.where(cov.max(0) >= 0.15, best, -1)
 
 
 VIT_STREAM = 777_001  # stage-1 images: Generator((seed, VIT_STREAM, step))
+OTHER_STREAM = 555_001  # which non-grounding questions a step keeps (--other-frac)
 
 
 def make_batch(step, a, cfg, tok, eval_index=None, vit_stage=False):
@@ -102,6 +110,11 @@ def make_batch(step, a, cfg, tok, eval_index=None, vit_stage=False):
     else:
         rng = np.random.default_rng([a.seed, EVAL_STREAM, eval_index])
         p_two, n = 0.5, 1
+    # --other-frac < 1: each non-grounding question of a training image is kept with that
+    # probability (own stream, so the scenes are the same whatever the fraction)
+    sub = None
+    if eval_index is None and not vit_stage and a.other_frac < 1.0:
+        sub = np.random.default_rng([a.seed, OTHER_STREAM, step])
     px, kinds, cols, boxes, rows, digs = [], [], [], [], [], []
     for b in range(n):
         sc = shapes.random_scene(rng, p_two)
@@ -116,6 +129,8 @@ def make_batch(step, a, cfg, tok, eval_index=None, vit_stage=False):
             digs.append([[-100] * 4 if i < 0 else [shapes.grounding_value(v) // 100 for v in sc.shapes[i].box]
                          for i in t])
         for qk, q, ans, sh in shapes.questions(sc):
+            if sub is not None and qk != "grounding" and sub.random() >= a.other_frac:
+                continue
             rows.append((b, qk, q, ans, sh, sc))
     boxes = (boxes, digs)
     return torch.stack(px), kinds, cols, boxes, rows
@@ -185,7 +200,7 @@ def evaluate(net, tok, a, cfg, n_images, first=0, chunk=25, show=0):
     """Greedy accuracy per question kind on fresh eval images (grounding: IoU >= 0.5)."""
     net.eval()
     stats = {k: [0, 0] for k in shapes.QKINDS}
-    subset = {"colour_two": [0, 0], "shape_two": [0, 0]}
+    subset = {"colour_two": [0, 0], "shape_two": [0, 0], "grounding_one": [0, 0], "grounding_two": [0, 0]}
     shown = 0
     for c0 in range(first, first + n_images, chunk):
         px, rows = [], []
@@ -209,6 +224,9 @@ def evaluate(net, tok, a, cfg, n_images, first=0, chunk=25, show=0):
                 if two and qk in ("colour", "shape"):
                     subset[qk + "_two"][0] += ok
                     subset[qk + "_two"][1] += 1
+                if qk == "grounding":
+                    subset["grounding_" + ("two" if two else "one")][0] += ok
+                    subset["grounding_" + ("two" if two else "one")][1] += 1
                 if show and shown < show and not ok:
                     print("  wrong:", qk, r[2], "->", repr(ans), "want", r[3])
                     shown += 1
@@ -279,6 +297,58 @@ def vit_stage(net, aux, a, cfg, tok, state, log, save_fn):
             t0, t_ck = time.time(), time.time()
 
 
+def warm_start(net, model_dir, log):
+    """Loads an exported checkpoint (BF16 widened to float32) into net. If the patch size
+    differs (e.g. 112 px / patch 14 -> 224 px / patch 28: same 8x8 grid), the patch conv is
+    resampled so that it sees the same image content: a kernel r times larger, each weight
+    spread over an r x r block and divided by r^2 (a box-filter view of the downsampled image).
+    If the patch grid differs, the ViT position embeddings are resampled to the new grid."""
+    from export import read_safetensors
+    t = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+    sd = {k: v for k, v in t.items() if not k.endswith("inv_freq")}
+    own = net.state_dict()
+    for k, v in list(sd.items()):
+        if own[k].shape != v.shape:
+            if k.endswith("patch_embedding.proj.weight") and own[k].shape[:2] == v.shape[:2]:
+                r = own[k].shape[-1] // v.shape[-1]
+                assert r * v.shape[-1] == own[k].shape[-1], (k, v.shape, own[k].shape)
+                sd[k] = v.repeat_interleave(r, 2).repeat_interleave(r, 3) / (r * r)
+                log("warm start: %s %s -> %s (x%d)" % (k, list(v.shape), list(own[k].shape), r))
+            elif k.endswith("patch_embedding.position_embedding.weight") and own[k].shape[1] == v.shape[1]:
+                # another grid (e.g. 140 px / patch 14 = 10x10): CLS row kept, the grid
+                # rows resampled bilinearly (align_corners, so the corner patches keep theirs)
+                g0, g1 = int(round((v.shape[0] - 1) ** 0.5)), int(round((own[k].shape[0] - 1) ** 0.5))
+                grid = v[1:].t().reshape(1, -1, g0, g0)
+                grid = F.interpolate(grid, size=(g1, g1), mode="bilinear", align_corners=True)
+                sd[k] = torch.cat([v[:1], grid.reshape(-1, g1 * g1).t()], 0)
+                log("warm start: %s %s -> %s (grid %d -> %d)" % (k, list(v.shape), list(own[k].shape), g0, g1))
+            else:
+                raise SystemExit("warm start: %s has shape %s in %s, %s here" % (k, list(v.shape), model_dir, list(own[k].shape)))
+    net.load_state_dict(sd)
+    log("warm start from %s (%d tensors)" % (model_dir, len(sd)))
+
+
+def fit_aux(net, aux, a, cfg, tok, log):
+    """Warm start: the aux heads are new; fit them on the frozen tower first (stage-1 image
+    stream), so that their large initial gradients do not hit the trained tower (and the
+    global gradient clipping) when stage 2 starts."""
+    v = net.model.vision
+    opt = torch.optim.AdamW(aux.parameters(), lr=3e-3, betas=(0.9, 0.98), weight_decay=0.0)
+    hist = []
+    for k in range(a.aux_fit_steps):
+        px, kinds, cols, boxes, _ = make_batch(k, a, cfg, tok, vit_stage=True)
+        with torch.no_grad():
+            vit = v.transformer(v.patch_embedding(px))
+        la, m = aux_loss(aux, vit, kinds, cols, boxes, kind_w=a.vit_kind_weight, box_w=a.vit_box_weight)
+        opt.zero_grad(set_to_none=True)
+        la.backward()
+        opt.step()
+        hist.append((la.item(),) + m)
+        if (k + 1) % 50 == 0:
+            log("aux fit %d  loss %.3f  kind acc %.3f  colour acc %.3f  box mae %.1f px" % ((k + 1,) + tuple(np.mean(hist, 0))))
+            hist = []
+
+
 def lr_at(step, a):
     if step < a.warmup:
         return (step + 1) / a.warmup
@@ -310,13 +380,23 @@ def parse_args(argv=None):
     ap.add_argument("--vit-lr", type=float, default=1e-3)
     ap.add_argument("--vit-kind-weight", type=float, default=3.0)
     ap.add_argument("--vit-box-weight", type=float, default=1.0)
+    ap.add_argument("--other-frac", type=float, default=1.0,
+                    help="keep each non-grounding training question with this probability (grounding: all)")
+    ap.add_argument("--aux-fit-steps", type=int, default=200,
+                    help="warm start: fit the fresh aux heads alone (tower frozen) for this many steps first")
     ap.add_argument("--ground-weight", type=float, default=8.0, help="loss multiplier of grounding answers")
     ap.add_argument("--units-weight", type=float, default=0.1, help="loss multiplier of the units digit of box coordinates")
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--keep-eval-ckpts", action="store_true", help="also keep a copy RUN/ckpt_stepN.pt at every evaluation")
     ap.add_argument("--eval-images", type=int, default=100)
     ap.add_argument("--ckpt-seconds", type=float, default=300)
     ap.add_argument("--threads", type=int, default=1, help="2 = probe 1 and 2 threads every 100 steps, keep the faster")
     ap.add_argument("--tokenizer", default=None, help="default: RUN/tokenizer.model (trained if missing)")
+    ap.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                    help="new run only: start from an exported checkpoint (config.json + model.safetensors "
+                         "+ tokenizer.model, e.g. models/cogvlm-tiny-shapes) instead of random weights; "
+                         "stage 1 is skipped, the aux heads and the optimizer start fresh. --config may "
+                         "change the patch size / image size (the patch conv is resampled, see warm_start)")
     ap.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "config-small.json"),
                     help="JSON file with the model shape (default: config-small.json, the shipped one)")
     return ap.parse_args(argv)
@@ -343,6 +423,9 @@ def main():
         logf.flush()
 
     tok_path = a.tokenizer or os.path.join(a.run, "tokenizer.model")
+    if not os.path.exists(tok_path) and a.init_from:
+        import shutil
+        shutil.copyfile(os.path.join(a.init_from, "tokenizer.model"), tok_path)
     if not os.path.exists(tok_path):
         import tokenizer as tk
         tk.train(tok_path)
@@ -367,6 +450,17 @@ def main():
             nn.init.zeros_(aux.digits.bias)
         step, elapsed = state["step"], state["elapsed"]
         log("resumed %s at step %d (%.1f min trained so far)" % (ck_path, step, elapsed / 60))
+    elif a.init_from:
+        warm_start(net, a.init_from, log)
+        torch.manual_seed(a.seed)
+        nn.init.normal_(aux.proj.weight, std=0.02)
+        nn.init.zeros_(aux.proj.bias)
+        nn.init.normal_(aux.digits.weight, std=0.02)
+        nn.init.zeros_(aux.digits.bias)
+        log("new run", json.dumps(vars(a)))
+        log("machine:", platform.node(), platform.processor() or platform.machine(),
+            "torch", torch.__version__, "threads", a.threads, "cpus", os.cpu_count())
+        log("config", json.dumps(cfg))
     else:
         net.init_weights(a.seed, vit_norm_gain=a.vit_norm_gain)
         torch.manual_seed(a.seed)
@@ -410,6 +504,8 @@ def main():
     meter = {"n": 0}
 
     vstate = {"vstep": state.get("vstep", a.vit_steps) if state else 0, "vopt": None}
+    if state is None and a.init_from:
+        vstate["vstep"] = a.vit_steps  # warm start: no stage 1
 
     def checkpoint(tag="", extra=None, **_):
         nonlocal t_ck
@@ -422,7 +518,10 @@ def main():
         log("checkpoint step %d (vit stage %d) %s" % (step, vstate["vstep"], tag))
 
     torch.set_num_threads(1)  # stage 1 is small: one thread
-    vit_stage(net, aux, a, cfg, tok, state, log, checkpoint)
+    if not (state is None and a.init_from):
+        vit_stage(net, aux, a, cfg, tok, state, log, checkpoint)
+    else:
+        fit_aux(net, aux, a, cfg, tok, log)
     vstate["vopt"] = None
     t_start2, step0 = time.time(), step
 
@@ -430,6 +529,10 @@ def main():
     # one free core are slower than 1 thread. Every 100 steps the other count is tried for 10
     # steps and the faster one (mean step time) is kept. (The thread count changes only the
     # order of float reductions, not the data or the recipe.)
+    if state is None and a.init_from:  # where the warm start begins, on the same eval images
+        t0 = time.time()
+        acc = evaluate(net, tok, a, cfg, a.eval_images)
+        log("eval step 0 (warm start): %s  (%.0f s)" % (" ".join("%s %.3f" % kv for kv in acc.items()), time.time() - t0))
     cand = sorted({1, a.threads})
     best, timing = a.threads, {}
     net.train()
@@ -498,6 +601,9 @@ def main():
             log("eval step %d  %.1f min: %s  (%.0f s)" % (step, (elapsed + time.time() - t_start) / 60,
                 " ".join("%s %.3f" % kv for kv in acc.items()), time.time() - t0))
             checkpoint("(after eval)")
+            if a.keep_eval_ckpts:
+                import shutil
+                shutil.copyfile(ck_path, os.path.join(a.run, "ckpt_step%d.pt" % step))
         elif time.time() - t_ck > a.ckpt_seconds:
             checkpoint()
     checkpoint("(end of this process)")
