@@ -450,19 +450,11 @@ def main():
             nn.init.zeros_(aux.digits.bias)
         step, elapsed = state["step"], state["elapsed"]
         log("resumed %s at step %d (%.1f min trained so far)" % (ck_path, step, elapsed / 60))
-    elif a.init_from:
-        warm_start(net, a.init_from, log)
-        torch.manual_seed(a.seed)
-        nn.init.normal_(aux.proj.weight, std=0.02)
-        nn.init.zeros_(aux.proj.bias)
-        nn.init.normal_(aux.digits.weight, std=0.02)
-        nn.init.zeros_(aux.digits.bias)
-        log("new run", json.dumps(vars(a)))
-        log("machine:", platform.node(), platform.processor() or platform.machine(),
-            "torch", torch.__version__, "threads", a.threads, "cpus", os.cpu_count())
-        log("config", json.dumps(cfg))
-    else:
-        net.init_weights(a.seed, vit_norm_gain=a.vit_norm_gain)
+    else:  # a new run: warm-started from an exported checkpoint, or from the seed
+        if a.init_from:
+            warm_start(net, a.init_from, log)
+        else:
+            net.init_weights(a.seed, vit_norm_gain=a.vit_norm_gain)
         torch.manual_seed(a.seed)
         nn.init.normal_(aux.proj.weight, std=0.02)
         nn.init.zeros_(aux.proj.bias)
