@@ -2,8 +2,9 @@
  *
  * Builds dummy weights (engine/model/weights_dummy.c) for a preset or a config.json, creates
  * the CPU backend and the model, and measures, in one run:
- * - the machine's memory bandwidth: memcpy of a 1 GiB buffer and a read-only pass over
- *   it, both split over the bench's threads;
+ * - the machine (cli_bench_probe.c): memory bandwidth (memcpy, and the best read-only
+ *   pass), the FMA peak of the CPU backend's instruction set, and the backend's GEMM at a
+ *   prefill shape (512 x 2048 x 2048) and a batched-decode shape (16 rows) in GFLOP/s;
  * - prefill: one forward of a --prompt-tokens random prompt (tokens/s, GFLOP/s);
  * - decode: --decode-tokens greedy steps after it, each one token (tokens/s), and the
  *   weight bandwidth that implies (bytes of weights one decode step reads / step time);
@@ -15,6 +16,7 @@
  */
 #include "base/clock.h"
 #include "cli/cli.h"
+#include "cli/cli_bench_probe.h"
 #include "engine/error.h"
 #include "engine/model/model.h"
 
@@ -24,10 +26,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
 
 struct bench_opts {
     const char *preset, *config, *json, *ckpt, *logits_out;
@@ -43,6 +41,8 @@ struct bench_result {
     double prefill_flop, weight_bytes;  /* per prompt / per decode step */
     double kv_bytes;                    /* KV cache read by an average decode step */
     double t_vit, vit_flop, vit_layer_flop;
+    double fma_peak;                   /* GFLOP/s, register-only FMA loop */
+    double gemm_gflops, gemm16_gflops; /* 512 and 16 rows x 2048 x 2048, the bench dtype */
     int threads;
 };
 
@@ -184,101 +184,6 @@ static int parse(int argc, char **argv, struct bench_opts *o)
     if (o->threads < 0 || o->prompt < 0 || o->decode < 0 || o->vit_layers < 0 ||
         o->vit_layers > 63 || (o->decode > 0 && o->prompt == 0))
         return -1;
-    return 0;
-}
-
-/* ---- memory bandwidth --------------------------------------------------------------- */
-
-#define BW_BYTES ((size_t)1 << 30)
-
-struct bw_arg {
-    unsigned char *src, *dst;
-    size_t n;
-    int read_only;
-    uint64_t sum;
-};
-
-/* Sum of n bytes (a multiple of 256) read as 4 interleaved sequential streams: one
- * stream per core leaves the prefetchers short of memory-level parallelism (the decode
- * kernels read 4 weight rows at once too). SSE2 is part of x86-64, so no dispatch. */
-static uint64_t read_pass(const unsigned char *p, size_t n)
-{
-#if defined(__x86_64__)
-    const __m128i *q = (const __m128i *)p;
-    size_t part = n / 16 / 4 / 4 * 4; /* vectors per stream */
-    __m128i a0 = _mm_setzero_si128(), a1 = a0, a2 = a0, a3 = a0;
-    for (size_t i = 0; i < part; i += 4)
-        for (size_t st = 0; st < 4; st++) {
-            const __m128i *r = q + st * part + i;
-            a0 = _mm_add_epi64(a0, _mm_loadu_si128(r));
-            a1 = _mm_add_epi64(a1, _mm_loadu_si128(r + 1));
-            a2 = _mm_add_epi64(a2, _mm_loadu_si128(r + 2));
-            a3 = _mm_add_epi64(a3, _mm_loadu_si128(r + 3));
-        }
-    a0 = _mm_add_epi64(_mm_add_epi64(a0, a1), _mm_add_epi64(a2, a3));
-    return (uint64_t)_mm_cvtsi128_si64(a0);
-#else
-    const uint64_t *s = (const uint64_t *)p;
-    uint64_t acc[8] = {0}, sum = 0;
-    for (size_t i = 0; i + 8 <= n / 8; i += 8)
-        for (int l = 0; l < 8; l++)
-            acc[l] += s[i + l];
-    for (int l = 0; l < 8; l++)
-        sum += acc[l];
-    return sum;
-#endif
-}
-
-static void *bw_worker(void *p)
-{
-    struct bw_arg *a = p;
-    if (a->read_only)
-        a->sum = read_pass(a->src, a->n);
-    else
-        memcpy(a->dst, a->src, a->n);
-    return NULL;
-}
-
-/* Best of 3 passes over the buffers, split over nt threads; returns seconds per pass. */
-static double bw_pass(unsigned char *src, unsigned char *dst, int nt, int read_only)
-{
-    double best = 1e30;
-    for (int rep = 0; rep < 3; rep++) {
-        pthread_t th[64];
-        struct bw_arg args[64];
-        double t0 = now_s();
-        for (int t = 0; t < nt; t++) {
-            size_t part = BW_BYTES / (size_t)nt;
-            args[t] = (struct bw_arg){src + t * part, dst + t * part, part, read_only, 0};
-            if (t && pthread_create(&th[t], NULL, bw_worker, &args[t]))
-                bw_worker(&args[t]);
-            else if (!t)
-                bw_worker(&args[0]);
-        }
-        for (int t = 1; t < nt; t++)
-            pthread_join(th[t], NULL);
-        double dt = now_s() - t0;
-        best = dt < best ? dt : best;
-    }
-    return best;
-}
-
-static int measure_bandwidth(int nt, struct bench_result *r)
-{
-    unsigned char *src = malloc(BW_BYTES), *dst = malloc(BW_BYTES);
-    if (!src || !dst) {
-        free(src);
-        free(dst);
-        return cvlm_errf(CVLM_ENOMEM, "no memory for the 2 GiB bandwidth buffers");
-    }
-    memset(src, 1, BW_BYTES); /* fault every page in before timing */
-    memset(dst, 2, BW_BYTES);
-    nt = nt > 64 ? 64 : nt;
-    /* STREAM convention: a copy moves 2 bytes (read + write) per byte copied */
-    r->bw_copy = 2.0 * BW_BYTES / bw_pass(src, dst, nt, 0) / 1e9;
-    r->bw_read = (double)BW_BYTES / bw_pass(src, dst, nt, 1) / 1e9;
-    free(src);
-    free(dst);
     return 0;
 }
 
@@ -530,6 +435,12 @@ static void report(const struct bench_opts *o, const struct bench_result *r, FIL
             r->threads);
     fprintf(f, "  memory bandwidth      copy %.1f GB/s (read+write), read %.1f GB/s\n", r->bw_copy,
             r->bw_read);
+    fprintf(f, "  FMA peak (%s)%*s%.1f GFLOP/s\n", cvlm_backend_cpu_isa(),
+            (int)(10 - strlen(cvlm_backend_cpu_isa())), "", r->fma_peak);
+    fprintf(f, "  GEMM 512x2048x2048    %.1f GFLOP/s (%.0f%% of FMA peak)\n", r->gemm_gflops,
+            100.0 * r->gemm_gflops / r->fma_peak);
+    fprintf(f, "  GEMM  16x2048x2048    %.1f GFLOP/s (%.0f%% of FMA peak)\n", r->gemm16_gflops,
+            100.0 * r->gemm16_gflops / r->fma_peak);
     if (o->prompt > 0) {
         fprintf(f, "  weights init          %.1f s\n", r->t_init);
         fprintf(f, "  prefill %4d tokens    %.1f tokens/s  (%.1f GFLOP/s, %.2f s)\n", o->prompt,
@@ -561,8 +472,11 @@ static int write_json(const struct bench_opts *o, const struct bench_result *r)
     double step = o->decode > 0 ? r->t_decode / o->decode : 0;
     if (!f)
         return cvlm_errf(CVLM_EIO, "%s: cannot create", o->json);
-    fprintf(f, "{\"model\": \"%s\", \"dtype\": \"%s\", \"threads\": %d,\n",
-            o->config ? o->config : o->preset, cvlm_dtype_name(o->dtype), r->threads);
+    fprintf(f, "{\"model\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, \"isa\": \"%s\",\n",
+            o->config ? o->config : o->preset, cvlm_dtype_name(o->dtype), r->threads,
+            cvlm_backend_cpu_isa());
+    fprintf(f, " \"fma_peak_gflops\": %.3f, \"gemm_gflops\": %.3f, \"gemm16_gflops\": %.3f,\n",
+            r->fma_peak, r->gemm_gflops, r->gemm16_gflops);
     fprintf(f, " \"copy_gbs\": %.3f, \"read_gbs\": %.3f,\n", r->bw_copy, r->bw_read);
     fprintf(f,
             " \"prompt_tokens\": %d, \"prefill_s\": %.6f, \"prefill_tok_s\": %.3f,"
@@ -591,7 +505,11 @@ int cvlm_cli_bench(int argc, char **argv)
         return usage(rc < 0 ? 2 : 0);
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     r.threads = o.threads ? o.threads : (int)(ncpu > 0 ? ncpu : 1);
-    if ((rc = measure_bandwidth(r.threads, &r)) || (o.prompt > 0 && (rc = bench_text(&o, &r))) ||
+    r.fma_peak = cvlm_backend_cpu_fma_peak(r.threads);
+    if ((rc = cvlm_probe_bandwidth(r.threads, &r.bw_copy, &r.bw_read)) ||
+        (rc = cvlm_probe_gemm(o.dtype, r.threads, 512, 2048, 2048, &r.gemm_gflops)) ||
+        (rc = cvlm_probe_gemm(o.dtype, r.threads, 16, 2048, 2048, &r.gemm16_gflops)) ||
+        (o.prompt > 0 && (rc = bench_text(&o, &r))) ||
         (o.vit_layers > 0 && (rc = bench_vision(&o, &r))) ||
         (o.json && (rc = write_json(&o, &r)))) {
         fprintf(stderr, "cogvlm bench: %s\n", cvlm_last_error());

@@ -240,6 +240,12 @@ static inline void *cvlm_be_row(const struct cvlm_backend *be, const void *p, si
 
 /* Backends: the CPU one always exists; n_threads 0 = one per online core. */
 struct cvlm_backend *cvlm_backend_cpu_create(int n_threads);
+/* The CPU backend's instruction-set path: "scalar", "avx2", "avx512" or "avx512bf16", the
+ * best the CPU supports, lowered by COGVLM_CPU_ISA. */
+const char *cvlm_backend_cpu_isa(void);
+/* GFLOP/s of a register-only FMA loop on that path with n_threads threads (best of 3,
+ * about 0.5 s): the peak `cogvlm bench` states the GEMM's efficiency against. */
+double cvlm_backend_cpu_fma_peak(int n_threads);
 /* The CUDA backend on `device` (BF16 activations, F32 accumulation). A build without CUDA
  * links a stub that returns NULL with the error "not built with CUDA" (cvlm_last_error). */
 struct cvlm_backend *cvlm_backend_cuda_create(int device);

@@ -57,15 +57,21 @@ void cvlm_cpu_widen(const struct cvlm_tensor *w, int64_t row, int64_t n, float *
 
 #define GEMM_MR 12  /* rows of x per micro-tile */
 #define GEMM_NR 32  /* rows of W (output columns) per micro-tile */
-#define GEMV_MMAX 4 /* rows of x one matrix-vector pass serves */
+#define GEMV_MMAX 4 /* rows of x one matrix-vector pass serves (scalar, AVX-512) */
+/* AVX2: the matrix-vector kernel takes any number of rows (register blocks of 6 rows
+ * against each W row pair, the pair read from memory once) and beats packing W up to about
+ * this many rows (measured on Zen 3: see docs/PERFORMANCE.md) */
+#ifndef CVLM_CPU_AVX2_GEMV_MAX_M
+#define CVLM_CPU_AVX2_GEMV_MAX_M 32
+#endif
 /* k slice: a packed NR panel is KC * NR * 4 = 64 KiB (L2), an x micro-panel 24 KiB (L1);
  * 512 measured a few % faster than 256 on Zen 5 (fewer passes over y) */
 #ifndef GEMM_KC
 #define GEMM_KC 512
 #endif
 
-/* y[m][n] = sum_k x[m][k] * W[n][k] for m < M (<= GEMV_MMAX), n in [n0, n1): every W row
- * is streamed once and widened in registers. y rows are ldy apart. */
+/* y[m][n] = sum_k x[m][k] * W[n][k] for m < M (<= the kernels' gemv_rows), n in [n0, n1):
+ * every W row is streamed once and widened in registers. y rows are ldy apart. */
 typedef void (*cpu_gemv_fn)(float *y, int ldy, const float *x, int ldx, int M,
                             const struct cvlm_tensor *w, int n0, int n1, int K);
 /* BF16 weights on AVX512_BF16 CPUs: x is first split once per call into two BF16 terms,
@@ -90,6 +96,8 @@ struct cpu_gemm_kernels {
     cpu_gemv_fn gemv;
     cpu_pack_b_fn pack_b;
     cpu_tile_fn tile;
+    int gemv_rows;  /* rows of x one gemv call takes (GEMV_MMAX, or any M up to gemv_max_m) */
+    int gemv_max_m; /* the driver uses gemv up to this many rows, the packed GEMM above */
 };
 
 /* The GEMM kernels of an ISA (also used by the blocked attention). */

@@ -17,7 +17,7 @@
 
 #include <string.h>
 
-#define GEMV_MAX_M 8 /* above this, the packed GEMM wins */
+#define GEMV_MAX_M 8 /* scalar and AVX-512: above this, the packed GEMM wins */
 #ifndef GEMM_NC
 #define GEMM_NC 256 /* max output columns per task */
 #endif
@@ -109,14 +109,15 @@ void cvlm_cpu_tile_scalar(const float *ap, const float *bp, int kc, float *c, in
 
 struct cpu_gemm_kernels cvlm_cpu_gemm_kernels(enum cpu_isa isa)
 {
-    struct cpu_gemm_kernels k = {cvlm_cpu_gemv_scalar, cvlm_cpu_pack_b_scalar,
-                                 cvlm_cpu_tile_scalar};
+    struct cpu_gemm_kernels k = {cvlm_cpu_gemv_scalar, cvlm_cpu_pack_b_scalar, cvlm_cpu_tile_scalar,
+                                 GEMV_MMAX, GEMV_MAX_M};
 #if defined(__x86_64__)
     if (isa >= CPU_ISA_AVX512)
         k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx512, cvlm_cpu_pack_b_avx512,
-                                      cvlm_cpu_tile_avx512};
+                                      cvlm_cpu_tile_avx512, GEMV_MMAX, GEMV_MAX_M};
     else if (isa >= CPU_ISA_AVX2)
-        k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx2, cvlm_cpu_pack_b_avx2, cvlm_cpu_tile_avx2};
+        k = (struct cpu_gemm_kernels){cvlm_cpu_gemv_avx2, cvlm_cpu_pack_b_avx2, cvlm_cpu_tile_avx2,
+                                      CVLM_CPU_AVX2_GEMV_MAX_M, CVLM_CPU_AVX2_GEMV_MAX_M};
 #else
     (void)isa;
 #endif
@@ -157,8 +158,8 @@ static void gemv_task(void *ctx, int task, int thread)
     int n0 = task * j->cols_per_task,
         n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
     (void)thread;
-    for (int m = 0; m < j->M; m += GEMV_MMAX) {
-        int mc = j->M - m < GEMV_MMAX ? j->M - m : GEMV_MMAX;
+    for (int m = 0; m < j->M; m += j->kn.gemv_rows) {
+        int mc = j->M - m < j->kn.gemv_rows ? j->M - m : j->kn.gemv_rows;
 #if defined(__x86_64__)
         if (j->xs) {
             cvlm_cpu_gemv_bf16x2_avx512(j->y + (size_t)m * j->N, j->N,
@@ -245,7 +246,7 @@ static size_t scratch_plan(const struct gemm_job *j, int nt, int split, size_t *
     *bias_off = 0;
     if (split) /* xs: M x 2 x Kp uint16 = M x Kp floats */
         *bias_off = (size_t)j->M * GEMV_KPAD(j->K);
-    else if (j->M > GEMV_MAX_M) /* ap, then one bp per thread */
+    else if (j->M > j->kn.gemv_max_m) /* ap, then one bp per thread */
         *bias_off =
             ap_floats(j->M, j->K) + (size_t)nt * split_cols(j->N, nt, GEMM_NR, GEMM_NC) * GEMM_KC;
     return *bias_off + (j->bias ? (size_t)j->N : 0) + 1;
@@ -312,7 +313,7 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
         for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n++)
                 j.y[(size_t)m * N + n] = j.bias_f ? j.bias_f[n] : 0.0f;
-    } else if (M <= GEMV_MAX_M) {
+    } else if (M <= j.kn.gemv_max_m) {
         gemm_vector(cb, &j, nt, s, split);
     } else {
         j.ap = s;

@@ -34,25 +34,31 @@ INLINE2 float ld1(const void *base, const int dt, size_t i)
     return dt == CVLM_DTYPE_F16 ? cvlm_f16_to_f32(h) : cvlm_bf16_to_f32(h);
 }
 
-/* 2 W rows x M (1..4) x rows per pass: 8 accumulators + 2 weights + 1 x vector. */
-INLINE2 void gemv2(float *y, int ldy, const float *x, int ldx, const int M, const void *w,
-                   const int dt, size_t n, int rows, int K)
+/* ---- matrix-vector and small-M: W rows streamed once, widened in registers --------------- */
+
+#define DOT_MX 6 /* rows of x per register block: 2 x 6 accumulators + 2 weights + 1 x */
+
+/* y[m][n], y[m][n + 1] for m < MX (a compile-time constant 1..DOT_MX) rows of x. */
+INLINE2 void dot2(float *y, int ldy, const float *x, int ldx, const int MX, const void *w,
+                  const int dt, size_t n, int rows, int K)
 {
-    __m256 acc[2][GEMV_MMAX];
+    __m256 acc[2][DOT_MX];
     const size_t K_ = (size_t)K, r1 = rows > 1 ? n + 1 : n;
-    for (int r = 0; r < 2; r++)
-        for (int m = 0; m < M; m++)
-            acc[r][m] = _mm256_setzero_ps();
+#pragma GCC unroll 6
+    for (int m = 0; m < MX; m++)
+        acc[0][m] = acc[1][m] = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 w0 = ld8(w, dt, n * K_ + k), w1 = ld8(w, dt, r1 * K_ + k);
-        for (int m = 0; m < M; m++) {
+#pragma GCC unroll 6
+        for (int m = 0; m < MX; m++) {
             __m256 xv = _mm256_loadu_ps(x + (size_t)m * ldx + k);
             acc[0][m] = _mm256_fmadd_ps(w0, xv, acc[0][m]);
             acc[1][m] = _mm256_fmadd_ps(w1, xv, acc[1][m]);
         }
     }
-    for (int m = 0; m < M; m++) {
+#pragma GCC unroll 6
+    for (int m = 0; m < MX; m++) {
         const float *xr = x + (size_t)m * ldx;
         float s0 = hsum8(acc[0][m]), s1 = hsum8(acc[1][m]);
         for (int kk = k; kk < K; kk++) {
@@ -65,78 +71,175 @@ INLINE2 void gemv2(float *y, int ldy, const float *x, int ldx, const int M, cons
     }
 }
 
+/* One row of x (decode): 4 W rows x 2 halves of 16 weights = 8 independent FMA chains, so
+ * the loop is bound by the weight stream, not by FMA latency; y[n .. n + rows). */
+INLINE2 void dot4_m1(float *y, const float *x, const void *w, const int dt, size_t n, int rows,
+                     int K)
+{
+    __m256 acc[4][2];
+    size_t r[4];
+    const size_t K_ = (size_t)K;
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        r[i] = (n + (size_t)(i < rows ? i : 0)) * K_; /* missing rows repeat row n */
+        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    }
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++) {
+            acc[i][0] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k), x0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k + 8), x1, acc[i][1]);
+        }
+    }
+    for (; k + 8 <= K; k += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + k);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; i++)
+            acc[i][0] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k), x0, acc[i][0]);
+    }
+    for (int i = 0; i < 4 && i < rows; i++) {
+        float s = hsum8(_mm256_add_ps(acc[i][0], acc[i][1]));
+        for (int kk = k; kk < K; kk++)
+            s += x[kk] * ld1(w, dt, r[i] + kk);
+        y[n + i] = s;
+    }
+}
+
+/* Every pair of W rows in [n0, n1) against all M rows of x, DOT_MX at a time: the pair is
+ * read from memory once and from L1 for the other row blocks, so M rows cost one pass over
+ * W (the packed GEMM would first write W transposed into panels, a pass per GEMM_KC). */
 INLINE2 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M, const void *w,
                         const int dt, int n0, int n1, int K)
 {
-    for (int n = n0; n < n1; n += 2)
-        gemv2(y, ldy, x, ldx, M, w, dt, (size_t)n, n1 - n, K);
+    if (M == 1) {
+        for (int n = n0; n < n1; n += 4)
+            dot4_m1(y, x, w, dt, (size_t)n, n1 - n, K);
+        return;
+    }
+    for (int n = n0; n < n1; n += 2) {
+        int m = 0, rows = n1 - n;
+        for (; m + DOT_MX <= M; m += DOT_MX)
+            dot2(y + (size_t)m * ldy, ldy, x + (size_t)m * ldx, ldx, DOT_MX, w, dt, (size_t)n, rows,
+                 K);
+        float *ym = y + (size_t)m * ldy;
+        const float *xm = x + (size_t)m * ldx;
+        switch (M - m) {
+        case 0: break;
+        case 1: dot2(ym, ldy, xm, ldx, 1, w, dt, (size_t)n, rows, K); break;
+        case 2: dot2(ym, ldy, xm, ldx, 2, w, dt, (size_t)n, rows, K); break;
+        case 3: dot2(ym, ldy, xm, ldx, 3, w, dt, (size_t)n, rows, K); break;
+        case 4: dot2(ym, ldy, xm, ldx, 4, w, dt, (size_t)n, rows, K); break;
+        default: dot2(ym, ldy, xm, ldx, 5, w, dt, (size_t)n, rows, K); break;
+        }
+    }
 }
 
+/* Any M (the driver gives up to CVLM_CPU_AVX2_GEMV_MAX_M rows at once). */
 AVX2 void cvlm_cpu_gemv_avx2(float *y, int ldy, const float *x, int ldx, int M,
                              const struct cvlm_tensor *w, int n0, int n1, int K)
 {
-    CVLM_CPU_GEMV_DISPATCH(gemv_range);
+    if (w->dtype == CVLM_DTYPE_BF16)
+        gemv_range(y, ldy, x, ldx, M, w->data, CVLM_DTYPE_BF16, n0, n1, K);
+    else if (w->dtype == CVLM_DTYPE_F16)
+        gemv_range(y, ldy, x, ldx, M, w->data, CVLM_DTYPE_F16, n0, n1, K);
+    else
+        gemv_range(y, ldy, x, ldx, M, w->data, CVLM_DTYPE_F32, n0, n1, K);
 }
 
-/* Widens one W row segment with vector loads, then scatters it into its panel column. */
-INLINE2 void pack_col(float *bp, const void *w, const int dt, size_t off, int kc)
+/* ---- packing W: 8 x 8 in-register transposes (transpose8, simd.h) ------------------------ */
+
+/* 8 elements of W row `row` from column k (cnt <= 8 valid, the rest 0); rows >= N are 0. */
+INLINE2 __m256 ld_row8(const void *w, const int dt, int row, int N, size_t at, int cnt)
 {
-    float row[GEMM_KC];
-    int k = 0;
-    for (; k + 8 <= kc; k += 8)
-        _mm256_storeu_ps(row + k, ld8(w, dt, off + k));
-    for (; k < kc; k++)
-        row[k] = ld1(w, dt, off + k);
-    for (k = 0; k < kc; k++)
-        bp[(size_t)k * GEMM_NR] = row[k];
+    if (row >= N)
+        return _mm256_setzero_ps();
+    if (cnt == 8)
+        return ld8(w, dt, at);
+    float t[8] = {0};
+    for (int i = 0; i < cnt; i++)
+        t[i] = ld1(w, dt, at + (size_t)i);
+    return _mm256_loadu_ps(t);
+}
+
+/* Panel columns [g, g + 8) of Bp: rows n0 + g .. n0 + g + 7 of W, k0 .. k0 + kc. */
+INLINE2 void pack_group8(float *bp, const void *w, const int dt, int n0, int N, int k0, int kc,
+                         int K)
+{
+    const size_t es = dt == CVLM_DTYPE_F32 ? 4 : 2;
+    __m256 r[8];
+    for (int kk = 0; kk < kc; kk += 8) {
+        int cnt = kc - kk < 8 ? kc - kk : 8;
+        /* the next panel's rows: scattered short segments defeat the hardware prefetcher */
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            _mm_prefetch((const char *)w + ((size_t)(n0 + GEMM_NR + i) * K + k0 + kk) * es,
+                         _MM_HINT_T0);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            r[i] = ld_row8(w, dt, n0 + i, N, (size_t)(n0 + i) * K + k0 + kk, cnt);
+        transpose8(r);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            if (i < cnt)
+                _mm256_store_ps(bp + (size_t)(kk + i) * GEMM_NR, r[i]);
+    }
 }
 
 AVX2 void cvlm_cpu_pack_b_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0,
                                int kc, int K)
 {
-    for (int c = 0; c < GEMM_NR; c++) {
-        size_t off = (size_t)(n0 + c) * K + k0;
-        if (n0 + c >= N)
-            for (int k = 0; k < kc; k++)
-                bp[(size_t)k * GEMM_NR + c] = 0.0f;
-        else if (w->dtype == CVLM_DTYPE_BF16)
-            pack_col(bp + c, w->data, CVLM_DTYPE_BF16, off, kc);
+    for (int g = 0; g < GEMM_NR; g += 8) {
+        if (w->dtype == CVLM_DTYPE_BF16)
+            pack_group8(bp + g, w->data, CVLM_DTYPE_BF16, n0 + g, N, k0, kc, K);
         else if (w->dtype == CVLM_DTYPE_F16)
-            pack_col(bp + c, w->data, CVLM_DTYPE_F16, off, kc);
+            pack_group8(bp + g, w->data, CVLM_DTYPE_F16, n0 + g, N, k0, kc, K);
         else
-            pack_col(bp + c, w->data, CVLM_DTYPE_F32, off, kc);
+            pack_group8(bp + g, w->data, CVLM_DTYPE_F32, n0 + g, N, k0, kc, K);
     }
 }
 
-/* rows [i0, i0 + 6) x columns [j0, j0 + 16) of the tile */
+/* ---- the micro-kernel: a 12 x 32 tile as four 6 x 16 register blocks ---------------------- */
+
+/* rows [i0, i0 + 6) x columns [j0, j0 + 16) of the tile: 12 accumulators, 2 B vectors and a
+ * broadcast A element (15 of the 16 ymm registers); every loop over the 6 rows is fully
+ * unrolled so the accumulators stay in registers. */
 INLINE2 void sub_tile(const float *ap, const float *bp, int kc, float *c, int ldc, int i0, int mr,
                       int j0, int nr, int acc)
 {
     __m256 t[6][2];
+#pragma GCC unroll 6
     for (int i = 0; i < 6; i++)
         t[i][0] = t[i][1] = _mm256_setzero_ps();
-    for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_load_ps(bp + (size_t)k * GEMM_NR + j0);
-        __m256 b1 = _mm256_load_ps(bp + (size_t)k * GEMM_NR + j0 + 8);
-        const float *a = ap + (size_t)k * GEMM_MR + i0;
+    const float *a = ap + i0, *b = bp + j0;
+    for (int k = 0; k < kc; k++, a += GEMM_MR, b += GEMM_NR) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma GCC unroll 6
         for (int i = 0; i < 6; i++) {
             __m256 av = _mm256_broadcast_ss(a + i);
             t[i][0] = _mm256_fmadd_ps(av, b0, t[i][0]);
             t[i][1] = _mm256_fmadd_ps(av, b1, t[i][1]);
         }
     }
-    for (int i = 0; i < 6 && i0 + i < mr; i++) {
-        float v[16], *ci = c + (size_t)(i0 + i) * ldc + j0;
-        int n = nr - j0 < 16 ? nr - j0 : 16;
-        _mm256_storeu_ps(v, t[i][0]);
-        _mm256_storeu_ps(v + 8, t[i][1]);
-        if (n == 16 && acc) {
-            _mm256_storeu_ps(ci, _mm256_add_ps(t[i][0], _mm256_loadu_ps(ci)));
-            _mm256_storeu_ps(ci + 8, _mm256_add_ps(t[i][1], _mm256_loadu_ps(ci + 8)));
-        } else if (n == 16) {
-            _mm256_storeu_ps(ci, t[i][0]);
-            _mm256_storeu_ps(ci + 8, t[i][1]);
+    int n = nr - j0 < 16 ? nr - j0 : 16;
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; i++) {
+        if (i0 + i >= mr)
+            break;
+        float *ci = c + (size_t)(i0 + i) * ldc + j0;
+        if (n == 16) {
+            __m256 v0 = t[i][0], v1 = t[i][1];
+            if (acc) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ci + 8));
+            }
+            _mm256_storeu_ps(ci, v0);
+            _mm256_storeu_ps(ci + 8, v1);
         } else {
+            float v[16];
+            _mm256_storeu_ps(v, t[i][0]);
+            _mm256_storeu_ps(v + 8, t[i][1]);
             for (int j = 0; j < n; j++)
                 ci[j] = acc ? ci[j] + v[j] : v[j];
         }

@@ -67,6 +67,33 @@ def load():
         return "?"
 
 
+ISAS = ["scalar", "avx2", "avx512", "avx512bf16"]  # the CPU backend's paths, in order
+# llama.cpp's CMake switches that build it for exactly one of our paths (no AVX-512 for avx2)
+LLAMA_CMAKE = {
+    "avx2": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+            "-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF "
+            "-DGGML_AVX512_BF16=OFF",
+}
+
+
+def best_isa(flags):
+    """The path our CPU backend picks on this CPU (cvlm_cpu_detect_isa's rule)."""
+    f = set(flags.split())
+    if not {"avx2", "fma", "f16c"} <= f:
+        return "scalar"
+    if not {"avx512f", "avx512bw", "avx512vl"} <= f:
+        return "avx2"
+    return "avx512bf16" if "avx512_bf16" in f else "avx512"
+
+
+def bench_isas(flags):
+    """One table per path worth comparing: the best one, and AVX2 (the ISA of most laptops,
+    desktops and many cloud VMs) when the best is AVX-512. The scalar path is the portable
+    fallback (tested for exactness, not benchmarked: minutes per 512-token prefill)."""
+    best = best_isa(flags)
+    return [best] + (["avx2"] if best.startswith("avx512") else [])
+
+
 def have_llama(install):
     try:
         import llama_cpp  # noqa: F401
@@ -83,9 +110,50 @@ def have_llama(install):
     return r.returncode == 0
 
 
-def run_ours(args, dtype, rep, vision_layers):
-    """One `cogvlm bench` run; the first of a dtype also saves the weights and logits."""
-    js = os.path.join(args.work, "ours-%s-%d.json" % (dtype, rep))
+def llama_path(args, isa, native, install):
+    """PYTHONPATH for the llama.cpp build that runs `isa`: "" for the installed (native)
+    one when isa is the machine's best path, else a build of the same version with only
+    that ISA's instructions (pip --target under the work folder, built once), or None."""
+    if isa == native:
+        return ""
+    if isa not in LLAMA_CMAKE:
+        return None
+    import llama_cpp
+    target = os.path.join(os.path.abspath(args.work), "llama-" + isa)
+    if not os.path.isdir(os.path.join(target, "llama_cpp")):
+        if not install:
+            return None
+        print("bench: building llama.cpp for %s (%s)" % (isa, LLAMA_CMAKE[isa]), flush=True)
+        env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE[isa])
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            "--target", target, "llama-cpp-python==" + llama_cpp.__version__],
+                           env=env)
+        if r.returncode:
+            return None
+    return target
+
+
+def run_llama(args, path, gguf, threads, P, D, vocab):
+    """llama.cpp in its own process (tools/bench/llama_compare.py --run-only), with the
+    build found on PYTHONPATH `path` ("" = the installed one)."""
+    js = os.path.join(args.work, "llama-run.json")
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, os.path.join(HERE, "llama_compare.py"), "--run-only", gguf,
+                    "--threads", str(threads), "--prompt", str(P), "--decode", str(D),
+                    "--vocab", str(vocab), "--out", js], env=env, check=True)
+    with open(js) as f:
+        r = json.load(f)
+    import numpy as np
+    r["logits"] = np.load(js + ".logits.npy")
+    return r
+
+
+def run_ours(args, isa, dtype, rep, vision_layers):
+    """One `cogvlm bench` run on the `isa` path; the first of a dtype also saves the
+    weights and logits."""
+    js = os.path.join(args.work, "ours-%s-%s-%d.json" % (isa, dtype, rep))
     cmd = [args.cogvlm, "bench", "--preset", "llama-2048", "--dtype", dtype,
            "--vision-layers", str(vision_layers), "--json", js]
     if rep == 0:
@@ -93,7 +161,11 @@ def run_ours(args, dtype, rep, vision_layers):
                 "--write-checkpoint", os.path.join(args.work, "ckpt-" + dtype)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    sh(cmd)
+    os.environ["COGVLM_CPU_ISA"] = isa
+    try:
+        sh(cmd)
+    finally:
+        del os.environ["COGVLM_CPU_ISA"]
     return json.load(open(js))
 
 
@@ -103,32 +175,37 @@ def best_of(runs):
     for key in ("prefill_s", "decode_s"):
         best[key] = min(r[key] for r in runs)
     best["prefill_tok_s"] = best["prompt_tokens"] / best["prefill_s"]
-    best["prefill_gflops"] = max(r["prefill_gflops"] for r in runs)
+    for key in ("prefill_gflops", "fma_peak_gflops", "gemm_gflops", "gemm16_gflops", "read_gbs",
+                "copy_gbs"):
+        best[key] = max(r.get(key, 0) for r in runs)
     if best["decode_tokens"]:
         best["decode_tok_s"] = best["decode_tokens"] / best["decode_s"]
         best["decode_gbs"] = best["decode_weight_gb"] * best["decode_tok_s"]
     return best
 
 
-def measure(args, dtype, vision_layers, llama):
-    """`reps` interleaved runs of ours and llama.cpp; returns (ours, markdown or None)."""
+def measure(args, isa, dtype, vision_layers, llama):
+    """`reps` interleaved runs of ours (on the `isa` path) and llama.cpp (the build for
+    that ISA: PYTHONPATH `llama`, "" for the installed one, None for none); returns (ours,
+    markdown or None)."""
     import numpy as np
 
     ck = os.path.join(args.work, "ckpt-" + dtype)
     ours, theirs, md = [], [], None
     for rep in range(args.reps):
-        ours.append(run_ours(args, dtype, rep, vision_layers if rep == 0 else 0))
-        if not llama:
+        ours.append(run_ours(args, isa, dtype, rep, vision_layers if rep == 0 else 0))
+        if llama is None:
             continue
         import llama_compare as lc
         if rep == 0:
             gguf = os.path.join(args.work, "model-%s.gguf" % dtype)
             cfg, _ = lc.write_gguf(ck, gguf)
-        print("+ llama.cpp run %d (%s)" % (rep + 1, dtype), flush=True)
-        theirs.append(lc.run_llama(gguf, ours[0]["threads"], ours[0]["prompt_tokens"],
-                                   ours[0]["decode_tokens"], cfg["vocab_size"]))
+        print("+ llama.cpp run %d (%s, %s)" % (rep + 1, isa, dtype), flush=True)
+        theirs.append(run_llama(args, llama, gguf, ours[0]["threads"], ours[0]["prompt_tokens"],
+                                ours[0]["decode_tokens"], cfg["vocab_size"]))
     best = best_of(ours)
-    if llama:
+    if llama is not None:
+        import llama_compare as lc
         t = {k: min(r[k] for r in theirs) for k in ("prefill_s", "decode_s")}
         md = lc.table(best, t, best["prompt_tokens"], best["decode_tokens"], dtype.upper(),
                       best["threads"])
@@ -138,6 +215,8 @@ def measure(args, dtype, vision_layers, llama):
         md += ("\n\nLast prompt token logits, cogvlm vs llama.cpp: max |diff| / max |logit| = "
                "%.2e, same argmax: %s." % (err, "yes" if np.argmax(mine) == np.argmax(ref)
                                          else "no"))
+        md += ("\n\nllama.cpp: llama-cpp-python %s, system info `%s`." % (
+            theirs[0].get("version", "?"), theirs[0].get("system_info", "?")))
         os.remove(gguf)
     for f in os.listdir(ck):  # 2.5 GB each: keep the disk free
         os.remove(os.path.join(ck, f))
@@ -204,8 +283,18 @@ def ours_table(o):
             "token at the mean context) |" % (
                 (o["decode_weight_gb"] + o.get("decode_kv_gb", 0)) * o["decode_tok_s"],
                 o.get("decode_kv_gb", 0)),
-            "| machine memcpy bandwidth | %.1f GB/s (read + write), read-only pass %.1f GB/s |" % (
-                o["copy_gbs"], o["read_gbs"])]
+            "| decode weight stream / best read-only pass | %.0f %% |" % (
+                100.0 * o["decode_gbs"] / o["read_gbs"]),
+            "| machine memcpy bandwidth | %.1f GB/s (read + write), best read-only pass %.1f "
+            "GB/s |" % (o["copy_gbs"], o["read_gbs"])]
+    if o.get("fma_peak_gflops"):
+        pk = o["fma_peak_gflops"]
+        rows += ["| FMA peak, %s, %d threads (register-only FMA loop) | %.1f GFLOP/s |" % (
+                     o.get("isa", "?"), o["threads"], pk),
+                 "| GEMM 512 x 2048 x 2048 (prefill shape) | %.1f GFLOP/s (%.0f %% of peak) |" % (
+                     o["gemm_gflops"], 100.0 * o["gemm_gflops"] / pk),
+                 "| GEMM 16 x 2048 x 2048 (16 batched decode rows) | %.1f GFLOP/s (%.0f %% of "
+                 "peak) |" % (o["gemm16_gflops"], 100.0 * o["gemm16_gflops"] / pk)]
     if o.get("vision_layers"):
         rows.append("| vision tower, %d of 63 layers at 17B shapes | %.2f s, %.0f GFLOP/s "
                     "(%.0f GFLOP incl. patch embedding and adapter) |" % (
@@ -239,6 +328,10 @@ def batch_bench(args):
                 "|---:|---:|---:|"]
         out += ["| %d | %.1f | %.1f |" % (l["concurrency"], l["tokens_per_s"], l["ttft_ms"])
                 for l in r["levels"]]
+        by = {l["concurrency"]: l["tokens_per_s"] for l in r["levels"]}
+        if 1 in by and 16 in by and by[1] > 0:
+            out += ["", "16 concurrent requests: %.2fx the throughput of one at a time." % (
+                by[16] / by[1])]
         if "image_ttft_ms" in r:
             t = r["image_ttft_ms"]
             out += ["", "Time to first token of a demo.jpg question: %.1f ms cold, %.1f ms with a "
@@ -249,10 +342,15 @@ def batch_bench(args):
     return out
 
 
+ISA_TITLE = {"scalar": "portable C", "avx2": "AVX2 + FMA + F16C",
+             "avx512": "AVX-512 F/BW/VL/DQ", "avx512bf16": "AVX-512 with AVX512_BF16"}
+
+
 def write_doc(args, m, results, tables):
     """The engine sections (and the preamble) of the document; the serving and GPU
-    sections, written by others, are kept."""
-    bf = results["bf16"]
+    sections, written by others, are kept. results[isa][dtype], tables[isa][dtype]."""
+    isas = list(results)
+    bf = results[isas[0]]["bf16"]
     preamble = "\n".join([
         "# Performance", "",
         "Generated by `make bench` (tools/bench/bench_all.py, tools/bench/bench_serving.py) "
@@ -289,13 +387,18 @@ def write_doc(args, m, results, tables):
         " The KV cache is F32 (the activation dtype of the op table); llama.cpp keeps an"
         " F16 cache, which reads half as many bytes per decode step at long context."])
     res = ["Best of %d interleaved runs per engine and metric (prefill and decode times "
-           "taken separately; the vision tower runs once)." % args.reps, ""]
-    for dt in ("bf16", "f16"):
-        if dt not in results:
-            continue
-        res += ["### %s weights" % dt.upper(), "", ours_table(results[dt]), ""]
-        if dt in tables:
-            res += ["Same weights through llama.cpp:", "", tables[dt].strip(), ""]
+           "taken separately; the vision tower runs once per instruction set). One table per "
+           "instruction-set path: ours forced with `COGVLM_CPU_ISA`, llama.cpp built for the "
+           "same ISA (the AVX2 build with AVX-512 off in its CMake flags)." % args.reps, ""]
+    for isa in isas:
+        for dt in ("bf16", "f16"):
+            if dt not in results[isa]:
+                continue
+            res += ["### %s path (`%s`), %s weights" % (ISA_TITLE.get(isa, isa), isa,
+                                                        dt.upper()), "",
+                    ours_table(results[isa][dt]), ""]
+            if dt in tables.get(isa, {}):
+                res += ["Same weights through llama.cpp:", "", tables[isa][dt].strip(), ""]
     sec["Results"] = "\n".join(res)
     if getattr(args, "batch", None):
         sec["Batched serving throughput (scheduler)"] = "\n".join([
@@ -305,7 +408,7 @@ def write_doc(args, m, results, tables):
     sec["How the CPU backend gets there"] = DESIGN
     hist = HISTORY.format(pf=bf["prefill_tok_s"], dc=bf["decode_tok_s"], gb=bf["decode_gbs"],
                           vit=bf.get("vision_gflops", 0.0))
-    if not tables:
+    if not any(tables.values()):
         hist += ("\nllama.cpp comparison skipped (llama-cpp-python not installed; "
                  "`make bench BENCH_ARGS=--install` installs it).\n")
     sec["Before / after"] = hist
@@ -437,13 +540,18 @@ def main():
     if not (args.gpu_only or args.serving_only):
         args.load_start = load()
         llama = not args.no_llama and have_llama(args.install)
+        m = machine()
+        native = best_isa(m["flags"])
         results, tables = {}, {}
-        for dt, vl in (("bf16", args.vision_layers), ("f16", 0)):
-            results[dt], md = measure(args, dt, vl, llama)
-            if md:
-                tables[dt] = md
+        for isa in bench_isas(m["flags"]):
+            path = llama_path(args, isa, native, args.install) if llama else None
+            results[isa], tables[isa] = {}, {}
+            for dt, vl in (("bf16", args.vision_layers), ("f16", 0)):
+                results[isa][dt], md = measure(args, isa, dt, vl, path)
+                if md:
+                    tables[isa][dt] = md
         args.batch = batch_bench(args)
-        write_doc(args, machine(), results, tables)
+        write_doc(args, m, results, tables)
         print("bench: engine part took %.0f s" % (time.time() - t0), flush=True)
     rc = 0
     if not (args.gpu_only or args.no_serving):

@@ -207,12 +207,32 @@ def table(ours, theirs, P, n_decode, dtype, threads):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="dir from cogvlm bench --write-checkpoint")
-    ap.add_argument("--ours", required=True, help="JSON from cogvlm bench --json")
+    ap.add_argument("--checkpoint", help="dir from cogvlm bench --write-checkpoint")
+    ap.add_argument("--ours", help="JSON from cogvlm bench --json")
+    ap.add_argument("--run-only", metavar="GGUF",
+                    help="only time llama.cpp on this GGUF (--threads, --prompt, --decode, "
+                    "--vocab) and write --out JSON (+ OUT.logits.npy): bench_all.py runs "
+                    "each llama.cpp build this way, in its own process")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--out", help="with --run-only: the result JSON")
     ap.add_argument("--ours-logits", help="raw float32 logits from cogvlm bench --logits-out")
     ap.add_argument("--gguf", help="where to write the GGUF (default CHECKPOINT/model.gguf)")
     ap.add_argument("--markdown", help="append the table (markdown) to this file")
     args = ap.parse_args()
+    if args.run_only:
+        import llama_cpp
+        r = run_llama(args.run_only, args.threads, args.prompt, args.decode, args.vocab)
+        np.save(args.out + ".logits.npy", r.pop("logits"))
+        r["version"] = llama_cpp.__version__
+        r["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+        with open(args.out, "w") as f:
+            json.dump(r, f)
+        return
+    if not (args.checkpoint and args.ours):
+        ap.error("--checkpoint and --ours are required (or --run-only)")
 
     ours = json.load(open(args.ours))
     P, n_decode, threads = ours["prompt_tokens"], ours["decode_tokens"], ours["threads"]
