@@ -104,8 +104,8 @@ $(BUILD)/cogvlm: $(CLI_OBJS) $(LIB)
 $(BUILD)/cogvlm-server: $(SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(SERVER_OBJS) $(LIB) $(SERVER_LIBS) $(LDLIBS_ALL)
 
-# the tests also exercise the server's pure modules (option table)
-TEST_SERVER_OBJS = $(BUILD)/server/options.o
+# the tests also exercise the server's pure modules (option table, grounding boxes)
+TEST_SERVER_OBJS = $(BUILD)/server/options.o $(BUILD)/server/boxes.o
 
 $(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB) $(LDLIBS_ALL)
@@ -117,7 +117,8 @@ $(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
 # runs each for 20 s.
 FUZZ_TARGETS  = $(patsubst tests/fuzz/fuzz_%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
 FUZZ_SECONDS ?= 120
-FUZZ_SERVER_OBJS = $(addprefix $(BUILD)/server/,api_parse.o api_render.o metrics.o options.o)
+FUZZ_SERVER_OBJS = $(addprefix $(BUILD)/server/,api_parse.o api_render.o boxes.o metrics.o \
+                     options.o)
 
 $(BUILD)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(LIB) $(FUZZ_SERVER_OBJS)
 	@mkdir -p $(dir $@)

@@ -437,7 +437,7 @@ static int preprocess_image(struct golden *g, const char *path, int S)
     int rc = cvlm_read_file(path, (size_t)1 << 30, &buf, &len);
     if (rc)
         return rc;
-    rc = cvlm_image_preprocess(buf, len, NULL, S, &g->pixels, NULL);
+    rc = cvlm_image_preprocess(buf, len, NULL, S, &g->pixels, NULL, NULL);
     free(buf);
     return rc;
 }

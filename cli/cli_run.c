@@ -95,7 +95,7 @@ static int load_pixels(const char *path, int size, float **out)
     int rc = cvlm_read_file(path, (size_t)1 << 30, &buf, &len);
     if (rc)
         return rc;
-    rc = cvlm_image_preprocess(buf, len, NULL, size, out, NULL);
+    rc = cvlm_image_preprocess(buf, len, NULL, size, out, NULL, NULL);
     free(buf);
     return rc;
 }

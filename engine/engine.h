@@ -115,6 +115,9 @@ int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params 
 void cvlm_request_ref(struct cvlm_request *r);
 void cvlm_request_unref(struct cvlm_request *r);
 int cvlm_request_prompt_tokens(const struct cvlm_request *r);
+/* The request's image as the client sent it: its width and height in pixels as decoded
+ * (before the resize to the model's input size; no EXIF rotation), 0 x 0 without one. */
+void cvlm_request_image_size(const struct cvlm_request *r, int *width, int *height);
 
 /* Queues the request. `wake(ctx)` is called from the engine thread whenever new output
  * (or the end) is available; it runs under the request's lock, so it must not call back

@@ -60,7 +60,16 @@ struct MHD_Response *cvlm_api_misc(struct cvlm_srv *s, const char *url, int *sta
     /* /v1/models/{id} */
     if (!strcmp(url + 11, s->model_id))
         return json_body(model_obj(s));
+    /* OpenAI's answer for an unknown model; the id quoted as printable ASCII (the path
+     * may hold any bytes, a JSON string only valid UTF-8) */
+    char id[81], msg[400];
+    size_t n = 0;
+    for (const unsigned char *p = (const unsigned char *)url + 11; *p && n + 1 < sizeof(id); p++)
+        id[n++] = *p >= 0x20 && *p < 0x7f ? (char)*p : '?';
+    id[n] = 0;
+    snprintf(msg, sizeof(msg), "The model '%s%s' does not exist (this server serves '%.200s')", id,
+             url[11 + n] ? "..." : "", s->model_id);
     *status = 404;
-    return json_body(json_pack("{s{sssssnss}}", "error", "message", "no such model", "type",
-                               "not_found_error", "param", "code", "model_not_found"));
+    return json_body(json_pack("{s{sssssnss}}", "error", "message", msg, "type",
+                               "invalid_request_error", "param", "code", "model_not_found"));
 }

@@ -416,6 +416,53 @@ static int prompt_field(struct conn *c, json_t *r, struct parsed *pp)
     return pp->query ? 0 : -1;
 }
 
+/* The server's own request extensions, all under "cogvlm" (an object): for now only
+ * "boxes": "pixels" (chat only: a completion prompt carries no image). An unknown key or
+ * value is a 400 naming it, so that a client never trusts an extension it did not get. */
+static int extension(struct conn *c, json_t *r)
+{
+    json_t *ext = json_object_get(r, "cogvlm"), *v;
+    const char *key;
+    if (!ext || json_is_null(ext))
+        return 0;
+    if (!json_is_object(ext))
+        return bad(c, "cogvlm", "%s", "'cogvlm' must be an object");
+    json_object_foreach (ext, key, v) {
+        if (strcmp(key, "boxes")) {
+            char param[64];
+            snprintf(param, sizeof(param), "cogvlm.%.40s", key);
+            cvlm_api_error(c, 400, "invalid_request_error", param, NULL,
+                           "unknown field 'cogvlm.%.40s' (the extension knows 'boxes')", key);
+            return -1;
+        }
+        if (!json_is_string(v) || strcmp(json_string_value(v), "pixels"))
+            return bad(c, "cogvlm.boxes", "%s", "'cogvlm.boxes' must be \"pixels\"");
+        if (!c->o.chat)
+            return bad(c, "cogvlm.boxes", "%s",
+                       "'cogvlm.boxes' is only available on /v1/chat/completions");
+        c->o.boxes = 1;
+    }
+    return 0;
+}
+
+/* `user` (OpenAI: an end-user id for abuse monitoring): a string of at most 256
+ * characters; kept (256 bytes at most) for the request's log line, never echoed. */
+static int user_field(struct conn *c, json_t *r)
+{
+    json_t *v = json_object_get(r, "user");
+    size_t chars = 0;
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_string(v))
+        return bad(c, "user", "%s", "'user' must be a string");
+    for (const char *p = json_string_value(v); *p; p++)
+        chars += ((unsigned char)*p & 0xc0u) != 0x80u;
+    if (chars > 256)
+        return bad(c, "user", "%s", "'user' must be at most 256 characters");
+    snprintf(c->o.user, sizeof(c->o.user), "%s", json_string_value(v));
+    return 0;
+}
+
 /* Engine error -> HTTP status and error body. */
 static void engine_error(struct conn *c, int rc)
 {
@@ -475,6 +522,7 @@ static int make_choices(struct conn *c, struct parsed *pp)
             return -1;
         }
     }
+    cvlm_request_image_size(c->ch[0].r, &c->o.image_wh[0], &c->o.image_wh[1]);
     return 0;
 }
 
@@ -498,20 +546,15 @@ void cvlm_api_prepare(struct conn *c)
         bad(c, "model", "%s", "'model' is required and must be a string");
         goto out;
     }
-    if (strcmp(json_string_value(model), c->s->model_id)) {
-        cvlm_api_error(c, 404, "not_found_error", "model", "model_not_found",
+    if (strcmp(json_string_value(model), c->s->model_id)) { /* as OpenAI answers it */
+        cvlm_api_error(c, 404, "invalid_request_error", "model", "model_not_found",
                        "the model '%.200s' does not exist (this server serves '%s')",
                        json_string_value(model), c->s->model_id);
         goto out;
     }
     snprintf(c->o.model, sizeof(c->o.model), "%s", c->s->model_id);
-    json_t *user = json_object_get(root, "user");
-    if (user && !json_is_null(user) && !json_is_string(user)) {
-        bad(c, "user", "%s", "'user' must be a string");
-        goto out;
-    }
-    if (sampling(c, root, &pp) || logprob_fields(c, root) || logit_bias(c, root, &pp) ||
-        unsupported(c, root))
+    if (user_field(c, root) || sampling(c, root, &pp) || logprob_fields(c, root) ||
+        logit_bias(c, root, &pp) || unsupported(c, root) || extension(c, root))
         goto out;
     if (c->o.chat ? conversation(c, json_object_get(root, "messages"), &pp)
                   : prompt_field(c, root, &pp))

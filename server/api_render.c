@@ -7,6 +7,8 @@
  */
 #include "server/server.h"
 
+#include "server/boxes.h"
+
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -258,7 +260,23 @@ static void sse_event(struct conn *c, json_t *j)
     free(s);
 }
 
-/* One streamed chunk for choice i: a role/content delta, and/or the finish. */
+/* The extension's boxes of choice i's whole text (server/boxes.h); an out-of-memory
+ * fails the reply (or the stream), never a list silently short. */
+static json_t *boxes_of(struct conn *c, int i)
+{
+    const struct cvlm_buf *t = &c->ch[i].text;
+    json_t *b = t->failed
+                    ? NULL
+                    : cvlm_boxes_json(t->p ? t->p : "", t->len, c->o.image_wh[0], c->o.image_wh[1]);
+    if (!b) {
+        c->sse.failed |= c->o.stream;
+        cvlm_api_error(c, 500, "server_error", NULL, NULL, "out of memory for the boxes");
+    }
+    return b ? b : json_array();
+}
+
+/* One streamed chunk for choice i: a role/content delta, and/or the finish (with the
+ * choice's boxes when the client asked for them). */
 static void stream_chunk(struct conn *c, int i, const char *text, size_t len, json_t *lp,
                          const char *finish, int role)
 {
@@ -273,6 +291,8 @@ static void stream_chunk(struct conn *c, int i, const char *text, size_t len, js
             json_object_set_new(delta, "role", json_string("assistant"));
         if (role || len)
             json_object_set_new(delta, "content", jstr(text, len));
+        if (finish && c->o.boxes)
+            json_object_set_new(delta, "boxes", boxes_of(c, i));
         json_object_set_new(ch, "delta", delta);
     } else {
         json_object_set_new(ch, "text", jstr(text, len));
@@ -349,6 +369,8 @@ static void collect_one(struct conn *c, int i, struct cvlm_output *o)
         if (c->o.chat && !ch->role_sent) /* the first delta carries the role alone */
             stream_chunk(c, i, "", 0, NULL, NULL, 1);
         ch->role_sent = 1;
+        if (c->o.boxes && o->text_len) /* failure: the final chunk then fails the stream */
+            cvlm_buf_append(&ch->text, o->text, o->text_len);
         if (o->text_len || lp)
             stream_chunk(c, i, o->text ? o->text : "", o->text_len, lp, NULL, 0);
         for (size_t k = 0; lp && k < json_array_size(lp); k++)
@@ -475,12 +497,13 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
             lp = c->o.chat ? json_pack("{sssn}", "content", m[0], "refusal")
                            : json_pack("{ssssssss}", "tokens", m[0], "token_logprobs", m[1],
                                        "top_logprobs", m[2], "text_offset", m[3]);
-        if (c->o.chat)
-            json_object_set_new(o, "message",
-                                json_pack("{sssosn}", "role", "assistant", "content",
-                                          jstr(ch->text.p ? ch->text.p : "", ch->text.len),
-                                          "refusal"));
-        else
+        if (c->o.chat) {
+            json_t *msg = json_pack("{sssosn}", "role", "assistant", "content",
+                                    jstr(ch->text.p ? ch->text.p : "", ch->text.len), "refusal");
+            if (c->o.boxes)
+                json_object_set_new(msg, "boxes", boxes_of(c, i));
+            json_object_set_new(o, "message", msg);
+        } else
             json_object_set_new(o, "text", jstr(ch->text.p ? ch->text.p : "", ch->text.len));
         json_object_set_new(o, "logprobs", lp);
         json_object_set_new(
@@ -490,6 +513,10 @@ char *cvlm_api_final_body(struct conn *c, size_t *len)
     }
     json_object_set_new(j, "choices", choices);
     json_object_set_new(j, "usage", usage(c));
+    if (c->status) { /* the boxes failed: the error reply instead */
+        json_decref(j);
+        return NULL;
+    }
     char *body = dump(j, len);
     return body && c->o.logprobs >= 0 ? splice_logprobs(c, body, len, nonce) : body;
 }

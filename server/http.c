@@ -96,6 +96,21 @@ static void suspend(struct conn *c)
     }
 }
 
+/* The client's X-Request-Id when it is safe to echo and log: 1..128 visible ASCII
+ * characters (no space, no control byte, nothing past 0x7e, so it can neither end nor
+ * extend a header or a log line); else NULL, and the response carries our id instead. */
+static const char *client_request_id(struct MHD_Connection *mc)
+{
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "X-Request-Id");
+    size_t n = 0;
+    if (!h)
+        return NULL;
+    for (; h[n]; n++)
+        if (n >= 128 || (unsigned char)h[n] < 0x21 || (unsigned char)h[n] > 0x7e)
+            return NULL;
+    return n ? h : NULL;
+}
+
 static struct conn *conn_new(struct cvlm_srv *s, struct MHD_Connection *mc, const char *route)
 {
     struct conn *c = calloc(1, sizeof(*c));
@@ -108,6 +123,8 @@ static struct conn *conn_new(struct cvlm_srv *s, struct MHD_Connection *mc, cons
     c->created = (long long)time(NULL);
     snprintf(c->id, sizeof(c->id), "%016llx%08x", (unsigned long long)++s->next_id,
              (unsigned)(c->t_start * 1000) ^ (unsigned)rand());
+    const char *rid = client_request_id(mc);
+    snprintf(c->rid, sizeof(c->rid), "%s", rid ? rid : c->id);
     c->next = s->live;
     if (s->live)
         s->live->prev = c;
@@ -126,7 +143,7 @@ static enum MHD_Result queue(struct conn *c, int status, char *body, size_t len,
         return MHD_NO;
     }
     MHD_CHECK(MHD_add_response_header(r, "Content-Type", ctype));
-    MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->id));
+    MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->rid));
     if (status == 429)
         MHD_CHECK(MHD_add_response_header(r, "Retry-After", "1"));
     if (status == 405)
@@ -191,7 +208,7 @@ static enum MHD_Result queue_stream(struct conn *c)
     MHD_CHECK(MHD_add_response_header(r, "Cache-Control", "no-cache"));
     /* nginx: do not buffer SSE */
     MHD_CHECK(MHD_add_response_header(r, "X-Accel-Buffering", "no"));
-    MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->id));
+    MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->rid));
     ok = MHD_queue_response(c->mc, 200, r);
     MHD_CHECK(ok);
     MHD_destroy_response(r);
@@ -315,7 +332,7 @@ static enum MHD_Result start_request(struct cvlm_srv *s, struct MHD_Connection *
         struct MHD_Response *r = cvlm_api_misc(s, url, &status);
         if (!r)
             return MHD_NO;
-        MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->id));
+        MHD_CHECK(MHD_add_response_header(r, "X-Request-Id", c->rid));
         enum MHD_Result ok = MHD_queue_response(mc, (unsigned)status, r);
         MHD_CHECK(ok);
         MHD_destroy_response(r);
@@ -400,6 +417,27 @@ static int conn_outcome(const struct conn *c, int ok, int ours)
     return c->status ? c->status : 499;
 }
 
+/* ` user="..."` for the log line: the request's `user` field with every byte outside
+ * printable ASCII, and the quote and backslash, escaped (nothing a client sends can
+ * forge or split a log line); "" without one. */
+static void user_for_log(const struct conn *c, char *out, size_t cap)
+{
+    size_t n = 0;
+    out[0] = 0;
+    if (c->state == CONN_PREP || !c->o.user[0]) /* the work pool may still be writing it */
+        return;
+    n += (size_t)snprintf(out, cap, " user=\"");
+    for (const unsigned char *p = (const unsigned char *)c->o.user; *p && n + 6 < cap; p++) {
+        if (*p == '"' || *p == '\\')
+            n += (size_t)snprintf(out + n, cap - n, "\\%c", *p);
+        else if (*p < 0x20 || *p > 0x7e)
+            n += (size_t)snprintf(out + n, cap - n, "\\x%02x", *p);
+        else
+            out[n++] = (char)*p;
+    }
+    snprintf(out + n, cap - n, "\"");
+}
+
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
@@ -423,10 +461,15 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                       : c->cut == CUT_DRAIN   ? " (cut by the server: drain timeout)"
                       : c->cut == CUT_TIMEOUT ? " (cut by the server: request timeout)"
                                               : "";
+    char user[sizeof(c->o.user) * 4 + 16];
+    user_for_log(c, user, sizeof(user));
+    /* the request log line: our id, route, status, time, why, the X-Request-Id, user */
     if (*why && !c->client_gone && (ours || c->cut))
-        LOG_WARN("%s %s %d %.1fms%s", c->id, c->route, status, cvlm_now_ms() - c->t_start, why);
+        LOG_WARN("%s %s %d %.1fms%s request_id=%s%s", c->id, c->route, status,
+                 cvlm_now_ms() - c->t_start, why, c->rid, user);
     else
-        LOG_INFO("%s %s %d %.1fms%s", c->id, c->route, status, cvlm_now_ms() - c->t_start, why);
+        LOG_INFO("%s %s %d %.1fms%s request_id=%s%s", c->id, c->route, status,
+                 cvlm_now_ms() - c->t_start, why, c->rid, user);
     conn_maybe_free(c);
 }
 

@@ -40,7 +40,7 @@ struct choice {
     struct cvlm_request *r;
     int done; /* its finish has been taken */
     enum cvlm_finish finish;
-    struct cvlm_buf text; /* accumulated (non-streaming) */
+    struct cvlm_buf text; /* accumulated (non-streaming, or a stream's for its boxes) */
     /* non-streaming logprobs, kept as compact JSON text (a jansson tree of them costs
      * ~8x the text), the items of each array comma-separated without the brackets: chat:
      * lp[0] = content entries; completions: lp[0..3] = tokens, token_logprobs,
@@ -58,13 +58,19 @@ struct api_opts {
     int n;
     int logprobs; /* -1 none, else top-N */
     char model[256];
+    int boxes;       /* "cogvlm": {"boxes": "pixels"}: message.boxes (server/boxes.h) */
+    int image_wh[2]; /* the request's image as sent (width, height); 0 x 0 without one */
+    char user[257];  /* the `user` field, for the log line (at most 256 bytes of it) */
 };
 
 struct conn {
     struct cvlm_srv *s;
     struct MHD_Connection *mc;
     const char *route; /* for metrics: "/v1/chat/completions", ... */
-    char id[48];
+    char id[48];       /* ours: in completion ids and log lines */
+    /* X-Request-Id of every response: the client's (when it is 1..128 visible ASCII
+     * characters, so never anything that could break a header) or id */
+    char rid[129];
     long long created;
     double t_start;
     struct cvlm_buf body; /* the request body as received */

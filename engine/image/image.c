@@ -138,11 +138,15 @@ void cvlm_image_normalize(const struct cvlm_image *img, float *chw)
 }
 
 int cvlm_image_preprocess(const void *data, size_t len, const struct cvlm_image_limits *lim,
-                          int size, float **chw, uint64_t *hash)
+                          int size, float **chw, uint64_t *hash, int src_wh[2])
 {
     struct cvlm_image img = {0}, sized = {0};
     int rc = cvlm_image_decode(data, len, lim, &img);
     *chw = NULL;
+    if (!rc && src_wh) {
+        src_wh[0] = img.width;
+        src_wh[1] = img.height;
+    }
     if (!rc)
         rc = cvlm_image_resize_bicubic(&img, size, size, &sized);
     cvlm_image_free(&img);

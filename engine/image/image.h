@@ -46,8 +46,9 @@ void cvlm_image_normalize(const struct cvlm_image *img, float *chw);
 
 /* The whole model input path: decode, resize to size x size, normalize into a malloc'd
  * float CHW array (*chw, free() it). If `hash` is given it receives a 64-bit hash of the
- * resized pixels (what the vision tower sees), for caching. */
+ * resized pixels (what the vision tower sees), for caching; if `src_wh` is given it
+ * receives the decoded image's own width and height (before the resize). */
 int cvlm_image_preprocess(const void *data, size_t len, const struct cvlm_image_limits *lim,
-                          int size, float **chw, uint64_t *hash);
+                          int size, float **chw, uint64_t *hash, int src_wh[2]);
 
 #endif

@@ -109,7 +109,7 @@ static int prepare_image(struct cvlm_engine *e, const struct cvlm_request_params
     if (!c->has_vision)
         return cvlm_errf(CVLM_EINVAL, "this model does not take images");
     return cvlm_image_preprocess(p->image, p->image_len, &lim, c->vision.image_size, &r->pixels,
-                                 &r->img_hash);
+                                 &r->img_hash, r->image_wh);
 }
 
 static enum cvlm_template template_of(const struct cvlm_engine *e, const char *name)
@@ -326,6 +326,12 @@ void cvlm_request_unref(struct cvlm_request *r)
 int cvlm_request_prompt_tokens(const struct cvlm_request *r)
 {
     return r->n_prompt;
+}
+
+void cvlm_request_image_size(const struct cvlm_request *r, int *width, int *height)
+{
+    *width = r->image_wh[0];
+    *height = r->image_wh[1];
 }
 
 /* ---- output -------------------------------------------------------------------------- */

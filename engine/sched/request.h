@@ -41,6 +41,7 @@ struct cvlm_request {
     int image_start, image_len;
     float *pixels; /* normalized CHW, NULL without image */
     uint64_t img_hash;
+    int image_wh[2]; /* the image's own width and height as decoded; 0 without image */
     struct cvlm_sampling sp;
     int max_new, ignore_eos, logprobs;
     char **stop;
