@@ -19,6 +19,7 @@
 #include "cli/cli_bench_probe.h"
 #include "engine/error.h"
 #include "engine/model/model.h"
+#include "engine/model/quantize.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -31,6 +32,7 @@ struct bench_opts {
     const char *preset, *config, *json, *ckpt, *logits_out;
     enum cvlm_dtype dtype;
     struct cvlm_model_opts mo; /* backend, tp, threads */
+    enum cvlm_quant quant;     /* --quantize: the decoder's linear weights after they exist */
     int threads, prompt, decode, vit_layers;
     uint64_t seed;
 };
@@ -117,12 +119,15 @@ static int usage(int rc)
         "                    [--threads N] [--prompt-tokens 512] [--decode-tokens 64]\n"
         "                    [--vision-layers 4] [--seed S] [--json FILE]\n"
         "                    [--write-checkpoint DIR] [--logits-out FILE]\n"
+        "                    [--quantize none|int8|int4]\n"
         "                    " CVLM_CLI_MODEL_USAGE "\n"
         "Presets: llama-2048 (default; LLaMA-shaped, hidden 2048, 22 layers, 32 heads,\n"
         "MLP 5632, vocab 32000), llama-small, cogvlm-17b-l2, vit-17b.\n"
         "--vision-layers 0 skips the vision tower; --prompt-tokens 0 skips the text\n"
         "model. --write-checkpoint saves the text model's random weights;\n"
         "--logits-out writes the last prompt token's logits (raw float32).\n"
+        "--quantize: the decoder's linear weights to int8 / int4 after the random 16-bit\n"
+        "weights are made (and saved): the text model only.\n"
         "On --backend cuda the random weights are generated on the device.\n" CVLM_CLI_MODEL_HELP);
     return rc;
 }
@@ -177,7 +182,10 @@ static int parse(int argc, char **argv, struct bench_opts *o)
             o->ckpt = v;
         else if (!strcmp(a, "--logits-out"))
             o->logits_out = v;
-        else
+        else if (!strcmp(a, "--quantize")) {
+            if (cvlm_quant_parse(v, &o->quant))
+                return -1;
+        } else
             return -1;
     }
     o->threads = o->mo.threads;
@@ -189,9 +197,14 @@ static int parse(int argc, char **argv, struct bench_opts *o)
 
 /* ---- text model: prefill and decode ------------------------------------------------- */
 
+/* Bytes a tensor streams (quantized: codes and scales). */
 static size_t tensor_bytes(const struct cvlm_tensor *t)
 {
-    return t->data ? (size_t)cvlm_tensor_numel(t) * cvlm_dtype_size(t->dtype) : 0;
+    if (!t->data)
+        return 0;
+    if (cvlm_dtype_is_quant(t->dtype))
+        return cvlm_quant_bytes(t->dtype, t->shape[0], t->shape[1]);
+    return cvlm_tensor_bytes(t);
 }
 
 /* Bytes of weights one language-expert decode step reads. */
@@ -350,7 +363,8 @@ static int bench_text(const struct bench_opts *o, struct bench_result *r)
     double t0 = now_s();
     if ((rc = dummy_weights(o, &c, o->seed, &w)))
         return rc;
-    if (o->ckpt && (rc = cvlm_weights_write(w, o->ckpt)))
+    if ((o->ckpt && (rc = cvlm_weights_write(w, o->ckpt))) ||
+        (rc = cvlm_weights_quantize(w, o->quant, 0)))
         goto out;
     struct cvlm_model_opts mo = o->mo;
     mo.max_tokens = o->prompt;
@@ -431,7 +445,8 @@ out:
 static void report(const struct bench_opts *o, const struct bench_result *r, FILE *f)
 {
     const char *dt = cvlm_dtype_name(o->dtype);
-    fprintf(f, "cogvlm bench: %s, %s weights, %d threads\n", o->config ? o->config : o->preset, dt,
+    fprintf(f, "cogvlm bench: %s, %s weights%s%s, %d threads\n", o->config ? o->config : o->preset,
+            dt, o->quant ? " quantized to " : "", o->quant ? cvlm_quant_name(o->quant) : "",
             r->threads);
     fprintf(f, "  memory bandwidth      copy %.1f GB/s (read+write), read %.1f GB/s\n", r->bw_copy,
             r->bw_read);
@@ -472,9 +487,11 @@ static int write_json(const struct bench_opts *o, const struct bench_result *r)
     double step = o->decode > 0 ? r->t_decode / o->decode : 0;
     if (!f)
         return cvlm_errf(CVLM_EIO, "%s: cannot create", o->json);
-    fprintf(f, "{\"model\": \"%s\", \"dtype\": \"%s\", \"threads\": %d, \"isa\": \"%s\",\n",
-            o->config ? o->config : o->preset, cvlm_dtype_name(o->dtype), r->threads,
-            cvlm_backend_cpu_isa());
+    fprintf(f,
+            "{\"model\": \"%s\", \"dtype\": \"%s\", \"quantize\": \"%s\", \"threads\": %d,"
+            " \"isa\": \"%s\",\n",
+            o->config ? o->config : o->preset, cvlm_dtype_name(o->dtype), cvlm_quant_name(o->quant),
+            r->threads, cvlm_backend_cpu_isa());
     fprintf(f, " \"fma_peak_gflops\": %.3f, \"gemm_gflops\": %.3f, \"gemm16_gflops\": %.3f,\n",
             r->fma_peak, r->gemm_gflops, r->gemm16_gflops);
     fprintf(f, " \"copy_gbs\": %.3f, \"read_gbs\": %.3f,\n", r->bw_copy, r->bw_read);

@@ -21,6 +21,7 @@
 #include "engine/error.h"
 #include "engine/image/image.h"
 #include "engine/model/model.h"
+#include "engine/model/quantize.h"
 #include "engine/text/template.h"
 #include "engine/util/fileio.h"
 
@@ -39,6 +40,8 @@ struct golden {
     double tol;
     struct cvlm_model_opts mo; /* backend, tp, threads */
     int report_tokens;         /* --tokens report: teacher-forced, differences reported */
+    enum cvlm_quant quant;     /* --quantize: weights quantized at load */
+    int quant_vision;          /* --quantize-vision */
     int failed, tok_agree, tok_total;
 };
 
@@ -422,7 +425,8 @@ static int open_model(struct golden *g, const char *key, enum cvlm_rope_freq rf,
     snprintf(path, sizeof(path), "%s/%s", g->dir, dir);
     if ((rc = cvlm_weights_load(path, w)))
         return rc;
-    if ((rc = cvlm_model_create(*w, &o, m))) {
+    if ((rc = cvlm_weights_quantize(*w, g->quant, g->quant_vision)) ||
+        (rc = cvlm_model_create(*w, &o, m))) {
         cvlm_weights_destroy(*w);
         *w = NULL;
     }
@@ -540,29 +544,41 @@ static int parse_args(int argc, char **argv, struct golden *g, const char **tok)
             *tok = argv[++i];
         else if (!strcmp(argv[i], "--tol") && i + 1 < argc)
             g->tol = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--quantize") && i + 1 < argc) {
+            if (cvlm_quant_parse(argv[++i], &g->quant)) {
+                fprintf(stderr, "cogvlm golden: %s\n", cvlm_last_error());
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--quantize-vision"))
+            g->quant_vision = 1;
         else if (!strcmp(argv[i], "--tokens") && i + 1 < argc &&
                  (!strcmp(argv[i + 1], "exact") || !strcmp(argv[i + 1], "report")))
             g->report_tokens = !strcmp(argv[++i], "report");
         else if ((rc = cvlm_cli_model_opt(argc, argv, &i, &g->mo)) < 0)
             return 2;
         else if (!rc) {
-            printf("usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL]\n"
-                   "       [--tokens exact|report] " CVLM_CLI_MODEL_USAGE "\n"
-                   "Checks the engine against a reference fixture (golden-tiny format).\n"
-                   "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4 (5e-2 with\n"
-                   "--backend cuda: BF16 activations).\n"
-                   "--tokens: exact (default; cpu): free greedy decoding, every token must\n"
-                   "match; report (default with --backend cuda): the reference tokens are fed,\n"
-                   "agreement and the top-2 margins of differing tokens are reported, and only\n"
-                   "a difference that is not a near tie fails.\n" CVLM_CLI_MODEL_HELP);
+            printf(
+                "usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL]\n"
+                "       [--tokens exact|report] [--quantize none|int8|int4 [--quantize-vision]]\n"
+                "       " CVLM_CLI_MODEL_USAGE "\n"
+                "Checks the engine against a reference fixture (golden-tiny format).\n"
+                "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4 (5e-2 with\n"
+                "--backend cuda: BF16 activations).\n"
+                "--tokens: exact (default; cpu): free greedy decoding, every token must\n"
+                "match; report (default with --backend cuda): the reference tokens are fed,\n"
+                "agreement and the top-2 margins of differing tokens are reported, and only\n"
+                "a difference that is not a near tie fails.\n"
+                "--quantize: the weights quantized at load; the errors are measured and\n"
+                "reported (tokens: report), not held to a tolerance unless --tol is "
+                "given.\n" CVLM_CLI_MODEL_HELP);
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
     int bf16_acts = g->mo.backend == CVLM_BACKEND_CUDA; /* the CUDA backend's activations */
     if (g->tol < 0)
-        g->tol = bf16_acts ? 5e-2 : 1e-4;
+        g->tol = g->quant ? 1e30 : bf16_acts ? 5e-2 : 1e-4;
     if (g->report_tokens < 0)
-        g->report_tokens = bf16_acts;
+        g->report_tokens = bf16_acts || g->quant;
     return -1;
 }
 

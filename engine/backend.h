@@ -37,7 +37,18 @@ enum cvlm_dtype {
     CVLM_DTYPE_F32 = 0,
     CVLM_DTYPE_F16 = 1,
     CVLM_DTYPE_BF16 = 2,
+    /* Quantized matrices [N, K] (engine/model/quantize.c makes them; weights of gemm only).
+     * Value = q * scales[n * (K / group) + k / group] with the group along K:
+     * Q8: q int8, one group per row (per output channel, symmetric);
+     * Q4: q = nibble - 8 in [-8, 7], groups of CVLM_Q4_GROUP (the last one of a row may be
+     *     shorter), K a multiple of 32; every 32 weights are 16 bytes, byte j holding weight
+     *     j in its low and j + 16 in its high nibble (a vector unpacks 32 weights with one
+     *     mask and one shift). Scales: [N][ceil(K / group)]. */
+    CVLM_DTYPE_Q8 = 3,
+    CVLM_DTYPE_Q4 = 4,
 };
+
+#define CVLM_Q4_GROUP 128
 
 /* What upload_weights puts into a tensor that has no data yet (dummy weights generated
  * in backend memory, so a 35 GB configuration can be benchmarked without a checkpoint). */
@@ -55,16 +66,55 @@ struct cvlm_tensor {
     int64_t shape[CVLM_MAX_DIMS];
     const void *data;
     enum cvlm_fill fill; /* only when data == NULL, for upload_weights */
+    const float *scales; /* Q8 / Q4 only: [N][ceil(K / group)] */
 };
 
+static inline int cvlm_dtype_is_quant(enum cvlm_dtype t)
+{
+    return t == CVLM_DTYPE_Q8 || t == CVLM_DTYPE_Q4;
+}
+
+/* Bytes of one element (1 for Q8; Q4 has none: use cvlm_dtype_bytes). */
 static inline size_t cvlm_dtype_size(enum cvlm_dtype t)
 {
-    return t == CVLM_DTYPE_F32 ? 4 : 2;
+    return t == CVLM_DTYPE_F32 ? 4 : t == CVLM_DTYPE_Q8 || t == CVLM_DTYPE_Q4 ? 1 : 2;
+}
+
+/* Bytes of n consecutive elements of a row (n even for Q4). */
+static inline size_t cvlm_dtype_bytes(enum cvlm_dtype t, size_t n)
+{
+    return t == CVLM_DTYPE_Q4 ? n / 2 : n * cvlm_dtype_size(t);
 }
 
 static inline const char *cvlm_dtype_name(enum cvlm_dtype t)
 {
-    return t == CVLM_DTYPE_F32 ? "F32" : t == CVLM_DTYPE_F16 ? "F16" : "BF16";
+    return t == CVLM_DTYPE_F32    ? "F32"
+           : t == CVLM_DTYPE_F16  ? "F16"
+           : t == CVLM_DTYPE_BF16 ? "BF16"
+           : t == CVLM_DTYPE_Q8   ? "Q8"
+                                  : "Q4";
+}
+
+/* Elements per scale along a quantized matrix's rows (K for Q8). */
+static inline int64_t cvlm_quant_group(const struct cvlm_tensor *t)
+{
+    return t->dtype == CVLM_DTYPE_Q4 ? CVLM_Q4_GROUP : t->shape[t->ndim - 1];
+}
+
+/* Scales per row of a quantized matrix. */
+static inline int64_t cvlm_quant_groups(const struct cvlm_tensor *t)
+{
+    int64_t g = cvlm_quant_group(t);
+    return (t->shape[t->ndim - 1] + g - 1) / g;
+}
+
+/* Bytes of a tensor's data (quantized: the codes, not the scales). */
+static inline size_t cvlm_tensor_bytes(const struct cvlm_tensor *t)
+{
+    int64_t n = 1;
+    for (int i = 0; i < t->ndim; i++)
+        n *= t->shape[i];
+    return cvlm_dtype_bytes(t->dtype, (size_t)n);
 }
 
 static inline int64_t cvlm_tensor_numel(const struct cvlm_tensor *t)
@@ -117,6 +167,16 @@ static inline float cvlm_f16_to_f32(uint16_t h)
 /* Element i of a tensor of any supported dtype, widened to float. */
 static inline float cvlm_tensor_get_f32(const struct cvlm_tensor *t, int64_t i)
 {
+    if (cvlm_dtype_is_quant(t->dtype)) {
+        int64_t K = t->shape[t->ndim - 1], n = i / K, k = i % K, g = cvlm_quant_group(t);
+        const signed char *q = (const signed char *)t->data;
+        float s = t->scales[n * cvlm_quant_groups(t) + k / g];
+        if (t->dtype == CVLM_DTYPE_Q8)
+            return (float)q[i] * s;
+        /* Q4: the 16-byte block of weight k in row n, its low or high nibble */
+        unsigned char b = ((const unsigned char *)q)[n * (K / 2) + k / 32 * 16 + k % 16];
+        return (float)((k % 32 < 16 ? b & 15 : b >> 4) - 8) * s;
+    }
     const unsigned char *p = (const unsigned char *)t->data + (size_t)i * cvlm_dtype_size(t->dtype);
     uint16_t h;
     float f;

@@ -4,6 +4,7 @@
  * scheduler step, publish the stats; it sleeps on a condition variable when there is
  * nothing to do and is woken by submit and cancel. Callers never wait for model work.
  */
+#include "engine/model/quantize.h"
 #include "engine/sched/sched.h"
 
 #include <stdio.h>
@@ -66,8 +67,10 @@ static int load_dummy(const struct cvlm_engine_opts *o, struct cvlm_weights **w)
     int rc = cvlm_config_load(path, &c);
     if (rc)
         return rc;
-    return o->backend == CVLM_BACKEND_CUDA ? cvlm_weights_dummy_lazy(&c, CVLM_DTYPE_BF16, w)
-                                           : cvlm_weights_dummy(&c, CVLM_DTYPE_BF16, 1, w);
+    /* quantized: the quantizer generates codes directly (no 16-bit copy of the model) */
+    return o->backend == CVLM_BACKEND_CUDA || o->quantize
+               ? cvlm_weights_dummy_lazy(&c, CVLM_DTYPE_BF16, w)
+               : cvlm_weights_dummy(&c, CVLM_DTYPE_BF16, 1, w);
 }
 
 /* The tokenizer, which must not produce ids the model has no embedding row for (every
@@ -95,7 +98,8 @@ static int load(struct cvlm_engine *e)
 {
     const struct cvlm_engine_opts *o = &e->opts;
     int rc;
-    if ((rc = o->dummy_weights ? load_dummy(o, &e->w) : cvlm_weights_load(o->model_dir, &e->w)))
+    if ((rc = o->dummy_weights ? load_dummy(o, &e->w) : cvlm_weights_load(o->model_dir, &e->w)) ||
+        (rc = cvlm_weights_quantize(e->w, (enum cvlm_quant)o->quantize, o->quantize_vision)))
         return rc;
     if ((rc = load_tokenizer(e)))
         return rc;

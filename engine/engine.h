@@ -38,6 +38,8 @@ struct cvlm_engine_opts {
     int tp;                    /* tensor-parallel ranks; 0: 1 */
     int device;                /* CUDA: first device */
     int dummy_weights;         /* random weights of model_dir/config.json (benchmarks) */
+    int quantize;              /* decoder linear weights at load: 0 none, 1 int8, 2 int4 */
+    int quantize_vision;       /* with quantize: the vision tower and adapter too */
     size_t kv_bytes;           /* KV cache memory per rank; 0: 256 MiB */
     int block_size;            /* KV slots per block, 1..CVLM_MAX_BLOCK_SIZE; 0: 16 */
     int max_batched_tokens;    /* tokens per step; 0: 512 */

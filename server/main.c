@@ -43,6 +43,10 @@ static int load_prepare(const struct cvlm_server_options *c)
                                           .tp = c->tp,
                                           .device = c->device,
                                           .dummy_weights = c->dummy_weights,
+                                          .quantize = !strcmp(c->quantize, "int8")   ? 1
+                                                      : !strcmp(c->quantize, "int4") ? 2
+                                                                                     : 0,
+                                          .quantize_vision = c->quantize_vision,
                                           .kv_bytes = c->kv_memory,
                                           .block_size = c->block_size,
                                           .max_batched_tokens = c->max_batched_tokens,
@@ -171,6 +175,13 @@ int main(int argc, char **argv)
     }
     if (cvlm_log_setup(cfg.log_level, cfg.log_format)) {
         fprintf(stderr, "cogvlm-server: bad --log-level or --log-format\n");
+        cvlm_options_free(&cfg);
+        return 2;
+    }
+    if (strcmp(cfg.quantize, "none") && strcmp(cfg.quantize, "int8") &&
+        strcmp(cfg.quantize, "int4")) {
+        fprintf(stderr, "cogvlm-server: --quantize must be none, int8 or int4 (got '%s')\n",
+                cfg.quantize);
         cvlm_options_free(&cfg);
         return 2;
     }

@@ -29,6 +29,12 @@ const struct cvlm_option cvlm_options[] = {
      "Serve random weights of MODEL/config.json instead of its safetensors (benchmarks "
      "only: the answers are noise).",
      0, 0},
+    {"quantize", OPT_STR, O(quantize), "none", "",
+     "Weights of the decoder's linear layers at load: none, int8 (per output channel) or int4 "
+     "(groups of 128); CPU backend only.",
+     0, 0},
+    {"quantize_vision", OPT_BOOL, O(quantize_vision), "false", "",
+     "With quantize: the vision tower's linear layers and the adapter too.", 0, 0},
     {"threads", OPT_INT, O(threads), "0", "",
      "CPU threads for the model (split between the ranks); 0 = one per core.", 0, 4096},
     {"kv_memory", OPT_BYTES, O(kv_memory), "256M", "bytes",

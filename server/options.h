@@ -22,6 +22,8 @@ struct cvlm_server_options {
     int tp;
     int device;
     int dummy_weights;
+    char *quantize;
+    int quantize_vision;
     int threads;
     uint64_t kv_memory;
     int block_size;

@@ -245,8 +245,15 @@ static int tensor_ok(const struct call *c, const char *name, const struct cvlm_t
 {
     if (!t)
         return fail(c, CVLM_EINVAL, "%s is NULL", name);
-    if (t->dtype != CVLM_DTYPE_F32 && t->dtype != CVLM_DTYPE_F16 && t->dtype != CVLM_DTYPE_BF16)
-        return fail(c, CVLM_ESHAPE, "%s has dtype %d (F32, F16 or BF16 only)", name, (int)t->dtype);
+    if (t->dtype != CVLM_DTYPE_F32 && t->dtype != CVLM_DTYPE_F16 && t->dtype != CVLM_DTYPE_BF16 &&
+        !cvlm_dtype_is_quant(t->dtype))
+        return fail(c, CVLM_ESHAPE, "%s has dtype %d (F32, F16, BF16, Q8 or Q4 only)", name,
+                    (int)t->dtype);
+    if (cvlm_dtype_is_quant(t->dtype) &&
+        (t->ndim != 2 || !t->scales || (t->dtype == CVLM_DTYPE_Q4 && t->shape[1] % 32 != 0)))
+        return fail(c, CVLM_ESHAPE, "%s: a %s matrix needs 2 dimensions, scales%s", name,
+                    cvlm_dtype_name(t->dtype),
+                    t->dtype == CVLM_DTYPE_Q4 ? " and K a multiple of 32" : "");
     if (t->ndim < 1 || t->ndim > CVLM_MAX_DIMS)
         return fail(c, CVLM_ESHAPE, "%s has %d dimensions", name, t->ndim);
     for (int i = 0; i < t->ndim; i++)

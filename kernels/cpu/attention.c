@@ -78,7 +78,7 @@ struct blocked_job {
 static void pack_head_task(void *ctx, int h, int thread)
 {
     struct blocked_job *j = ctx;
-    struct cvlm_tensor kview = {CVLM_DTYPE_F32, 2, {j->N, 3 * j->D}, j->qkv, CVLM_FILL_NONE};
+    struct cvlm_tensor kview = {CVLM_DTYPE_F32, 2, {j->N, 3 * j->D}, j->qkv, CVLM_FILL_NONE, NULL};
     float *kp = j->kp + (size_t)h * j->nkp * j->hd * GEMM_NR;
     float *vp = j->vp + (size_t)h * j->nvp * j->N * GEMM_NR;
     (void)thread;

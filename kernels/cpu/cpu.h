@@ -116,6 +116,11 @@ void cvlm_cpu_pack_b_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N,
                           int K);
 void cvlm_cpu_tile_avx2(const float *ap, const float *bp, int kc, float *c, int ldc, int mr, int nr,
                         int acc);
+/* Quantized weights (Q8 / Q4; gemm_q_avx2.c): any M, like the AVX2 float kernel. */
+void cvlm_cpu_gemv_q_avx2(float *y, int ldy, const float *x, int ldx, int M,
+                          const struct cvlm_tensor *w, int n0, int n1, int K);
+void cvlm_cpu_pack_b_q_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
+                            int K);
 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
                           const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,

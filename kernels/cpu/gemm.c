@@ -27,7 +27,10 @@
 void cvlm_cpu_widen(const struct cvlm_tensor *w, int64_t row, int64_t n, float *out)
 {
     const int64_t off = row * n; /* rows are n elements long */
-    if (w->dtype == CVLM_DTYPE_F32) {
+    if (cvlm_dtype_is_quant(w->dtype)) {
+        for (int64_t i = 0; i < n; i++)
+            out[i] = cvlm_tensor_get_f32(w, off + i);
+    } else if (w->dtype == CVLM_DTYPE_F32) {
         memcpy(out, (const float *)w->data + off, (size_t)n * 4);
     } else if (w->dtype == CVLM_DTYPE_BF16) {
         const uint16_t *s = (const uint16_t *)w->data + off;
@@ -40,11 +43,15 @@ void cvlm_cpu_widen(const struct cvlm_tensor *w, int64_t row, int64_t n, float *
     }
 }
 
-/* Widens n elements of W starting at element `off` (scalar paths only). */
+/* Widens n elements of W starting at element `off` (scalar paths only; quantized weights
+ * dequantized element by element). */
 static void widen_at(const struct cvlm_tensor *w, size_t off, int n, float *out)
 {
     const uint16_t *s = (const uint16_t *)w->data + off;
-    if (w->dtype == CVLM_DTYPE_F32)
+    if (cvlm_dtype_is_quant(w->dtype))
+        for (int i = 0; i < n; i++)
+            out[i] = cvlm_tensor_get_f32(w, (int64_t)off + i);
+    else if (w->dtype == CVLM_DTYPE_F32)
         memcpy(out, (const float *)w->data + off, (size_t)n * sizeof(float));
     else if (w->dtype == CVLM_DTYPE_BF16)
         for (int i = 0; i < n; i++)
@@ -106,6 +113,23 @@ void cvlm_cpu_tile_scalar(const float *ap, const float *bp, int kc, float *c, in
 }
 
 /* ---- driver ----------------------------------------------------------------------------- */
+
+/* The kernels for a weight dtype: quantized weights use the AVX2 matrix-vector kernel and
+ * packer on every x86 path that has AVX2 (with the ISA's own micro-kernel), else scalar. */
+static struct cpu_gemm_kernels kernels_for(enum cpu_isa isa, enum cvlm_dtype dt)
+{
+    struct cpu_gemm_kernels k = cvlm_cpu_gemm_kernels(isa);
+    if (!cvlm_dtype_is_quant(dt))
+        return k;
+#if defined(__x86_64__)
+    if (isa >= CPU_ISA_AVX2) {
+        k.gemv = cvlm_cpu_gemv_q_avx2;
+        k.pack_b = cvlm_cpu_pack_b_q_avx2;
+        k.gemv_rows = k.gemv_max_m = CVLM_CPU_AVX2_GEMV_MAX_M;
+    }
+#endif
+    return k;
+}
 
 struct cpu_gemm_kernels cvlm_cpu_gemm_kernels(enum cpu_isa isa)
 {
@@ -294,7 +318,7 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
                          .M = M,
                          .N = N,
                          .K = K,
-                         .kn = cvlm_cpu_gemm_kernels(cb->isa),
+                         .kn = kernels_for(cb->isa, w->dtype),
                          .vec = cb->vec};
     int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
     size_t bias_off;

@@ -208,6 +208,12 @@ int cu_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const *ts, in
     struct cuda_backend *cb = cu_of(be);
     if (!cu_enter(cb))
         return cb->err ? cvlm_errf(cb->err, "%s", cb->err_msg) : CVLM_EIO;
+    for (int i = 0; i < n; i++)
+        if (cvlm_dtype_is_quant(ts[i]->dtype))
+            return cvlm_errf(CVLM_EINVAL,
+                             "the CUDA backend has no %s weight kernels yet: use --quantize none "
+                             "with --backend cuda",
+                             cvlm_dtype_name(ts[i]->dtype));
     size_t *off = (size_t *)malloc((size_t)(n > 0 ? n : 1) * (sizeof(size_t) + 1));
     char *own = (char *)(off + (n > 0 ? n : 1));
     if (!off)

@@ -365,8 +365,8 @@ static void weight_new(struct ctx *c, struct wpair *w, enum cvlm_dtype dt, int64
         else
             ((uint16_t *)w->host)[i] = f32_to_f16(v);
     }
-    w->c = (struct cvlm_tensor){
-        dt, rows > 1 ? 2 : 1, {rows > 1 ? rows : cols, cols}, w->host, CVLM_FILL_NONE};
+    w->c = (struct cvlm_tensor){dt,      rows > 1 ? 2 : 1, {rows > 1 ? rows : cols, cols},
+                                w->host, CVLM_FILL_NONE,   NULL};
     w->g = w->c;
     struct cvlm_tensor *t = &w->g;
     if (c->gpu->ops->upload_weights(c->gpu, &t, 1, 1)) {

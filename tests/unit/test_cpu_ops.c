@@ -10,6 +10,7 @@
  * Last, the random weights of engine/model/weights_dummy.c (used by `cogvlm bench`): seeded,
  * scaled like an init, and identical after cvlm_weights_write + cvlm_weights_load.
  */
+#include "engine/model/quantize.h"
 #include "engine/model/weights.h"
 #include "kernels/cpu/cpu.h"
 #include "tests/unit/harness.h"
@@ -177,6 +178,91 @@ TEST(cpu_ops_gemm)
                            isa_names[isa], threads, cvlm_dtype_name(dts[d]), c->M, c->N, c->K, e);
                 }
             be->ops->destroy(be);
+        }
+}
+
+/* Quantized weights (Q8 per row, Q4 in groups of 128): the kernels against the
+ * dequantized matrix (cvlm_tensor_get_f32), every ISA path, 1 and 2 threads, M from 1
+ * (decode) through the small-M kernel to the packed GEMM, K with tails and partial groups. */
+TEST(cpu_ops_gemm_quantized)
+{
+    static const struct gemm_case qc[] = {
+        {1, 37, 100, 0, 1},   {1, 70, 4096, 0, 0}, {2, 70, 224, 5, 1},   {3, 9, 1000, 0, 0},
+        {5, 64, 256, 3, 0},   {6, 33, 96, 0, 1},   {7, 40, 160, 0, 0},   {13, 100, 512, 7, 0},
+        {16, 130, 672, 0, 1}, {32, 9, 2048, 0, 0}, {33, 70, 1024, 3, 1}, {64, 96, 32, 0, 1},
+        {200, 33, 800, 2, 1}, {4, 172, 688, 0, 0},
+    };
+    int nisa = n_isas();
+    for (size_t i = 0; i < sizeof(qc) / sizeof(qc[0]); i++)
+        for (int q = 0; q < 2; q++) {
+            const struct gemm_case *c = &qc[i];
+            enum cvlm_dtype dt = q ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8;
+            if (dt == CVLM_DTYPE_Q4 && c->K % 32)
+                continue;
+            int M = c->M, N = c->N, K = c->K, ld = K + c->stride_pad;
+            float *wf, *bf = NULL, *x = rand_floats((size_t)M * ld, 1.0f);
+            struct cvlm_tensor w = make_weight(CVLM_DTYPE_F32, N, K, 0.5f, &wf), b = {0};
+            const void *fdata = w.data;
+            if (c->bias)
+                b = make_weight(CVLM_DTYPE_F32, N, 0, 1.0f, &bf);
+            size_t nb = cvlm_dtype_bytes(dt, (size_t)N * K);
+            void *codes = calloc(1, nb + 8);
+            float *scales = malloc((size_t)N * (K / 32 + 1) * sizeof(float));
+            REQUIRE(x && codes && scales);
+            cvlm_quantize_into(&w, dt, codes, scales);
+            /* the quantization itself: every value within half a step of the original */
+            double qerr = 0;
+            for (int n = 0; n < N; n++)
+                for (int k = 0; k < K; k++) {
+                    float s = scales[(size_t)n * cvlm_quant_groups(&w) + k / cvlm_quant_group(&w)];
+                    double e = fabs(cvlm_tensor_get_f32(&w, (int64_t)n * K + k) - wf[n * K + k]);
+                    qerr = e / (0.5 * s + 1e-30) > qerr ? e / (0.5 * s + 1e-30) : qerr;
+                }
+            CHECKF(qerr <= 1.0001, "%s M=%d N=%d K=%d: a code is %.3g half-steps off",
+                   cvlm_dtype_name(dt), M, N, K, qerr);
+            float *ref = malloc((size_t)M * N * sizeof(double) * 2), *y = malloc((size_t)M * N * 4);
+            double *mag = (double *)(ref + (size_t)M * N);
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < N; n++) {
+                    double r = bf ? bf[n] : 0, a = bf ? fabs(bf[n]) : 0;
+                    for (int k = 0; k < K; k++) {
+                        double p = (double)x[(size_t)m * ld + k] *
+                                   cvlm_tensor_get_f32(&w, (int64_t)n * K + k);
+                        r += p;
+                        a += fabs(p);
+                    }
+                    ref[(size_t)m * N + n] = (float)r;
+                    mag[(size_t)m * N + n] = a;
+                }
+            for (int isa = 0; isa < nisa; isa++)
+                for (int threads = 1; threads <= 2; threads++) {
+                    struct cvlm_backend *be = make_backend(isa, threads);
+                    REQUIRE(be);
+                    float *dx = dev_copy(be, x, (size_t)M * ld),
+                          *dy = be->ops->alloc(be, (size_t)M * N * 4);
+                    REQUIRE(dx && dy);
+                    be->ops->gemm(be, dy, dx, ld, &w, c->bias ? &b : NULL, M, N, K);
+                    be->ops->to_host(be, y, dy, (size_t)M * N);
+                    double worst = 0;
+                    for (size_t j = 0; j < (size_t)M * N; j++) {
+                        double e = fabs(y[j] - ref[j]) / (mag[j] + 1e-30);
+                        worst = e > worst || isnan(e) ? e : worst;
+                    }
+                    CHECKF(worst <= 1e-5, "%s t=%d %s M=%d N=%d K=%d: rel err %.3g", isa_names[isa],
+                           threads, cvlm_dtype_name(dt), M, N, K, worst);
+                    be->ops->free(be, dx);
+                    be->ops->free(be, dy);
+                    be->ops->destroy(be);
+                }
+            free(ref);
+            free(y);
+            free(x);
+            free(wf);
+            free(bf);
+            free((void *)fdata);
+            free((void *)b.data);
+            free(codes);
+            free(scales);
         }
 }
 

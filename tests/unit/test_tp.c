@@ -5,6 +5,7 @@
  * config is refused at load with a message naming what does not divide. */
 #include "engine/error.h"
 #include "engine/model/model.h"
+#include "engine/model/quantize.h"
 #include "tests/unit/harness.h"
 
 #include <math.h>
@@ -141,17 +142,31 @@ static void free_run(struct tp_run *r)
     free(r->logits);
 }
 
-static void check_dtype(enum cvlm_dtype dt)
+/* TP ranks against one rank, weights of dtype dt, quantized by q (with the vision tower
+ * for int8; int4 groups of 128 need the wider language model, and tp 4 must be refused). */
+static void check_dtype_q(enum cvlm_dtype dt, enum cvlm_quant q)
 {
     struct cvlm_config c;
     struct cvlm_weights *w = NULL;
     struct tp_run ref, got;
     small_config(&c);
+    if (q == CVLM_QUANT_INT4) {
+        c.hidden_size = 256;
+        c.intermediate_size = 512;
+    }
     REQUIRE(cvlm_weights_dummy(&c, dt, 7, &w) == 0);
+    REQUIRE(cvlm_weights_quantize(w, q, q == CVLM_QUANT_INT8) == 0);
+    if (q == CVLM_QUANT_INT4) {
+        struct cvlm_weights *sh = NULL;
+        CHECK(w->layers[0].qkv[0].dtype == CVLM_DTYPE_Q4);
+        CHECK(cvlm_weights_shard(w, 1, 4, &sh) == CVLM_EINVAL &&
+              strstr(cvlm_last_error(), "int4 groups"));
+        cvlm_weights_destroy(sh);
+    }
     alloc_run(&ref, &c);
     alloc_run(&got, &c);
     REQUIRE(run(w, 1, &ref) == 0);
-    for (int tp = 2; tp <= 4; tp *= 2) {
+    for (int tp = 2; tp <= (q == CVLM_QUANT_INT4 ? 2 : 4); tp *= 2) {
         CHECKF(run(w, tp, &got) == 0, "tp %d: %s", tp, cvlm_last_error());
         double ev = cvlm_test_max_rel(got.vit, ref.vit,
                                       (size_t)c.vision.num_positions * c.vision.hidden_size);
@@ -171,9 +186,21 @@ static void check_dtype(enum cvlm_dtype dt)
     cvlm_weights_destroy(w);
 }
 
+static void check_dtype(enum cvlm_dtype dt)
+{
+    check_dtype_q(dt, CVLM_QUANT_NONE);
+}
+
 TEST(tp_cpu_ranks_match_one_rank_f32)
 {
     check_dtype(CVLM_DTYPE_F32);
+}
+
+/* quantized weights shard with their scales (rows) or groups (columns) */
+TEST(tp_cpu_ranks_match_one_rank_int8_int4)
+{
+    check_dtype_q(CVLM_DTYPE_BF16, CVLM_QUANT_INT8);
+    check_dtype_q(CVLM_DTYPE_BF16, CVLM_QUANT_INT4);
 }
 
 TEST(tp_cpu_ranks_match_one_rank_bf16)

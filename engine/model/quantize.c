@@ -1,0 +1,184 @@
+/* quantize.c - weights to int8 / int4 at load (see quantize.h). */
+#include "engine/model/quantize.h"
+
+#include "engine/error.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+int cvlm_quant_parse(const char *s, enum cvlm_quant *out)
+{
+    static const char *const names[] = {"none", "int8", "int4"};
+    for (int i = 0; i < 3; i++)
+        if (s && !strcmp(s, names[i])) {
+            *out = (enum cvlm_quant)i;
+            return 0;
+        }
+    return cvlm_errf(CVLM_EINVAL, "quantize: '%s' is not none, int8 or int4", s ? s : "");
+}
+
+const char *cvlm_quant_name(enum cvlm_quant q)
+{
+    return q == CVLM_QUANT_INT8 ? "int8" : q == CVLM_QUANT_INT4 ? "int4" : "none";
+}
+
+size_t cvlm_quant_bytes(enum cvlm_dtype dt, int64_t N, int64_t K)
+{
+    int64_t g = dt == CVLM_DTYPE_Q4 ? CVLM_Q4_GROUP : K;
+    return cvlm_dtype_bytes(dt, (size_t)(N * K)) + (size_t)(N * ((K + g - 1) / g)) * sizeof(float);
+}
+
+/* Round to nearest, ties away from zero, clamped to [lo, hi]. */
+static int quant_round(float v, int lo, int hi)
+{
+    float r = roundf(v);
+    return r < (float)lo ? lo : r > (float)hi ? hi : (int)r;
+}
+
+void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, float *scales)
+{
+    const int64_t N = t->shape[0], K = t->shape[1];
+    const int64_t G = dt == CVLM_DTYPE_Q4 ? CVLM_Q4_GROUP : K, ng = (K + G - 1) / G;
+    const int qmax = dt == CVLM_DTYPE_Q4 ? 7 : 127;
+    float *row = malloc((size_t)K * sizeof(float));
+    signed char *q8 = codes;
+    unsigned char *q4 = codes;
+    for (int64_t n = 0; row && n < N; n++) {
+        for (int64_t k = 0; k < K; k++)
+            row[k] = cvlm_tensor_get_f32(t, n * K + k);
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+            float amax = 0;
+            for (int64_t k = k0; k < k1; k++)
+                amax = fabsf(row[k]) > amax ? fabsf(row[k]) : amax;
+            float s = amax / (float)qmax, inv = s > 0 ? 1.0f / s : 0;
+            scales[n * ng + g] = s;
+            for (int64_t k = k0; k < k1; k++) {
+                int q = quant_round(row[k] * inv, -qmax - (dt == CVLM_DTYPE_Q4), qmax);
+                if (dt == CVLM_DTYPE_Q8) {
+                    q8[n * K + k] = (signed char)q;
+                } else {
+                    unsigned char *b = &q4[n * (K / 2) + k / 32 * 16 + k % 16];
+                    *b = k % 32 < 16 ? (unsigned char)((*b & 0xf0) | (q + 8))
+                                     : (unsigned char)((*b & 0x0f) | ((q + 8) << 4));
+                }
+            }
+        }
+    }
+    free(row);
+    t->dtype = dt;
+    t->data = codes;
+    t->scales = scales;
+}
+
+/* Random codes with the dummy weights' spread (uniform, std 0.02): Q8 codes uniform in
+ * -127..127 (std 73.3), Q4 nibbles uniform in 0..15 (std 4.61). */
+static void random_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, float *scales,
+                        uint64_t seed)
+{
+    const int64_t N = t->shape[0], K = t->shape[1];
+    const int64_t ng = dt == CVLM_DTYPE_Q4 ? (K + CVLM_Q4_GROUP - 1) / CVLM_Q4_GROUP : 1;
+    size_t nb = cvlm_dtype_bytes(dt, (size_t)(N * K));
+    uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
+    unsigned char *b = codes;
+    for (size_t i = 0; i < nb; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        unsigned v = (unsigned)(x >> 32);
+        b[i] = dt == CVLM_DTYPE_Q4 ? (unsigned char)v : (unsigned char)(v % 255 + 129);
+    }
+    float s = dt == CVLM_DTYPE_Q4 ? 0.02f / 4.61f : 0.02f / 73.3f;
+    for (int64_t i = 0; i < N * ng; i++)
+        scales[i] = s;
+    t->dtype = dt;
+    t->data = codes;
+    t->scales = scales;
+}
+
+struct quant_ctx {
+    struct cvlm_weights *w;
+    enum cvlm_quant q;
+    int rc;
+    uint64_t index;
+};
+
+/* Lets the kernel drop the checkpoint pages a tensor was read from (a private read-only
+ * file mapping: they would be read again on access, and nothing reads them any more). */
+static void release_pages(const struct cvlm_weights *w, const void *p, size_t bytes)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    for (size_t i = 0; i < w->n_owned; i++) /* our own buffers (dummy weights) stay */
+        if (w->owned[i] == p)
+            return;
+    if (!w->st || pg <= 0)
+        return;
+    uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) / (uintptr_t)pg * (uintptr_t)pg;
+    uintptr_t e = ((uintptr_t)p + bytes) / (uintptr_t)pg * (uintptr_t)pg;
+    if (e > a)
+        madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
+static void quant_one(struct quant_ctx *c, struct cvlm_tensor *t)
+{
+    c->index++;
+    if (c->rc || t->ndim != 2 || cvlm_dtype_is_quant(t->dtype))
+        return;
+    enum cvlm_dtype dt =
+        c->q == CVLM_QUANT_INT4 && t->shape[1] % 32 == 0 ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8;
+    const int64_t N = t->shape[0], K = t->shape[1];
+    size_t cb = cvlm_dtype_bytes(dt, (size_t)(N * K)), all = cvlm_quant_bytes(dt, N, K);
+    cb = (cb + 63) / 64 * 64;
+    void **o = realloc(c->w->owned, (c->w->n_owned + 1) * sizeof(void *));
+    unsigned char *buf = o ? aligned_alloc(64, (all + 64 + 63) / 64 * 64) : NULL;
+    if (o)
+        c->w->owned = o;
+    if (!buf) {
+        c->rc = cvlm_errf(CVLM_ENOMEM, "out of memory quantizing a [%lld, %lld] matrix",
+                          (long long)N, (long long)K);
+        return;
+    }
+    memset(buf, 0, cb);
+    c->w->owned[c->w->n_owned++] = buf;
+    const void *src = t->data;
+    size_t src_bytes = src ? cvlm_tensor_bytes(t) : 0;
+    if (src)
+        cvlm_quantize_into(t, dt, buf, (float *)(buf + cb));
+    else
+        random_into(t, dt, buf, (float *)(buf + cb), c->index);
+    t->fill = CVLM_FILL_NONE;
+    if (src)
+        release_pages(c->w, src, src_bytes);
+}
+
+int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision)
+{
+    struct quant_ctx c = {.w = w, .q = q};
+    if (q == CVLM_QUANT_NONE)
+        return 0;
+    for (int l = 0; l < w->cfg.num_layers; l++) {
+        struct cvlm_lm_layer *L = &w->layers[l];
+        for (int e = 0; e < 2; e++) {
+            quant_one(&c, &L->qkv[e]);
+            quant_one(&c, &L->dense[e]);
+            quant_one(&c, &L->gate[e]);
+            quant_one(&c, &L->up[e]);
+            quant_one(&c, &L->down[e]);
+        }
+    }
+    for (int l = 0; vision && w->cfg.has_vision && l < w->cfg.vision.num_layers; l++) {
+        struct cvlm_vit_layer *V = &w->vit[l];
+        quant_one(&c, &V->qkv_w);
+        quant_one(&c, &V->dense_w);
+        quant_one(&c, &V->fc1_w);
+        quant_one(&c, &V->fc2_w);
+    }
+    if (vision && w->cfg.has_vision) {
+        quant_one(&c, &w->proj);
+        quant_one(&c, &w->glu_gate);
+        quant_one(&c, &w->glu_up);
+        quant_one(&c, &w->glu_down);
+    }
+    return c.rc;
+}
