@@ -155,9 +155,10 @@ def correct(kind, answer, expected):
 def tiny_server(logs_dir):
     if not (MODEL / "config.json").exists():
         pytest.fail("models/cogvlm-tiny-shapes is missing")
-    s = Server(logs_dir, "tiny", args={"--model": str(MODEL),
-                                       "--tokenizer": str(MODEL / "tokenizer.model")},
-               served_name="cogvlm-tiny-shapes").start()
+    args = {"--model": str(MODEL), "--tokenizer": str(MODEL / "tokenizer.model")}
+    if os.environ.get("COGVLM_TINY_QUANTIZE"):  # measuring a quantized model (none|int8|int4)
+        args["--quantize"] = os.environ["COGVLM_TINY_QUANTIZE"]
+    s = Server(logs_dir, "tiny", args=args, served_name="cogvlm-tiny-shapes").start()
     yield s
     assert s.stop() == 0
 
