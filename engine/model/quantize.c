@@ -38,11 +38,34 @@ static int quant_round(float v, int lo, int hi)
     return r < (float)lo ? lo : r > (float)hi ? hi : (int)r;
 }
 
+/* The scale of a group: int8 max|w| / 127; int4 the one of 16 candidates c max|w| / 7,
+ * c in [0.625, 1] (codes clamped to -8..7), with the least squared error over the group
+ * (clipping a few large weights often lowers the error of all the others). */
+static float group_scale(const float *w, int n, float amax, enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_Q8 || amax == 0)
+        return amax / 127.0f;
+    float best = amax / 7.0f;
+    double best_err = -1;
+    for (int c = 0; c < 16; c++) {
+        float s = amax / 7.0f * (1.0f - 0.025f * (float)c), inv = 1.0f / s;
+        double err = 0;
+        for (int i = 0; i < n; i++) {
+            double e = w[i] - (double)quant_round(w[i] * inv, -8, 7) * s;
+            err += e * e;
+        }
+        if (best_err < 0 || err < best_err) {
+            best_err = err;
+            best = s;
+        }
+    }
+    return best;
+}
+
 void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, float *scales)
 {
     const int64_t N = t->shape[0], K = t->shape[1];
     const int64_t G = dt == CVLM_DTYPE_Q4 ? CVLM_Q4_GROUP : K, ng = (K + G - 1) / G;
-    const int qmax = dt == CVLM_DTYPE_Q4 ? 7 : 127;
     float *row = malloc((size_t)K * sizeof(float));
     signed char *q8 = codes;
     unsigned char *q4 = codes;
@@ -54,10 +77,12 @@ void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, 
             float amax = 0;
             for (int64_t k = k0; k < k1; k++)
                 amax = fabsf(row[k]) > amax ? fabsf(row[k]) : amax;
-            float s = amax / (float)qmax, inv = s > 0 ? 1.0f / s : 0;
+            float s = group_scale(row + k0, (int)(k1 - k0), amax, dt);
+            float inv = s > 0 ? 1.0f / s : 0;
             scales[n * ng + g] = s;
             for (int64_t k = k0; k < k1; k++) {
-                int q = quant_round(row[k] * inv, -qmax - (dt == CVLM_DTYPE_Q4), qmax);
+                int q = quant_round(row[k] * inv, dt == CVLM_DTYPE_Q4 ? -8 : -127,
+                                    dt == CVLM_DTYPE_Q4 ? 7 : 127);
                 if (dt == CVLM_DTYPE_Q8) {
                     q8[n * K + k] = (signed char)q;
                 } else {

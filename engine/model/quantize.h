@@ -4,7 +4,8 @@
  * `vision`, also the ViT's linear layers and the GLU adapter. Embeddings, norms, biases,
  * boi/eoi, the patch convolution and lm_head keep their 16/32-bit dtype.
  * Formats (engine/backend.h): int8 symmetric per output channel (scale = max|w| / 127);
- * int4 symmetric in groups of 128 along K (scale = max|w| / 7, codes -7..7 of -8..7), a
+ * int4 symmetric in groups of 128 along K (codes -8..7; the scale of each group the one of
+ * 16 candidates c max|w| / 7, c from 1 down to 0.625, with the least squared error), a
  * matrix whose K is not a multiple of 32 (the packed layout's block) gets int8 instead.
  * Rounding is to nearest (ties away from zero).
  */

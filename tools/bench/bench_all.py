@@ -133,16 +133,18 @@ def llama_path(args, isa, native, install):
     return target
 
 
-def run_llama(args, path, gguf, threads, P, D, vocab):
+def run_llama(args, path, gguf, threads, P, D, vocab, quant=None):
     """llama.cpp in its own process (tools/bench/llama_compare.py --run-only), with the
-    build found on PYTHONPATH `path` ("" = the installed one)."""
+    build found on PYTHONPATH `path` ("" = the installed one); `quant` (q8_0, q4_0) has
+    llama.cpp quantize the GGUF itself first."""
     js = os.path.join(args.work, "llama-run.json")
     env = dict(os.environ)
     if path:
         env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run([sys.executable, os.path.join(HERE, "llama_compare.py"), "--run-only", gguf,
                     "--threads", str(threads), "--prompt", str(P), "--decode", str(D),
-                    "--vocab", str(vocab), "--out", js], env=env, check=True)
+                    "--vocab", str(vocab), "--out", js] + (["--quantize", quant] if quant else []),
+                   env=env, check=True)
     with open(js) as f:
         r = json.load(f)
     import numpy as np
@@ -150,12 +152,14 @@ def run_llama(args, path, gguf, threads, P, D, vocab):
     return r
 
 
-def run_ours(args, isa, dtype, rep, vision_layers):
-    """One `cogvlm bench` run on the `isa` path; the first of a dtype also saves the
-    weights and logits."""
-    js = os.path.join(args.work, "ours-%s-%s-%d.json" % (isa, dtype, rep))
+def run_ours(args, isa, dtype, rep, vision_layers, quant=None):
+    """One `cogvlm bench` run on the `isa` path (weights quantized to `quant` at load when
+    given); the first of a dtype also saves the weights and logits."""
+    js = os.path.join(args.work, "ours-%s-%s-%s-%d.json" % (isa, dtype, quant or "none", rep))
     cmd = [args.cogvlm, "bench", "--preset", "llama-2048", "--dtype", dtype,
            "--vision-layers", str(vision_layers), "--json", js]
+    if quant:
+        cmd += ["--quantize", quant]
     if rep == 0:
         cmd += ["--logits-out", os.path.join(args.work, "logits-%s.bin" % dtype),
                 "--write-checkpoint", os.path.join(args.work, "ckpt-" + dtype)]
@@ -184,16 +188,20 @@ def best_of(runs):
     return best
 
 
-def measure(args, isa, dtype, vision_layers, llama):
-    """`reps` interleaved runs of ours (on the `isa` path) and llama.cpp (the build for
-    that ISA: PYTHONPATH `llama`, "" for the installed one, None for none); returns (ours,
-    markdown or None)."""
+LLAMA_QUANT = {"int8": "q8_0", "int4": "q4_0"}  # ours -> llama.cpp's nearest format
+
+
+def measure(args, isa, dtype, vision_layers, llama, quant=None):
+    """`reps` interleaved runs of ours (on the `isa` path; weights quantized to `quant` at
+    load when given) and llama.cpp (the build for that ISA: PYTHONPATH `llama`, "" for the
+    installed one, None for none; with quant, its own Q8_0 / Q4_0 of the same weights);
+    returns (ours, markdown or None)."""
     import numpy as np
 
     ck = os.path.join(args.work, "ckpt-" + dtype)
     ours, theirs, md = [], [], None
     for rep in range(args.reps):
-        ours.append(run_ours(args, isa, dtype, rep, vision_layers if rep == 0 else 0))
+        ours.append(run_ours(args, isa, dtype, rep, vision_layers if rep == 0 else 0, quant))
         if llama is None:
             continue
         import llama_compare as lc
@@ -202,13 +210,15 @@ def measure(args, isa, dtype, vision_layers, llama):
             cfg, _ = lc.write_gguf(ck, gguf)
         print("+ llama.cpp run %d (%s, %s)" % (rep + 1, isa, dtype), flush=True)
         theirs.append(run_llama(args, llama, gguf, ours[0]["threads"], ours[0]["prompt_tokens"],
-                                ours[0]["decode_tokens"], cfg["vocab_size"]))
+                                ours[0]["decode_tokens"], cfg["vocab_size"],
+                                LLAMA_QUANT.get(quant)))
     best = best_of(ours)
     if llama is not None:
         import llama_compare as lc
         t = {k: min(r[k] for r in theirs) for k in ("prefill_s", "decode_s")}
-        md = lc.table(best, t, best["prompt_tokens"], best["decode_tokens"], dtype.upper(),
-                      best["threads"])
+        md = lc.table(best, t, best["prompt_tokens"], best["decode_tokens"],
+                      "%s -> %s (llama.cpp %s)" % (dtype.upper(), quant, LLAMA_QUANT[quant].upper())
+                      if quant else dtype.upper(), best["threads"])
         mine = np.fromfile(os.path.join(args.work, "logits-%s.bin" % dtype), dtype=np.float32)
         ref = theirs[0]["logits"]
         err = float(np.max(np.abs(mine - ref)) / max(1e-30, float(np.max(np.abs(ref)))))
@@ -272,7 +282,8 @@ product per output, scalar element-wise ops), measured with the same `cogvlm ben
 
 def ours_table(o):
     step = o["decode_s"] / max(1, o["decode_tokens"])
-    rows = ["| %s weights, %d threads | value |" % (o["dtype"], o["threads"]), "|---|---:|",
+    name = o["dtype"] + (" -> " + o["quantize"] if o.get("quantize", "none") != "none" else "")
+    rows = ["| %s weights, %d threads | value |" % (name, o["threads"]), "|---|---:|",
             "| prefill %d tokens | %.1f tokens/s (%.0f GFLOP/s) |" % (
                 o["prompt_tokens"], o["prefill_tok_s"], o["prefill_gflops"]),
             "| decode %d tokens | %.2f tokens/s (%.1f ms/token) |" % (
@@ -391,14 +402,23 @@ def write_doc(args, m, results, tables):
            "instruction-set path: ours forced with `COGVLM_CPU_ISA`, llama.cpp built for the "
            "same ISA (the AVX2 build with AVX-512 off in its CMake flags)." % args.reps, ""]
     for isa in isas:
-        for dt in ("bf16", "f16"):
+        for dt in ("bf16", "f16", "int8", "int4"):
             if dt not in results[isa]:
                 continue
-            res += ["### %s path (`%s`), %s weights" % (ISA_TITLE.get(isa, isa), isa,
-                                                        dt.upper()), "",
+            what = ("%s weights" % dt.upper() if dt in ("bf16", "f16") else
+                    "%s weights (`--quantize %s` of the BF16 checkpoint at load)" % (dt, dt))
+            res += ["### %s path (`%s`), %s" % (ISA_TITLE.get(isa, isa), isa, what), "",
                     ours_table(results[isa][dt]), ""]
             if dt in tables.get(isa, {}):
-                res += ["Same weights through llama.cpp:", "", tables[isa][dt].strip(), ""]
+                res += ["Same weights through llama.cpp%s:" % (
+                    " (quantized by llama.cpp itself to %s)" % LLAMA_QUANT[dt].upper()
+                    if dt in LLAMA_QUANT else ""), "", tables[isa][dt].strip(), ""]
+            if dt in ("int8", "int4") and "bf16" in results[isa]:
+                res += ["Decode: %.2fx our BF16 decode (%.2f vs %.2f tokens/s); prefill %.2fx." % (
+                    results[isa][dt]["decode_tok_s"] / results[isa]["bf16"]["decode_tok_s"],
+                    results[isa][dt]["decode_tok_s"], results[isa]["bf16"]["decode_tok_s"],
+                    results[isa][dt]["prefill_tok_s"] / results[isa]["bf16"]["prefill_tok_s"]),
+                    ""]
     sec["Results"] = "\n".join(res)
     if getattr(args, "batch", None):
         sec["Batched serving throughput (scheduler)"] = "\n".join([
@@ -546,10 +566,14 @@ def main():
         for isa in bench_isas(m["flags"]):
             path = llama_path(args, isa, native, args.install) if llama else None
             results[isa], tables[isa] = {}, {}
-            for dt, vl in (("bf16", args.vision_layers), ("f16", 0)):
-                results[isa][dt], md = measure(args, isa, dt, vl, path)
+            runs = [("bf16", args.vision_layers, None), ("f16", 0, None)]
+            if isa == native:  # quantized weights: the machine's own path
+                runs += [("bf16", 0, "int8"), ("bf16", 0, "int4")]
+            for dt, vl, q in runs:
+                key = q or dt
+                results[isa][key], md = measure(args, isa, dt, vl, path, q)
                 if md:
-                    tables[isa][dt] = md
+                    tables[isa][key] = md
         args.batch = batch_bench(args)
         write_doc(args, m, results, tables)
         print("bench: engine part took %.0f s" % (time.time() - t0), flush=True)

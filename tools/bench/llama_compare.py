@@ -164,6 +164,22 @@ def write_gguf(ckpt, out_path, tokenizer=None):
     return cfg, wdt
 
 
+LLAMA_FTYPE = {"q8_0": 7, "q4_0": 2}  # llama.h's LLAMA_FTYPE_MOSTLY_Q8_0 / _Q4_0
+
+
+def quantize_gguf(src, dst, kind, threads):
+    """llama.cpp's own quantizer (llama_model_quantize) from a 16-bit GGUF: `kind` q8_0 or
+    q4_0, as llama.cpp users make them (token embeddings and output as its defaults)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPE[kind]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+    if rc:
+        raise RuntimeError("llama_model_quantize(%s) failed: %d" % (kind, rc))
+
+
 def last_logits(llm, vocab):
     """The logits of the last evaluated token (the only output row without logits_all)."""
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
@@ -218,13 +234,22 @@ def main():
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--out", help="with --run-only: the result JSON")
+    ap.add_argument("--quantize", choices=sorted(LLAMA_FTYPE),
+                    help="with --run-only: quantize the GGUF with llama.cpp first (its own "
+                    "quantizer, same build) and time that")
     ap.add_argument("--ours-logits", help="raw float32 logits from cogvlm bench --logits-out")
     ap.add_argument("--gguf", help="where to write the GGUF (default CHECKPOINT/model.gguf)")
     ap.add_argument("--markdown", help="append the table (markdown) to this file")
     args = ap.parse_args()
     if args.run_only:
         import llama_cpp
-        r = run_llama(args.run_only, args.threads, args.prompt, args.decode, args.vocab)
+        path = args.run_only
+        if args.quantize:
+            path = args.run_only + "." + args.quantize
+            quantize_gguf(args.run_only, path, args.quantize, args.threads)
+        r = run_llama(path, args.threads, args.prompt, args.decode, args.vocab)
+        if args.quantize:
+            os.remove(path)
         np.save(args.out + ".logits.npy", r.pop("logits"))
         r["version"] = llama_cpp.__version__
         r["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
