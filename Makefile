@@ -12,7 +12,7 @@ V       ?= 0
 
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -MMD -MP -I. \
              -fno-strict-aliasing $(SANFLAGS) $(CFLAGS)
-LDLIBS_ALL = -ljansson -ljpeg -lpng -lwebp -lwebpdemux -lgif -lm -lpthread $(LDLIBS)
+LDLIBS_ALL = -ljansson -lpcre2-8 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lm -lpthread $(LDLIBS)
 SERVER_LIBS = -lmicrohttpd -luv -lb64
 
 ifeq ($(SAN),1)

@@ -1,6 +1,7 @@
 /* cli_tokenize.c - `cogvlm tokenize`: JSON lines in, JSON lines out, through the tokenizer.
  *
  *   cogvlm tokenize --tokenizer tokenizer.model            {"text": "..."} -> {"ids": [...]}
+ *   cogvlm tokenize --tokenizer DIR/tokenizer.json         (byte-level BPE: the same)
  *   cogvlm tokenize --tokenizer tokenizer.model --decode   {"ids": [...]}  -> {"text": "..."}
  *
  * One output line per input line, in order, flushed line by line (usable as a coprocess).
@@ -24,7 +25,8 @@ static void usage(FILE *f)
                "  default:   {\"text\": \"...\"}  ->  {\"ids\": [...]}   (no BOS/EOS added)\n"
                "  --decode:  {\"ids\": [...]}    ->  {\"text\": \"...\"}\n\n"
                "options:\n"
-               "  --tokenizer PATH  SentencePiece BPE model (tokenizer.model)\n"
+               "  --tokenizer PATH  tokenizer.model (SentencePiece), tokenizer.json (byte-level\n"
+               "                    BPE), or a model directory with one of them\n"
                "  --decode          decode ids instead of encoding text\n"
                "  -h, --help        this help\n");
 }

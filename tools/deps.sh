@@ -3,7 +3,8 @@
 # Fast when everything is there (one dpkg-query); runs apt-get update once otherwise.
 set -e
 PKGS="build-essential pkg-config libmicrohttpd-dev libjansson-dev libuv1-dev libb64-dev
-      libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev clang libclang-rt-14-dev clang-format"
+      libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libpcre2-dev clang libclang-rt-14-dev
+      clang-format"
 missing=""
 for p in $PKGS; do
     st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

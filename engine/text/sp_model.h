@@ -40,7 +40,16 @@ struct cvlm_sp_unode {
     uint8_t byte, term;
 };
 
+/* Which implementation serves a struct cvlm_tokenizer (zero, calloc's, is SentencePiece). */
+enum { CVLM_TOK_SENTENCEPIECE = 0, CVLM_TOK_BYTE_BPE = 1 };
+
+struct cvlm_bpe;
+
 struct cvlm_tokenizer {
+    /* CVLM_TOK_BYTE_BPE: `bpe` (engine/text/bpe.h) is the tokenizer and none of the fields
+     * after it is used; tokenizer.c dispatches every public function on `kind`. */
+    int kind;
+    struct cvlm_bpe *bpe;
     int32_t n;              /* vocabulary size; ids are 0..n-1 */
     uint32_t max_piece_len; /* bytes of the longest piece string (normalized text) */
     struct cvlm_sp_piece *pieces;

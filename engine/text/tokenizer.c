@@ -1,4 +1,9 @@
-/* tokenizer.c - SentencePiece BPE tokenizer: normalize, encode, decode, detok.
+/* tokenizer.c - the tokenizer API: SentencePiece BPE (here) or byte-level BPE (bpe.c).
+ *
+ * cvlm_tokenizer_load() picks the kind from the file: a HF tokenizer.json (it starts with
+ * '{') is a byte-level BPE, built by bpe_load.c and served by bpe.c, to which every public
+ * function below dispatches on tok->kind; anything else is read as a SentencePiece
+ * `tokenizer.model`. The rest of this file is the SentencePiece implementation.
  *
  * Reproduces SentencePiece (src/normalizer.cc, bpe_model.cc, sentencepiece_processor.cc)
  * behaviour for BPE models, byte for byte:
@@ -23,9 +28,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "base/buf.h"
 #include "engine/error.h"
+#include "engine/text/bpe.h"
 #include "engine/text/sp_model.h"
 #include "engine/util/fileio.h"
 
@@ -33,6 +40,10 @@
 #define WS_LEN 3
 #define FFFD "\xef\xbf\xbd" /* U+FFFD REPLACEMENT CHARACTER */
 #define MAX_MODEL_FILE (1u << 30)
+#define MAX_CONFIG_FILE (16u << 20)
+#define SP_FILE "tokenizer.model"
+#define BPE_FILE "tokenizer.json"
+#define BPE_CONFIG "tokenizer_config.json"
 #define CHARSMAP_MAX_RESULTS 32 /* Normalizer::kMaxTrieResultsSize */
 #define USER_MAX_RESULTS 64     /* PrefixMatcher::PrefixMatch's kResultSize */
 
@@ -51,59 +62,142 @@ static int buf_put(struct cvlm_buf *b, const void *data, size_t n)
 
 /* ---- loading and accessors ----------------------------------------------------------- */
 
+/* A byte-level BPE from tokenizer.json (+ tokenizer_config.json) bytes. */
+static int load_bpe(const void *json, size_t len, const void *config, size_t config_len,
+                    struct cvlm_tokenizer **out)
+{
+    struct cvlm_bpe *bpe;
+    int rc = cvlm_bpe_build(json, len, config, config_len, &bpe);
+    if (rc)
+        return rc;
+    if (!(*out = calloc(1, sizeof(**out)))) {
+        cvlm_bpe_free(bpe);
+        return cvlm_errf(CVLM_ENOMEM, "tokenizer: out of memory");
+    }
+    (*out)->kind = CVLM_TOK_BYTE_BPE;
+    (*out)->bpe = bpe;
+    return 0;
+}
+
+static int is_json(const void *data, size_t len)
+{
+    return len && *(const unsigned char *)data == '{';
+}
+
 int cvlm_tokenizer_load_mem(const void *data, size_t len, struct cvlm_tokenizer **out)
 {
-    return cvlm_sp_build(data, len, out);
+    *out = NULL;
+    return is_json(data, len) ? load_bpe(data, len, NULL, 0, out) : cvlm_sp_build(data, len, out);
+}
+
+/* The file a path names: itself, or for a directory its tokenizer.model if it has one,
+ * else its tokenizer.json. */
+static int tokenizer_file(const char *path, char *buf, size_t cap, const char **file)
+{
+    struct stat st;
+    *file = path;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+        return 0;
+    *file = buf;
+    const char *names[] = {SP_FILE, BPE_FILE};
+    for (int i = 0; i < 2; i++) {
+        if (snprintf(buf, cap, "%s/%s", path, names[i]) >= (int)cap)
+            return cvlm_errf(CVLM_ETOOBIG, "%s: path too long", path);
+        if (stat(buf, &st) == 0)
+            return 0;
+    }
+    return cvlm_errf(CVLM_ENOENT, "%s: a directory with neither %s nor %s", path, SP_FILE,
+                     BPE_FILE);
+}
+
+/* The tokenizer_config.json beside a tokenizer.json; *data stays NULL without one. */
+static int read_config_beside(const char *json_path, unsigned char **data, size_t *len)
+{
+    char path[4096];
+    const char *slash = strrchr(json_path, '/');
+    int dir = slash ? (int)(slash - json_path + 1) : 0;
+    *data = NULL;
+    if (snprintf(path, sizeof(path), "%.*s%s", dir, json_path, BPE_CONFIG) >= (int)sizeof(path))
+        return cvlm_errf(CVLM_ETOOBIG, "%s: path too long", json_path);
+    int rc = cvlm_read_file(path, MAX_CONFIG_FILE, data, len);
+    if (rc == CVLM_ENOENT) {
+        cvlm_clear_error();
+        return 0;
+    }
+    return rc;
 }
 
 int cvlm_tokenizer_load(const char *path, struct cvlm_tokenizer **out)
 {
-    unsigned char *data;
-    size_t len;
+    unsigned char *data = NULL, *config = NULL;
+    size_t len, config_len = 0;
+    char buf[4096];
     *out = NULL;
-    int rc = cvlm_read_file(path, MAX_MODEL_FILE, &data, &len);
-    if (rc)
+    int rc = tokenizer_file(path, buf, sizeof(buf), &path);
+    if (rc || (rc = cvlm_read_file(path, MAX_MODEL_FILE, &data, &len)))
         return rc;
-    rc = cvlm_tokenizer_load_mem(data, len, out);
+    if (!is_json(data, len))
+        rc = cvlm_sp_build(data, len, out);
+    else if (!(rc = read_config_beside(path, &config, &config_len)))
+        rc = load_bpe(data, len, config, config_len, out);
     if (rc) {
         char detail[256]; /* cvlm_errf must not read the buffer it writes */
         snprintf(detail, sizeof(detail), "%s", cvlm_last_error());
         cvlm_errf(rc, "%s: %s", path, detail);
     }
     free(data);
+    free(config);
     return rc;
 }
 
 void cvlm_tokenizer_destroy(struct cvlm_tokenizer *t)
 {
+    if (t && t->kind == CVLM_TOK_BYTE_BPE) {
+        cvlm_bpe_free(t->bpe);
+        free(t);
+        return;
+    }
     cvlm_sp_free(t);
 }
 
 int cvlm_tokenizer_vocab_size(const struct cvlm_tokenizer *t)
 {
-    return t->n;
+    return t->kind == CVLM_TOK_BYTE_BPE ? t->bpe->n : t->n;
 }
 
 int cvlm_tokenizer_bos_id(const struct cvlm_tokenizer *t)
 {
-    return t->bos_id;
+    return t->kind == CVLM_TOK_BYTE_BPE ? t->bpe->bos_id : t->bos_id;
 }
 
 int cvlm_tokenizer_eos_id(const struct cvlm_tokenizer *t)
 {
-    return t->eos_id;
+    return t->kind == CVLM_TOK_BYTE_BPE ? t->bpe->eos_id : t->eos_id;
 }
 
 int cvlm_tokenizer_unk_id(const struct cvlm_tokenizer *t)
 {
-    return t->unk_id;
+    return t->kind == CVLM_TOK_BYTE_BPE ? t->bpe->unk_id : t->unk_id;
 }
 
 const char *cvlm_tokenizer_piece(const struct cvlm_tokenizer *t, int32_t id)
 {
+    if (t->kind == CVLM_TOK_BYTE_BPE) {
+        const struct cvlm_bpe *b = t->bpe;
+        if (id < 0 || id >= b->n)
+            return NULL;
+        return b->toks[id].present ? b->strs + b->toks[id].off[BPE_PIECE] : "";
+    }
     if (id < 0 || id >= t->n)
         return NULL;
     return t->strs + t->pieces[id].off;
+}
+
+int32_t cvlm_tokenizer_token_id(const struct cvlm_tokenizer *t, const char *piece)
+{
+    if (t->kind == CVLM_TOK_BYTE_BPE)
+        return cvlm_bpe_lookup(t->bpe, BPE_PIECE, piece, strlen(piece));
+    return cvlm_sp_lookup(t, piece, strlen(piece));
 }
 
 /* ---- normalization ----------------------------------------------------------------- */
@@ -525,6 +619,8 @@ int cvlm_tokenizer_encode(const struct cvlm_tokenizer *t, const char *text, size
 {
     struct cvlm_buf norm = {0};
     struct bpe b = {.t = t};
+    if (t->kind == CVLM_TOK_BYTE_BPE)
+        return cvlm_bpe_encode(t->bpe, text, len, ids, n_ids);
     *ids = NULL;
     *n_ids = 0;
     int rc = normalize(t, (const uint8_t *)text, len, &norm);
@@ -553,6 +649,13 @@ int cvlm_tokenizer_min_ids(const struct cvlm_tokenizer *t, const char *text, siz
                            size_t *out)
 {
     struct cvlm_buf norm = {0};
+    if (t->kind == CVLM_TOK_BYTE_BPE) {
+        /* the text encoded is at least as long as the input (U+FFFD for an invalid byte
+         * is longer) and each id covers at most max_bytes of it */
+        size_t longest = t->bpe->max_bytes ? t->bpe->max_bytes : 1;
+        *out = (len + longest - 1) / longest;
+        return 0;
+    }
     /* a byte-fallback or unknown piece covers one UTF-8 character: up to 4 bytes */
     size_t longest = t->max_piece_len > 4 ? t->max_piece_len : 4;
     int rc = normalize(t, (const uint8_t *)text, len, &norm);
@@ -597,6 +700,8 @@ size_t cvlm_tokenizer_piece_text(const struct cvlm_tokenizer *t, int32_t id, con
 {
     size_t n;
     int bos_ws;
+    if (t->kind == CVLM_TOK_BYTE_BPE)
+        return cvlm_bpe_piece_text(t->bpe, id, s);
     *s = "";
     if (id < 0 || id >= t->n)
         return 0;
@@ -656,6 +761,8 @@ int cvlm_tokenizer_decode(const struct cvlm_tokenizer *t, const int32_t *ids, si
                           size_t *len)
 {
     struct cvlm_buf out = {0}, run = {0};
+    if (t->kind == CVLM_TOK_BYTE_BPE)
+        return cvlm_bpe_decode(t->bpe, ids, n, text, len);
     *text = NULL;
     *len = 0;
     for (size_t i = 0; i < n; i++)
@@ -737,6 +844,8 @@ int cvlm_detok_push(struct cvlm_detok *d, int32_t id, char *out, size_t cap, siz
     size_t sl;
     int bos_ws;
     int strip;
+    if (t->kind == CVLM_TOK_BYTE_BPE)
+        return cvlm_bpe_detok_push(d, t->bpe, id, out, cap, n);
     *n = 0;
     if (id < 0 || id >= t->n)
         return cvlm_errf(CVLM_EINVAL, "detok: id %d is out of range (vocabulary of %d)", id, t->n);
@@ -762,6 +871,8 @@ int cvlm_detok_push(struct cvlm_detok *d, int32_t id, char *out, size_t cap, siz
 
 int cvlm_detok_flush(struct cvlm_detok *d, char *out, size_t cap, size_t *n)
 {
+    if (d->tok->kind == CVLM_TOK_BYTE_BPE)
+        return cvlm_bpe_detok_flush(d, out, cap, n);
     *n = 0;
     if ((size_t)d->n_pend * 3 + 1 > cap)
         return cvlm_errf(CVLM_ETOOBIG, "detok: output buffer of %zu bytes is too small", cap);
