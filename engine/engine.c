@@ -79,9 +79,8 @@ static int load_dummy(const struct cvlm_engine_opts *o, struct cvlm_weights **w)
 static int load_tokenizer(struct cvlm_engine *e)
 {
     const struct cvlm_engine_opts *o = &e->opts;
-    char path[4096];
+    const char *path = o->model_dir; /* its tokenizer.model, else its tokenizer.json */
     int rc, n;
-    snprintf(path, sizeof(path), "%s/tokenizer.model", o->model_dir);
     if ((rc = cvlm_tokenizer_load(o->tokenizer ? o->tokenizer : path, &e->tok)))
         return rc;
     if ((n = cvlm_tokenizer_vocab_size(e->tok)) > e->w->cfg.vocab_size)
