@@ -13,7 +13,7 @@ V       ?= 0
 CFLAGS_ALL = -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -MMD -MP -I. \
              -fno-strict-aliasing $(SANFLAGS) $(CFLAGS)
 LDLIBS_ALL = -ljansson -lpcre2-8 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lm -lpthread $(LDLIBS)
-SERVER_LIBS = -lmicrohttpd -luv -lb64
+SERVER_LIBS = -lmicrohttpd -luv -lb64 -lcurl
 
 ifeq ($(SAN),1)
 SANFLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
@@ -104,8 +104,9 @@ $(BUILD)/cogvlm: $(CLI_OBJS) $(LIB)
 $(BUILD)/cogvlm-server: $(SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(SERVER_OBJS) $(LIB) $(SERVER_LIBS) $(LDLIBS_ALL)
 
-# the tests also exercise the server's pure modules (option table, grounding boxes)
-TEST_SERVER_OBJS = $(BUILD)/server/options.o $(BUILD)/server/boxes.o
+# the tests also exercise the server's pure modules (option table, grounding boxes, the
+# image fetcher's address classifier)
+TEST_SERVER_OBJS = $(BUILD)/server/options.o $(BUILD)/server/boxes.o $(BUILD)/server/fetch_addr.o
 
 $(BUILD)/tests/unit-tests: $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB)
 	$(call say,LINK,$@)$(CC) $(LDFLAGS) -o $@ $(TEST_OBJS) $(TEST_SERVER_OBJS) $(LIB) $(LDLIBS_ALL)

@@ -6,12 +6,21 @@
  * turns the conversation into the template's history + query, and prepares one engine
  * request per choice. Everything it writes lives in the conn, which the loop does not
  * touch until the job completes.
+ *
+ * An http(s) image URL (when the server fetches them, server/fetch.h) splits this in two
+ * jobs: the first parses and validates everything and leaves the parsed request in
+ * c->pending (with the JSON tree its strings point into) and the URL in c->image_url;
+ * the loop fetches the image and hands it over (cvlm_api_set_image); the second job
+ * (cvlm_api_prepare_image) makes the engine requests from it exactly as from a data URL.
  */
 #include "server/server.h"
+
+#include "server/fetch.h"
 
 #include <b64/cdecode.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 
 #define MAX_STOP 16
@@ -26,8 +35,16 @@ struct parsed {
     const char *stops[MAX_STOP];
     unsigned char *image;
     size_t image_len;
+    const char *remote_url; /* an http(s) image URL (inside the JSON tree), to be fetched */
     int have_seed;
     struct cvlm_logit_bias bias[MAX_LOGIT_BIAS];
+};
+
+/* A parsed request whose image the loop fetches: the JSON tree (the parsed strings point
+ * into it) and what was parsed from it. */
+struct api_pending {
+    json_t *root;
+    struct parsed pp;
 };
 
 static int bad(struct conn *c, const char *param, const char *fmt, const char *arg)
@@ -107,10 +124,6 @@ static int b64_valid(const char *s, size_t n)
 static int data_url(struct conn *c, const char *url, struct parsed *pp)
 {
     const char *comma = strchr(url, ',');
-    if (strncmp(url, "data:", 5))
-        return bad(c, "messages", "%s",
-                   "image_url must be a data: URL (fetching remote images "
-                   "is disabled)");
     if (!comma || (size_t)(comma - url) < 12 || strncmp(comma - 7, ";base64", 7))
         return bad(c, "messages", "%s",
                    "image_url data URL must be base64 (data:image/...;base64,)");
@@ -126,6 +139,35 @@ static int data_url(struct conn *c, const char *url, struct parsed *pp)
     base64_init_decodestate(&st);
     pp->image_len = (size_t)base64_decode_block(b, (int)n, (char *)pp->image, &st);
     return 0;
+}
+
+/* An image part's URL: a data: URL is decoded here; an http(s) URL is kept for the loop to
+ * fetch when the server fetches them, else refused with how to enable it; any other
+ * scheme is refused. param: the URL's place in the request, for the error. */
+static int image_url(struct conn *c, const char *url, const char *param, struct parsed *pp)
+{
+    int enabled = cvlm_fetch_enabled(c->s->cfg);
+    if (!strncmp(url, "data:", 5))
+        return data_url(c, url, pp);
+    if (!strncasecmp(url, "http://", 7) || !strncasecmp(url, "https://", 8)) {
+        if (!enabled) {
+            cvlm_api_error(c, 400, "invalid_request_error", param, "remote_images_disabled",
+                           "image_url: this server does not fetch http(s) image URLs: send the "
+                           "image as a data: URL (data:image/png;base64,...), or start the "
+                           "server with --allowed-media-domains HOST,*.DOMAIN or "
+                           "--allow-any-media-domain");
+            return -1;
+        }
+        pp->remote_url = url;
+        snprintf(c->image_param, sizeof(c->image_param), "%s", param);
+        return 0;
+    }
+    /* the scheme, when it is one (RFC 3986 characters only: it is echoed in the error) */
+    size_t n = strspn(url, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-");
+    cvlm_api_error(c, 400, "invalid_request_error", param, "image_url_bad_scheme",
+                   "image_url: bad scheme '%.*s': the URL must be a data: URL%s",
+                   url[n] == ':' && n <= 20 ? (int)n : 0, url, enabled ? " or an http(s) URL" : "");
+    return -1;
 }
 
 /* Joins a to *dst with a newline (*dst may be NULL); returns 0 or -1 (no memory). */
@@ -145,8 +187,10 @@ static int join(char **dst, const char *a)
     return 0;
 }
 
-/* A message's content: a string, null, or a list of text / image_url parts. */
-static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, char **text)
+/* A message's content (messages[mi]): a string, null, or a list of text / image_url
+ * parts. */
+static int content(struct conn *c, json_t *m, size_t mi, int is_user, struct parsed *pp,
+                   char **text)
 {
     json_t *ct = json_object_get(m, "content"), *part;
     size_t i;
@@ -173,13 +217,15 @@ static int content(struct conn *c, json_t *m, int is_user, struct parsed *pp, ch
             json_t *iu = json_object_get(part, "image_url");
             const char *url = json_is_string(iu) ? json_string_value(iu)
                                                  : json_string_value(json_object_get(iu, "url"));
+            char param[96];
             if (!url)
                 return bad(c, "messages", "%s", "image_url part needs image_url.url");
-            if (pp->image)
+            if (pp->image || pp->remote_url)
                 return bad(c, "messages", "%s",
                            "CogVLM takes one image per conversation; "
                            "this request has more than one");
-            if (data_url(c, url, pp))
+            snprintf(param, sizeof(param), "messages[%zu].content[%zu].image_url.url", mi, i);
+            if (image_url(c, url, param, pp))
                 return -1;
         } else {
             return bad(c, "messages", "%s",
@@ -215,7 +261,7 @@ static int conversation(struct conn *c, json_t *msgs, struct parsed *pp)
         int sys = !strcmp(role, "system") || !strcmp(role, "developer");
         if (!user && !asst && !sys)
             return bad(c, "messages", "unsupported message role '%s'", role);
-        if (content(c, m, user, pp, &text)) {
+        if (content(c, m, i, user, pp, &text)) {
             free(text);
             return -1;
         }
@@ -528,14 +574,20 @@ static int make_choices(struct conn *c, struct parsed *pp)
 
 void cvlm_api_prepare(struct conn *c)
 {
-    struct parsed pp = {0};
+    struct api_pending *pend = calloc(1, sizeof(*pend)); /* kept when the image is fetched */
+    struct parsed *pp = pend ? &pend->pp : NULL;
     json_error_t jerr;
-    json_t *root = json_loadb(c->body.p ? c->body.p : "", c->body.len, 0, &jerr), *model;
+    json_t *root = NULL, *model;
     c->o.chat = !strcmp(c->route, "/v1/chat/completions");
+    if (!pend) {
+        bad(c, NULL, "%s", "out of memory");
+        return;
+    }
+    root = json_loadb(c->body.p ? c->body.p : "", c->body.len, 0, &jerr);
     if (!root) {
         cvlm_api_error(c, 400, "invalid_request_error", NULL, "invalid_json",
                        "invalid JSON body: %s (at byte %d)", jerr.text, jerr.position);
-        return;
+        goto out;
     }
     if (!json_is_object(root)) {
         bad(c, NULL, "%s", "the request body must be a JSON object");
@@ -553,16 +605,59 @@ void cvlm_api_prepare(struct conn *c)
         goto out;
     }
     snprintf(c->o.model, sizeof(c->o.model), "%s", c->s->model_id);
-    if (user_field(c, root) || sampling(c, root, &pp) || logprob_fields(c, root) ||
-        logit_bias(c, root, &pp) || unsupported(c, root) || extension(c, root))
+    if (user_field(c, root) || sampling(c, root, pp) || logprob_fields(c, root) ||
+        logit_bias(c, root, pp) || unsupported(c, root) || extension(c, root))
         goto out;
-    if (c->o.chat ? conversation(c, json_object_get(root, "messages"), &pp)
-                  : prompt_field(c, root, &pp))
+    if (c->o.chat ? conversation(c, json_object_get(root, "messages"), pp)
+                  : prompt_field(c, root, pp))
         goto out;
-    make_choices(c, &pp);
+    if (pp->remote_url) { /* the loop fetches it; cvlm_api_prepare_image goes on */
+        pend->root = root;
+        c->pending = pend;
+        c->image_url = pp->remote_url;
+        return;
+    }
+    make_choices(c, pp);
 out:
     if (c->status && !c->err_msg[0])
         snprintf(c->err_msg, sizeof(c->err_msg), "invalid request");
-    parsed_free(&pp);
+    parsed_free(pp);
     json_decref(root);
+    free(pend);
+}
+
+void cvlm_api_set_image(struct conn *c, unsigned char *data, size_t len)
+{
+    if (!c->pending) {
+        free(data);
+        return;
+    }
+    free(c->pending->pp.image);
+    c->pending->pp.image = data;
+    c->pending->pp.image_len = len;
+}
+
+void cvlm_api_prepare_image(struct conn *c)
+{
+    if (!c->pending) {
+        cvlm_api_error(c, 500, "server_error", NULL, NULL, "no parsed request to finish");
+        return;
+    }
+    make_choices(c, &c->pending->pp);
+    /* the fetched bytes did not decode: the error points at the URL they came from */
+    if (c->status && !strcmp(c->err_code, "invalid_image"))
+        snprintf(c->err_param, sizeof(c->err_param), "%s", c->image_param);
+    cvlm_api_pending_free(c);
+}
+
+void cvlm_api_pending_free(struct conn *c)
+{
+    struct api_pending *pend = c->pending;
+    if (!pend)
+        return;
+    parsed_free(&pend->pp);
+    json_decref(pend->root);
+    free(pend);
+    c->pending = NULL;
+    c->image_url = NULL;
 }

@@ -9,6 +9,11 @@
  * response is a content-reader callback that suspends the connection when it has
  * nothing to send. A periodic tick notices clients that hung up on a suspended
  * connection, enforces the request timeout and drives draining.
+ *
+ * A request with an http(s) image URL (server/fetch.h) has one more step: after the first
+ * job the loop fetches the image (CONN_FETCH), then a second job prepares the engine
+ * requests from it. A client that leaves, the request timeout and draining stop the fetch
+ * (fetch_stop); so does MHD completing the connection.
  */
 #include "server/server.h"
 
@@ -36,6 +41,8 @@ static int all_done(const struct conn *c)
 static void conn_free(struct conn *c)
 {
     struct cvlm_srv *s = c->s;
+    cvlm_fetch_cancel(c->fetch); /* none by now (fetch_stop ran): kept for robustness */
+    cvlm_api_pending_free(c);
     for (int i = 0; i < c->n_ch; i++) {
         cvlm_request_unref(c->ch[i].r);
         cvlm_buf_free(&c->ch[i].text);
@@ -59,7 +66,7 @@ static void conn_free(struct conn *c)
 static void conn_maybe_free(struct conn *c)
 {
     int queued;
-    if (!c->mhd_done || c->state == CONN_PREP || !all_done(c))
+    if (!c->mhd_done || c->state == CONN_PREP || c->fetch || !all_done(c))
         return;
     pthread_mutex_lock(&c->s->wake_mu);
     queued = c->wake_queued;
@@ -68,13 +75,35 @@ static void conn_maybe_free(struct conn *c)
         conn_free(c);
 }
 
+static void resume(struct conn *c);
+
+/* A connection whose image is being fetched: stops the fetch, drops the parsed request
+ * and hands the connection back to MHD with the error the caller set (a client that left
+ * needs none: its connection is closed). */
+static void fetch_stop(struct conn *c)
+{
+    cvlm_fetch_cancel(c->fetch);
+    c->fetch = NULL;
+    cvlm_api_pending_free(c);
+    c->state = CONN_REPLY;
+    if (!c->status && !c->client_gone)
+        cvlm_api_error(c, 503, "service_unavailable", NULL, "request_cancelled",
+                       "the request was cancelled");
+    if (!c->mhd_done)
+        resume(c);
+}
+
 /* Cancels every running choice. A connection being prepared is left alone: the work
  * pool writes c->ch / c->n_ch until after_work runs on this thread (which then submits
- * or drops them, and a later tick can cancel them). */
+ * or drops them, and a later tick can cancel them). One being fetched stops its fetch. */
 static void cancel_all(struct conn *c)
 {
     if (c->state == CONN_PREP)
         return;
+    if (c->state == CONN_FETCH) {
+        fetch_stop(c);
+        return;
+    }
     for (int i = 0; i < c->n_ch; i++)
         if (c->ch[i].r && !c->ch[i].done)
             cvlm_engine_cancel(c->s->engine, c->ch[i].r);
@@ -255,6 +284,13 @@ static void work_cb(uv_work_t *w)
     cvlm_api_prepare(w->data);
 }
 
+static void image_work_cb(uv_work_t *w)
+{
+    cvlm_api_prepare_image(w->data);
+}
+
+static void after_work(uv_work_t *w, int status);
+
 static void on_engine_wake(void *ctx)
 {
     struct conn *c = ctx;
@@ -269,6 +305,58 @@ static void on_engine_wake(void *ctx)
     UV_CHECK(uv_async_send(&s->wake)); /* engine thread: the logger is thread-safe */
 }
 
+/* The image URL's fetch ended (loop): its bytes go to the second job, or its error is
+ * the reply (a 400 naming the reason). */
+static void on_fetched(void *ctx, enum cvlm_fetch_status st, const char *msg, unsigned char *data,
+                       size_t len)
+{
+    struct conn *c = ctx;
+    c->fetch = NULL;
+    if (st != CVLM_FETCH_OK) {
+        LOG_INFO("%s: image_url refused: %s", c->id, msg);
+        cvlm_api_error(c, 400, "invalid_request_error", c->image_param, cvlm_fetch_code(st), "%s",
+                       msg);
+        fetch_stop(c);
+        cvlm_http_kick(c->s);
+        return;
+    }
+    cvlm_api_set_image(c, data, len);
+    c->state = CONN_PREP;
+    c->work.data = c;
+    if (UV_CHECK(uv_queue_work(c->s->loop, &c->work, image_work_cb, after_work))) {
+        c->state = CONN_FETCH; /* fetch_stop's state: nothing is running */
+        cvlm_api_error(c, 500, "server_error", NULL, NULL, "cannot queue work");
+        fetch_stop(c);
+        cvlm_http_kick(c->s);
+    }
+}
+
+/* The first job left an image URL to fetch: starts it (returns 1), or sets the error the
+ * reply carries (returns 0): the URL refused before any connection, or draining. */
+static int start_fetch(struct conn *c)
+{
+    struct cvlm_srv *s = c->s;
+    char msg[320];
+    enum cvlm_fetch_status st = CVLM_FETCH_INTERNAL;
+    if (s->draining || s->stopping) {
+        cvlm_api_error(c, 503, "service_unavailable", NULL, NULL, "the server is draining");
+    } else if (!s->fetcher) { /* the parser refuses image URLs then: not reached */
+        cvlm_api_error(c, 400, "invalid_request_error", c->image_param, "remote_images_disabled",
+                       "image_url: this server does not fetch http(s) image URLs");
+    } else if ((st = cvlm_fetch_start(s->fetcher, c->image_url, on_fetched, c, &c->fetch, msg,
+                                      sizeof(msg)))) {
+        LOG_INFO("%s: image_url refused: %s", c->id, msg);
+        cvlm_api_error(c, 400, "invalid_request_error", c->image_param, cvlm_fetch_code(st), "%s",
+                       msg);
+    }
+    if (st != CVLM_FETCH_OK) {
+        cvlm_api_pending_free(c);
+        return 0;
+    }
+    c->state = CONN_FETCH; /* still suspended: on_fetched or fetch_stop goes on */
+    return 1;
+}
+
 /* Prepared (or failed): submit every choice, or turn the error into the reply. */
 static void after_work(uv_work_t *w, int status)
 {
@@ -280,9 +368,12 @@ static void after_work(uv_work_t *w, int status)
             cvlm_request_unref(c->ch[i].r);
             c->ch[i].r = NULL;
         }
+        cvlm_api_pending_free(c);
         conn_maybe_free(c);
         return;
     }
+    if (!c->status && c->pending && start_fetch(c))
+        return;
     if (!c->status) { /* the choices go in together: all or none */
         struct cvlm_request *rs[c->n_ch > 0 ? c->n_ch : 1];
         for (int i = 0; i < c->n_ch; i++)
@@ -558,11 +649,35 @@ static int missed_output(struct conn *c)
 
 static void drain_progress(struct cvlm_srv *s);
 
+/* The tick for a connection whose image is being fetched: the client left (the fetch
+ * stops, its connection to the image's host closes), or the request timeout passed. */
+static void fetch_tick(struct conn *c, double now)
+{
+    int timeout = c->s->cfg->request_timeout;
+    if (c->suspended && peer_closed(c)) {
+        c->client_gone = 1;
+        LOG_INFO("%s: client gone while its image_url was fetched: fetch cancelled", c->id);
+        fetch_stop(c);
+    } else if (timeout > 0 && now - c->t_start > timeout * 1e3) {
+        c->cut = CUT_TIMEOUT;
+        LOG_WARN("%s request timeout after %d s while fetching its image_url: cancelled", c->id,
+                 timeout);
+        cvlm_api_error(c, 504, "server_error", NULL, "request_timeout",
+                       "the request did not finish within the server's request timeout (%d s)",
+                       timeout);
+        fetch_stop(c);
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     struct cvlm_srv *s = t->data;
     double now = cvlm_now_ms();
     for (struct conn *c = s->live; c; c = c->next) {
+        if (!c->mhd_done && c->state == CONN_FETCH) {
+            fetch_tick(c, now);
+            continue;
+        }
         if (c->mhd_done || !(c->state == CONN_RUN || (c->state == CONN_SENT && c->o.stream)) ||
             all_done(c)) /* streams are CONN_SENT once their headers are queued */
             continue;
@@ -724,6 +839,14 @@ void cvlm_http_begin_drain(struct cvlm_srv *s)
     s->draining = 1;
     s->drain_deadline = cvlm_now_ms() + s->cfg->drain_timeout * 1e3;
     cvlm_engine_drain(s->engine);
+    /* the engine takes no new request now: an image being fetched would be refused once it
+     * arrives, so its fetch stops here (503: nothing was begun, retry elsewhere) */
+    for (struct conn *c = s->live; c; c = c->next)
+        if (!c->mhd_done && c->state == CONN_FETCH) {
+            cvlm_api_error(c, 503, "service_unavailable", NULL, NULL, "the server is draining");
+            fetch_stop(c);
+        }
+    cvlm_http_kick(s);
     LOG_INFO("draining (up to %d s)", s->cfg->drain_timeout);
     drain_progress(s);
 }

@@ -5,6 +5,8 @@
  * 503, in-flight ones finish within --drain-timeout), a second signal stops at once.
  */
 #include "server/daemon.h"
+#include "server/fetch.h"
+#include "server/fetch_addr.h"
 #include "server/log.h"
 #include "server/server.h"
 
@@ -191,6 +193,12 @@ int main(int argc, char **argv)
         cvlm_options_free(&cfg);
         return 2;
     }
+    if (cvlm_host_list_check(cfg.allowed_media_domains, err, sizeof(err))) {
+        fprintf(stderr, "cogvlm-server: allowed_media_domains (--allowed-media-domains): %s\n",
+                err);
+        cvlm_options_free(&cfg);
+        return 2;
+    }
     signal(SIGPIPE, SIG_IGN);
     s.cfg = &cfg;
     s.started = (long long)time(NULL);
@@ -198,7 +206,13 @@ int main(int argc, char **argv)
     cvlm_metrics_init(&s.metrics);
     pthread_mutex_init(&s.wake_mu, NULL);
     model_id(&s);
+    /* image URLs: the fetcher (and libcurl's global state) before any other thread runs */
+    if (cvlm_fetch_enabled(&cfg) && !(s.fetcher = cvlm_fetcher_create(s.loop, &cfg))) {
+        cvlm_options_free(&cfg);
+        return 1;
+    }
     if (load_api_key(&s) || cvlm_http_start(&s)) {
+        cvlm_fetcher_destroy(s.fetcher);
         cvlm_options_free(&cfg);
         return 1;
     }
@@ -230,6 +244,7 @@ int main(int argc, char **argv)
     for (int i = 0; !load.done_ran && i < 1000; i++) /* its completion may be queued */
         uv_run(s.loop, UV_RUN_NOWAIT);
     cvlm_http_stop(&s);
+    cvlm_fetcher_destroy(s.fetcher); /* what still runs is cancelled (none after the stop) */
     uv_close((uv_handle_t *)&s.sig_term, NULL);
     uv_close((uv_handle_t *)&s.sig_int, NULL);
     cvlm_watchdog_stop();

@@ -67,6 +67,22 @@ const struct cvlm_option cvlm_options[] = {
      "Largest request body; larger ones get 413 while still being received.", 1024, 1ull << 32},
     {"max_image_pixels", OPT_BYTES, O(max_image_pixels), "50M", "pixels",
      "Largest decoded image (width x height), checked before decoding pixels.", 1, 1ull << 32},
+    {"allowed_media_domains", OPT_STR, O(allowed_media_domains), "", "",
+     "Hosts whose http(s) image URLs the server fetches: comma-separated exact hosts and "
+     "*.suffix patterns (subdomains only). Empty, with allow_any_media_domain false: image "
+     "URLs must be data: URLs. Loopback, private, link-local, metadata and other non-public "
+     "addresses are refused whatever the list says.",
+     0, 0},
+    {"allow_any_media_domain", OPT_BOOL, O(allow_any_media_domain), "false", "",
+     "Fetch http(s) image URLs from any host (public addresses only, as above).", 0, 0},
+    {"max_image_bytes", OPT_BYTES, O(max_image_bytes), "20M", "bytes",
+     "Largest fetched image (http(s) image URLs): refused at a larger Content-Length, or cut "
+     "as soon as more arrives.",
+     1024, 1ull << 32},
+    {"media_connect_timeout", OPT_INT, O(media_connect_timeout), "5", "seconds",
+     "Time to connect to the host of an image URL.", 1, 600},
+    {"media_timeout", OPT_INT, O(media_timeout), "15", "seconds",
+     "Time to fetch an image URL, every redirect included.", 1, 3600},
     {"max_connections", OPT_INT, O(max_connections), "1024", "",
      "Concurrent HTTP connections; more are refused.", 1, 1 << 20},
     {"connection_timeout", OPT_INT, O(connection_timeout), "30", "seconds",

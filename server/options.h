@@ -37,6 +37,11 @@ struct cvlm_server_options {
     int max_n;
     uint64_t max_body_bytes;
     uint64_t max_image_pixels;
+    char *allowed_media_domains; /* http(s) image URLs: server/fetch.h */
+    int allow_any_media_domain;
+    uint64_t max_image_bytes;
+    int media_connect_timeout;
+    int media_timeout;
     int max_connections;
     int connection_timeout;
     int request_timeout;

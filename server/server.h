@@ -5,6 +5,8 @@
  *   completion callback runs on the loop, and
  * - the wake list (wake_mu), which the engine thread's wake hook appends to before
  *   uv_async_send().
+ * A request with an http(s) image URL is prepared in two work-pool jobs with the fetch
+ * (server/fetch.h, on the loop) between them: CONN_PREP, CONN_FETCH, CONN_PREP again.
  * A conn is freed when MHD is done with it and no engine request can still wake it
  * (every choice's finish has been taken).
  */
@@ -13,6 +15,7 @@
 
 #include "base/buf.h"
 #include "engine/engine.h"
+#include "server/fetch.h"
 #include "server/metrics.h"
 #include "server/options.h"
 
@@ -24,6 +27,7 @@
 enum conn_state {
     CONN_BODY = 0, /* receiving the body */
     CONN_PREP,     /* parse + request preparation on the work pool (suspended) */
+    CONN_FETCH,    /* the loop fetches the request's image URL (suspended) */
     CONN_RUN,      /* generating (suspended between outputs) */
     CONN_REPLY,    /* a response is ready to be queued when resumed */
     CONN_SENT,     /* response queued (MHD writes it; mhd_done once it is all sent) */
@@ -63,6 +67,8 @@ struct api_opts {
     char user[257];  /* the `user` field, for the log line (at most 256 bytes of it) */
 };
 
+struct api_pending; /* api_parse.c: a parsed request waiting for its fetched image */
+
 struct conn {
     struct cvlm_srv *s;
     struct MHD_Connection *mc;
@@ -88,12 +94,18 @@ struct conn {
     enum conn_cut cut; /* set before the server cancels the choices itself */
     int client_gone;   /* the tick saw the peer close a suspended connection */
     int status;        /* error reply: HTTP status, message, type, param, code */
-    char err_msg[512], err_type[40], err_param[64], err_code[40];
+    char err_msg[512], err_type[40], err_param[96], err_code[40];
     /* streaming output not yet handed to MHD: sse.p[sse_off..sse.len) */
     struct cvlm_buf sse;
     size_t sse_off;
     int sse_end; /* [DONE] appended: end of stream after sse drains */
     uv_work_t work;
+    /* an http(s) image URL: written by the first job, then the loop's until the fetch
+     * ends (the fetched bytes then go to the second job with the parsed request) */
+    struct api_pending *pending;
+    const char *image_url; /* inside pending's JSON tree */
+    char image_param[96];  /* its place: "messages[0].content[1].image_url.url" */
+    struct cvlm_fetch *fetch;
     int wake_queued;          /* wake_mu */
     struct conn *wake_next;   /* wake_mu */
     struct conn *prev, *next; /* live list */
@@ -110,6 +122,7 @@ struct cvlm_srv {
     uv_async_t wake;
     uv_signal_t sig_term, sig_int;
     struct cvlm_engine *engine;
+    struct cvlm_fetcher *fetcher; /* NULL unless image URLs are fetched */
     struct cvlm_engine_info info;
     char model_id[256];
     char api_key[512];
@@ -131,8 +144,16 @@ void cvlm_http_stop(struct cvlm_srv *s);
 void cvlm_http_kick(struct cvlm_srv *s); /* run MHD now and re-arm its timer */
 void cvlm_http_begin_drain(struct cvlm_srv *s);
 
-/* api_parse.c (work pool): body -> options + prepared engine requests, or an error */
+/* api_parse.c (work pool): body -> options + prepared engine requests, or an error; or,
+ * for an http(s) image URL, the parsed request in c->pending and the URL in c->image_url */
 void cvlm_api_prepare(struct conn *c);
+/* (loop) The fetched image for the pending request; takes data (malloc'd). */
+void cvlm_api_set_image(struct conn *c, unsigned char *data, size_t len);
+/* (work pool) The pending request with its image -> prepared engine requests, or an error;
+ * c->pending is freed. */
+void cvlm_api_prepare_image(struct conn *c);
+/* Frees c->pending (no-op without one). */
+void cvlm_api_pending_free(struct conn *c);
 
 /* api_render.c (loop) */
 void cvlm_api_error(struct conn *c, int status, const char *type, const char *param,

@@ -1,7 +1,8 @@
 /* fuzz_request.c - libFuzzer target: an HTTP request body to validated engine requests
- * (JSON parsing, field validation, data URLs and base64, conversation building, image
- * decoding, tokenization), as the server's work pool runs it. The first byte picks the
- * route. Every outcome must be either prepared requests or one error with a status. */
+ * (JSON parsing, field validation, data URLs and base64, http(s) image URLs kept for
+ * the fetch, conversation building, image decoding, tokenization), as the server's work
+ * pool runs it. The first byte picks the route. Every outcome must be either prepared
+ * requests, an image URL to fetch, or one error with a status. */
 #include "server/server.h"
 
 #include <stdio.h>
@@ -30,6 +31,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     }
     cfg.max_n = 4;
     cfg.max_body_bytes = 1 << 20;
+    cfg.allow_any_media_domain = 1; /* http(s) image URLs parsed and kept for a fetch */
     srv.cfg = &cfg;
     snprintf(srv.model_id, sizeof(srv.model_id), "model-bf16");
     cvlm_metrics_init(&srv.metrics);
@@ -49,6 +51,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     cvlm_api_prepare(&c);
     if (c.status && (c.status < 400 || c.status > 599 || !c.err_msg[0]))
         abort(); /* an error must be a 4xx/5xx with a message */
+    if ((c.pending != NULL) != (c.image_url != NULL) || (c.pending && (c.status || c.n_ch)))
+        abort(); /* an image URL to fetch: nothing else prepared, no error */
+    cvlm_api_pending_free(&c);
     for (int i = 0; i < c.n_ch; i++)
         cvlm_request_unref(c.ch[i].r);
     if (c.status) {
