@@ -235,19 +235,37 @@ def measure(args, isa, dtype, vision_layers, llama, quant=None):
 
 
 DESIGN = """\
-- **Decode (matrix-vector, <= 8 rows of x).** Each thread streams a disjoint range of weight
-  rows once; 4 rows per pass, all x rows (up to 4) per weight load, widening in registers.
+- **Decode (matrix-vector).** Each thread streams a disjoint range of weight rows once,
+  widening in registers. AVX-512: 4 rows per pass, all x rows (up to 4) per weight load;
   BF16 weights on AVX512_BF16 CPUs: x is split once per call into hi + lo BF16 terms and
-  each 64-byte weight load feeds two `vdpbf16ps` (exact products, F32 accumulation):
-  three instructions per cache line, which is what lets a core keep up with DRAM. Other
-  cases: BF16 -> F32 by a 16-bit shift, F16 by `vcvtph2ps`, F32 FMA. Plain (unmasked)
-  loads in the loops: masked loads measurably slowed the stream on Zen 5.
+  each 64-byte weight load feeds two `vdpbf16ps` (exact products, F32 accumulation): three
+  instructions per cache line, which is what lets a core keep up with DRAM. AVX2: one row
+  of x runs 4 weight rows x 2 accumulators (8 independent FMA chains: with 2 the loop was
+  bound by FMA latency, not by the weight stream). BF16 -> F32 by a 16-bit shift, F16 by
+  `vcvtph2ps`, F32 FMA. Plain (unmasked) loads in the loops: masked loads measurably
+  slowed the stream on Zen 5.
+- **Batched decode and other small M (AVX2: up to 32 rows of x).** Pairs of weight rows
+  against register blocks of 6 rows of x (12 accumulators): each weight pair comes from
+  memory once and from L1 for the other blocks, so 16 sequences cost one pass over the
+  weights instead of 16, and nothing is packed (packing W per GEMM cost as much as the
+  arithmetic at 16 rows: 36 % of a batched step in `cvlm_cpu_pack_b_avx2` before). The
+  crossover with the packed GEMM, measured on Zen 3, is at about 32-40 rows.
 - **Prefill and ViT (packed GEMM).** K is cut in 512-wide slices; x is packed once per
   slice into 12-row micro-panels shared by the threads; each thread widens/transposes its
-  block of W (<= 256 output columns) into 32-column panels with 16x16 in-register
-  transposes (prefetching the next panel's rows), then runs a 12 x 32 AVX-512 micro-kernel
-  (24 accumulators, about 80 % of FMA peak per core). Every W element is widened once per
-  GEMM; accumulation is F32.
+  block of W (<= 256 output columns) into 32-column panels with in-register transposes
+  (16x16 on AVX-512, 8x8 on AVX2; prefetching the next panel's rows), then runs a 12 x 32
+  micro-kernel: AVX-512 24 accumulators; AVX2 four 6 x 16 register blocks of 12
+  accumulators, every row loop unrolled so they stay in registers (the first AVX2 kernel
+  kept them on the stack: 51 GFLOP/s, 27 % of peak, on the 2-core Zen 3 where the current
+  one reaches about 80 %). Every W element is widened once per GEMM; accumulation is F32.
+- **Quantized weights (`--quantize int8|int4`).** int8: one scale per output channel, the
+  codes sign-extended and converted in registers, the scale applied to each finished dot
+  product. int4: groups of 128 along K, 32 weights per 16 bytes (low nibbles the first 16,
+  high the next 16). Decode with one row of x rounds x to 8 bits per 32-element block and
+  multiplies codes by codes (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's Q4_0 x Q8_0): the
+  float path spent more instructions per weight than DRAM delivered weights. Larger M and
+  prefill dequantize into the same F32 panels as 16-bit weights, so the packed GEMM is
+  shared.
 - **Attention.** ViT (1226 x 1226, head 112) and prefill runs of >= 12 tokens use the same
   micro-kernel: keys packed per head as 32-key panels, S = q K^T, row softmax (vector exp,
   masked keys exactly 0), O = P V. Decode tokens: per (head, token) vector dot products
@@ -383,7 +401,13 @@ def write_doc(args, m, results, tables):
         " vocab 32000 (TinyLlama-1.1B's shapes). Prefill: one forward of a 512-token "
         "prompt after a 64-token warm-up; decode: 64 greedy single-token steps after it.",
         "- Decode weight stream = bytes of weights one decode step reads (all layers' "
-        "language weights + lm_head) / time per step.",
+        "language weights + lm_head; quantized: codes and scales) / time per step. The "
+        "machine's read bandwidth it is compared with is the best of read-only passes over "
+        "1 GiB with 1, 2, 4, 8 and 16 interleaved sequential streams per thread (all threads,"
+        " best of 3 each), meant as an upper bound of what a streaming kernel can get.",
+        "- FMA peak: a register-only loop of independent FMAs (12 chains of 8 lanes on AVX2, "
+        "16 of 16 on AVX-512, enough to cover the FMA latency) on every thread, best of 3; "
+        "the GEMM rows (cache-hot, best of 5) are stated as a fraction of it.",
         "- Vision: one 490x490 image through the ViT at CogVLM-17B's per-layer shapes "
         "(hidden 1792, 16 heads, MLP 15360, 1226 tokens) with only the first layers; FLOPs "
         "counted as 2N(4d^2 + 2dF) + 4N^2 d per layer plus patch embedding and adapter.",
@@ -519,6 +543,17 @@ def gpu_section(report_path, keep_dir):
     return "\n".join(lines)
 
 
+def big(args):
+    """tools/bench/bench_big.py: CogVLM-17B shapes, int4 (decoder and vision tower), through
+    the daemon; writes its own section. A failure is reported, not fatal."""
+    cmd = [sys.executable, os.path.join(HERE, "bench_big.py"), "--server", args.server,
+           "--out", args.out, "--work", os.path.join(args.work, "big"), "--quantize", "int4",
+           "--quantize-vision", "--threads", str(args.threads or os.cpu_count())]
+    print("+ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode:
+        print("bench: the 17B-shaped int4 run failed", flush=True)
+
+
 def serving(args):
     """tools/bench/bench_serving.py in its own process. A failure is reported; the GPU
     section is still written, then bench_all exits with the failure's status."""
@@ -549,6 +584,8 @@ def main():
     ap.add_argument("--install", action="store_true", help="pip install llama-cpp-python if missing")
     ap.add_argument("--server", default="build/cogvlm-server", help="for the serving benchmark")
     ap.add_argument("--no-serving", action="store_true", help="skip the serving benchmark")
+    ap.add_argument("--no-big", action="store_true",
+                    help="skip the 17B-shaped int4 run through the daemon (bench_big.py)")
     ap.add_argument("--serving-only", action="store_true",
                     help="only the serving benchmark (and the GPU section)")
     ap.add_argument("--gpu-report", help="JSON report of tests/gpu/run.sh for the GPU section")
@@ -576,6 +613,8 @@ def main():
                     tables[isa][key] = md
         args.batch = batch_bench(args)
         write_doc(args, m, results, tables)
+        if not args.no_big and m.get("mem_gb", 0) >= 20:
+            big(args)
         print("bench: engine part took %.0f s" % (time.time() - t0), flush=True)
     rc = 0
     if not (args.gpu_only or args.no_serving):

@@ -15,6 +15,8 @@ ORDER = [
     "Method",
     "Results",
     "Batched serving throughput (scheduler)",
+    "CogVLM-17B shapes, quantized, through the daemon (this machine)",
+    "Quantized weights: accuracy",
     "Serving benchmark (HTTP, tiny model)",
     "Serving: cogvlm-server vs llama.cpp server",
     "GPU",
