@@ -81,8 +81,8 @@ MODEL_ARGS ?= --model ../shared/data/golden-tiny/model-bf16 \
               --tokenizer ../shared/data/llama2-tokenizer.model
 endif
 
-.PHONY: all deps test unit-test asan asan-test check-cuda check-layout check-format format run \
-        clean bench fuzz fuzz-run fuzz-smoke
+.PHONY: all deps test op-parity-self-test unit-test asan asan-test check-cuda check-layout \
+        check-format format run clean bench fuzz fuzz-run fuzz-smoke
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/cogvlm $(BUILD)/cogvlm-server
@@ -152,7 +152,16 @@ deps:
 # The whole suite: deps, build, CUDA compile check (when nvcc exists), 20 s of each fuzz
 # target, the unit and API suites under ASan + UBSan, then every suite on the normal
 # build. The last line printed is the suite's "N passed, N failed".
-test: deps check-layout check-format all check-cuda fuzz-smoke asan-test unit-test
+test: deps check-layout check-format all check-cuda op-parity-self-test fuzz-smoke asan-test \
+      unit-test
+
+# The GPU script's op-parity program, built for the CPU and run with a second CPU backend
+# in the GPU's place: keeps tests/gpu/op_parity.c compiling and its comparisons honest
+# between GPU sessions.
+op-parity-self-test: $(BUILD)/tests/op-parity
+	$(Q)$(BUILD)/tests/op-parity --self-test --small --no-bench > $(BUILD)/op-parity.log || \
+	    { cat $(BUILD)/op-parity.log; exit 1; }
+	$(Q)tail -1 $(BUILD)/op-parity.log
 
 # The layering rules (docs/ARCHITECTURE.md) on every #include, and the checker's own
 # self-test (each rule rejects a planted violation).

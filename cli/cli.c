@@ -30,7 +30,7 @@ int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
     char *end;
     long n;
     if (strcmp(a, "--backend") && strcmp(a, "--tp") && strcmp(a, "--threads") &&
-        strcmp(a, "--device"))
+        strcmp(a, "--device") && strcmp(a, "--kv-cache-dtype"))
         return 0;
     if (!v) {
         fprintf(stderr, "cogvlm: %s needs a value\n", a);
@@ -44,6 +44,16 @@ int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
         }
         o->backend = strcmp(v, "cuda") ? CVLM_BACKEND_CPU : CVLM_BACKEND_CUDA;
         return 1;
+    }
+    if (!strcmp(a, "--kv-cache-dtype")) {
+        static const char *const names[] = {"auto", "f32", "f16", "bf16"};
+        for (int k = 0; k < 4; k++)
+            if (!strcmp(v, names[k])) {
+                o->kv_cache_dtype = k; /* enum cvlm_kv_cache_dtype, in the same order */
+                return 1;
+            }
+        fprintf(stderr, "cogvlm: --kv-cache-dtype must be auto, f32, f16 or bf16, not '%s'\n", v);
+        return -1;
     }
     n = strtol(v, &end, 10);
     if (*end || end == v || n < 0 || n > 4096 || (!strcmp(a, "--tp") && n < 1)) {

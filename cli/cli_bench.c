@@ -376,8 +376,8 @@ static int bench_text(const struct bench_opts *o, struct bench_result *r)
     be = cvlm_model_backend(m);
     r->threads = be->n_threads * cvlm_model_tp(m);
     r->weight_bytes = decode_weight_bytes(w);
-    /* keys + values of every layer at the mean context of the decode steps, in act_dtype */
-    r->kv_bytes = 2.0 * c.num_layers * c.hidden_size * cvlm_dtype_size(be->act_dtype) *
+    /* keys + values of every layer at the mean context of the decode steps, in the KV dtype */
+    r->kv_bytes = 2.0 * c.num_layers * c.hidden_size * cvlm_dtype_size(cvlm_model_kv_dtype(m)) *
                   (o->prompt + (o->decode + 1) / 2.0);
     r->prefill_flop = prefill_flop(&c, o->prompt);
     rc = time_text(o, m, &c, r);
@@ -468,7 +468,7 @@ static void report(const struct bench_opts *o, const struct bench_result *r, FIL
         fprintf(f, "  decode weight stream  %.1f GB/s of %.2f GB/token (%.0f%% of read bw)\n",
                 r->weight_bytes / step / 1e9, r->weight_bytes / 1e9,
                 100.0 * r->weight_bytes / step / 1e9 / r->bw_read);
-        fprintf(f, "  + KV cache reads      %.1f GB/s in all (%.3f GB/token of F32 keys/values)\n",
+        fprintf(f, "  + KV cache reads      %.1f GB/s in all (%.3f GB/token of keys/values)\n",
                 (r->weight_bytes + r->kv_bytes) / step / 1e9, r->kv_bytes / 1e9);
     }
     if (o->vit_layers > 0)

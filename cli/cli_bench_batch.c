@@ -140,13 +140,14 @@ int cvlm_cli_bench_batch(int argc, char **argv)
         struct cvlm_model_opts mo = {.backend = (enum cvlm_backend_kind)eo.backend,
                                      .tp = eo.tp,
                                      .threads = eo.threads,
-                                     .device = eo.device};
+                                     .device = eo.device,
+                                     .kv_cache_dtype = eo.kv_cache_dtype};
         int mrc = cvlm_cli_model_opt(argc, argv, &i, &mo);
         if (mrc < 0)
             return 2;
         if (mrc) {
             eo.backend = (int)mo.backend, eo.tp = mo.tp, eo.threads = mo.threads;
-            eo.device = mo.device;
+            eo.device = mo.device, eo.kv_cache_dtype = mo.kv_cache_dtype;
             continue;
         }
         if (!strcmp(a, "--dummy-weights")) {

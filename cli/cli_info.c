@@ -41,16 +41,19 @@ static void describe(const char *dir, struct cvlm_weights *w)
     struct tally t = {0};
     cvlm_weights_visit(w, count_one, &t);
     printf("model       %s (%d files, %zu tensors)\n", dir, w->st->n_files, w->st->n_tensors);
-    printf("language    vocab %d, hidden %d, %d layers, %d heads (head_dim %d), mlp %d, "
-           "rms eps %g, template %s\n",
+    printf("variant     %s\n", cvlm_variant_name(c->variant));
+    printf("language    vocab %d, hidden %d, %d layers, %d heads (head_dim %d), %d KV heads, "
+           "mlp %d, rms eps %g, rope theta %g, template %s\n",
            c->vocab_size, c->hidden_size, c->num_layers, c->num_heads, cvlm_config_head_dim(c),
-           c->intermediate_size, c->rms_norm_eps, tmpl[c->template_version]);
+           cvlm_config_kv_heads(c), c->intermediate_size, c->rms_norm_eps, c->rope_theta,
+           tmpl[c->template_version]);
     if (c->has_vision)
-        printf("vision      %dx%d image, patch %d (%d patches -> %d LM slots), hidden %d, "
+        printf("vision      %dx%d image, patch %d (%d patches%s -> %d LM slots), hidden %d, "
                "%d layers, %d heads, mlp %d\n",
                c->vision.image_size, c->vision.image_size, c->vision.patch_size,
-               cvlm_config_num_patches(c), cvlm_config_image_tokens(c), c->vision.hidden_size,
-               c->vision.num_layers, c->vision.num_heads, c->vision.intermediate_size);
+               cvlm_config_num_patches(c), cvlm_config_has_conv(c) ? ", 2x2 conv" : "",
+               cvlm_config_image_tokens(c), c->vision.hidden_size, c->vision.num_layers,
+               c->vision.num_heads, c->vision.intermediate_size);
     printf("parameters  %lld language model, %lld vision tower + adapter\n", (long long)t.params[0],
            (long long)t.params[1]);
     printf("weights     %.1f MiB (tensors: %zu F32, %zu F16, %zu BF16)\n",

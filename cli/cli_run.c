@@ -233,7 +233,7 @@ static int generate(const struct run_opts *o, struct session *s)
         int id = cvlm_sample(&o->sp, s->logits, c->vocab_size, s->tokens, n + k, n, &rng);
         if (id < 0)
             return id;
-        if (id == c->eos_token_id)
+        if (cvlm_config_is_eos(c, id))
             break;
         s->tokens[n + k] = id;
         s->n_decoded++;

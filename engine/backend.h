@@ -164,6 +164,31 @@ static inline float cvlm_f16_to_f32(uint16_t h)
     return f;
 }
 
+/* Round-to-nearest-even to IEEE half (as F16C's vcvtps2ph with rounding mode 0 and torch's
+ * .to(torch.float16)): overflow gives inf, tiny values subnormals or zero; NaN stays NaN. */
+static inline uint16_t cvlm_f32_to_f16(float f)
+{
+    uint32_t u, sign, a;
+    memcpy(&u, &f, 4);
+    sign = (u >> 16) & 0x8000u;
+    a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) /* NaN: quiet, keep the top payload bits */
+        return (uint16_t)(sign | 0x7e00u | (a >> 13));
+    if (a >= 0x477ff000u) /* rounds to >= 65520: inf */
+        return (uint16_t)(sign | 0x7c00u);
+    if (a < 0x38800000u) { /* below 2^-14: a subnormal half, man * 2^-24 */
+        float m;
+        memcpy(&m, &a, 4);
+        /* adding 0.5 lands the value's 2^-24 units in the low mantissa bits, rounded by the
+         * FPU to nearest even */
+        m += 0.5f;
+        memcpy(&a, &m, 4);
+        return (uint16_t)(sign | (a - 0x3f000000u));
+    }
+    a += 0xfffu + ((a >> 13) & 1u) - (112u << 23); /* rebias 127 -> 15, round the 13 bits */
+    return (uint16_t)(sign | (a >> 13));
+}
+
 /* Element i of a tensor of any supported dtype, widened to float. */
 static inline float cvlm_tensor_get_f32(const struct cvlm_tensor *t, int64_t i)
 {
@@ -193,9 +218,18 @@ static inline float cvlm_tensor_get_f32(const struct cvlm_tensor *t, int64_t i)
 struct cvlm_backend;
 
 /* A paged KV cache for one layer: `n_blocks` blocks of `block_size` token slots, each slot
- * holding n_heads * head_dim keys (after RoPE) and as many values, in act_dtype. */
+ * holding n_heads * head_dim keys (after RoPE) and as many values, in `dtype` (F32, F16 or
+ * BF16; elements of that size, so a 16-bit cache holds twice the slots in the same bytes).
+ * kv_write converts the act_dtype rows to it, rounding to nearest even (cvlm_f32_to_bf16;
+ * F16 as F16C's vcvtps2ph); attention_paged widens the stored keys and values to F32 in
+ * registers (or while packing them) and accumulates in F32, so an F32 cache computes
+ * exactly as before and a 16-bit one as if K and V had been rounded once on write.
+ * A backend may lack a dtype: the CPU one has all three, the CUDA one only BF16 (its
+ * activation dtype); an op given a cache it lacks records an error (CUDA: CVLM_ESHAPE)
+ * that status() reports, and computes nothing. */
 struct cvlm_kv_layer {
     void *k, *v; /* [n_blocks, block_size, n_heads, head_dim] */
+    enum cvlm_dtype dtype;
 };
 
 /* Where the keys and values of one sequence live: block_table[i] is the physical block of
@@ -207,13 +241,17 @@ struct cvlm_seq_kv {
 
 /* One attention launch over paged KV: token t (a row of q/out) belongs to sequence
  * seq[t] and sits in slot slot[t]; it attends causally to that sequence's slots
- * 0..slot[t] (the current batch's keys were written with kv_write before). */
+ * 0..slot[t] (the current batch's keys were written with kv_write before).
+ * Grouped-query attention: the cache holds n_kv_heads heads per slot (kv_write is called
+ * with that many), attention_paged's n_heads query heads share them, query head h reading
+ * KV head h / (n_heads / n_kv_heads); 0 means n_heads (one KV head per query head). */
 struct cvlm_attn_batch {
     int n_tokens;
     const int32_t *seq;  /* [n_tokens] index into seqs */
     const int32_t *slot; /* [n_tokens] */
     const struct cvlm_seq_kv *seqs;
     int block_size;
+    int n_kv_heads; /* attention_paged: KV heads in the cache (divides n_heads); 0: n_heads */
 };
 
 struct cvlm_backend_i {

@@ -109,7 +109,8 @@ static int load(struct cvlm_engine *e)
                                  .threads = o->threads,
                                  .backend = (enum cvlm_backend_kind)o->backend,
                                  .tp = o->tp,
-                                 .device = o->device};
+                                 .device = o->device,
+                                 .kv_cache_dtype = o->kv_cache_dtype};
     if ((rc = cvlm_model_create(e->w, &mo, &e->model)))
         return rc;
     int blocks = cvlm_model_kv_blocks(e->model);
@@ -320,7 +321,7 @@ size_t cvlm_engine_token_text(const struct cvlm_engine *e, int32_t id, char *buf
      * (a chat answer's first token: see lead_strip); byte pieces are their byte */
     const char *p;
     size_t n = cvlm_tokenizer_piece_text(e->tok, id, &p);
-    if (id == e->w->cfg.bos_token_id || id == e->w->cfg.eos_token_id)
+    if (id == e->w->cfg.bos_token_id || cvlm_config_is_eos(&e->w->cfg, id))
         return 0;
     n = n < cap ? n : cap;
     memcpy(buf, p, n);

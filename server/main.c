@@ -32,6 +32,17 @@ static struct {
     int done_ran;        /* load_done ran on the loop */
 } load;
 
+/* --kv-cache-dtype as the engine's kv_cache_dtype: 0 auto, 1 f32, 2 f16, 3 bf16; -1 for
+ * any other value (main refuses it before loading). */
+static int kv_cache_dtype(const char *s)
+{
+    static const char *const names[] = {"auto", "f32", "f16", "bf16"};
+    for (int i = 0; i < 4; i++)
+        if (!strcmp(s, names[i]))
+            return i;
+    return -1;
+}
+
 static int load_prepare(const struct cvlm_server_options *c)
 {
     load.model = strdup(c->model);
@@ -50,6 +61,7 @@ static int load_prepare(const struct cvlm_server_options *c)
                                                                                      : 0,
                                           .quantize_vision = c->quantize_vision,
                                           .kv_bytes = c->kv_memory,
+                                          .kv_cache_dtype = kv_cache_dtype(c->kv_cache_dtype),
                                           .block_size = c->block_size,
                                           .max_batched_tokens = c->max_batched_tokens,
                                           .max_seqs = c->max_seqs,
@@ -184,6 +196,13 @@ int main(int argc, char **argv)
         strcmp(cfg.quantize, "int4")) {
         fprintf(stderr, "cogvlm-server: --quantize must be none, int8 or int4 (got '%s')\n",
                 cfg.quantize);
+        cvlm_options_free(&cfg);
+        return 2;
+    }
+    if (kv_cache_dtype(cfg.kv_cache_dtype) < 0) {
+        fprintf(stderr,
+                "cogvlm-server: --kv-cache-dtype must be auto, f32, f16 or bf16 (got '%s')\n",
+                cfg.kv_cache_dtype);
         cvlm_options_free(&cfg);
         return 2;
     }

@@ -41,6 +41,11 @@ const struct cvlm_option cvlm_options[] = {
      "Memory for the paged KV cache on each rank; bounds concurrent context (more = more "
      "sequences; each rank holds its share of the heads, so tp ranks hold tp times the tokens).",
      0, 1ull << 44},
+    {"kv_cache_dtype", OPT_STR, O(kv_cache_dtype), "auto", "",
+     "KV cache elements: auto (the backend's: f32 on cpu, bf16 on cuda), f32, f16 or bf16. "
+     "f16 / bf16 (cpu) hold twice the tokens in kv_memory and halve the cache's reads at long "
+     "context, rounding keys and values once (nearest even); cuda has bf16 only.",
+     0, 0},
     {"block_size", OPT_INT, O(block_size), "16", "tokens",
      "KV cache block size (the engine's CVLM_MAX_BLOCK_SIZE bounds it).", 1, 1024},
     {"max_batched_tokens", OPT_INT, O(max_batched_tokens), "512", "tokens",

@@ -13,7 +13,8 @@
  * - aliasing, as backend.h states it: outputs are the same buffer as an input where an op
  *   allows it, otherwise disjoint from every input;
  * - host metadata: token ids inside the table, rows to gather >= 0, sequence slots inside
- *   their block table, blocks inside the KV cache allocation.
+ *   their block table, blocks inside the KV cache allocation;
+ * - the KV cache's dtype: F32, F16 or BF16 (whether the backend has it is its own check).
  * Weights live where upload_weights put them (no allocation of ours), so only their
  * shape, dtype and alignment are checked, never their extent.
  *
@@ -351,6 +352,8 @@ static int batch_ok(const struct call *c, const struct cvlm_attn_batch *b,
 {
     if (!b || !kv)
         return fail(c, CVLM_EINVAL, "%s is NULL", b ? "kv" : "batch");
+    if (kv->dtype != CVLM_DTYPE_F32 && kv->dtype != CVLM_DTYPE_F16 && kv->dtype != CVLM_DTYPE_BF16)
+        return fail(c, CVLM_ESHAPE, "kv->dtype %d (F32, F16 or BF16 only)", (int)kv->dtype);
     if (!rows_ok(c, "n_tokens", b->n_tokens) || !width_ok(c, "block_size", b->block_size))
         return 0;
     if (!b->n_tokens)
@@ -360,7 +363,7 @@ static int batch_ok(const struct call *c, const struct cvlm_attn_batch *b,
         !host_ok(c, "batch seqs", b->seqs, 1, sizeof(void *)))
         return 0;
     size_t block_bytes =
-        (size_t)b->block_size * (size_t)H * (size_t)hd * cvlm_dtype_size(c->ck->base.act_dtype);
+        (size_t)b->block_size * (size_t)H * (size_t)hd * cvlm_dtype_size(kv->dtype);
     int64_t nk = kv_capacity(c, "kv->k", kv->k, block_bytes);
     int64_t nv = nk < 0 ? -1 : kv_capacity(c, "kv->v", kv->v, block_bytes);
     if (nk < 0 || nv < 0)
@@ -627,9 +630,15 @@ static void ck_attention_paged(struct cvlm_backend *be, void *out, const void *q
                                int n_heads, int head_dim)
 {
     struct call c = {ck_of(be), "attention_paged"};
+    int Hkv = b && b->n_kv_heads ? b->n_kv_heads : n_heads; /* GQA: the cache's heads */
     if (!enter(&c) || !width_ok(&c, "n_heads", n_heads) || !width_ok(&c, "head_dim", head_dim) ||
-        !stride_ok(&c, "stride", stride, (long long)n_heads * head_dim) ||
-        !batch_ok(&c, b, kv, n_heads, head_dim, 1))
+        !stride_ok(&c, "stride", stride, (long long)n_heads * head_dim))
+        return;
+    if (Hkv < 0 || n_heads % Hkv) {
+        fail(&c, CVLM_ESHAPE, "%d query heads over %d KV heads", n_heads, Hkv);
+        return;
+    }
+    if (!batch_ok(&c, b, kv, Hkv, head_dim, 1))
         return;
     size_t n = (size_t)b->n_tokens, w = (size_t)n_heads * (size_t)head_dim, s = (size_t)stride;
     if (!n || (act_ok(&c, "out", out, n, w, w) && act_ok(&c, "q", q, n, w, s) &&

@@ -25,6 +25,26 @@ enum cvlm_rope_freq {
 
 enum cvlm_backend_kind { CVLM_BACKEND_CPU = 0, CVLM_BACKEND_CUDA = 1 };
 
+/* The KV cache's element type (--kv-cache-dtype). DEFAULT is the backend's own: F32 on the
+ * CPU (the activation dtype; see CVLM_KV_CPU_DEFAULT), BF16 on CUDA. The CPU backend has
+ * all three; the CUDA backend keeps its BF16 cache and refuses F32 and F16 at model
+ * creation (CVLM_EINVAL). A 16-bit cache holds twice the blocks in the same kv_bytes. */
+enum cvlm_kv_cache_dtype {
+    CVLM_KV_DEFAULT = 0,
+    CVLM_KV_F32 = 1,
+    CVLM_KV_F16 = 2,
+    CVLM_KV_BF16 = 3,
+};
+#define CVLM_KV_CPU_DEFAULT CVLM_KV_F32
+
+/* The element dtype of an explicit choice (DEFAULT: F32). */
+static inline enum cvlm_dtype cvlm_model_kv_dtype_of(int kv_cache_dtype)
+{
+    return kv_cache_dtype == CVLM_KV_F16    ? CVLM_DTYPE_F16
+           : kv_cache_dtype == CVLM_KV_BF16 ? CVLM_DTYPE_BF16
+                                            : CVLM_DTYPE_F32;
+}
+
 struct cvlm_model_opts {
     int max_tokens;  /* tokens per forward call (prefill chunk + decodes); 0 = 512 */
     int kv_blocks;   /* KV cache blocks; 0 = from kv_bytes, else max_tokens * 4 slots */
@@ -32,9 +52,10 @@ struct cvlm_model_opts {
     int block_size;  /* slots per block; 0 = 16 */
     enum cvlm_rope_freq rope_freq;
     enum cvlm_backend_kind backend;
-    int threads; /* CPU: threads over all ranks; 0 = one per online core */
-    int tp;      /* tensor-parallel ranks; 0 = 1 */
-    int device;  /* CUDA: rank r runs on device + r */
+    int threads;        /* CPU: threads over all ranks; 0 = one per online core */
+    int tp;             /* tensor-parallel ranks; 0 = 1 */
+    int device;         /* CUDA: rank r runs on device + r */
+    int kv_cache_dtype; /* enum cvlm_kv_cache_dtype; 0: the backend's */
 };
 
 struct cvlm_model;
@@ -76,6 +97,8 @@ struct cvlm_backend *cvlm_model_backend(const struct cvlm_model *m);
 const struct cvlm_config *cvlm_model_config(const struct cvlm_model *m);
 /* KV cache bytes of one block on one rank (both K and V, all layers). */
 size_t cvlm_model_kv_block_bytes(const struct cvlm_model *m);
+/* The KV cache's element type (F32, F16 or BF16). */
+enum cvlm_dtype cvlm_model_kv_dtype(const struct cvlm_model *m);
 
 /* Image feature buffers (image_tokens x hidden on every rank); NULL if out of memory.
  * feats_bytes is what one takes on each rank. */

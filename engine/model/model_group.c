@@ -40,6 +40,7 @@ struct cvlm_model {
     struct cvlm_comm *comm[CVLM_MAX_TP];
     struct cvlm_rank *rank[CVLM_MAX_TP];
     size_t kv_block_bytes;
+    enum cvlm_dtype kv_dtype;
     /* workers (tp > 1) */
     pthread_t thread[CVLM_MAX_TP];
     int n_threads;
@@ -156,15 +157,30 @@ static int start_workers(struct cvlm_model *m)
     return 0;
 }
 
-/* Sizes the KV cache from a byte budget per rank. */
+/* Resolves the KV cache dtype (ro gets the explicit choice, which the ranks allocate) and
+ * sizes the cache from a byte budget per rank: a 16-bit cache holds twice the blocks. */
 static int kv_opts(struct cvlm_model *m, const struct cvlm_model_opts *o,
                    struct cvlm_model_opts *ro)
 {
     const struct cvlm_config *c = &m->w->cfg;
-    size_t es = cvlm_dtype_size(m->be[0]->act_dtype);
+    int cuda = o->backend == CVLM_BACKEND_CUDA, kd = o->kv_cache_dtype;
     size_t bs = (size_t)(o->block_size > 0 ? o->block_size : 16);
     *ro = *o;
-    m->kv_block_bytes = 2 * (size_t)c->num_layers * bs * (size_t)(c->hidden_size / m->tp) * es;
+    if (kd < CVLM_KV_DEFAULT || kd > CVLM_KV_BF16)
+        return cvlm_errf(CVLM_EINVAL, "kv_cache_dtype %d: 0 default, 1 f32, 2 f16, 3 bf16", kd);
+    if (kd == CVLM_KV_DEFAULT)
+        kd = cuda ? CVLM_KV_BF16 : CVLM_KV_CPU_DEFAULT;
+    if (cuda && kd != CVLM_KV_BF16)
+        return cvlm_errf(CVLM_EINVAL,
+                         "the CUDA backend's KV cache is BF16 only (kv_cache_dtype "
+                         "%s refused)",
+                         kd == CVLM_KV_F32 ? "f32" : "f16");
+    ro->kv_cache_dtype = kd;
+    m->kv_dtype = cvlm_model_kv_dtype_of(kd);
+    size_t es = cvlm_dtype_size(m->kv_dtype);
+    /* a slot holds the rank's KV heads only (GQA: fewer than its query heads) */
+    size_t kv_width = (size_t)(cvlm_config_kv_heads(c) * cvlm_config_head_dim(c) / m->tp);
+    m->kv_block_bytes = 2 * (size_t)c->num_layers * bs * kv_width * es;
     if (o->kv_blocks > 0 || !o->kv_bytes)
         return 0;
     size_t blocks = o->kv_bytes / m->kv_block_bytes;
@@ -257,6 +273,10 @@ const struct cvlm_config *cvlm_model_config(const struct cvlm_model *m)
 size_t cvlm_model_kv_block_bytes(const struct cvlm_model *m)
 {
     return m->kv_block_bytes;
+}
+enum cvlm_dtype cvlm_model_kv_dtype(const struct cvlm_model *m)
+{
+    return m->kv_dtype;
 }
 
 /* ---- image features ------------------------------------------------------------------ */

@@ -4,10 +4,12 @@
  *
  * Tensor parallelism (cogvlm-model.md §8): a rank holds H/tp heads and I/tp MLP columns
  * (weights_shard.c). Widths below: D, d the full hidden sizes; Dl = D/tp the rank's
- * attention width (its heads), Il = I/tp its MLP width, and likewise dl, Fl in the ViT.
+ * attention width (its heads), KVl = Hkv*hd/tp its KV width (= Dl unless the model has
+ * grouped-query attention, CogVLM2), Il = I/tp its MLP width, and likewise dl, Fl in the ViT.
  * Rows: T = max_tokens (n of them used in a step), N = num_patches + 1 ViT rows (CLS
- * first), np = num_patches. Every buffer's shape is written at struct cvlm_rank; the op
- * table checks them at entry in debug and sanitized builds (backend_check.h).
+ * first), np = num_patches, na = the adapter's rows (np, or CogVLM2's conv outputs np/4).
+ * Every buffer's shape is written at struct cvlm_rank; the op table checks them at entry
+ * in debug and sanitized builds (backend_check.h).
  * The residual stream x is full width and identical on all ranks; the row-parallel GEMMs
  * (dense, down, ViT dense and fc2) produce partial sums that one all-reduce completes
  * before they are added to it. With tp == 1 the all-reduce is a no-op.
@@ -24,6 +26,7 @@
 #include "engine/model/model_rank.h"
 
 #include "engine/error.h"
+#include "engine/model/vision2.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -42,9 +45,10 @@ struct cvlm_rank {
     char comm_err[256]; /* ... and where it was (file:line) */
     int rank, tp;
     int Dl, Hl, Il, dl, vHl, Fl; /* the rank's widths (see the top of the file) */
+    int Hkvl, KVl;               /* the rank's KV heads and their width (GQA) */
     int max_tokens, block_size, kv_blocks;
     float *inv_freq;          /* [head_dim/2] host */
-    struct cvlm_kv_layer *kv; /* [num_layers], k and v [kv_blocks, block_size, Dl] each */
+    struct cvlm_kv_layer *kv; /* [num_layers], k and v [kv_blocks, block_size, KVl] each */
     /* LM arena in backend memory; T = max_tokens, rows in permuted order (experts
      * grouped). Only the first n rows of a step are used. */
     void *x; /* [T, D] residual stream, full width on every rank */
@@ -52,7 +56,7 @@ struct cvlm_rank {
      * coming out (partial sums until the all-reduce); at the end the final-normed rows
      * whose logits are wanted */
     void *branch;
-    void *qkv;          /* [T, 3*Dl] this rank's heads, [q | k | v], RoPE'd in place */
+    void *qkv;          /* [T, Dl + 2*KVl] this rank's heads, [q | k | v], RoPE'd in place */
     void *attn_out;     /* [T, Dl] attention output of this rank's heads */
     void *mlp_gate;     /* [T, Il] gate(h), then silu(gate) * up in place */
     void *mlp_up;       /* [T, Il] up(h) */
@@ -72,10 +76,14 @@ struct cvlm_rank {
     void *vit_branch;
     void *vit_mlp;        /* [N, Fl] fc1, GELU in place */
     void *vit_patches;    /* [np, C*P*P] patchified pixels, the patch conv's GEMM input */
-    void *adapter_x;      /* [np, D] proj of the patch rows, LayerNorm'd and GELU'd in place */
-    void *adapter_gate;   /* [np, I] glu gate, then silu(gate) * up in place */
-    void *adapter_up;     /* [np, I] glu up */
+    void *adapter_x;      /* [na, D] proj of its input rows, LayerNorm'd and GELU'd in place */
+    void *adapter_gate;   /* [na, I] glu gate, then silu(gate) * up in place */
+    void *adapter_up;     /* [na, I] glu up */
     int32_t *vit_pos_ids; /* [N] host: 0..N-1, the position-embedding rows */
+    /* CogVLM2's conv (vision2.h): patch rows gathered per output token, and its output */
+    void *conv_in;      /* [na, 4*d] */
+    void *conv_out;     /* [na, d] */
+    int32_t *conv_rows; /* [4*na] host: the gather */
 };
 
 /* All-reduce of n activations across the ranks (engine/comm.h). Every rank calls it (a
@@ -125,25 +133,29 @@ static int init_inv_freq(struct cvlm_rank *m, enum cvlm_rope_freq mode)
     return 0;
 }
 
-static int alloc_lm(struct cvlm_rank *m)
+static int alloc_lm(struct cvlm_rank *m, enum cvlm_dtype kv_dtype)
 {
     const struct cvlm_config *c = m->c;
     size_t T = (size_t)m->max_tokens, D = (size_t)c->hidden_size, Dl = (size_t)m->Dl;
+    size_t KVl = (size_t)m->KVl;
     size_t Il = (size_t)m->Il, kv_rows = (size_t)m->kv_blocks * (size_t)m->block_size;
     int fail = 0;
-    m->x = arena(m, T, D, &fail);         /* [T, D] */
-    m->branch = arena(m, T, D, &fail);    /* [T, D] */
-    m->qkv = arena(m, T, 3 * Dl, &fail);  /* [T, 3*Dl] */
-    m->attn_out = arena(m, T, Dl, &fail); /* [T, Dl] */
-    m->mlp_gate = arena(m, T, Il, &fail); /* [T, Il] */
-    m->mlp_up = arena(m, T, Il, &fail);   /* [T, Il] */
-    if (m->rank == 0)                     /* the only rank with lm_head: [LOGIT_ROWS, V] */
+    m->x = arena(m, T, D, &fail);              /* [T, D] */
+    m->branch = arena(m, T, D, &fail);         /* [T, D] */
+    m->qkv = arena(m, T, Dl + 2 * KVl, &fail); /* [T, Dl + 2*KVl] */
+    m->attn_out = arena(m, T, Dl, &fail);      /* [T, Dl] */
+    m->mlp_gate = arena(m, T, Il, &fail);      /* [T, Il] */
+    m->mlp_up = arena(m, T, Il, &fail);        /* [T, Il] */
+    if (m->rank == 0)                          /* the only rank with lm_head: [LOGIT_ROWS, V] */
         m->logits_chunk = arena(m, LOGIT_ROWS, (size_t)c->vocab_size, &fail);
     m->kv = calloc((size_t)c->num_layers, sizeof(*m->kv));
     fail |= !m->kv;
+    size_t kv_bytes = kv_rows * KVl * cvlm_dtype_size(kv_dtype);
     for (int l = 0; !fail && l < c->num_layers; l++) {
-        m->kv[l].k = arena(m, kv_rows, Dl, &fail); /* [kv_blocks * block_size, Dl] */
-        m->kv[l].v = arena(m, kv_rows, Dl, &fail); /* [kv_blocks * block_size, Dl] */
+        m->kv[l].dtype = kv_dtype;
+        m->kv[l].k = m->op->alloc(m->be, kv_bytes); /* [kv_blocks * block_size, KVl] */
+        m->kv[l].v = m->op->alloc(m->be, kv_bytes); /* [kv_blocks * block_size, KVl] */
+        fail |= !m->kv[l].k || !m->kv[l].v;
     }
     int32_t **host[] = {&m->perm,  &m->inv,    &m->ids_p, &m->pos_p,
                         &m->seq_p, &m->slot_p, &m->img_p, &m->logit_rows}; /* [T] each */
@@ -161,6 +173,7 @@ static int alloc_vision(struct cvlm_rank *m)
     size_t np = (size_t)cvlm_config_num_patches(c), N = np + 1, d = (size_t)v->hidden_size;
     size_t D = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
     size_t patch_row = (size_t)(v->in_channels * v->patch_size * v->patch_size);
+    size_t na = (size_t)cvlm_config_vision_tokens(c);
     int fail = 0;
     m->vit_x = arena(m, N, d, &fail);                        /* [N, d] */
     m->vit_qkv = arena(m, N, 3 * (size_t)m->dl, &fail);      /* [N, 3*dl] */
@@ -168,12 +181,19 @@ static int alloc_vision(struct cvlm_rank *m)
     m->vit_branch = arena(m, N, d, &fail);                   /* [N, d] */
     m->vit_mlp = arena(m, N, (size_t)m->Fl, &fail);          /* [N, Fl] */
     m->vit_patches = arena(m, np, patch_row, &fail);         /* [np, C*P*P] */
-    m->adapter_x = arena(m, np, D, &fail);                   /* [np, D] */
-    m->adapter_gate = arena(m, np, I, &fail);                /* [np, I] */
-    m->adapter_up = arena(m, np, I, &fail);                  /* [np, I] */
+    m->adapter_x = arena(m, na, D, &fail);                   /* [na, D] */
+    m->adapter_gate = arena(m, na, I, &fail);                /* [na, I] */
+    m->adapter_up = arena(m, na, I, &fail);                  /* [na, I] */
     fail |= !(m->vit_pos_ids = malloc(N * sizeof(int32_t))); /* [N] host */
     for (size_t i = 0; !fail && i < N; i++)
         m->vit_pos_ids[i] = (int32_t)i;
+    if (!fail && cvlm_config_has_conv(c)) {
+        m->conv_in = arena(m, na, 4 * d, &fail);                    /* [na, 4*d] */
+        m->conv_out = arena(m, na, d, &fail);                       /* [na, d] */
+        fail |= !(m->conv_rows = malloc(4 * na * sizeof(int32_t))); /* [4*na] host */
+        if (!fail)
+            cvlm_vision2_conv_rows(v->image_size / v->patch_size, m->conv_rows);
+    }
     return fail ? cvlm_errf(CVLM_ENOMEM, "out of memory for the vision arena") : 0;
 }
 
@@ -229,6 +249,8 @@ int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be, struct
     m->tp = comm->size;
     m->Dl = m->c->hidden_size / m->tp;
     m->Hl = m->c->num_heads / m->tp;
+    m->Hkvl = cvlm_config_kv_heads(m->c) / m->tp;
+    m->KVl = m->Hkvl * cvlm_config_head_dim(m->c);
     m->Il = m->c->intermediate_size / m->tp;
     if (m->c->has_vision) {
         m->dl = m->c->vision.hidden_size / m->tp;
@@ -239,7 +261,10 @@ int cvlm_rank_create(struct cvlm_weights *shard, struct cvlm_backend *be, struct
     m->block_size = o->block_size > 0 ? o->block_size : 16;
     m->kv_blocks =
         o->kv_blocks > 0 ? o->kv_blocks : (m->max_tokens * 4 + m->block_size - 1) / m->block_size;
-    if ((rc = init_inv_freq(m, o->rope_freq)) || (rc = upload(m)) || (rc = alloc_lm(m)) ||
+    if ((rc = init_inv_freq(m, o->rope_freq)) || (rc = cvlm_vision2_prepare(shard)) ||
+        (rc = upload(m)) ||
+        (rc = alloc_lm(m, o->kv_cache_dtype ? cvlm_model_kv_dtype_of(o->kv_cache_dtype)
+                                            : m->be->act_dtype)) ||
         (rc = alloc_vision(m))) {
         cvlm_rank_destroy(m);
         return rc;
@@ -252,10 +277,10 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
 {
     if (!m)
         return;
-    void *dev[] = {m->x,           m->branch,       m->qkv,          m->attn_out,
-                   m->mlp_gate,    m->mlp_up,       m->logits_chunk, m->vit_x,
-                   m->vit_qkv,     m->vit_attn_out, m->vit_branch,   m->vit_mlp,
-                   m->vit_patches, m->adapter_x,    m->adapter_gate, m->adapter_up};
+    void *dev[] = {m->x,          m->branch,       m->qkv,         m->attn_out,  m->mlp_gate,
+                   m->mlp_up,     m->logits_chunk, m->vit_x,       m->vit_qkv,   m->vit_attn_out,
+                   m->vit_branch, m->vit_mlp,      m->vit_patches, m->adapter_x, m->adapter_gate,
+                   m->adapter_up, m->conv_in,      m->conv_out};
     for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
         if (dev[i])
             m->op->free(m->be, dev[i]);
@@ -266,8 +291,8 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
             m->op->free(m->be, m->kv[l].v);
     }
     free(m->kv);
-    void *host[] = {m->inv_freq, m->perm,  m->inv,        m->ids_p, m->pos_p,      m->seq_p,
-                    m->slot_p,   m->img_p, m->logit_rows, m->dbg,   m->vit_pos_ids};
+    void *host[] = {m->inv_freq, m->perm,  m->inv,        m->ids_p, m->pos_p,       m->seq_p,
+                    m->slot_p,   m->img_p, m->logit_rows, m->dbg,   m->vit_pos_ids, m->conv_rows};
     for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
         free(host[i]);
     free(m);
@@ -323,17 +348,17 @@ static void vit_layer(struct cvlm_rank *m, const struct cvlm_vit_layer *L, int N
     op->add(m->be, x, br, (size_t)N * d);
 }
 
-/* GLU adapter on the patch rows (CLS dropped): feats rows 1..np; boi/eoi around them. */
-static void adapter(struct cvlm_rank *m, void *feats, int np)
+/* GLU adapter on its np input rows `patches` [np, d] (the patch rows, CLS dropped, or
+ * CogVLM2's conv output): feats rows 1..np; boi/eoi around them. */
+static void adapter(struct cvlm_rank *m, void *feats, const void *patches, int np)
 {
     const struct cvlm_backend_i *op = m->op;
     const struct cvlm_weights *w = m->w;
     int d = m->c->vision.hidden_size, D = m->c->hidden_size, I = m->c->intermediate_size;
     int32_t zero = 0;
-    const void *patches = cvlm_be_row(m->be, m->vit_x, 1, (size_t)d); /* [np, d] */
-    void *h = m->adapter_x;                                           /* [np, D] */
-    void *gate = m->adapter_gate, *up = m->adapter_up;                /* [np, I] */
-    void *out = cvlm_be_row(m->be, feats, 1, (size_t)D);              /* [np, D] */
+    void *h = m->adapter_x;                              /* [np, D] */
+    void *gate = m->adapter_gate, *up = m->adapter_up;   /* [np, I] */
+    void *out = cvlm_be_row(m->be, feats, 1, (size_t)D); /* [np, D] */
     /* h = gelu(LN(proj(patches))); out = down(silu(gate(h)) * up(h)) */
     op->gemm(m->be, h, patches, d, &w->proj, NULL, np, D, d);
     /* norm1 uses PyTorch's default LayerNorm eps 1e-5, not the ViT's eps (spec §3.5) */
@@ -374,7 +399,16 @@ void cvlm_rank_encode_image(struct cvlm_rank *m, const float *pixels, struct cvl
         vit_layer(m, &w->vit[j], N);
     if (vit_out)
         op->to_host(m->be, vit_out, x, (size_t)N * d);
-    adapter(m, feats, np);
+    if (!cvlm_config_has_conv(m->c)) {
+        adapter(m, feats, x_patches, np);
+        return;
+    }
+    /* CogVLM2: 2x2 stride-2 conv over the patch grid (vision2.h), replicated on every
+     * rank: conv_out [na, d] = gather(x)[na, 4*d] . conv_w[d, 4*d]^T + conv_b */
+    int na = cvlm_config_vision_tokens(m->c);
+    op->copy_rows(m->be, m->conv_in, x, m->conv_rows, 4 * na, d);
+    op->gemm(m->be, m->conv_out, m->conv_in, 4 * d, &w->conv_w, &w->conv_b, na, d, 4 * d);
+    adapter(m, feats, m->conv_out, na);
 }
 
 /* ---- language model ------------------------------------------------------------------ */
@@ -424,16 +458,25 @@ static int permute(struct cvlm_rank *m, const struct cvlm_batch *b)
     return nl;
 }
 
-/* y = x . W[e]^T with the language weights on rows [0, nl) and vision on [nl, n). */
+/* y = x . W[e]^T (+ bias[e] where the expert has one: CogVLM2's vision QKV) with the
+ * language weights on rows [0, nl) and vision on [nl, n). */
+static void expert_gemm_b(struct cvlm_rank *m, void *y, const void *x, const struct cvlm_tensor *w,
+                          const struct cvlm_tensor *bias, int n, int nl, int N, int K)
+{
+    const struct cvlm_tensor *bl = bias ? opt(&bias[CVLM_EXPERT_LANG]) : NULL;
+    const struct cvlm_tensor *bv = bias ? opt(&bias[CVLM_EXPERT_VISION]) : NULL;
+    if (nl)
+        m->op->gemm(m->be, y, x, K, &w[CVLM_EXPERT_LANG], bl, nl, N, K);
+    if (n > nl)
+        m->op->gemm(m->be, cvlm_be_row(m->be, y, (size_t)nl, (size_t)N),
+                    cvlm_be_row(m->be, x, (size_t)nl, (size_t)K), K, &w[CVLM_EXPERT_VISION], bv,
+                    n - nl, N, K);
+}
+
 static void expert_gemm(struct cvlm_rank *m, void *y, const void *x, const struct cvlm_tensor *w,
                         int n, int nl, int N, int K)
 {
-    if (nl)
-        m->op->gemm(m->be, y, x, K, &w[CVLM_EXPERT_LANG], NULL, nl, N, K);
-    if (n > nl)
-        m->op->gemm(m->be, cvlm_be_row(m->be, y, (size_t)nl, (size_t)N),
-                    cvlm_be_row(m->be, x, (size_t)nl, (size_t)K), K, &w[CVLM_EXPERT_VISION], NULL,
-                    n - nl, N, K);
+    expert_gemm_b(m, y, x, w, NULL, n, nl, N, K);
 }
 
 /* Debug hook: the residual stream of the permuted rows, handed over in batch order. */
@@ -474,21 +517,22 @@ static void decoder_layer(struct cvlm_rank *m, int l, const struct cvlm_attn_bat
     const struct cvlm_backend_i *op = m->op;
     const struct cvlm_lm_layer *L = &m->w->layers[l];
     int n = ab->n_tokens, D = m->c->hidden_size, Dl = m->Dl, Il = m->Il, H = m->Hl;
-    int hd = D / m->c->num_heads, S = 3 * Dl;       /* S: the row stride of q, k and v */
-    void *x = m->x;                                 /* [n, D] residual stream */
-    void *h = m->branch;                            /* [n, D] sub-layer input, then output */
-    void *q = m->qkv;                               /* [n, Dl] rows S apart */
-    void *k = cvlm_be_row(m->be, q, 1, (size_t)Dl); /* [n, Dl] rows S apart */
-    void *v = cvlm_be_row(m->be, q, 2, (size_t)Dl); /* [n, Dl] rows S apart */
-    void *att = m->attn_out;                        /* [n, Dl] */
-    void *gate = m->mlp_gate, *up = m->mlp_up;      /* [n, Il] each */
+    int Hkv = m->Hkvl, KVl = m->KVl;
+    int hd = D / m->c->num_heads, S = Dl + 2 * KVl;  /* S: the row stride of q, k and v */
+    void *x = m->x;                                  /* [n, D] residual stream */
+    void *h = m->branch;                             /* [n, D] sub-layer input, then output */
+    void *q = m->qkv;                                /* [n, Dl] rows S apart */
+    void *k = cvlm_be_row(m->be, q, 1, (size_t)Dl);  /* [n, KVl] rows S apart */
+    void *v = cvlm_be_row(m->be, k, 1, (size_t)KVl); /* [n, KVl] rows S apart */
+    void *att = m->attn_out;                         /* [n, Dl] */
+    void *gate = m->mlp_gate, *up = m->mlp_up;       /* [n, Il] each */
     /* attention: qkv = W_qkv[e] h per expert; RoPE on q and k; cache k, v; attend over
      * the cache; h = dense[e] att, partial sums all-reduced across ranks */
-    expert_gemm(m, q, h, L->qkv, n, nl, S, D);
+    expert_gemm_b(m, q, h, L->qkv, L->qkv_b, n, nl, S, D);
     op->rope(m->be, q, S, m->pos_p, n, H, hd, m->inv_freq);
-    op->rope(m->be, k, S, m->pos_p, n, H, hd, m->inv_freq);
-    op->kv_write(m->be, &m->kv[l], k, v, S, ab, H, hd);
-    op->attention_paged(m->be, att, q, S, &m->kv[l], ab, H, hd);
+    op->rope(m->be, k, S, m->pos_p, n, Hkv, hd, m->inv_freq);
+    op->kv_write(m->be, &m->kv[l], k, v, S, ab, Hkv, hd);
+    op->attention_paged(m->be, att, q, S, &m->kv[l], ab, H, hd); /* ab: Hkv KV heads */
     expert_gemm(m, h, att, L->dense, n, nl, D, Dl);
     ALLREDUCE(m, h, (size_t)n * D);
     add_norm(m, h, x, h, &L->post_norm, n); /* x += h; h = RMS(x) */
@@ -547,7 +591,7 @@ static void logits_out(struct cvlm_rank *m, const struct cvlm_batch *b, float *l
 void cvlm_rank_forward(struct cvlm_rank *m, const struct cvlm_batch *b, float *logits)
 {
     int D = m->c->hidden_size, n = b->n_tokens, nl = permute(m, b);
-    struct cvlm_attn_batch ab = {n, m->seq_p, m->slot_p, b->seqs, m->block_size};
+    struct cvlm_attn_batch ab = {n, m->seq_p, m->slot_p, b->seqs, m->block_size, m->Hkvl};
     /* x [n, D] = embeddings (image slots: their feature rows); h = RMS(x) for layer 0 */
     m->op->embed(m->be, m->x, &m->w->embed, m->ids_p, n, D);
     splice_image(m, b, n);

@@ -100,26 +100,64 @@ static int parse_template(json_t *root, enum cvlm_template *t)
     return 0;
 }
 
+/* eos_token_id: one id or a list of them (CogVLM2: [128001, 128009]). */
+static int parse_eos(json_t *r, struct cvlm_config *c)
+{
+    json_t *v = json_object_get(r, "eos_token_id"), *e;
+    size_t i;
+    if (!json_is_array(v)) {
+        int rc = get_int(r, "eos_token_id", 2, 0, 1 << 22, &c->eos_token_id);
+        c->eos_ids[0] = c->eos_token_id;
+        c->n_eos = 1;
+        return rc;
+    }
+    if (json_array_size(v) < 1 || json_array_size(v) > CVLM_MAX_EOS)
+        return cvlm_errf(CVLM_EFORMAT, "config.json: eos_token_id: 1..%d ids", CVLM_MAX_EOS);
+    json_array_foreach (v, i, e) {
+        if (!json_is_integer(e) || json_integer_value(e) < 0 || json_integer_value(e) >= 1 << 22)
+            return cvlm_errf(CVLM_EFORMAT, "config.json: eos_token_id: a list of token ids");
+        c->eos_ids[c->n_eos++] = (int)json_integer_value(e);
+    }
+    c->eos_token_id = c->eos_ids[0];
+    return 0;
+}
+
+/* CogVLM2 (cogvlm-model.md §9): GQA with num_multi_query_heads KV heads, RoPE base 500000
+ * unless the config names one. */
+static int parse_variant(json_t *r, struct cvlm_config *c)
+{
+    int rc;
+    if (!json_object_get(r, "num_multi_query_heads"))
+        return 0;
+    c->variant = CVLM_VARIANT_COGVLM2;
+    if ((rc = get_int(r, "num_multi_query_heads", -1, 1, 1024, &c->num_kv_heads)))
+        return rc;
+    if (c->num_heads % c->num_kv_heads)
+        return cvlm_errf(CVLM_EFORMAT,
+                         "config.json: %d attention heads not a multiple of %d KV heads",
+                         c->num_heads, c->num_kv_heads);
+    return 0;
+}
+
 static int parse_root(json_t *r, struct cvlm_config *c)
 {
     json_t *vis = json_object_get(r, "vision_config");
     int rc;
     memset(c, 0, sizeof(*c));
-    if (json_object_get(r, "num_multi_query_heads"))
-        return cvlm_errf(CVLM_EUNSUPPORTED, "config.json: CogVLM2 (GQA) checkpoints are not "
-                                            "supported yet");
     if ((rc = get_int(r, "vocab_size", -1, 3, 1 << 22, &c->vocab_size)) ||
         (rc = get_int(r, "hidden_size", -1, 1, 65536, &c->hidden_size)) ||
         (rc = get_int(r, "intermediate_size", -1, 1, 1 << 20, &c->intermediate_size)) ||
         (rc = get_int(r, "num_hidden_layers", -1, 1, 1024, &c->num_layers)) ||
         (rc = get_int(r, "num_attention_heads", -1, 1, 1024, &c->num_heads)) ||
+        (rc = parse_variant(r, c)) ||
         (rc = get_int(r, "max_position_embeddings", 2048, 1, 1 << 24,
                       &c->max_position_embeddings)) ||
         (rc = get_int(r, "bos_token_id", 1, 0, 1 << 22, &c->bos_token_id)) ||
-        (rc = get_int(r, "eos_token_id", 2, 0, 1 << 22, &c->eos_token_id)) ||
+        (rc = parse_eos(r, c)) ||
         (rc = get_int(r, "pad_token_id", 0, 0, 1 << 22, &c->pad_token_id)) ||
         (rc = get_float(r, "rms_norm_eps", 1e-6, 0, 1, &c->rms_norm_eps)) ||
-        (rc = get_float(r, "rope_theta", 10000.0, 1, 1e9, &c->rope_theta)) ||
+        (rc = get_float(r, "rope_theta", c->variant == CVLM_VARIANT_COGVLM2 ? 500000.0 : 10000.0, 1,
+                        1e9, &c->rope_theta)) ||
         (rc = parse_template(r, &c->template_version)))
         return rc;
     if (c->hidden_size % c->num_heads || (c->hidden_size / c->num_heads) % 2)
@@ -127,13 +165,20 @@ static int parse_root(json_t *r, struct cvlm_config *c)
                          "config.json: hidden_size %d / %d heads must be an even "
                          "head size",
                          c->hidden_size, c->num_heads);
-    if (c->bos_token_id >= c->vocab_size || c->eos_token_id >= c->vocab_size ||
-        c->pad_token_id >= c->vocab_size)
+    int bad_eos = 0;
+    for (int i = 0; i < c->n_eos; i++)
+        bad_eos |= c->eos_ids[i] >= c->vocab_size;
+    if (c->bos_token_id >= c->vocab_size || bad_eos || c->pad_token_id >= c->vocab_size)
         return cvlm_errf(CVLM_EFORMAT, "config.json: special token id beyond vocab_size %d",
                          c->vocab_size);
     if (vis && !json_is_null(vis)) {
         c->has_vision = 1;
-        return parse_vision(vis, &c->vision);
+        if ((rc = parse_vision(vis, &c->vision)))
+            return rc;
+        if (cvlm_config_has_conv(c) && (c->vision.image_size / c->vision.patch_size) % 2)
+            return cvlm_errf(CVLM_EFORMAT,
+                             "config.json: CogVLM2's 2x2 conv needs an even patch grid, not %d",
+                             c->vision.image_size / c->vision.patch_size);
     }
     return 0;
 }
@@ -198,7 +243,7 @@ static int visit_lm_layer(struct visit *v, const struct cvlm_config *c, struct c
 {
     static const char *const ex[2] = {"language", "vision"};
     static const char *const mlp[2] = {"language_mlp", "vision_mlp"};
-    const int64_t D = c->hidden_size, I = c->intermediate_size;
+    const int64_t D = c->hidden_size, I = c->intermediate_size, Q = cvlm_config_qkv_rows(c);
     const char *p = "model.layers";
     int rc;
     if ((rc = V1(&l->input_norm, D, "%s.%d.input_layernorm.weight", p, i)) ||
@@ -207,7 +252,7 @@ static int visit_lm_layer(struct visit *v, const struct cvlm_config *c, struct c
                   "%s.%d.self_attn.rotary_emb.inv_freq", p, i)))
         return rc;
     for (int e = 0; e < (c->has_vision ? 2 : 1); e++) {
-        if ((rc = V2(&l->qkv[e], 3 * D, D, "%s.%d.self_attn.%s_expert_query_key_value.weight", p, i,
+        if ((rc = V2(&l->qkv[e], Q, D, "%s.%d.self_attn.%s_expert_query_key_value.weight", p, i,
                      ex[e])) ||
             (rc = V2(&l->dense[e], D, D, "%s.%d.self_attn.%s_expert_dense.weight", p, i, ex[e])) ||
             (rc = V2(&l->gate[e], I, D, "%s.%d.mlp.%s.gate_proj.weight", p, i, mlp[e])) ||
@@ -215,6 +260,10 @@ static int visit_lm_layer(struct visit *v, const struct cvlm_config *c, struct c
             (rc = V2(&l->down[e], D, I, "%s.%d.mlp.%s.down_proj.weight", p, i, mlp[e])))
             return rc;
     }
+    /* CogVLM2: the vision expert's QKV has a bias, the language expert's none (§9) */
+    if (c->has_vision && c->variant == CVLM_VARIANT_COGVLM2)
+        return V1(&l->qkv_b[CVLM_EXPERT_VISION], Q,
+                  "%s.%d.self_attn.vision_expert_query_key_value.bias", p, i);
     return 0;
 }
 
@@ -251,6 +300,10 @@ static int visit_vision(struct visit *v, struct cvlm_weights *w)
         (rc = V1(&w->patch_b, d, "%s.proj.bias", pe)) ||
         (rc = V2(&w->cls, 1, d, "%s.cls_embedding", pe)) ||
         (rc = V2(&w->pos, vc->num_positions, d, "%s.position_embedding.weight", pe)))
+        return rc;
+    if (cvlm_config_has_conv(c) &&
+        ((rc = vis(v, &w->conv_w, 0, 4, d, d, 2, 2, "model.vision.conv.weight")) ||
+         (rc = V1(&w->conv_b, d, "model.vision.conv.bias"))))
         return rc;
     for (int j = 0; j < vc->num_layers; j++)
         if ((rc = visit_vit_layer(v, vc, &w->vit[j], j)))

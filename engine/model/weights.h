@@ -17,6 +17,14 @@
 
 enum cvlm_template { CVLM_TEMPLATE_BASE = 0, CVLM_TEMPLATE_CHAT = 1, CVLM_TEMPLATE_VQA = 2 };
 
+/* The checkpoint family (cogvlm-model.md §9). CogVLM2 (cogvlm2-llama3-*), recognised by
+ * `num_multi_query_heads` in config.json: GQA, a bias on the vision expert's QKV, RoPE
+ * base 500000, several EOS ids, and a 2x2 stride-2 conv between the ViT and the adapter
+ * (image slots = (grid/2)^2 + 2). */
+enum cvlm_variant { CVLM_VARIANT_COGVLM = 0, CVLM_VARIANT_COGVLM2 = 1 };
+
+#define CVLM_MAX_EOS 8
+
 struct cvlm_vision_config {
     int image_size, patch_size, in_channels;
     int hidden_size, num_heads, num_layers, intermediate_size, num_positions;
@@ -24,11 +32,14 @@ struct cvlm_vision_config {
 };
 
 struct cvlm_config {
+    enum cvlm_variant variant;
     int vocab_size, hidden_size, intermediate_size, num_layers, num_heads;
+    int num_kv_heads; /* GQA: KV heads; 0 means num_heads (use cvlm_config_kv_heads) */
     int max_position_embeddings;
     float rms_norm_eps;
     float rope_theta;
-    int bos_token_id, eos_token_id, pad_token_id;
+    int bos_token_id, eos_token_id, pad_token_id; /* eos_token_id: the first of eos_ids */
+    int eos_ids[CVLM_MAX_EOS], n_eos;             /* every id that ends generation (>= 1) */
     enum cvlm_template template_version;
     int has_vision; /* 0 for a text-only (plain LLaMA-shaped) checkpoint */
     struct cvlm_vision_config vision;
@@ -44,15 +55,50 @@ static inline int cvlm_config_head_dim(const struct cvlm_config *c)
 {
     return c->hidden_size / c->num_heads;
 }
+static inline int cvlm_config_kv_heads(const struct cvlm_config *c)
+{
+    return c->num_kv_heads > 0 ? c->num_kv_heads : c->num_heads;
+}
+/* Rows of the fused QKV of an expert: [Q heads | K kv heads | V kv heads]. */
+static inline int cvlm_config_qkv_rows(const struct cvlm_config *c)
+{
+    return c->hidden_size + 2 * cvlm_config_kv_heads(c) * cvlm_config_head_dim(c);
+}
+/* ViT patches (its rows minus CLS). */
 static inline int cvlm_config_num_patches(const struct cvlm_config *c)
 {
     int g = c->vision.image_size / c->vision.patch_size;
     return g * g;
 }
-/* LM slots one image takes: boi + patches + eoi (1227 for the 490 models). */
+/* The 2x2 stride-2 conv after the ViT (CogVLM2). */
+static inline int cvlm_config_has_conv(const struct cvlm_config *c)
+{
+    return c->has_vision && c->variant == CVLM_VARIANT_COGVLM2;
+}
+/* Rows the adapter sees: the patches, or the conv's (grid/2)^2 outputs. */
+static inline int cvlm_config_vision_tokens(const struct cvlm_config *c)
+{
+    return cvlm_config_has_conv(c) ? cvlm_config_num_patches(c) / 4 : cvlm_config_num_patches(c);
+}
+/* LM slots one image takes: boi + vision tokens + eoi (1227 for the 490 models, 2306 for
+ * CogVLM2's 1344). */
 static inline int cvlm_config_image_tokens(const struct cvlm_config *c)
 {
-    return c->has_vision ? cvlm_config_num_patches(c) + 2 : 0;
+    return c->has_vision ? cvlm_config_vision_tokens(c) + 2 : 0;
+}
+/* 1 if id ends generation (any of the EOS ids). */
+static inline int cvlm_config_is_eos(const struct cvlm_config *c, int id)
+{
+    if (c->n_eos <= 0)
+        return id == c->eos_token_id;
+    for (int i = 0; i < c->n_eos; i++)
+        if (c->eos_ids[i] == id)
+            return 1;
+    return 0;
+}
+static inline const char *cvlm_variant_name(enum cvlm_variant v)
+{
+    return v == CVLM_VARIANT_COGVLM2 ? "cogvlm2" : "cogvlm";
 }
 
 /* Index into the per-expert arrays of a decoder layer. */
@@ -60,7 +106,8 @@ enum { CVLM_EXPERT_LANG = 0, CVLM_EXPERT_VISION = 1 };
 
 struct cvlm_lm_layer {
     struct cvlm_tensor input_norm, post_norm; /* [D] */
-    struct cvlm_tensor qkv[2];                /* [3D, D] */
+    struct cvlm_tensor qkv[2];                /* [D + 2*Hkv*hd, D] */
+    struct cvlm_tensor qkv_b[2];              /* CogVLM2: vision [D + 2*Hkv*hd]; else absent */
     struct cvlm_tensor dense[2];              /* [D, D] */
     struct cvlm_tensor gate[2], up[2];        /* [I, D] */
     struct cvlm_tensor down[2];               /* [D, I] */
@@ -88,6 +135,7 @@ struct cvlm_weights {
     struct cvlm_tensor patch_b;                  /* [d] */
     struct cvlm_tensor cls;                      /* [1, d] */
     struct cvlm_tensor pos;                      /* [num_positions, d] */
+    struct cvlm_tensor conv_w, conv_b;           /* CogVLM2: [d, d, 2, 2], [d] */
     struct cvlm_vit_layer *vit;                  /* [vision.num_layers] */
     struct cvlm_tensor proj;                     /* [D, d] */
     struct cvlm_tensor proj_norm_w, proj_norm_b; /* [D] */

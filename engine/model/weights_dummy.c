@@ -229,6 +229,14 @@ static int write_one(void *ctx, const char *name, struct cvlm_tensor *slot, int 
 static int write_config(const struct cvlm_config *c, const char *path)
 {
     static const char *const tmpl[] = {"base", "chat", "vqa"};
+    char eos[16 * CVLM_MAX_EOS + 4] = "";
+    size_t at = 0;
+    for (int i = 0; i < c->n_eos && c->n_eos > 1; i++) /* a list (CogVLM2), else one id */
+        at += (size_t)snprintf(eos + at, sizeof(eos) - at, "%s%d", i ? ", " : "[", c->eos_ids[i]);
+    if (c->n_eos > 1)
+        snprintf(eos + at, sizeof(eos) - at, "]");
+    else
+        snprintf(eos, sizeof(eos), "%d", c->eos_token_id);
     FILE *f = fopen(path, "w");
     if (!f)
         return cvlm_errf(CVLM_EIO, "%s: cannot create", path);
@@ -238,11 +246,13 @@ static int write_config(const struct cvlm_config *c, const char *path)
             "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"intermediate_size\": %d,\n"
             "  \"num_hidden_layers\": %d,\n  \"num_attention_heads\": %d,\n"
             "  \"max_position_embeddings\": %d,\n  \"rms_norm_eps\": %.9g,\n"
-            "  \"rope_theta\": %.9g,\n  \"bos_token_id\": %d,\n  \"eos_token_id\": %d,\n"
+            "  \"rope_theta\": %.9g,\n  \"bos_token_id\": %d,\n  \"eos_token_id\": %s,\n"
             "  \"pad_token_id\": %d,\n  \"template_version\": \"%s\"",
             c->vocab_size, c->hidden_size, c->intermediate_size, c->num_layers, c->num_heads,
             c->max_position_embeddings, (double)c->rms_norm_eps, (double)c->rope_theta,
-            c->bos_token_id, c->eos_token_id, c->pad_token_id, tmpl[c->template_version]);
+            c->bos_token_id, eos, c->pad_token_id, tmpl[c->template_version]);
+    if (c->variant == CVLM_VARIANT_COGVLM2) /* what makes config.json a CogVLM2 one */
+        fprintf(f, ",\n  \"num_multi_query_heads\": %d", cvlm_config_kv_heads(c));
     if (c->has_vision) {
         const struct cvlm_vision_config *v = &c->vision;
         fprintf(f,

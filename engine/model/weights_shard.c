@@ -2,15 +2,16 @@
  *
  * Splits, per rank r of tp:
  * - column-parallel (output rows of W [N, K]): the LM's fused QKV of both experts (by
- *   heads: rows of the Q, K and V blocks for heads [r*H/tp, (r+1)*H/tp), kept as
- *   [q_r | k_r | v_r]), gate and up of both experts, the ViT's QKV (+ bias, same split)
+ *   heads: rows of the Q block for heads [r*H/tp, (r+1)*H/tp) and of the K and V blocks
+ *   for KV heads [r*Hkv/tp, (r+1)*Hkv/tp), kept as [q_r | k_r | v_r]; CogVLM2's vision-
+ *   expert QKV bias the same way), gate and up of both experts, the ViT's QKV (+ bias, same split)
  *   and fc1 (+ bias);
  * - row-parallel (input columns of W): both experts' dense and down, the ViT's dense and
  *   fc2, whose partial products the model sums with one all-reduce; their biases stay on
  *   rank 0 only, so the sum adds them once;
- * - replicated: embeddings, norms, the patch conv, CLS/positions, the GLU adapter, boi/
- *   eoi (as lmdeploy does; the adapter is ~2 % of the ViT's FLOPs); lm_head on rank 0 only
- *   (the only rank that samples).
+ * - replicated: embeddings, norms, the patch conv, CogVLM2's 2x2 conv, CLS/positions, the
+ *   GLU adapter, boi/eoi (as lmdeploy does; the adapter is ~2 % of the ViT's FLOPs);
+ *   lm_head on rank 0 only (the only rank that samples).
  * A contiguous row range is a view into the source; QKV row blocks and column slices are
  * copied into buffers the shard owns. Quantized matrices split with their scales: rows
  * take their rows of scales; a column split keeps Q8's per-row scales and takes Q4's
@@ -89,6 +90,47 @@ static void split_rows(struct shard *s, struct cvlm_tensor *t, int blocks)
     t->data = dst;
 }
 
+/* Rank r's rows of each of `nb` row blocks of sizes rows[i] (each split by tp), stacked,
+ * from src rows of row_bytes; a buffer the shard owns. */
+static const void *blocks_of(struct shard *s, const unsigned char *src, const int64_t *rows, int nb,
+                             size_t row_bytes)
+{
+    int64_t total = 0, at = 0;
+    for (int b = 0; b < nb; b++)
+        total += rows[b] / s->tp;
+    unsigned char *dst = own(s, (size_t)total * row_bytes), *o = dst;
+    for (int b = 0; dst && b < nb; b++) {
+        int64_t take = rows[b] / s->tp;
+        memcpy(o, src + (size_t)(at + s->rank * take) * row_bytes, (size_t)take * row_bytes);
+        o += (size_t)take * row_bytes;
+        at += rows[b];
+    }
+    return dst;
+}
+
+/* A fused QKV (weight [Q + 2 KV, K] or bias [Q + 2 KV]) whose K and V blocks may be
+ * narrower than Q (GQA): rank r keeps its query heads' rows of Q and its KV heads' rows
+ * of K and V, as [q_r | k_r | v_r]. Equal blocks are split_rows(t, 3). */
+static void split_qkv(struct shard *s, struct cvlm_tensor *t, int64_t q_rows)
+{
+    int64_t kv = (t->shape[0] - q_rows) / 2, rows[3] = {q_rows, kv, kv};
+    size_t row_bytes = cvlm_dtype_size(t->dtype);
+    if (kv == q_rows) {
+        split_rows(s, t, 3);
+        return;
+    }
+    for (int i = 1; i < t->ndim; i++)
+        row_bytes *= (size_t)t->shape[i];
+    if (t->data && cvlm_dtype_is_quant(t->dtype)) {
+        t->data = blocks_of(s, t->data, rows, 3, cvlm_dtype_bytes(t->dtype, (size_t)t->shape[1]));
+        t->scales = blocks_of(s, (const unsigned char *)t->scales, rows, 3,
+                              (size_t)cvlm_quant_groups(t) * sizeof(float));
+    } else if (t->data) {
+        t->data = blocks_of(s, t->data, rows, 3, row_bytes);
+    }
+    t->shape[0] = (q_rows + 2 * kv) / s->tp;
+}
+
 /* Columns [r*K/tp, (r+1)*K/tp) of a quantized [N, K] matrix: Q8's per-row scales stay
  * (the same view), Q4's groups go with their columns and must not be cut. */
 static void split_cols_quant(struct shard *s, struct cvlm_tensor *t, const char *name)
@@ -144,8 +186,11 @@ static void rank0_only(struct shard *s, struct cvlm_tensor *t)
 
 static void shard_lm(struct shard *s, struct cvlm_lm_layer *L)
 {
+    int64_t q_rows = s->w->cfg.hidden_size;
     for (int e = 0; e < 2; e++) {
-        split_rows(s, &L->qkv[e], 3);
+        split_qkv(s, &L->qkv[e], q_rows);
+        if (L->qkv_b[e].ndim) /* CogVLM2's vision-expert bias: the same rows */
+            split_qkv(s, &L->qkv_b[e], q_rows);
         split_cols(s, &L->dense[e], "dense");
         split_rows(s, &L->gate[e], 1);
         split_rows(s, &L->up[e], 1);
@@ -169,11 +214,11 @@ int cvlm_weights_check_tp(const struct cvlm_config *c, int tp)
 {
     if (tp < 1 || tp > CVLM_MAX_TP)
         return cvlm_errf(CVLM_EINVAL, "tensor parallelism %d: must be 1..%d", tp, CVLM_MAX_TP);
-    if (c->num_heads % tp || c->intermediate_size % tp)
+    if (c->num_heads % tp || cvlm_config_kv_heads(c) % tp || c->intermediate_size % tp)
         return cvlm_errf(CVLM_EINVAL,
                          "tensor parallelism %d does not divide the language model "
-                         "(%d heads, MLP width %d)",
-                         tp, c->num_heads, c->intermediate_size);
+                         "(%d query heads, %d KV heads, MLP width %d)",
+                         tp, c->num_heads, cvlm_config_kv_heads(c), c->intermediate_size);
     if (c->has_vision && (c->vision.num_heads % tp || c->vision.intermediate_size % tp))
         return cvlm_errf(CVLM_EINVAL,
                          "tensor parallelism %d does not divide the vision tower "

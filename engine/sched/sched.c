@@ -498,7 +498,7 @@ static void next_token(struct cvlm_engine *e, struct cvlm_request *r, float *row
         return;
     }
     e->st.generation_tokens++;
-    if ((!r->ignore_eos && id == c->eos_token_id) || is_stop_id(r, id)) {
+    if ((!r->ignore_eos && cvlm_config_is_eos(c, id)) || is_stop_id(r, id)) {
         finish(e, r, CVLM_FINISH_STOP, NULL);
         return;
     }

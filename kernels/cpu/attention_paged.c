@@ -10,6 +10,12 @@
  * Every other token takes the per-token path: scores block by block (a block's slots are
  * contiguous), softmax, weighted sum of the values, with the vector helpers. Both are F32
  * with a two-pass softmax whose normalisation is applied to the output.
+ * Grouped-query attention (b->n_kv_heads < n_heads): the cache holds Hkv heads per slot and
+ * query head h reads KV head h / (H / Hkv) in place; the blocked path packs each (run, KV
+ * head) once and every query head of its group reads that pack.
+ * The cache is F32, F16 or BF16 (kv->dtype): kv_write rounds the rows to it; the per-token
+ * path widens 16-bit keys and values in registers (scores16 / pv16), the blocked path while
+ * packing, so everything after the loads is the same F32 arithmetic for every dtype.
  */
 #include "kernels/cpu/cpu.h"
 
@@ -29,13 +35,12 @@ void cvlm_cpu_kv_write(struct cvlm_backend *be, struct cvlm_kv_layer *kv, const 
                        int head_dim)
 {
     int width = n_heads * head_dim;
-    (void)be;
+    size_t es = cvlm_dtype_size(kv->dtype);
+    const struct cpu_vec_ops *vec = cpu_of(be)->vec;
     for (int t = 0; t < b->n_tokens; t++) {
-        size_t off = slot_offset(b, b->seq[t], b->slot[t], width);
-        memcpy((float *)kv->k + off, (const float *)k + (size_t)t * stride,
-               (size_t)width * sizeof(float));
-        memcpy((float *)kv->v + off, (const float *)v + (size_t)t * stride,
-               (size_t)width * sizeof(float));
+        size_t off = slot_offset(b, b->seq[t], b->slot[t], width) * es;
+        vec->narrow((char *)kv->k + off, (const float *)k + (size_t)t * stride, width, kv->dtype);
+        vec->narrow((char *)kv->v + off, (const float *)v + (size_t)t * stride, width, kv->dtype);
     }
 }
 
@@ -50,6 +55,7 @@ struct paged_job {
     float *out;
     const float *q;
     int stride, H, hd, width, nvp;
+    int Hkv, kvw, group; /* KV heads, the cache's row width Hkv * hd, H / Hkv */
     float scale;
     const struct cvlm_kv_layer *kv;
     const struct cvlm_attn_batch *b;
@@ -92,22 +98,32 @@ static void token_task(void *ctx, int task, int thread)
     int h = task / j->n_left, t = task % j->n_left, n;
     t = j->tokens ? j->tokens[t] : t;
     n = b->slot[t] + 1;
-    int bs = b->block_size, width = j->width;
+    int bs = b->block_size, width = j->kvw;
     const int32_t *table = b->seqs[b->seq[t]].block_table;
     const float *q = j->q + (size_t)t * j->stride + (size_t)h * j->hd;
-    const float *kb = (const float *)j->kv->k + (size_t)h * j->hd;
-    const float *vb = (const float *)j->kv->v + (size_t)h * j->hd;
-    float *o = j->out + (size_t)t * width + (size_t)h * j->hd;
+    enum cvlm_dtype dt = j->kv->dtype;
+    size_t head = (size_t)(h / j->group) * j->hd; /* this query head's KV head */
+    const float *kb = (const float *)j->kv->k + head, *vb = (const float *)j->kv->v + head;
+    const uint16_t *kh = (const uint16_t *)j->kv->k + head, *vh = (const uint16_t *)j->kv->v + head;
+    float *o = j->out + (size_t)t * j->width + (size_t)h * j->hd;
     float *p = j->scratch + (size_t)thread * j->max_ctx;
     for (int s0 = 0; s0 < n; s0 += bs) {
         size_t at = (size_t)table[s0 / bs] * bs * width;
-        j->vec->scores(p + s0, q, kb + at, width, n - s0 < bs ? n - s0 : bs, j->hd, j->scale);
+        int cnt = n - s0 < bs ? n - s0 : bs;
+        if (dt == CVLM_DTYPE_F32)
+            j->vec->scores(p + s0, q, kb + at, width, cnt, j->hd, j->scale);
+        else
+            j->vec->scores16(p + s0, q, kh + at, width, cnt, j->hd, j->scale, dt);
     }
     float sum = j->vec->exp_sum(p, n, cvlm_cpu_max_of(p, n));
     memset(o, 0, (size_t)j->hd * sizeof(float));
     for (int s0 = 0; s0 < n; s0 += bs) {
         size_t at = (size_t)table[s0 / bs] * bs * width;
-        j->vec->pv(o, p + s0, vb + at, width, n - s0 < bs ? n - s0 : bs, j->hd);
+        int cnt = n - s0 < bs ? n - s0 : bs;
+        if (dt == CVLM_DTYPE_F32)
+            j->vec->pv(o, p + s0, vb + at, width, cnt, j->hd);
+        else
+            j->vec->pv16(o, p + s0, vh + at, width, cnt, j->hd, dt);
     }
     cvlm_cpu_scale_out(o, j->hd, sum);
 }
@@ -115,16 +131,20 @@ static void token_task(void *ctx, int task, int thread)
 /* ---- blocked path ---------------------------------------------------------------------- */
 
 /* kp[p][d][c] = K[slot p * NR + c][h * hd + d] (0 past the last key); vp[p][s][c] =
- * V[slot s][h * hd + p * NR + c] (0 past hd). Slots are gathered block by block. */
+ * V[slot s][h * hd + p * NR + c] (0 past hd). Slots are gathered block by block; a 16-bit
+ * cache's key rows are widened into the thread's tls area first (up to 16 rows of hd), its
+ * value rows straight into the panels. */
 static void pack_task(void *ctx, int task, int thread)
 {
     struct paged_job *j = ctx;
-    const struct run *r = &j->runs[task / j->H];
-    int h = task % j->H, nk = keys_of(r), bs = j->b->block_size, hd = j->hd;
+    const struct run *r = &j->runs[task / j->Hkv];
+    int h = task % j->Hkv, nk = keys_of(r), bs = j->b->block_size, hd = j->hd; /* KV head */
     const int32_t *table = j->b->seqs[r->seq].block_table;
     float *kp = j->pack + r->kp + (size_t)h * kp_size(j, r);
     float *vp = j->pack + r->vp + (size_t)h * vp_size(j, r);
-    (void)thread;
+    float *wide = j->tls + (size_t)thread * j->tls_stride; /* [16][hd] */
+    enum cvlm_dtype dt = j->kv->dtype;
+    size_t es = cvlm_dtype_size(dt);
     if (nk % GEMM_NR) /* the last panel's columns past the keys */
         memset(kp + (size_t)(nk / GEMM_NR) * hd * GEMM_NR, 0, (size_t)hd * GEMM_NR * 4);
     for (int s = 0; s < nk;) {
@@ -132,15 +152,27 @@ static void pack_task(void *ctx, int task, int thread)
         cnt = cnt < GEMM_NR - c0 ? cnt : GEMM_NR - c0;
         cnt = cnt < 16 ? cnt : 16;
         cnt = cnt < nk - s ? cnt : nk - s;
-        size_t at = ((size_t)table[s / bs] * bs + in_blk) * j->width + (size_t)h * hd;
-        j->vec->transpose(kp + (size_t)(s / GEMM_NR) * hd * GEMM_NR + c0, GEMM_NR,
-                          (const float *)j->kv->k + at, j->width, cnt, hd);
+        size_t at = ((size_t)table[s / bs] * bs + in_blk) * j->kvw + (size_t)h * hd;
+        const float *ks = (const float *)j->kv->k + at;
+        int lds = j->kvw;
+        if (dt != CVLM_DTYPE_F32) {
+            for (int i = 0; i < cnt; i++)
+                j->vec->widen(wide + (size_t)i * hd,
+                              (const char *)j->kv->k + (at + (size_t)i * j->kvw) * es, hd, dt);
+            ks = wide;
+            lds = hd;
+        }
+        j->vec->transpose(kp + (size_t)(s / GEMM_NR) * hd * GEMM_NR + c0, GEMM_NR, ks, lds, cnt,
+                          hd);
         for (int i = 0; i < cnt; i++) {
-            const float *src = (const float *)j->kv->v + at + (size_t)i * j->width;
+            const char *src = (const char *)j->kv->v + (at + (size_t)i * j->kvw) * es;
             for (int p = 0; p < j->nvp; p++) {
                 int w = hd - p * GEMM_NR < GEMM_NR ? hd - p * GEMM_NR : GEMM_NR;
                 float *dst = vp + ((size_t)p * nk + s + i) * GEMM_NR;
-                memcpy(dst, src + p * GEMM_NR, (size_t)w * 4);
+                if (dt == CVLM_DTYPE_F32)
+                    memcpy(dst, src + (size_t)p * GEMM_NR * 4, (size_t)w * 4);
+                else
+                    j->vec->widen(dst, src + (size_t)p * GEMM_NR * es, w, dt);
                 memset(dst + w, 0, (size_t)(GEMM_NR - w) * 4);
             }
         }
@@ -168,8 +200,8 @@ static void block_task(void *ctx, int task, int thread)
     int nk = r->s0 + i0 + mr, nkp = (nk + GEMM_NR - 1) / GEMM_NR, np = nkp * GEMM_NR;
     float *S = j->tls + (size_t)thread * j->tls_stride, sum[GEMM_MR];
     float *qp = S + (size_t)GEMM_MR * np, *pt = qp + (size_t)hd * GEMM_MR;
-    const float *kp = j->pack + r->kp + (size_t)h * kp_size(j, r);
-    const float *vp = j->pack + r->vp + (size_t)h * vp_size(j, r);
+    const float *kp = j->pack + r->kp + (size_t)(h / j->group) * kp_size(j, r);
+    const float *vp = j->pack + r->vp + (size_t)(h / j->group) * vp_size(j, r);
     for (int d = 0; d < hd; d++)
         for (int i = 0; i < GEMM_MR; i++)
             qp[d * GEMM_MR + i] =
@@ -214,8 +246,8 @@ static size_t plan(struct paged_job *j, int32_t *left, struct run *runs)
             *r = (struct run){t, e - t, b->seq[t], b->slot[t], j->n_qb, 0, 0};
             j->n_qb += (e - t + GEMM_MR - 1) / GEMM_MR;
             r->kp = at;
-            r->vp = at + (size_t)j->H * kp_size(j, r);
-            at = r->vp + (size_t)j->H * vp_size(j, r);
+            r->vp = at + (size_t)j->Hkv * kp_size(j, r);
+            at = r->vp + (size_t)j->Hkv * vp_size(j, r);
             size_t nk = (size_t)keys_of(r), np = (nk + GEMM_NR - 1) / GEMM_NR * GEMM_NR;
             max_np = np > max_np ? np : max_np;
             max_nk = nk > max_nk ? nk : max_nk;
@@ -223,6 +255,8 @@ static size_t plan(struct paged_job *j, int32_t *left, struct run *runs)
         t = e;
     }
     j->tls_stride = (size_t)GEMM_MR * (max_np + (size_t)j->hd + max_nk) + 16;
+    if (j->tls_stride < (size_t)16 * j->hd + 16) /* pack_task's widened key rows */
+        j->tls_stride = (size_t)16 * j->hd + 16;
     return j->n_runs ? at : 0;
 }
 
@@ -232,12 +266,16 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
 {
     struct cpu_backend *cb = cpu_of(be);
     int nt = cvlm_pool_size(cb->pool), n = b->n_tokens;
+    int Hkv = b->n_kv_heads > 0 ? b->n_kv_heads : n_heads;
     struct paged_job j = {.out = out,
                           .q = q,
                           .stride = stride,
                           .H = n_heads,
                           .hd = head_dim,
                           .width = n_heads * head_dim,
+                          .Hkv = Hkv,
+                          .kvw = Hkv * head_dim,
+                          .group = n_heads / Hkv,
                           .scale = 1.0f / sqrtf((float)head_dim),
                           .nvp = (head_dim + GEMM_NR - 1) / GEMM_NR,
                           .kv = kv,
@@ -259,7 +297,7 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
         j.tls = s + pack;
         j.scratch = s + need;
         if (j.n_runs) {
-            cvlm_pool_run(cb->pool, j.n_runs * n_heads, pack_task, &j);
+            cvlm_pool_run(cb->pool, j.n_runs * Hkv, pack_task, &j);
             cvlm_pool_run(cb->pool, j.n_qb * n_heads, block_task, &j);
         }
         cvlm_pool_run(cb->pool, j.n_left * n_heads, token_task, &j);

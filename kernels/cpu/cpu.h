@@ -166,7 +166,30 @@ struct cpu_vec_ops {
     void (*add)(float *y, const float *x, size_t n);
     /* dst[c * ldd + r] = src[r * lds + c] for r < rows (<= 16), c < cols */
     void (*transpose)(float *dst, int ldd, const float *src, int lds, int rows, int cols);
+    /* scores and pv over a 16-bit KV cache (dt F16 or BF16): k / v widened in registers,
+     * the same F32 arithmetic as scores / pv on the widened values */
+    void (*scores16)(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
+                     float scale, enum cvlm_dtype dt);
+    void (*pv16)(float *o, const float *p, const uint16_t *v, int ldv, int n, int hd,
+                 enum cvlm_dtype dt);
+    /* dst[i] = src[i] widened to F32 (src of dtype dt: F32, F16 or BF16), i < n */
+    void (*widen)(float *dst, const void *src, int n, enum cvlm_dtype dt);
+    /* dst[i] = src[i] rounded to nearest even in dt (F32: copied), i < n */
+    void (*narrow)(void *dst, const float *src, int n, enum cvlm_dtype dt);
 };
+
+/* The scalar row conversions (vec_scalar.c); the vector sets use them for tails. */
+void cvlm_cpu_widen_scalar(float *dst, const void *src, int n, enum cvlm_dtype dt);
+void cvlm_cpu_narrow_scalar(void *dst, const float *src, int n, enum cvlm_dtype dt);
+
+/* Element i of a KV row of dtype dt, as F32. */
+static inline float cvlm_cpu_kv_get(const void *p, size_t i, enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_F32)
+        return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    return dt == CVLM_DTYPE_F16 ? cvlm_f16_to_f32(h) : cvlm_bf16_to_f32(h);
+}
 
 void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, int rows, int cols);
 

@@ -167,6 +167,121 @@ AVX2 static void pv(float *o, const float *p, const float *v, int ldv, int n, in
             o[d0] += p[j] * v[(size_t)j * ldv + d0];
 }
 
+/* ---- 16-bit KV cache: keys and values widened in registers ------------------------- */
+
+#define AVX2H __attribute__((target("avx2,fma,f16c")))
+#define INLINE2H static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+/* 8 F16 / BF16 elements at p as floats (BF16: the bits moved to the top half). */
+INLINE2H __m256 ld8h(const uint16_t *p, enum cvlm_dtype dt)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return dt == CVLM_DTYPE_F16
+               ? _mm256_cvtph_ps(h)
+               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* dot8 with b widened */
+INLINE2H float dot8h(const float *a, const uint16_t *b, int n, enum cvlm_dtype dt)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8h(b + i, dt), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ld8h(b + i + 8, dt), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8h(b + i, dt), s0);
+    float r = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        r += a[i] * cvlm_cpu_kv_get(b, (size_t)i, dt);
+    return r;
+}
+
+INLINE2H void scores_h(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
+                       float scale, enum cvlm_dtype dt)
+{
+    for (int j = 0; j < n; j++)
+        s[j] = dot8h(q, k + (size_t)j * ldk, hd, dt) * scale;
+}
+
+AVX2H static void scores16(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
+                           float scale, enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_F16)
+        scores_h(s, q, k, ldk, n, hd, scale, CVLM_DTYPE_F16);
+    else
+        scores_h(s, q, k, ldk, n, hd, scale, CVLM_DTYPE_BF16);
+}
+
+/* pv with the value rows widened: 64 columns in 8 accumulators, then 8 at a time */
+INLINE2H void pv_h(float *o, const float *p, const uint16_t *v, int ldv, int n, int hd,
+                   enum cvlm_dtype dt)
+{
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (int j = 0; j < n; j++) {
+            __m256 pj = _mm256_set1_ps(p[j]);
+            const uint16_t *vr = v + (size_t)j * ldv + d0;
+            for (int i = 0; i < 8; i++)
+                acc[i] = _mm256_fmadd_ps(pj, ld8h(vr + 8 * i, dt), acc[i]);
+        }
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        __m256 acc = _mm256_loadu_ps(o + d0);
+        for (int j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), ld8h(v + (size_t)j * ldv + d0, dt), acc);
+        _mm256_storeu_ps(o + d0, acc);
+    }
+    for (; d0 < hd; d0++)
+        for (int j = 0; j < n; j++)
+            o[d0] += p[j] * cvlm_cpu_kv_get(v, (size_t)j * ldv + d0, dt);
+}
+
+AVX2H static void pv16(float *o, const float *p, const uint16_t *v, int ldv, int n, int hd,
+                       enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_F16)
+        pv_h(o, p, v, ldv, n, hd, CVLM_DTYPE_F16);
+    else
+        pv_h(o, p, v, ldv, n, hd, CVLM_DTYPE_BF16);
+}
+
+AVX2H static void widen(float *dst, const void *src, int n, enum cvlm_dtype dt)
+{
+    int i = 0;
+    if (dt == CVLM_DTYPE_F16)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, ld8h((const uint16_t *)src + i, CVLM_DTYPE_F16));
+    else if (dt == CVLM_DTYPE_BF16)
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(dst + i, ld8h((const uint16_t *)src + i, CVLM_DTYPE_BF16));
+    if (dt == CVLM_DTYPE_F32)
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (i < n)
+        cvlm_cpu_widen_scalar(dst + i, (const uint16_t *)src + i, n - i, dt);
+}
+
+/* F16 by vcvtps2ph (round to nearest even, as cvlm_f32_to_f16); BF16 and tails scalar */
+AVX2H static void narrow(void *dst, const float *src, int n, enum cvlm_dtype dt)
+{
+    int i = 0;
+    if (dt == CVLM_DTYPE_F16)
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (dt == CVLM_DTYPE_F32)
+        cvlm_cpu_narrow_scalar(dst, src, n, dt);
+    else if (i < n)
+        cvlm_cpu_narrow_scalar((uint16_t *)dst + i, src + i, n - i, dt);
+}
+
 AVX2 static void add(float *y, const float *x, size_t n)
 {
     size_t i = 0;
@@ -177,6 +292,7 @@ AVX2 static void add(float *y, const float *x, size_t n)
 }
 
 const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {
-    gelu, silu_mul, exp_sum, scores, pv, add, cvlm_cpu_transpose_scalar};
+    gelu,     silu_mul, exp_sum, scores, pv, add, cvlm_cpu_transpose_scalar,
+    scores16, pv16,     widen,   narrow};
 
 #endif /* __x86_64__ */

@@ -166,6 +166,117 @@ AVX512 static void pv(float *o, const float *p, const float *v, int ldv, int n, 
     }
 }
 
+/* ---- 16-bit KV cache: keys and values widened in registers ------------------------- */
+
+/* 16 F16 / BF16 elements at p + d as floats (masked past n, like ld). */
+INLINE512 __m512 ldh(const uint16_t *p, int d, int n, enum cvlm_dtype dt)
+{
+    __m256i h = d + 16 <= n ? _mm256_loadu_si256((const __m256i *)(p + d))
+                            : _mm256_maskz_loadu_epi16(tail_mask(n - d), p + d);
+    return dt == CVLM_DTYPE_F16
+               ? _mm512_cvtph_ps(h)
+               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* scores with the keys widened: four keys at a time, the last < 4 one by one */
+INLINE512 void scores_h(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
+                        float scale, enum cvlm_dtype dt)
+{
+    const __m128 vs = _mm_set1_ps(scale);
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const uint16_t *k0 = k + (size_t)j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int d = 0; d < hd; d += 16) {
+            __m512 qv = ld(q, d, hd);
+            a0 = _mm512_fmadd_ps(qv, ldh(k0, d, hd, dt), a0);
+            a1 = _mm512_fmadd_ps(qv, ldh(k1, d, hd, dt), a1);
+            a2 = _mm512_fmadd_ps(qv, ldh(k2, d, hd, dt), a2);
+            a3 = _mm512_fmadd_ps(qv, ldh(k3, d, hd, dt), a3);
+        }
+        _mm_storeu_ps(s + j, _mm_mul_ps(hsum4(a0, a1, a2, a3), vs));
+    }
+    for (; j < n; j++) {
+        const uint16_t *kj = k + (size_t)j * ldk;
+        __m512 a = _mm512_setzero_ps();
+        for (int d = 0; d < hd; d += 16)
+            a = _mm512_fmadd_ps(ld(q, d, hd), ldh(kj, d, hd, dt), a);
+        s[j] = _mm512_reduce_add_ps(a) * scale;
+    }
+}
+
+AVX512 static void scores16(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
+                            float scale, enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_F16)
+        scores_h(s, q, k, ldk, n, hd, scale, CVLM_DTYPE_F16);
+    else
+        scores_h(s, q, k, ldk, n, hd, scale, CVLM_DTYPE_BF16);
+}
+
+/* pv with the value rows widened: up to 128 output columns in 8 accumulators */
+INLINE512 void pv_h(float *o, const float *p, const uint16_t *v, int ldv, int n, int hd,
+                    enum cvlm_dtype dt)
+{
+    for (int d0 = 0; d0 < hd; d0 += 128) {
+        int w = hd - d0 < 128 ? hd - d0 : 128, nv = (w + 15) / 16;
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm512_setzero_ps();
+        for (int j = 0; j < n; j++) {
+            __m512 pj = _mm512_set1_ps(p[j]);
+            const uint16_t *vr = v + (size_t)j * ldv + d0;
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                if (i < nv)
+                    acc[i] = _mm512_fmadd_ps(pj, ldh(vr, 16 * i, w, dt), acc[i]);
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++)
+            if (i < nv) {
+                __mmask16 m = tail_mask(w - 16 * i);
+                float *od = o + d0 + 16 * i;
+                _mm512_mask_storeu_ps(od, m, _mm512_add_ps(acc[i], _mm512_maskz_loadu_ps(m, od)));
+            }
+    }
+}
+
+AVX512 static void pv16(float *o, const float *p, const uint16_t *v, int ldv, int n, int hd,
+                        enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_F16)
+        pv_h(o, p, v, ldv, n, hd, CVLM_DTYPE_F16);
+    else
+        pv_h(o, p, v, ldv, n, hd, CVLM_DTYPE_BF16);
+}
+
+AVX512 static void widen(float *dst, const void *src, int n, enum cvlm_dtype dt)
+{
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n - i);
+        __m512 x = dt == CVLM_DTYPE_F32   ? ld((const float *)src, i, n)
+                   : dt == CVLM_DTYPE_F16 ? ldh(src, i, n, CVLM_DTYPE_F16)
+                                          : ldh(src, i, n, CVLM_DTYPE_BF16);
+        _mm512_mask_storeu_ps(dst + i, m, x);
+    }
+}
+
+/* F16 by vcvtps2ph (round to nearest even, as cvlm_f32_to_f16); BF16 and tails scalar */
+AVX512 static void narrow(void *dst, const float *src, int n, enum cvlm_dtype dt)
+{
+    int i = 0;
+    if (dt == CVLM_DTYPE_F16)
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i),
+                                _mm512_cvtps_ph(_mm512_loadu_ps(src + i),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    if (dt == CVLM_DTYPE_F32)
+        cvlm_cpu_narrow_scalar(dst, src, n, dt);
+    else if (i < n)
+        cvlm_cpu_narrow_scalar((uint16_t *)dst + i, src + i, n - i, dt);
+}
+
 AVX512 static void add(float *y, const float *x, size_t n)
 {
     size_t i = 0;
@@ -198,7 +309,7 @@ AVX512 static void transpose(float *dst, int ldd, const float *src, int lds, int
     }
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_avx512 = {gelu, silu_mul, exp_sum,  scores,
-                                                pv,   add,      transpose};
+const struct cpu_vec_ops cvlm_cpu_vec_avx512 = {gelu,      silu_mul, exp_sum, scores, pv,    add,
+                                                transpose, scores16, pv16,    widen,  narrow};
 
 #endif /* __x86_64__ */

@@ -7,6 +7,7 @@
 #include "kernels/cpu/cpu.h"
 
 #include <math.h>
+#include <string.h>
 
 static void gelu(float *x, size_t n)
 {
@@ -57,6 +58,59 @@ static void pv(float *o, const float *p, const float *v, int ldv, int n, int hd)
     }
 }
 
+/* The same sums as dotf / pv with k and v widened element by element. */
+static float dot16(const float *a, const uint16_t *b, int n, enum cvlm_dtype dt)
+{
+    float acc[4] = {0, 0, 0, 0};
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int l = 0; l < 4; l++)
+            acc[l] += a[i + l] * cvlm_cpu_kv_get(b, (size_t)(i + l), dt);
+    for (; i < n; i++)
+        acc[0] += a[i] * cvlm_cpu_kv_get(b, (size_t)i, dt);
+    return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+}
+
+static void scores16(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
+                     float scale, enum cvlm_dtype dt)
+{
+    for (int j = 0; j < n; j++)
+        s[j] = dot16(q, k + (size_t)j * ldk, hd, dt) * scale;
+}
+
+static void pv16(float *o, const float *p, const uint16_t *v, int ldv, int n, int hd,
+                 enum cvlm_dtype dt)
+{
+    for (int j = 0; j < n; j++) {
+        const uint16_t *vj = v + (size_t)j * ldv;
+        for (int d = 0; d < hd; d++)
+            o[d] += p[j] * cvlm_cpu_kv_get(vj, (size_t)d, dt);
+    }
+}
+
+void cvlm_cpu_widen_scalar(float *dst, const void *src, int n, enum cvlm_dtype dt)
+{
+    if (dt == CVLM_DTYPE_F32) {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        dst[i] = cvlm_cpu_kv_get(src, (size_t)i, dt);
+}
+
+void cvlm_cpu_narrow_scalar(void *dst, const float *src, int n, enum cvlm_dtype dt)
+{
+    uint16_t *h = dst;
+    if (dt == CVLM_DTYPE_F32)
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    else if (dt == CVLM_DTYPE_F16)
+        for (int i = 0; i < n; i++)
+            h[i] = cvlm_f32_to_f16(src[i]);
+    else
+        for (int i = 0; i < n; i++)
+            h[i] = cvlm_f32_to_bf16(src[i]);
+}
+
 static void add(float *y, const float *x, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -70,8 +124,17 @@ void cvlm_cpu_transpose_scalar(float *dst, int ldd, const float *src, int lds, i
             dst[(size_t)c * ldd + r] = src[(size_t)r * lds + c];
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_scalar = {
-    gelu, silu_mul, exp_sum, scores, pv, add, cvlm_cpu_transpose_scalar};
+const struct cpu_vec_ops cvlm_cpu_vec_scalar = {gelu,
+                                                silu_mul,
+                                                exp_sum,
+                                                scores,
+                                                pv,
+                                                add,
+                                                cvlm_cpu_transpose_scalar,
+                                                scores16,
+                                                pv16,
+                                                cvlm_cpu_widen_scalar,
+                                                cvlm_cpu_narrow_scalar};
 
 const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa)
 {

@@ -553,6 +553,9 @@ void cu_kv_write(struct cvlm_backend *be, struct cvlm_kv_layer *kv, const void *
     CU_REQUIRE(cb, width > 0 && stride >= width && b->block_size > 0,
                "kv_write: %d heads of %d, row stride %d, block size %d", n_heads, head_dim, stride,
                b->block_size);
+    /* the cache is BF16 only (the activation dtype); the model refuses other choices first */
+    CU_REQUIRE(cb, kv->dtype == CVLM_DTYPE_BF16, "kv_write: a %s KV cache (BF16 only)",
+               cvlm_dtype_name(kv->dtype));
     if (!plan_build(cb, b, n_heads, head_dim, &p))
         return;
     int vec = rows_vec_ok(k, v, kv->k, stride, width) && cu_aligned16(kv->v);
@@ -574,6 +577,12 @@ void cu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int s
     int width = n_heads * head_dim;
     CU_REQUIRE(cb, width > 0 && head_dim <= 256 && stride >= width && b->block_size > 0,
                "attention_paged: %d heads of %d, row stride %d", n_heads, head_dim, stride);
+    CU_REQUIRE(cb, kv->dtype == CVLM_DTYPE_BF16, "attention_paged: a %s KV cache (BF16 only)",
+               cvlm_dtype_name(kv->dtype));
+    /* grouped-query attention (CogVLM2) is CPU-only so far: refused, not miscomputed */
+    CU_REQUIRE(cb, b->n_kv_heads <= 0 || b->n_kv_heads == n_heads,
+               "attention_paged: %d query heads over %d KV heads (GQA: not on CUDA yet)", n_heads,
+               b->n_kv_heads);
     if (!plan_build(cb, b, n_heads, head_dim, &pl))
         return;
     fa_params p = {};

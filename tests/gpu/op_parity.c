@@ -694,12 +694,14 @@ static void paged_one(struct ctx *c, const struct paged_case *pc, const char *na
     float *zero = calloc(cache, sizeof(float)); /* slots never written compare equal */
     struct pair kc = pair_new(c, zero, cache), vc = pair_new(c, zero, cache);
     free(zero);
-    struct cvlm_kv_layer kvc = {kc.c, vc.c}, kvg = {kc.g, vc.g};
+    /* each backend's own cache dtype, its activations' (F32 on the CPU, BF16 on the GPU, F32
+     * for the CPU standing in for it in --self-test) */
+    struct cvlm_kv_layer kvc = {kc.c, vc.c, CVLM_DTYPE_F32}, kvg = {kc.g, vc.g, c->gpu->act_dtype};
     /* history: keys and values of the earlier slots, written as one kv_write */
     if (ps.n_hist) {
         struct pair hk = pair_rand(c, (size_t)ps.n_hist * W, 2.0f);
         struct pair hv = pair_rand(c, (size_t)ps.n_hist * W, 2.0f);
-        struct cvlm_attn_batch hb = {ps.n_hist, ps.hseq, ps.hslot, ps.seqs, bs};
+        struct cvlm_attn_batch hb = {ps.n_hist, ps.hseq, ps.hslot, ps.seqs, bs, 0};
         c->cpu->ops->kv_write(c->cpu, &kvc, hk.c, hv.c, W, &hb, pc->H, pc->hd);
         c->gpu->ops->kv_write(c->gpu, &kvg, hk.g, hv.g, W, &hb, pc->H, pc->hd);
         pair_free(c, &hk);
@@ -708,7 +710,7 @@ static void paged_one(struct ctx *c, const struct paged_case *pc, const char *na
     /* the batch: rows [q | k | v] as the model lays them out */
     struct pair qkv = pair_rand(c, (size_t)ps.n_tok * 3 * W, 2.0f);
     struct pair out = pair_new(c, NULL, (size_t)ps.n_tok * W);
-    struct cvlm_attn_batch b = {ps.n_tok, ps.seq, ps.slot, ps.seqs, bs};
+    struct cvlm_attn_batch b = {ps.n_tok, ps.seq, ps.slot, ps.seqs, bs, 0};
     c->cpu->ops->kv_write(c->cpu, &kvc, (float *)qkv.c + W, (float *)qkv.c + 2 * W, 3 * W, &b,
                           pc->H, pc->hd);
     c->gpu->ops->kv_write(c->gpu, &kvg, cvlm_be_row(c->gpu, qkv.g, 1, (size_t)W),
@@ -765,7 +767,7 @@ static void test_fills(struct ctx *c)
     struct cvlm_tensor tc[3], tg[3], *pc[3], *pg[3];
     int32_t ids[64];
     for (int i = 0; i < 3; i++) {
-        tc[i] = (struct cvlm_tensor){CVLM_DTYPE_BF16, 2, {64, 129}, NULL, fills[i]};
+        tc[i] = (struct cvlm_tensor){CVLM_DTYPE_BF16, 2, {64, 129}, NULL, fills[i], NULL};
         tg[i] = tc[i];
         pc[i] = &tc[i];
         pg[i] = &tg[i];
@@ -927,14 +929,14 @@ static int bench_setup(struct cvlm_backend *g, struct bench_bufs *b, int32_t *ta
 {
     struct cvlm_tensor *pw = &b->w;
     size_t cache = (size_t)B_SEQS * B_BLK * 16 * 4096 * 2;
-    b->w = (struct cvlm_tensor){CVLM_DTYPE_BF16, 2, {11008, 4096}, NULL, CVLM_FILL_RANDOM};
+    b->w = (struct cvlm_tensor){CVLM_DTYPE_BF16, 2, {11008, 4096}, NULL, CVLM_FILL_RANDOM, NULL};
     b->x = g->ops->alloc(g, (size_t)1278 * 3 * 4096 * 2);
     b->y = g->ops->alloc(g, (size_t)1278 * 11008 * 2);
     b->kc = g->ops->alloc(g, cache);
     b->vc = g->ops->alloc(g, cache);
     if (!b->x || !b->y || !b->kc || !b->vc || g->ops->upload_weights(g, &pw, 1, 7))
         return -1;
-    b->kv = (struct cvlm_kv_layer){b->kc, b->vc};
+    b->kv = (struct cvlm_kv_layer){b->kc, b->vc, g->act_dtype};
     for (int i = 0; i < B_SEQS * B_BLK; i++)
         tables[i] = i;
     for (int s = 0; s < B_SEQS; s++) {
@@ -944,8 +946,8 @@ static int bench_setup(struct cvlm_backend *g, struct bench_bufs *b, int32_t *ta
     }
     for (int t = 0; t < 1278; t++) /* one 1278-token prefill of sequence 0 */
         seq[B_SEQS + t] = 0, slot[B_SEQS + t] = t;
-    b->dec = (struct cvlm_attn_batch){B_SEQS, seq, slot, seqs, 16};
-    b->pre = (struct cvlm_attn_batch){1278, seq + B_SEQS, slot + B_SEQS, seqs, 16};
+    b->dec = (struct cvlm_attn_batch){B_SEQS, seq, slot, seqs, 16, 0};
+    b->pre = (struct cvlm_attn_batch){1278, seq + B_SEQS, slot + B_SEQS, seqs, 16, 0};
     return 0;
 }
 

@@ -596,18 +596,29 @@ struct paged_fixture {
     int32_t tables[3][16];
     struct cvlm_seq_kv seqs[3];
     float *hk[3], *hv[3]; /* host mirror: [64 slots][H*hd] per sequence */
+    enum cvlm_dtype dt;   /* the cache's; the mirror holds the values rounded to it */
 };
+
+/* x rounded to a KV cache dtype, as kv_write must store it. */
+static float kv_round(float x, enum cvlm_dtype dt)
+{
+    return dt == CVLM_DTYPE_F16    ? cvlm_f16_to_f32(cvlm_f32_to_f16(x))
+           : dt == CVLM_DTYPE_BF16 ? cvlm_bf16_to_f32(cvlm_f32_to_bf16(x))
+                                   : x;
+}
 
 static void paged_write(struct cvlm_backend *be, struct paged_fixture *f, struct cvlm_kv_layer *kv,
                         const int32_t *seq, const int32_t *slot, int n, float *rows)
 {
     int W = f->H * f->hd, stride = 3 * W;
-    struct cvlm_attn_batch b = {n, seq, slot, f->seqs, f->bs};
-    for (int t = 0; t < n; t++) {
-        memcpy(f->hk[seq[t]] + (size_t)slot[t] * W, rows + (size_t)t * stride + W, (size_t)W * 4);
-        memcpy(f->hv[seq[t]] + (size_t)slot[t] * W, rows + (size_t)t * stride + 2 * W,
-               (size_t)W * 4);
-    }
+    struct cvlm_attn_batch b = {n, seq, slot, f->seqs, f->bs, 0};
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < W; i++) {
+            f->hk[seq[t]][(size_t)slot[t] * W + i] =
+                kv_round(rows[(size_t)t * stride + W + i], f->dt);
+            f->hv[seq[t]][(size_t)slot[t] * W + i] =
+                kv_round(rows[(size_t)t * stride + 2 * W + i], f->dt);
+        }
     float *d = dev_copy(be, rows, (size_t)n * stride);
     be->ops->kv_write(be, kv, d + W, d + 2 * W, stride, &b, f->H, f->hd);
     be->ops->free(be, d);
@@ -627,9 +638,27 @@ static void make_batch_b(void)
     }
 }
 
-static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int batch_b)
+/* Bits of the cache slot of (seq, slot) differing from the mirror's rounded keys: 0 when
+ * kv_write rounds exactly as cvlm_f32_to_f16 / cvlm_f32_to_bf16. */
+static int paged_bits_differ(const struct paged_fixture *f, const struct cvlm_kv_layer *kv, int seq,
+                             int slot)
 {
-    struct paged_fixture f = {.H = H, .hd = hd, .bs = bs, .n_blocks = 3 * (64 / bs)};
+    int W = f->H * f->hd, bad = 0;
+    size_t at = ((size_t)f->tables[seq][slot / f->bs] * f->bs + (size_t)(slot % f->bs)) * W;
+    for (int i = 0; i < W; i++) {
+        float want = f->hk[seq][(size_t)slot * W + i];
+        float got = f->dt == CVLM_DTYPE_F32 ? ((const float *)kv->k)[at + i]
+                                            : cvlm_cpu_kv_get(kv->k, at + i, f->dt);
+        bad += memcmp(&want, &got, 4) != 0;
+    }
+    return bad;
+}
+
+static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int batch_b,
+                         enum cvlm_dtype dt)
+{
+    struct paged_fixture f = {.H = H, .hd = hd, .bs = bs, .n_blocks = 3 * (64 / bs), .dt = dt};
+    size_t es = cvlm_dtype_size(dt);
     int W = H * hd, per_seq = 64 / bs; /* 64 slots per sequence, at most 16 blocks */
     for (int s = 0; s < 3; s++) {      /* blocks interleaved backwards: nothing contiguous */
         for (int i = 0; i < per_seq; i++)
@@ -638,8 +667,8 @@ static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int bat
         f.hk[s] = calloc(64, (size_t)W * 4);
         f.hv[s] = calloc(64, (size_t)W * 4);
     }
-    struct cvlm_kv_layer kv = {be->ops->alloc(be, (size_t)f.n_blocks * bs * W * 4),
-                               be->ops->alloc(be, (size_t)f.n_blocks * bs * W * 4)};
+    struct cvlm_kv_layer kv = {be->ops->alloc(be, (size_t)f.n_blocks * bs * W * es),
+                               be->ops->alloc(be, (size_t)f.n_blocks * bs * W * es), dt};
     int32_t hseq[40], hslot[40];
     for (int i = 0; i < 40; i++) { /* history: seq 0 slots 0..19, seq 2 slots 0..19 */
         hseq[i] = i < 20 ? 0 : 2;
@@ -652,7 +681,7 @@ static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int bat
     int nb = batch_b ? 44 : 7;
     float *rows = rand_floats(nb * (size_t)3 * W, 1.0f), *o = malloc(nb * (size_t)W * 4);
     paged_write(be, &f, &kv, seq, slot, nb, rows);
-    struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs};
+    struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs, 0};
     float *dq = dev_copy(be, rows, nb * (size_t)3 * W),
           *dout = be->ops->alloc(be, nb * (size_t)W * 4);
     be->ops->attention_paged(be, dout, dq, 3 * W, &kv, &b, H, hd);
@@ -667,6 +696,8 @@ static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int bat
                 worst = e > worst || isnan(e) ? e : worst;
             }
         }
+    if (paged_bits_differ(&f, &kv, seq[0], slot[0]) || paged_bits_differ(&f, &kv, 2, 5))
+        worst = INFINITY; /* a stored key is not the round-to-nearest-even value */
     be->ops->free(be, kv.k);
     be->ops->free(be, kv.v);
     be->ops->free(be, dq);
@@ -684,7 +715,8 @@ TEST(cpu_ops_attention_paged)
         static const int shapes[][3] = {{2, 16, 16}, {3, 64, 4}, {1, 112, 8}, {2, 20, 16}};
         for (int si = 0; si < 4; si++)
             for (int bb = 0; bb < 2; bb++) {
-                double e = paged_case(be, shapes[si][0], shapes[si][1], shapes[si][2], bb);
+                double e =
+                    paged_case(be, shapes[si][0], shapes[si][1], shapes[si][2], bb, CVLM_DTYPE_F32);
                 CHECKF(e <= 2e-6,
                        "%s t=%d H=%d hd=%d bs=%d batch %c: abs err %.3g (values in "
                        "[-1, 1))",
@@ -692,6 +724,75 @@ TEST(cpu_ops_attention_paged)
                        bb ? 'B' : 'A', e);
             }
     }
+}
+
+/* A 16-bit cache: kv_write rounds to nearest even (the stored bits are checked), and
+ * attention_paged on the widened values matches the reference computed from the rounded
+ * K / V as tightly as the F32 cache matches its own; decode tokens (batch A) and prefill
+ * runs >= GEMM_MR (batch B, the blocked path), block sizes 16 and 7, head dims 64 and 80. */
+TEST(cpu_ops_attention_paged_kv16)
+{
+    static const enum cvlm_dtype dts[] = {CVLM_DTYPE_F16, CVLM_DTYPE_BF16};
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        static const int shapes[][3] = {{2, 64, 16}, {2, 80, 7}, {1, 64, 7}, {3, 80, 16}};
+        for (int di = 0; di < 2; di++)
+            for (int si = 0; si < 4; si++)
+                for (int bb = 0; bb < 2; bb++) {
+                    double e =
+                        paged_case(be, shapes[si][0], shapes[si][1], shapes[si][2], bb, dts[di]);
+                    CHECKF(e <= 2e-6, "%s t=%d %s H=%d hd=%d bs=%d batch %c: abs err %.3g",
+                           isa_names[isa], threads, cvlm_dtype_name(dts[di]), shapes[si][0],
+                           shapes[si][1], shapes[si][2], bb ? 'B' : 'A', e);
+                }
+    }
+}
+
+/* The row conversions of every ISA path agree bit for bit with the scalar rounding
+ * (cvlm_f32_to_f16 / cvlm_f32_to_bf16) on ties, subnormals, overflow and signed zero. */
+TEST(cpu_ops_kv_narrow_widen)
+{
+    static const float special[] = {0.0f,
+                                    -0.0f,
+                                    1.0f + 1.0f / 2048,
+                                    1.0f + 3.0f / 2048,
+                                    65504.0f,
+                                    65519.0f,
+                                    65520.0f,
+                                    -1e9f,
+                                    6.1035156e-5f,
+                                    5.9604645e-8f,
+                                    2.9802322e-8f,
+                                    4.4703484e-8f,
+                                    1e-10f,
+                                    1.0f + 1.0f / 256,
+                                    1.0f + 3.0f / 256,
+                                    3.3895314e38f};
+    enum { N = 16 + 53 };
+    float x[N], back[N];
+    uint16_t ref[N], got[N];
+    for (int i = 0; i < N; i++)
+        x[i] = i < 16 ? special[i] : frand() * 3.0f;
+    for (int isa = 0, nisa = n_isas(); isa < nisa; isa++) {
+        const struct cpu_vec_ops *vec = cvlm_cpu_vec_ops((enum cpu_isa)isa);
+        for (int d = 0; d < 2; d++) {
+            enum cvlm_dtype dt = d ? CVLM_DTYPE_BF16 : CVLM_DTYPE_F16;
+            for (int i = 0; i < N; i++)
+                ref[i] = d ? cvlm_f32_to_bf16(x[i]) : cvlm_f32_to_f16(x[i]);
+            vec->narrow(got, x, N, dt);
+            vec->widen(back, got, N, dt);
+            for (int i = 0; i < N; i++) {
+                CHECKF(got[i] == ref[i], "%s %s: %.9g -> 0x%04x, want 0x%04x", isa_names[isa],
+                       cvlm_dtype_name(dt), x[i], got[i], ref[i]);
+                float w = d ? cvlm_bf16_to_f32(ref[i]) : cvlm_f16_to_f32(ref[i]);
+                CHECKF(!memcmp(&w, &back[i], 4), "%s %s widen 0x%04x", isa_names[isa],
+                       cvlm_dtype_name(dt), ref[i]);
+            }
+        }
+    }
+    /* the scalar F16 rounding against the test's own for normal values */
+    for (int i = 16; i < N; i++)
+        CHECK(cvlm_f32_to_f16(x[i]) == to_f16(x[i]));
 }
 
 /* ---- dummy weights (engine/model/weights_dummy.c) -------------------------------------------- */

@@ -1,6 +1,7 @@
 /* test_golden.c - the engine against reference fixtures, through the CLI (`cogvlm
  * golden`): every case within 1e-4 relative, all greedy tokens equal, also with tp 2.
  * - ../shared/data/golden-tiny: the reference implementation's outputs (random weights);
+ * - ../shared/data/golden-cogvlm2-tiny: the same for a CogVLM2-shaped model;
  * - tests/tiny: the embedded default model against its PyTorch implementation
  *   (tools/tiny/model.py), BF16 weights widened to float32 on both sides. */
 #include "tests/unit/harness.h"
@@ -45,6 +46,38 @@ TEST(golden_tiny_fixture)
 TEST(golden_tiny_fixture_tp2)
 {
     run_fixture_args(cvlm_test_data("golden-tiny"), 6, "--tp 2 --threads 2");
+}
+
+/* CogVLM2 (golden-cogvlm2-tiny): grouped-query attention (4 query heads over 2 KV heads),
+ * the vision expert's QKV bias, RoPE base 500000 with the stored inv_freq, the 2x2 conv
+ * after the ViT, LLaMA-3 tokens; 3 F32 cases + the BF16 check. */
+TEST(golden_cogvlm2_fixture)
+{
+    run_fixture(cvlm_test_data("golden-cogvlm2-tiny"), 4);
+}
+
+/* tp 2 shards the 2 KV heads one per rank (each with its 2 query heads). */
+TEST(golden_cogvlm2_fixture_tp2)
+{
+    run_fixture_args(cvlm_test_data("golden-cogvlm2-tiny"), 4, "--tp 2 --threads 2");
+}
+
+/* tp 4 would split 2 KV heads four ways: refused with a message naming them. */
+TEST(golden_cogvlm2_tp4_refused)
+{
+    const char *bin = getenv("COGVLM_BIN");
+    char cmd[2048], line[512];
+    int named = 0;
+    REQUIRE(bin);
+    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s --tp 4 2>&1", bin,
+             cvlm_test_data("golden-cogvlm2-tiny"));
+    FILE *p = popen(cmd, "r");
+    REQUIRE(p);
+    while (fgets(line, sizeof(line), p))
+        named |= strstr(line, "2 KV heads") != NULL;
+    int st = pclose(p);
+    CHECKF(WIFEXITED(st) && WEXITSTATUS(st) != 0, "golden --tp 4 exit status %d", st);
+    CHECK(named);
 }
 
 TEST(golden_tiny_shapes_vs_pytorch)

@@ -52,6 +52,11 @@ TEST(config_precedence_and_errors)
     unsetenv("COGVLM_PORT");
     REQUIRE(parse_with("port = 1111\nthreads = 3 # comment\n", NULL, 0, &c, err) == 0);
     CHECK(c.port == 1111 && c.threads == 3 && c.max_seqs == 64 && c.kv_memory == 256ull << 20);
+    CHECK(!strcmp(c.kv_cache_dtype, "auto"));
+    cvlm_options_free(&c);
+    char *kvd[] = {"--kv-cache-dtype", "f16"};
+    REQUIRE(parse_with("kv_cache_dtype = bf16\n", kvd, 2, &c, err) == 0);
+    CHECK(!strcmp(c.kv_cache_dtype, "f16"));
     cvlm_options_free(&c);
     setenv("COGVLM_PORT", "2222", 1);
     REQUIRE(parse_with("port = 1111\n", NULL, 0, &c, err) == 0);

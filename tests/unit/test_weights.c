@@ -56,6 +56,42 @@ static void expect_fail(const char *dir, int code, const char *needle)
     cvlm_weights_destroy(w);
 }
 
+/* A CogVLM2 checkpoint (golden-cogvlm2-tiny) is recognised from num_multi_query_heads:
+ * GQA QKV rows, the vision-expert QKV bias, the conv, RoPE base 500000, two EOS ids. */
+TEST(weights_cogvlm2_config)
+{
+    struct cvlm_weights *w;
+    int rc = cvlm_weights_load(cvlm_test_data("golden-cogvlm2-tiny/model"), &w);
+    REQUIRE(rc == 0 || (printf("  %s\n", cvlm_last_error()), 0));
+    const struct cvlm_config *c = &w->cfg;
+    CHECK(c->variant == CVLM_VARIANT_COGVLM2 && !strcmp(cvlm_variant_name(c->variant), "cogvlm2"));
+    CHECK(c->num_heads == 4 && cvlm_config_kv_heads(c) == 2 && cvlm_config_qkv_rows(c) == 64);
+    CHECK(fabsf(c->rope_theta - 500000.0f) < 1.0f);
+    CHECK(c->n_eos == 2 && c->eos_token_id == 128001 && cvlm_config_is_eos(c, 128009));
+    CHECK(!cvlm_config_is_eos(c, 128002) && c->pad_token_id == 128002);
+    CHECK(cvlm_config_has_conv(c) && cvlm_config_vision_tokens(c) == 4);
+    CHECK(cvlm_config_image_tokens(c) == 6);
+    CHECK(w->layers[0].qkv[CVLM_EXPERT_LANG].shape[0] == 64 && !w->layers[0].qkv_b[0].data);
+    CHECK(w->layers[1].qkv_b[CVLM_EXPERT_VISION].data &&
+          w->layers[1].qkv_b[CVLM_EXPERT_VISION].shape[0] == 64);
+    CHECK(w->conv_w.ndim == 4 && w->conv_w.shape[0] == 32 && w->conv_w.shape[3] == 2);
+    CHECK(cvlm_weights_check_tp(c, 2) == 0 && cvlm_weights_check_tp(c, 4) == CVLM_EINVAL);
+    /* written back (config.json from the struct), it reads as the same CogVLM2 model */
+    char dir[1024];
+    struct cvlm_weights *w2 = NULL;
+    snprintf(dir, sizeof(dir), "%s/cogvlm2-copy", cvlm_test_tmpdir());
+    CHECK(cvlm_weights_write(w, dir) == 0);
+    rc = cvlm_weights_load(dir, &w2);
+    CHECK(rc == 0 || (printf("  %s\n", cvlm_last_error()), 0));
+    if (w2) {
+        CHECK(w2->cfg.variant == CVLM_VARIANT_COGVLM2 && cvlm_config_kv_heads(&w2->cfg) == 2);
+        CHECK(w2->cfg.n_eos == 2 && w2->cfg.eos_ids[1] == 128009);
+        CHECK(w2->conv_w.ndim == 4 && w2->layers[0].qkv_b[CVLM_EXPERT_VISION].data);
+    }
+    cvlm_weights_destroy(w2);
+    cvlm_weights_destroy(w);
+}
+
 TEST(weights_golden_f32)
 {
     struct cvlm_weights *w;
