@@ -37,6 +37,9 @@ INLINE2 float ld1(const void *base, const int dt, size_t i)
 /* ---- matrix-vector and small-M: W rows streamed once, widened in registers --------------- */
 
 #define DOT_MX 6 /* rows of x per register block: 2 x 6 accumulators + 2 weights + 1 x */
+#ifndef DOT_M1_ROWS
+#define DOT_M1_ROWS 8 /* W rows per pass for one row of x */
+#endif
 
 /* y[m][n], y[m][n + 1] for m < MX (a compile-time constant 1..DOT_MX) rows of x. */
 INLINE2 void dot2(float *y, int ldy, const float *x, int ldx, const int MX, const void *w,
@@ -71,36 +74,29 @@ INLINE2 void dot2(float *y, int ldy, const float *x, int ldx, const int MX, cons
     }
 }
 
-/* One row of x (decode): 4 W rows x 2 halves of 16 weights = 8 independent FMA chains, so
- * the loop is bound by the weight stream, not by FMA latency; y[n .. n + rows). */
-INLINE2 void dot4_m1(float *y, const float *x, const void *w, const int dt, size_t n, int rows,
-                     int K)
+/* One row of x (decode): R W rows (a constant, 4 or 8) x 16 / R * 2 accumulators: 8 or 16
+ * independent FMA chains (the loop is bound by the weight stream, not by FMA latency) and
+ * R concurrent row streams per thread for the prefetchers; y[n .. n + rows). */
+INLINE2 void dotR_m1(float *y, const float *x, const void *w, const int dt, size_t n, int rows,
+                     int K, const int R)
 {
-    __m256 acc[4][2];
-    size_t r[4];
+    __m256 acc[8];
+    size_t r[8];
     const size_t K_ = (size_t)K;
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) {
         r[i] = (n + (size_t)(i < rows ? i : 0)) * K_; /* missing rows repeat row n */
-        acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+        acc[i] = _mm256_setzero_ps();
     }
     int k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) {
-            acc[i][0] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k), x0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k + 8), x1, acc[i][1]);
-        }
-    }
     for (; k + 8 <= K; k += 8) {
         __m256 x0 = _mm256_loadu_ps(x + k);
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-            acc[i][0] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k), x0, acc[i][0]);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++)
+            acc[i] = _mm256_fmadd_ps(ld8(w, dt, r[i] + k), x0, acc[i]);
     }
-    for (int i = 0; i < 4 && i < rows; i++) {
-        float s = hsum8(_mm256_add_ps(acc[i][0], acc[i][1]));
+    for (int i = 0; i < R && i < rows; i++) {
+        float s = hsum8(acc[i]);
         for (int kk = k; kk < K; kk++)
             s += x[kk] * ld1(w, dt, r[i] + kk);
         y[n + i] = s;
@@ -114,8 +110,8 @@ INLINE2 void gemv_range(float *y, int ldy, const float *x, int ldx, const int M,
                         const int dt, int n0, int n1, int K)
 {
     if (M == 1) {
-        for (int n = n0; n < n1; n += 4)
-            dot4_m1(y, x, w, dt, (size_t)n, n1 - n, K);
+        for (int n = n0; n < n1; n += DOT_M1_ROWS)
+            dotR_m1(y, x, w, dt, (size_t)n, n1 - n, K, DOT_M1_ROWS);
         return;
     }
     for (int n = n0; n < n1; n += 2) {
