@@ -224,8 +224,8 @@ TEST(cpu_ops_gemm_quantized)
                 }
             CHECKF(qerr <= 1.0001, "%s M=%d N=%d K=%d: a code is %.3g half-steps off",
                    cvlm_dtype_name(dt), M, N, K, qerr);
-            float *ref = malloc((size_t)M * N * sizeof(double) * 2), *y = malloc((size_t)M * N * 4);
-            double *mag = (double *)(ref + (size_t)M * N);
+            float *ref = malloc((size_t)M * N * sizeof(float)), *y = malloc((size_t)M * N * 4);
+            double *mag = malloc((size_t)M * N * sizeof(double));
             for (int m = 0; m < M; m++)
                 for (int n = 0; n < N; n++) {
                     double r = bf ? bf[n] : 0, a = bf ? fabs(bf[n]) : 0;
@@ -269,6 +269,7 @@ TEST(cpu_ops_gemm_quantized)
                     be->ops->destroy(be);
                 }
             free(ref);
+            free(mag);
             free(y);
             free(x);
             free(wf);
