@@ -672,7 +672,7 @@ static int ck_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const 
         return CVLM_EINVAL;
     for (int i = 0; i < n; i++)
         if (!ts[i] || ts[i]->ndim < 0 || ts[i]->ndim > CVLM_MAX_DIMS ||
-            (unsigned)ts[i]->dtype > CVLM_DTYPE_BF16) {
+            (unsigned)ts[i]->dtype > CVLM_DTYPE_Q4) {
             fail(&c, CVLM_ESHAPE, "tensor %d: %s", i, ts[i] ? "bad dtype or rank" : "NULL");
             return CVLM_ESHAPE;
         }
