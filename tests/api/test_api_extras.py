@@ -23,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("healthy_after")
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
 RID = re.compile(r"^[!-~]{1,128}$")  # what an X-Request-Id of ours may hold
+OWN_RID = re.compile(r"^[0-9a-f]{24}$")  # the id the server makes up (server/http.c)
 TINY = apiutil.REPO / "models" / "cogvlm-tiny-shapes"
 
 
@@ -117,8 +118,10 @@ def test_hostile_request_ids_never_echoed(server, value):
         return  # refused by the HTTP parser: nothing echoed either
     assert status == 200, (status, headers)
     got = headers.get("x-request-id", "")
-    assert RID.match(got), headers
-    assert got != value.decode("latin-1") and "abc" not in got and "Injected" not in got, headers
+    # refused: the response carries the server's own id (24 hex digits), never any part of
+    # the client's value ("abc" can occur in a hex id by chance, so the form is checked)
+    assert OWN_RID.match(got), headers
+    assert "Injected" not in got, headers
     assert "injected" not in headers, headers
 
 
