@@ -67,6 +67,11 @@ struct cvlm_tensor {
     const void *data;
     enum cvlm_fill fill; /* only when data == NULL, for upload_weights */
     const float *scales; /* Q8 / Q4 only: [N][ceil(K / group)] */
+    /* Q4 only, optional (GPTQ sym=false): value = q * scale + mins[same index]. */
+    const float *mins;
+    /* Q8 / Q4 only, optional (GPTQ desc_act): stored column k multiplies x[perm[k]];
+     * perm is a permutation of 0..K-1. NULL: the identity. */
+    const int32_t *perm;
 };
 
 static inline int cvlm_dtype_is_quant(enum cvlm_dtype t)
