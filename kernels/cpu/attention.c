@@ -78,7 +78,8 @@ struct blocked_job {
 static void pack_head_task(void *ctx, int h, int thread)
 {
     struct blocked_job *j = ctx;
-    struct cvlm_tensor kview = {CVLM_DTYPE_F32, 2, {j->N, 3 * j->D}, j->qkv, CVLM_FILL_NONE, NULL};
+    struct cvlm_tensor kview = {
+        .dtype = CVLM_DTYPE_F32, .ndim = 2, .shape = {j->N, 3 * j->D}, .data = j->qkv};
     float *kp = j->kp + (size_t)h * j->nkp * j->hd * GEMM_NR;
     float *vp = j->vp + (size_t)h * j->nvp * j->N * GEMM_NR;
     (void)thread;

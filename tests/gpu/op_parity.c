@@ -365,8 +365,10 @@ static void weight_new(struct ctx *c, struct wpair *w, enum cvlm_dtype dt, int64
         else
             ((uint16_t *)w->host)[i] = f32_to_f16(v);
     }
-    w->c = (struct cvlm_tensor){dt,      rows > 1 ? 2 : 1, {rows > 1 ? rows : cols, cols},
-                                w->host, CVLM_FILL_NONE,   NULL};
+    w->c = (struct cvlm_tensor){.dtype = dt,
+                                .ndim = rows > 1 ? 2 : 1,
+                                .shape = {rows > 1 ? rows : cols, cols},
+                                .data = w->host};
     w->g = w->c;
     struct cvlm_tensor *t = &w->g;
     if (c->gpu->ops->upload_weights(c->gpu, &t, 1, 1)) {
@@ -767,7 +769,8 @@ static void test_fills(struct ctx *c)
     struct cvlm_tensor tc[3], tg[3], *pc[3], *pg[3];
     int32_t ids[64];
     for (int i = 0; i < 3; i++) {
-        tc[i] = (struct cvlm_tensor){CVLM_DTYPE_BF16, 2, {64, 129}, NULL, fills[i], NULL};
+        tc[i] = (struct cvlm_tensor){
+            .dtype = CVLM_DTYPE_BF16, .ndim = 2, .shape = {64, 129}, .fill = fills[i]};
         tg[i] = tc[i];
         pc[i] = &tc[i];
         pg[i] = &tg[i];
@@ -929,7 +932,8 @@ static int bench_setup(struct cvlm_backend *g, struct bench_bufs *b, int32_t *ta
 {
     struct cvlm_tensor *pw = &b->w;
     size_t cache = (size_t)B_SEQS * B_BLK * 16 * 4096 * 2;
-    b->w = (struct cvlm_tensor){CVLM_DTYPE_BF16, 2, {11008, 4096}, NULL, CVLM_FILL_RANDOM, NULL};
+    b->w = (struct cvlm_tensor){
+        .dtype = CVLM_DTYPE_BF16, .ndim = 2, .shape = {11008, 4096}, .fill = CVLM_FILL_RANDOM};
     b->x = g->ops->alloc(g, (size_t)1278 * 3 * 4096 * 2);
     b->y = g->ops->alloc(g, (size_t)1278 * 11008 * 2);
     b->kc = g->ops->alloc(g, cache);
