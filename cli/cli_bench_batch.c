@@ -128,7 +128,9 @@ int cvlm_cli_bench_batch(int argc, char **argv)
                                   .max_batched_tokens = 1024,
                                   .vision_cache_bytes = 64 << 20};
     struct cvlm_request_params p = {0};
-    const char *image = NULL, *json = NULL;
+    const char *image = NULL, *json = NULL, *rformat = NULL;
+    unsigned char *schema = NULL;
+    size_t schema_len = 0;
     int levels[8] = {1, 4, 16, 64}, n_levels = 4;
     cvlm_sampling_defaults(&p.sampling);
     p.prompt = "Write a long story about a llama who climbs a mountain";
@@ -157,9 +159,12 @@ int cvlm_cli_bench_batch(int argc, char **argv)
         if (!strcmp(a, "--help") || !v) {
             printf("usage: cogvlm bench-batch --model DIR [--tokenizer PATH] [--dummy-weights]\n"
                    "       [--concurrency 1,4,16,64] [--max-tokens 64] [--image PATH] "
-                   "[--json FILE]\n       " CVLM_CLI_MODEL_USAGE "\n"
+                   "[--json FILE]\n       [--response-format "
+                   "json_object|SCHEMA.json] " CVLM_CLI_MODEL_USAGE "\n"
                    "--dummy-weights: random weights of DIR/config.json (no "
-                   "safetensors).\n" CVLM_CLI_MODEL_HELP);
+                   "safetensors).\n"
+                   "--response-format: constrain every request (structured outputs) and "
+                   "report\n  the sampling phase's share of the step time.\n" CVLM_CLI_MODEL_HELP);
             return strcmp(a, "--help") ? 2 : 0;
         }
         i++;
@@ -173,6 +178,8 @@ int cvlm_cli_bench_batch(int argc, char **argv)
             image = v;
         else if (!strcmp(a, "--json"))
             json = v;
+        else if (!strcmp(a, "--response-format"))
+            rformat = v;
         else if (!strcmp(a, "--concurrency")) {
             n_levels = 0;
             for (char *s = (char *)v; *s && n_levels < 8; s += strspn(s, ","))
@@ -181,6 +188,17 @@ int cvlm_cli_bench_batch(int argc, char **argv)
             fprintf(stderr, "bench-batch: unknown option %s\n", a);
             return 2;
         }
+    }
+    if (rformat && !strcmp(rformat, "json_object")) {
+        p.response_format = CVLM_RFORMAT_JSON_OBJECT;
+    } else if (rformat) {
+        if (cvlm_read_file(rformat, (size_t)1 << 24, &schema, &schema_len)) {
+            fprintf(stderr, "bench-batch: %s\n", cvlm_last_error());
+            return 1;
+        }
+        p.response_format = CVLM_RFORMAT_JSON_SCHEMA;
+        p.json_schema = (const char *)schema;
+        p.json_schema_len = schema_len;
     }
     struct cvlm_engine *e;
     if (cvlm_engine_create(&eo, &e)) {
@@ -191,16 +209,24 @@ int cvlm_cli_bench_batch(int argc, char **argv)
     if (jf)
         fprintf(jf, "{\"model\": \"%s\", \"max_tokens\": %d, \"levels\": [", eo.model_dir,
                 p.max_tokens);
-    printf("%-12s %12s %12s %12s\n", "concurrency", "tokens/s", "mean TTFT ms", "wall s");
+    printf("%-12s %12s %12s %12s %12s\n", "concurrency", "tokens/s", "mean TTFT ms", "wall s",
+           "sampling %");
     for (int k = 0; k < n_levels; k++) {
         struct result r;
+        struct cvlm_engine_stats s0, s1;
+        cvlm_engine_get_stats(e, &s0);
         if (run_batch(e, &p, levels[k], &r))
             break;
-        double tps = r.tokens / (r.wall_ms / 1e3);
-        printf("%-12d %12.1f %12.1f %12.2f\n", levels[k], tps, r.ttft_ms, r.wall_ms / 1e3);
+        cvlm_engine_get_stats(e, &s1);
+        double tps = r.tokens / (r.wall_ms / 1e3), sample = s1.sample_ms - s0.sample_ms;
+        double step = sample + s1.forward_ms - s0.forward_ms + s1.plan_ms - s0.plan_ms;
+        printf("%-12d %12.1f %12.1f %12.2f %12.2f\n", levels[k], tps, r.ttft_ms, r.wall_ms / 1e3,
+               step > 0 ? 100 * sample / step : 0);
         if (jf)
-            fprintf(jf, "%s{\"concurrency\": %d, \"tokens_per_s\": %.2f, \"ttft_ms\": %.2f}",
-                    k ? ", " : "", levels[k], tps, r.ttft_ms);
+            fprintf(jf,
+                    "%s{\"concurrency\": %d, \"tokens_per_s\": %.2f, \"ttft_ms\": %.2f, "
+                    "\"sampling_ms\": %.2f, \"step_ms\": %.2f}",
+                    k ? ", " : "", levels[k], tps, r.ttft_ms, sample, step);
     }
     if (jf)
         fprintf(jf, "]");
@@ -234,5 +260,6 @@ int cvlm_cli_bench_batch(int argc, char **argv)
         fprintf(jf, "}\n");
         fclose(jf);
     }
+    free(schema);
     return 0;
 }

@@ -193,7 +193,7 @@ int cvlm_engine_create(const struct cvlm_engine_opts *opts, struct cvlm_engine *
         goto fail;
     }
     e->opts.model_dir = e->model_dir;
-    if ((rc = load(e)))
+    if ((rc = cvlm_grammar_table_create(&e->grammars)) || (rc = load(e)))
         goto fail;
     e->opts.tokenizer = NULL; /* the caller's string: used only while loading */
     publish_stats(e);
@@ -233,6 +233,8 @@ void cvlm_engine_destroy(struct cvlm_engine *e)
                        e->b_nfed,   e->running, e->logits, e->lp_scratch, e->enc_req};
     for (size_t i = 0; i < sizeof(scratch) / sizeof(scratch[0]); i++)
         free(scratch[i]);
+    cvlm_vocab_destroy(e->vocab);
+    cvlm_grammar_table_destroy(e->grammars);
     cvlm_vc_destroy(e->vc);
     cvlm_kv_destroy(e->kv);
     cvlm_model_destroy(e->model);

@@ -17,6 +17,7 @@
 #define CVLM_ENGINE_H
 
 #include "engine/error.h"
+#include "engine/grammar/grammar.h"
 #include "engine/sched/sampler.h"
 
 #include <stddef.h>
@@ -110,6 +111,14 @@ struct cvlm_request_params {
      * the model's raw distribution, without the bias. */
     const struct cvlm_logit_bias *logit_bias;
     int n_logit_bias;
+    /* OpenAI response_format (enum cvlm_rformat): TEXT (no constraint), JSON_OBJECT, or
+     * JSON_SCHEMA with the schema's JSON text (json_schema_len bytes, copied). Decoding is
+     * constrained so that the output is a document of the format whenever it ends by EOS
+     * (engine/grammar/grammar.h; a stop string or max_tokens can still cut it short). A
+     * schema outside the supported subset is CVLM_EINVAL naming the keyword. */
+    int response_format;
+    const char *json_schema;
+    size_t json_schema_len;
 };
 
 /* Prepares a request; thread-safe. Errors: CVLM_EINVAL (bad parameters), image errors

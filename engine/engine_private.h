@@ -46,6 +46,10 @@ struct cvlm_engine {
     float *logits;                 /* [max_seqs, vocab] */
     float *lp_scratch;             /* [vocab] */
     struct cvlm_request **enc_req; /* [max_seqs] images to encode this step */
+    struct cvlm_vocab *vocab;      /* token texts as a trie, for grammar masks (lazily) */
+
+    /* compiled response_format grammars, shared by requests (thread-safe) */
+    struct cvlm_grammar_table *grammars;
 
     /* mu */
     pthread_mutex_t mu;

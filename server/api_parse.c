@@ -38,6 +38,7 @@ struct parsed {
     const char *remote_url; /* an http(s) image URL (inside the JSON tree), to be fetched */
     int have_seed;
     struct cvlm_logit_bias bias[MAX_LOGIT_BIAS];
+    char *schema; /* response_format's JSON schema, compact JSON (malloc'd) */
 };
 
 /* A parsed request whose image the loop fetches: the JSON tree (the parsed strings point
@@ -394,22 +395,63 @@ static int logit_bias(struct conn *c, json_t *r, struct parsed *pp)
     return 0;
 }
 
+/* response_format: text, json_object, or json_schema {name, schema, strict, description}
+ * (OpenAI's structured outputs). The schema goes to the engine as compact JSON text with
+ * its key order kept (properties are produced in that order); the engine compiles it, and
+ * refuses what it does not support by keyword (400, param response_format). */
+static int response_format(struct conn *c, json_t *r, struct parsed *pp)
+{
+    json_t *rf = json_object_get(r, "response_format");
+    if (!rf || json_is_null(rf))
+        return 0;
+    const char *type = json_string_value(json_object_get(rf, "type"));
+    if (!json_is_object(rf) || !type)
+        return bad(c, "response_format", "%s",
+                   "'response_format' must be an object with a string 'type'");
+    if (!strcmp(type, "text"))
+        return 0;
+    if (!strcmp(type, "json_object")) {
+        pp->p.response_format = CVLM_RFORMAT_JSON_OBJECT;
+        return 0;
+    }
+    if (strcmp(type, "json_schema"))
+        return bad(c, "response_format",
+                   "response_format type '%.40s' is not supported (text, json_object, "
+                   "json_schema are)",
+                   type);
+    json_t *js = json_object_get(rf, "json_schema");
+    if (!json_is_object(js))
+        return bad(c, "response_format", "%s",
+                   "response_format of type json_schema needs a 'json_schema' object");
+    const char *name = json_string_value(json_object_get(js, "name"));
+    size_t nlen = name ? strlen(name) : 0;
+    if (!name || nlen == 0 || nlen > 64 ||
+        strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLM"
+                     "NOPQRSTUVWXYZ0123456789_-") != nlen)
+        return bad(c, "response_format", "%s",
+                   "json_schema.name is required: 1 to 64 of a-z, A-Z, 0-9, _ and -");
+    json_t *strict = json_object_get(js, "strict"), *desc = json_object_get(js, "description");
+    if (strict && !json_is_boolean(strict) && !json_is_null(strict))
+        return bad(c, "response_format", "%s", "json_schema.strict must be a boolean");
+    if (desc && !json_is_string(desc) && !json_is_null(desc))
+        return bad(c, "response_format", "%s", "json_schema.description must be a string");
+    json_t *schema = json_object_get(js, "schema");
+    if (schema && !json_is_object(schema) && !json_is_boolean(schema))
+        return bad(c, "response_format", "%s", "json_schema.schema must be a JSON Schema object");
+    pp->schema = schema ? json_dumps(schema, JSON_COMPACT | JSON_ENCODE_ANY) : strdup("{}");
+    if (!pp->schema)
+        return bad(c, NULL, "%s", "out of memory");
+    pp->p.response_format = CVLM_RFORMAT_JSON_SCHEMA;
+    pp->p.json_schema = pp->schema;
+    pp->p.json_schema_len = strlen(pp->schema);
+    return 0;
+}
+
 /* Fields clients send that this server does not implement yet: a clear 400 naming the
  * field, never silently ignored (the client would trust output it did not get). */
 static int unsupported(struct conn *c, json_t *r)
 {
-    json_t *rf = json_object_get(r, "response_format"), *v;
-    if (rf && !json_is_null(rf)) {
-        const char *type = json_string_value(json_object_get(rf, "type"));
-        if (!json_is_object(rf) || !type)
-            return bad(c, "response_format", "%s",
-                       "'response_format' must be an object with a 'type'");
-        if (strcmp(type, "text"))
-            return bad(c, "response_format",
-                       "response_format type '%.40s' is not supported "
-                       "(only 'text')",
-                       type);
-    }
+    json_t *v;
     static const char *const lists[] = {"tools", "functions"};
     for (size_t i = 0; i < 2; i++) {
         v = json_object_get(r, lists[i]);
@@ -513,7 +555,9 @@ static int user_field(struct conn *c, json_t *r)
 static void engine_error(struct conn *c, int rc)
 {
     const char *msg = cvlm_last_error();
-    if (rc == CVLM_ETOOBIG && strstr(msg, "context"))
+    if (!strncmp(msg, "json_schema:", 12) && rc != CVLM_ENOMEM) /* the grammar compiler's */
+        cvlm_api_error(c, 400, "invalid_request_error", "response_format", NULL, "%s", msg);
+    else if (rc == CVLM_ETOOBIG && strstr(msg, "context"))
         cvlm_api_error(c, 400, "invalid_request_error", "max_tokens", "context_length_exceeded",
                        "%s", msg);
     else if (rc == CVLM_ETOOBIG)
@@ -539,6 +583,7 @@ static void parsed_free(struct parsed *pp)
     free(pp->system);
     free(pp->query);
     free(pp->image);
+    free(pp->schema);
 }
 
 /* One engine request per choice; seeds are the request's seed + index, or random. The
@@ -606,7 +651,8 @@ void cvlm_api_prepare(struct conn *c)
     }
     snprintf(c->o.model, sizeof(c->o.model), "%s", c->s->model_id);
     if (user_field(c, root) || sampling(c, root, pp) || logprob_fields(c, root) ||
-        logit_bias(c, root, pp) || unsupported(c, root) || extension(c, root))
+        logit_bias(c, root, pp) || unsupported(c, root) || response_format(c, root, pp) ||
+        extension(c, root))
         goto out;
     if (c->o.chat ? conversation(c, json_object_get(root, "messages"), pp)
                   : prompt_field(c, root, pp))

@@ -29,6 +29,9 @@ RULES = [
     # the templates need the model config (image token count, template version)
     ("engine/text/", ["engine/error.h", "engine/util/", "engine/text/", "engine/model/weights.h",
                       "base/"]),
+    # structured outputs: grammars, and token masks over the tokenizer's vocabulary
+    ("engine/grammar/", ["engine/error.h", "engine/util/", "engine/grammar/",
+                         "engine/text/tokenizer.h", "base/"]),
     ("engine/model/", ["engine/error.h", "engine/util/", "engine/model/", "engine/backend.h",
                        "engine/comm.h", "base/"]),
     ("engine/sched/", ["engine/", "base/"]),

@@ -215,6 +215,8 @@ static void request_free(struct cvlm_request *r)
     free(r->stop);
     free(r->stop_ids);
     free(r->bias);
+    cvlm_grammar_unref(r->grammar);
+    cvlm_gstate_free(&r->gstate);
     free(r->pos);
     free(r->expert);
     free(r->pixels);
@@ -277,6 +279,20 @@ static int copy_lists(const struct cvlm_request_params *p, struct cvlm_request *
     return 0;
 }
 
+/* The response format's grammar (shared through the engine's table) and its start. */
+static int prepare_grammar(struct cvlm_engine *e, const struct cvlm_request_params *p,
+                           struct cvlm_request *r)
+{
+    if (p->response_format == CVLM_RFORMAT_TEXT)
+        return 0;
+    if (p->response_format != CVLM_RFORMAT_JSON_OBJECT &&
+        p->response_format != CVLM_RFORMAT_JSON_SCHEMA)
+        return cvlm_errf(CVLM_EINVAL, "unknown response format %d", p->response_format);
+    int rc = cvlm_grammar_table_get(e->grammars, (enum cvlm_rformat)p->response_format,
+                                    p->json_schema, p->json_schema_len, &r->grammar);
+    return rc ? rc : cvlm_gstate_init(r->grammar, &r->gstate);
+}
+
 int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params *p,
                         struct cvlm_request **out)
 {
@@ -302,7 +318,7 @@ int cvlm_request_create(struct cvlm_engine *e, const struct cvlm_request_params 
     r->dt.started = p->raw;
     if ((rc = check_prompt_bound(e, p)) || (p->image && (rc = prepare_image(e, p, r))) ||
         (rc = build_prompt(e, p, &pr)) || (rc = check_prompt_ids(e, &pr)) ||
-        (rc = adopt(e, p, &pr, r)) || (rc = copy_lists(p, r))) {
+        (rc = adopt(e, p, &pr, r)) || (rc = copy_lists(p, r)) || (rc = prepare_grammar(e, p, r))) {
         cvlm_prompt_free(&pr);
         request_free(r);
         return rc;

@@ -50,6 +50,7 @@ struct cvlm_request {
     int n_stop_ids;
     struct cvlm_logit_bias *bias; /* added to the raw logits before sampling */
     int n_bias;
+    struct cvlm_grammar *grammar; /* response_format's grammar, NULL: free text */
 
     /* engine thread */
     enum cvlm_req_state state;
@@ -60,6 +61,7 @@ struct cvlm_request {
     uint64_t chain;           /* chain hash of the published blocks so far */
     struct cvlm_feats *feats; /* pinned vision-cache entry while image slots remain */
     struct cvlm_rng rng;
+    struct cvlm_gstate gstate; /* the output so far in `grammar` */
     struct cvlm_detok dt;
     struct cvlm_buf hold; /* decoded text held back: may start a stop string */
     int stop_hit;         /* a stop string ended the text: nothing more is emitted */

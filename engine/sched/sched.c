@@ -483,6 +483,33 @@ static int is_stop_id(const struct cvlm_request *r, int32_t id)
     return 0;
 }
 
+/* response_format: every token whose text would leave the grammar gets -inf, EOS too
+ * unless the document is complete. 0, or an error (the request fails). */
+static int constrain(struct cvlm_engine *e, struct cvlm_request *r, float *row, int V)
+{
+    const struct cvlm_config *c = &e->w->cfg;
+    if (!e->vocab && cvlm_vocab_create(e->tok, V, &e->vocab))
+        return CVLM_ENOMEM;
+    const uint64_t *m = cvlm_grammar_mask(r->grammar, e->vocab, &r->gstate);
+    if (!m)
+        return CVLM_ENOMEM;
+    int complete = cvlm_gstate_complete(r->grammar, &r->gstate), any = 0;
+    for (int w = 0; w * 64 < V; w++) {
+        uint64_t out = ~m[w]; /* tokens to ban */
+        any |= m[w] != 0;
+        if ((w + 1) * 64 > V)
+            out &= (1ull << (V & 63)) - 1;
+        for (; out; out &= out - 1) {
+            int i = w * 64 + __builtin_ctzll(out);
+            if (complete && cvlm_config_is_eos(c, i))
+                any = 1;
+            else
+                row[i] = -INFINITY;
+        }
+    }
+    return any ? 0 : cvlm_errf(CVLM_EINVAL, "no token can continue the constrained output");
+}
+
 /* Samples the next token of r from its logits row and delivers it. */
 static void next_token(struct cvlm_engine *e, struct cvlm_request *r, float *row)
 {
@@ -492,15 +519,26 @@ static void next_token(struct cvlm_engine *e, struct cvlm_request *r, float *row
     if (r->logprobs >= 0) /* logprobs are of the model's own distribution (engine.h) */
         memcpy(e->lp_scratch, row, (size_t)V * sizeof(float));
     cvlm_logit_bias_apply(row, V, r->bias, r->n_bias);
-    int id = cvlm_sample(&r->sp, row, V, r->tokens, r->n_tokens, r->n_prompt, &r->rng);
+    int id = r->grammar ? constrain(e, r, row, V) : 0;
+    if (id >= 0)
+        id = cvlm_sample(&r->sp, row, V, r->tokens, r->n_tokens, r->n_prompt, &r->rng);
     if (id < 0) {
         finish(e, r, CVLM_FINISH_ERROR, cvlm_last_error());
         return;
     }
     e->st.generation_tokens++;
-    if ((!r->ignore_eos && cvlm_config_is_eos(c, id)) || is_stop_id(r, id)) {
+    int eos = cvlm_config_is_eos(c, id);
+    if ((eos && (!r->ignore_eos || r->grammar)) || is_stop_id(r, id)) {
         finish(e, r, CVLM_FINISH_STOP, NULL);
         return;
+    }
+    if (r->grammar) { /* the sampled token's text moves the grammar on */
+        const char *p;
+        size_t n = cvlm_tokenizer_piece_text(e->tok, id, &p);
+        if (cvlm_gstate_advance(r->grammar, &r->gstate, (const unsigned char *)p, n) <= 0) {
+            finish(e, r, CVLM_FINISH_ERROR, "the constrained output left its grammar");
+            return;
+        }
     }
     t.id = id;
     if (r->logprobs >= 0)

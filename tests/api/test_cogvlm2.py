@@ -63,3 +63,19 @@ def test_chat_with_image_streamed(cogvlm2):
     assert resp.status == 200, resp
     events = sse_events(resp.body)
     assert events and events[-1] == "[DONE]"
+
+
+def test_structured_output_with_the_byte_level_tokenizer(cogvlm2):
+    """response_format json_schema over the LLaMA-3 vocabulary (128k byte-level tokens, two
+    EOS ids): the random model's sampled answers are documents of the schema."""
+    import json
+
+    import jsonschema
+    from test_structured import BOUNDED, BOUNDED_MAX_TOKENS, rf_schema
+    for seed in range(3):
+        body = answer(cogvlm2.post("/v1/chat/completions", chat_body(
+            NAME, "Describe it as JSON.", image_url=image_url(), max_tokens=BOUNDED_MAX_TOKENS,
+            temperature=1.2, seed=seed, response_format=rf_schema(BOUNDED))))
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), BOUNDED)
