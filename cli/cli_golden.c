@@ -43,6 +43,9 @@ struct golden {
     enum cvlm_quant quant;     /* --quantize: weights quantized at load */
     int quant_vision;          /* --quantize-vision */
     int failed, tok_agree, tok_total;
+    int V;                    /* vocabulary of the model under test */
+    double kl_sum, kl_max;    /* next-token KL(reference || ours), nats, every */
+    long kl_rows, top1_agree; /* logits row compared (prompt and greedy) */
 };
 
 /* max |a-b| and max |a-b| / max(1, |b|) over n values */
@@ -226,6 +229,38 @@ static int check_prompt(json_t *c, const struct cvlm_prompt *p)
            json_ints_equal(json_object_get(c, "vision_expert_mask"), p->expert, p->n, 1);
 }
 
+/* The next-token distributions of logits rows: KL(reference || ours) in nats and whether
+ * the argmax agrees, per row, summed into g (the quantization figure: a quantized model
+ * against the unquantized reference). */
+static void kl_rows(struct golden *g, const float *ours, const float *ref, size_t rows)
+{
+    int V = g->V;
+    for (size_t r = 0; r < rows; r++) {
+        const float *p = ref + r * V, *q = ours + r * V;
+        double mp = p[0], mq = q[0], sp = 0, sq = 0, kl = 0;
+        int ap = 0, aq = 0;
+        for (int i = 1; i < V; i++) {
+            ap = p[i] > p[ap] ? i : ap;
+            aq = q[i] > q[aq] ? i : aq;
+        }
+        mp = p[ap];
+        mq = q[aq];
+        for (int i = 0; i < V; i++) {
+            sp += exp(p[i] - mp);
+            sq += exp(q[i] - mq);
+        }
+        double lp = mp + log(sp), lq = mq + log(sq);
+        for (int i = 0; i < V; i++) {
+            double a = p[i] - lp, b = q[i] - lq;
+            kl += exp(a) * (a - b);
+        }
+        g->kl_sum += kl;
+        g->kl_max = kl > g->kl_max ? kl : g->kl_max;
+        g->kl_rows++;
+        g->top1_agree += ap == aq;
+    }
+}
+
 /* Compares ours against the array a descriptor names; prints "name abs rel"; returns
  * 1 if within tolerance. A missing descriptor is skipped (returns 1). */
 static int report(struct golden *g, json_t *c, const char *key, const char *label,
@@ -244,6 +279,8 @@ static int report(struct golden *g, json_t *c, const char *key, const char *labe
     }
     struct err e = compare(ours, ref, n);
     int ok = e.rel <= g->tol;
+    if (!strcmp(key, "logits") && g->V > 0 && n % (size_t)g->V == 0)
+        kl_rows(g, ours, ref, n / (size_t)g->V);
     printf("  %-16s max abs %.3g  max rel %.3g  %s\n", label, e.abs, e.rel, ok ? "ok" : "FAIL");
     free(ref);
     return ok;
@@ -361,6 +398,7 @@ static void run_case(struct golden *g, struct cvlm_model *m, json_t *c, const ch
     int32_t *forced = NULL;
 
     printf("case %s\n", label);
+    g->V = V;
     if (steps <= 0)
         steps = 1;
     if ((rc = setup_run(g, m, c, &r, steps)))
@@ -612,6 +650,11 @@ int cvlm_cli_golden(int argc, char **argv)
     if (g.report_tokens)
         printf("; tokens reported: %d/%d greedy tokens agree", g.tok_agree, g.tok_total);
     printf("\n");
+    if (g.kl_rows)
+        printf("next-token KL(reference || ours): mean %.3g nats, max %.3g over %ld positions; "
+               "argmax agrees at %ld (%.1f %%)\n",
+               g.kl_sum / g.kl_rows, g.kl_max, g.kl_rows, g.top1_agree,
+               100.0 * g.top1_agree / g.kl_rows);
     cvlm_tokenizer_destroy(g.tok);
     free(g.pixels);
     json_decref(g.man);
