@@ -16,7 +16,7 @@
 struct tally {
     int64_t params[3]; /* LM, vision tower + adapter, other */
     size_t bytes;
-    size_t by_dtype[3];
+    size_t by_dtype[CVLM_DTYPE_I32 + 1];
 };
 
 static int count_one(void *ctx, const char *name, struct cvlm_tensor *slot, int ndim,
@@ -29,8 +29,11 @@ static int count_one(void *ctx, const char *name, struct cvlm_tensor *slot, int 
     if (optional && !slot->data)
         return 0;
     t->params[!strncmp(name, "model.vision.", 13) ? 1 : 0] += n;
-    t->bytes += (size_t)n * cvlm_dtype_size(slot->dtype);
-    t->by_dtype[slot->dtype]++;
+    t->bytes += cvlm_dtype_is_quant(slot->dtype) /* a GPTQ checkpoint's Q4: codes + scales */
+                    ? cvlm_tensor_bytes(slot) +
+                          (size_t)(slot->shape[0] * cvlm_quant_groups(slot)) * (slot->mins ? 8 : 4)
+                    : (size_t)n * cvlm_dtype_size(slot->dtype);
+    t->by_dtype[(unsigned)slot->dtype <= CVLM_DTYPE_I32 ? slot->dtype : CVLM_DTYPE_I32]++;
     return 0;
 }
 
@@ -56,9 +59,11 @@ static void describe(const char *dir, struct cvlm_weights *w)
                c->vision.num_heads, c->vision.intermediate_size);
     printf("parameters  %lld language model, %lld vision tower + adapter\n", (long long)t.params[0],
            (long long)t.params[1]);
-    printf("weights     %.1f MiB (tensors: %zu F32, %zu F16, %zu BF16)\n",
-           (double)t.bytes / (1 << 20), t.by_dtype[CVLM_DTYPE_F32], t.by_dtype[CVLM_DTYPE_F16],
-           t.by_dtype[CVLM_DTYPE_BF16]);
+    printf("weights     %.1f MiB (tensors: %zu F32, %zu F16, %zu BF16", (double)t.bytes / (1 << 20),
+           t.by_dtype[CVLM_DTYPE_F32], t.by_dtype[CVLM_DTYPE_F16], t.by_dtype[CVLM_DTYPE_BF16]);
+    if (c->gptq.enabled)
+        printf(", %zu GPTQ int4 as Q4", t.by_dtype[CVLM_DTYPE_Q4]);
+    printf(")\n");
 }
 
 int cvlm_cli_info(int argc, char **argv)

@@ -46,6 +46,9 @@ enum cvlm_dtype {
      *     mask and one shift). Scales: [N][ceil(K / group)]. */
     CVLM_DTYPE_Q8 = 3,
     CVLM_DTYPE_Q4 = 4,
+    /* Checkpoint storage only (GPTQ's packed codes and g_idx, engine/model/gptq.c): never
+     * the weight of an op (the op-table checks refuse it). */
+    CVLM_DTYPE_I32 = 5,
 };
 
 #define CVLM_Q4_GROUP 128
@@ -82,7 +85,9 @@ static inline int cvlm_dtype_is_quant(enum cvlm_dtype t)
 /* Bytes of one element (1 for Q8; Q4 has none: use cvlm_dtype_bytes). */
 static inline size_t cvlm_dtype_size(enum cvlm_dtype t)
 {
-    return t == CVLM_DTYPE_F32 ? 4 : t == CVLM_DTYPE_Q8 || t == CVLM_DTYPE_Q4 ? 1 : 2;
+    return t == CVLM_DTYPE_F32 || t == CVLM_DTYPE_I32 ? 4
+           : t == CVLM_DTYPE_Q8 || t == CVLM_DTYPE_Q4 ? 1
+                                                      : 2;
 }
 
 /* Bytes of n consecutive elements of a row (n even for Q4). */
@@ -97,7 +102,8 @@ static inline const char *cvlm_dtype_name(enum cvlm_dtype t)
            : t == CVLM_DTYPE_F16  ? "F16"
            : t == CVLM_DTYPE_BF16 ? "BF16"
            : t == CVLM_DTYPE_Q8   ? "Q8"
-                                  : "Q4";
+           : t == CVLM_DTYPE_Q4   ? "Q4"
+                                  : "I32";
 }
 
 /* Elements per scale along a quantized matrix's rows (K for Q8). */
@@ -194,18 +200,27 @@ static inline uint16_t cvlm_f32_to_f16(float f)
     return (uint16_t)(sign | (a >> 13));
 }
 
-/* Element i of a tensor of any supported dtype, widened to float. */
+/* q * scale of stored element i of a quantized matrix, without its group offset (mins). */
+static inline float cvlm_quant_get_scaled(const struct cvlm_tensor *t, int64_t i)
+{
+    int64_t K = t->shape[t->ndim - 1], n = i / K, k = i % K, g = cvlm_quant_group(t);
+    const signed char *q = (const signed char *)t->data;
+    float s = t->scales[n * cvlm_quant_groups(t) + k / g];
+    if (t->dtype == CVLM_DTYPE_Q8)
+        return (float)q[i] * s;
+    /* Q4: the 16-byte block of weight k in row n, its low or high nibble */
+    unsigned char b = ((const unsigned char *)q)[n * (K / 2) + k / 32 * 16 + k % 16];
+    return (float)((k % 32 < 16 ? b & 15 : b >> 4) - 8) * s;
+}
+
+/* Element i of a tensor of any supported dtype, widened to float. Quantized: q * scale
+ * (+ mins), element i of the stored order (with perm, stored column k multiplies x[perm[k]]). */
 static inline float cvlm_tensor_get_f32(const struct cvlm_tensor *t, int64_t i)
 {
     if (cvlm_dtype_is_quant(t->dtype)) {
-        int64_t K = t->shape[t->ndim - 1], n = i / K, k = i % K, g = cvlm_quant_group(t);
-        const signed char *q = (const signed char *)t->data;
-        float s = t->scales[n * cvlm_quant_groups(t) + k / g];
-        if (t->dtype == CVLM_DTYPE_Q8)
-            return (float)q[i] * s;
-        /* Q4: the 16-byte block of weight k in row n, its low or high nibble */
-        unsigned char b = ((const unsigned char *)q)[n * (K / 2) + k / 32 * 16 + k % 16];
-        return (float)((k % 32 < 16 ? b & 15 : b >> 4) - 8) * s;
+        int64_t K = t->shape[t->ndim - 1], g = cvlm_quant_group(t);
+        float v = cvlm_quant_get_scaled(t, i);
+        return t->mins ? v + t->mins[i / K * cvlm_quant_groups(t) + i % K / g] : v;
     }
     const unsigned char *p = (const unsigned char *)t->data + (size_t)i * cvlm_dtype_size(t->dtype);
     uint16_t h;

@@ -31,7 +31,8 @@ const struct cvlm_option cvlm_options[] = {
      0, 0},
     {"quantize", OPT_STR, O(quantize), "none", "",
      "Weights of the decoder's linear layers at load: none, int8 (per output channel) or int4 "
-     "(groups of 128); CPU backend only.",
+     "(groups of 128). A GPTQ checkpoint (quantization_config in config.json) is loaded int4 "
+     "as it is and needs none (int8/int4 are refused: docs/MODEL.md).",
      0, 0},
     {"quantize_vision", OPT_BOOL, O(quantize_vision), "false", "",
      "With quantize: the vision tower's linear layers and the adapter too.", 0, 0},

@@ -4,7 +4,7 @@
 set -e
 PKGS="build-essential pkg-config libmicrohttpd-dev libjansson-dev libuv1-dev libb64-dev
       libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libpcre2-dev clang libclang-rt-14-dev
-      clang-format libcurl4-openssl-dev"
+      clang-format libcurl4-openssl-dev python3-numpy"
 missing=""
 for p in $PKGS; do
     st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

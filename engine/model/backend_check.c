@@ -241,6 +241,31 @@ static void fmt_shape(char *buf, size_t cap, const struct cvlm_tensor *t)
         snprintf(buf + at, cap - at, "]");
 }
 
+/* GPTQ's extras (backend.h): mins on Q4 only, perm on a quantized matrix only and then a
+ * permutation of 0..K-1 (checked in full: these checks run in debug builds only). */
+static int quant_extras_ok(const struct call *c, const char *name, const struct cvlm_tensor *t)
+{
+    if ((t->mins && t->dtype != CVLM_DTYPE_Q4) || (t->perm && !cvlm_dtype_is_quant(t->dtype)))
+        return fail(c, CVLM_ESHAPE, "%s: %s on a %s tensor (mins: Q4 only; perm: Q8/Q4 only)", name,
+                    t->mins ? "mins" : "perm", cvlm_dtype_name(t->dtype));
+    if (!t->perm)
+        return 1;
+    int64_t K = t->shape[1];
+    unsigned char *seen = calloc((size_t)K, 1);
+    int64_t bad = -1;
+    for (int64_t k = 0; seen && k < K && bad < 0; k++) {
+        if (t->perm[k] < 0 || t->perm[k] >= K || seen[t->perm[k]])
+            bad = k;
+        else
+            seen[t->perm[k]] = 1;
+    }
+    free(seen);
+    if (bad >= 0)
+        return fail(c, CVLM_ESHAPE, "%s: perm[%lld] = %d is not a permutation of 0..%lld", name,
+                    (long long)bad, (int)t->perm[bad], (long long)(K - 1));
+    return 1;
+}
+
 /* Any weight: a dtype of the enum, 1..4 positive dims, data present and element-aligned. */
 static int tensor_ok(const struct call *c, const char *name, const struct cvlm_tensor *t)
 {
@@ -263,6 +288,8 @@ static int tensor_ok(const struct call *c, const char *name, const struct cvlm_t
                         (long long)t->shape[i]);
     if (!t->data)
         return fail(c, CVLM_EINVAL, "%s has no data (not uploaded)", name);
+    if (!quant_extras_ok(c, name, t))
+        return 0;
     return (uintptr_t)t->data % cvlm_dtype_size(t->dtype) == 0 ||
            fail(c, CVLM_EINVAL, "%s data (%p) is not aligned to its %s elements", name, t->data,
                 cvlm_dtype_name(t->dtype));

@@ -182,6 +182,11 @@ int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision)
     struct quant_ctx c = {.w = w, .q = q};
     if (q == CVLM_QUANT_NONE)
         return 0;
+    if (w->cfg.gptq.enabled) /* one format at a time: no second rounding of GPTQ's codes */
+        return cvlm_errf(CVLM_EINVAL,
+                         "--quantize %s: the checkpoint is already quantized (GPTQ int4); load "
+                         "it with --quantize none",
+                         cvlm_quant_name(q));
     for (int l = 0; l < w->cfg.num_layers; l++) {
         struct cvlm_lm_layer *L = &w->layers[l];
         for (int e = 0; e < 2; e++) {

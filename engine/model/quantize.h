@@ -35,7 +35,8 @@ void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, 
  * and a tensor read from the checkpoint mapping has its pages released after (peak
  * memory: the quantized size plus one tensor). A tensor without data (lazy dummy
  * weights) gets random codes of the dummy weights' scale (std 0.02) directly, so a
- * 17B-shaped model never exists at 16 bits. 0 or CVLM_ENOMEM. */
+ * 17B-shaped model never exists at 16 bits. 0 or CVLM_ENOMEM; CVLM_EINVAL for a GPTQ
+ * checkpoint (already quantized: only `none` is accepted). */
 int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision);
 
 #endif

@@ -5,7 +5,7 @@
  *    "__metadata__": {"k": "v"}}
  * then the data section; offsets are relative to its start (8 + N).
  * Invariants established before a tensor is returned: N <= file size - 8 and
- * N <= CVLM_ST_MAX_HEADER; dtype in {F32, F16, BF16}; shape entries non-negative and
+ * N <= CVLM_ST_MAX_HEADER; dtype in {F32, F16, BF16, I32}; shape entries non-negative and
  * their product (times the element size) computed without overflow and equal to
  * end - begin; begin <= end <= data size; no two tensors overlap; names unique.
  */
@@ -31,6 +31,8 @@ static int parse_dtype(const char *s, enum cvlm_dtype *dt)
         *dt = CVLM_DTYPE_F16;
     else if (!strcmp(s, "BF16"))
         *dt = CVLM_DTYPE_BF16;
+    else if (!strcmp(s, "I32")) /* GPTQ's packed codes and g_idx (engine/model/gptq.c) */
+        *dt = CVLM_DTYPE_I32;
     else
         return -1;
     return 0;
@@ -55,8 +57,8 @@ static int parse_entry(const char *name, json_t *desc, uint64_t data_size, struc
         json_array_size(jo) != 2)
         return cvlm_errf(CVLM_EFORMAT, "tensor %s: needs dtype, shape and data_offsets", name);
     if (parse_dtype(json_string_value(jd), &t->t.dtype))
-        return cvlm_errf(CVLM_EUNSUPPORTED, "tensor %s: unsupported dtype %s (F32/F16/BF16)", name,
-                         json_string_value(jd));
+        return cvlm_errf(CVLM_EUNSUPPORTED, "tensor %s: unsupported dtype %s (F32/F16/BF16/I32)",
+                         name, json_string_value(jd));
     if (json_array_size(js) > CVLM_MAX_DIMS)
         return cvlm_errf(CVLM_EUNSUPPORTED, "tensor %s: %zu dims (max %d)", name,
                          json_array_size(js), CVLM_MAX_DIMS);

@@ -8,6 +8,7 @@
 #include "engine/model/weights.h"
 
 #include "engine/error.h"
+#include "engine/model/gptq.h"
 #include "engine/util/fileio.h"
 
 #include <jansson.h>
@@ -158,7 +159,8 @@ static int parse_root(json_t *r, struct cvlm_config *c)
         (rc = get_float(r, "rms_norm_eps", 1e-6, 0, 1, &c->rms_norm_eps)) ||
         (rc = get_float(r, "rope_theta", c->variant == CVLM_VARIANT_COGVLM2 ? 500000.0 : 10000.0, 1,
                         1e9, &c->rope_theta)) ||
-        (rc = parse_template(r, &c->template_version)))
+        (rc = parse_template(r, &c->template_version)) ||
+        (rc = cvlm_gptq_parse_config(r, &c->gptq)))
         return rc;
     if (c->hidden_size % c->num_heads || (c->hidden_size / c->num_heads) % 2)
         return cvlm_errf(CVLM_EFORMAT,
@@ -338,8 +340,74 @@ int cvlm_weights_visit(struct cvlm_weights *w, cvlm_weight_visit_fn fn, void *ct
 
 struct bind_ctx {
     const struct cvlm_safetensors *st;
+    struct cvlm_weights *w;
     unsigned char *claimed; /* [st->n_tensors] */
 };
+
+/* 1 if slot is a matrix the GEMM takes quantized (what --quantize quantizes): both experts'
+ * QKV, dense, gate, up, down; the ViT's QKV, dense, fc1, fc2; the adapter's four. */
+static int is_linear(const struct cvlm_weights *w, const struct cvlm_tensor *t)
+{
+    for (int i = 0; i < w->cfg.num_layers; i++)
+        for (int e = 0; e < 2; e++) {
+            const struct cvlm_lm_layer *L = &w->layers[i];
+            if (t == &L->qkv[e] || t == &L->dense[e] || t == &L->gate[e] || t == &L->up[e] ||
+                t == &L->down[e])
+                return 1;
+        }
+    for (int j = 0; w->cfg.has_vision && j < w->cfg.vision.num_layers; j++) {
+        const struct cvlm_vit_layer *V = &w->vit[j];
+        if (t == &V->qkv_w || t == &V->dense_w || t == &V->fc1_w || t == &V->fc2_w)
+            return 1;
+    }
+    return w->cfg.has_vision &&
+           (t == &w->proj || t == &w->glu_gate || t == &w->glu_up || t == &w->glu_down);
+}
+
+/* `name` (X.weight) absent: its GPTQ parts X.qweight etc. if the checkpoint has them, the
+ * config says GPTQ and the slot may be quantized; 1 if there are none (not GPTQ). */
+static int bind_gptq(struct bind_ctx *b, const char *name, struct cvlm_tensor *slot, int ndim,
+                     const int64_t *shape)
+{
+    char base[200], qn[220];
+    size_t n = strlen(name);
+    if (n < 7 || n >= sizeof(base) || strcmp(name + n - 7, ".weight"))
+        return 1;
+    memcpy(base, name, n - 7);
+    base[n - 7] = 0;
+    snprintf(qn, sizeof(qn), "%s.qweight", base);
+    if (!cvlm_st_find(b->st, qn))
+        return 1;
+    if (!b->w->cfg.gptq.enabled)
+        return cvlm_errf(CVLM_EFORMAT,
+                         "tensor %s: GPTQ-quantized, but config.json has no quantization_config "
+                         "with quant_method gptq",
+                         qn);
+    if (ndim != 2 || !is_linear(b->w, slot))
+        return cvlm_errf(CVLM_EUNSUPPORTED,
+                         "tensor %s: GPTQ-quantized, but this model takes %s only unquantized "
+                         "(F32/F16/BF16); quantized are the decoder's and the vision tower's "
+                         "linear layers",
+                         qn, name);
+    return cvlm_gptq_bind(b->w, b->st, base, shape[0], shape[1], slot, b->claimed);
+}
+
+/* An unclaimed tensor that may stay: X.bias of a GPTQ layer X that has no bias in the model,
+ * when it is all zeros (some exporters write one for every quantized layer). */
+static int zero_gptq_bias(const struct cvlm_safetensors *st, const struct cvlm_st_tensor *t)
+{
+    char qn[220];
+    size_t n = strlen(t->name);
+    if (n < 5 || n >= 200 || strcmp(t->name + n - 5, ".bias"))
+        return 0;
+    snprintf(qn, sizeof(qn), "%.*s.qweight", (int)(n - 5), t->name);
+    if (!cvlm_st_find(st, qn) || t->t.dtype == CVLM_DTYPE_I32 || cvlm_dtype_is_quant(t->t.dtype))
+        return 0;
+    for (int64_t i = 0; i < cvlm_tensor_numel(&t->t); i++)
+        if (cvlm_tensor_get_f32(&t->t, i) != 0)
+            return 0;
+    return 1;
+}
 
 static void fmt_shape(char *buf, size_t cap, int ndim, const int64_t *shape)
 {
@@ -360,11 +428,16 @@ static int bind_one(void *ctx, const char *name, struct cvlm_tensor *slot, int n
 
     memset(slot, 0, sizeof(*slot));
     if (!t) {
+        int rc = bind_gptq(b, name, slot, ndim, shape);
+        if (rc <= 0)
+            return rc;
         if (optional)
             return 0;
         return cvlm_errf(CVLM_ENOENT, "checkpoint lacks tensor %s", name);
     }
     b->claimed[t - b->st->tensors] = 1;
+    if (t->t.dtype == CVLM_DTYPE_I32)
+        return cvlm_errf(CVLM_EFORMAT, "tensor %s: I32 (a float dtype expected)", name);
     if (t->t.ndim != ndim || memcmp(t->t.shape, shape, (size_t)ndim * sizeof(int64_t))) {
         fmt_shape(want, sizeof(want), ndim, shape);
         fmt_shape(got, sizeof(got), t->t.ndim, t->t.shape);
@@ -379,7 +452,7 @@ int cvlm_weights_bind(struct cvlm_safetensors *st, const struct cvlm_config *cfg
                       struct cvlm_weights **out)
 {
     struct cvlm_weights *w = calloc(1, sizeof(*w));
-    struct bind_ctx b = {.st = st};
+    struct bind_ctx b = {.st = st, .w = w};
     int rc = 0;
 
     *out = NULL;
@@ -399,9 +472,12 @@ int cvlm_weights_bind(struct cvlm_safetensors *st, const struct cvlm_config *cfg
     if ((rc = cvlm_weights_visit(w, bind_one, &b)))
         goto out;
     for (size_t i = 0; i < st->n_tensors; i++)
-        if (!b.claimed[i]) {
-            rc = cvlm_errf(CVLM_EFORMAT, "unexpected tensor %s (not part of this config's model)",
-                           st->tensors[i].name);
+        if (!b.claimed[i] && !zero_gptq_bias(st, &st->tensors[i])) {
+            rc = cvlm_errf(CVLM_EFORMAT, "unexpected tensor %s (not part of this config's model%s)",
+                           st->tensors[i].name,
+                           cvlm_gptq_is_part(st->tensors[i].name)
+                               ? "; a GPTQ part of a layer the model has no matrix for"
+                               : "");
             goto out;
         }
 out:

@@ -31,6 +31,16 @@ struct cvlm_vision_config {
     float layer_norm_eps;
 };
 
+/* config.json's quantization_config of a GPTQ checkpoint (engine/model/gptq.c). */
+struct cvlm_gptq_config {
+    int enabled;    /* quant_method "gptq" */
+    int bits;       /* 4 */
+    int group_size; /* 128, or -1: one group per row */
+    int desc_act;   /* informational: the loader follows each tensor's g_idx */
+    int sym;        /* informational: the loader follows each tensor's zeros */
+    int v2;         /* checkpoint_format "gptq_v2": zeros stored as is (v1: zero - 1) */
+};
+
 struct cvlm_config {
     enum cvlm_variant variant;
     int vocab_size, hidden_size, intermediate_size, num_layers, num_heads;
@@ -43,6 +53,7 @@ struct cvlm_config {
     enum cvlm_template template_version;
     int has_vision; /* 0 for a text-only (plain LLaMA-shaped) checkpoint */
     struct cvlm_vision_config vision;
+    struct cvlm_gptq_config gptq; /* enabled 0: no quantization_config */
 };
 
 /* Parses and validates config.json text / file. Unknown fields are ignored (HF configs

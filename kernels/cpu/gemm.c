@@ -12,6 +12,11 @@
  *   transposes its W block into NR-column micro-panels (per-thread scratch, reused by all
  *   M rows) and runs the MR x NR register-blocked micro-kernel over it.
  * All accumulation is F32; the k order differs from a naive loop only by blocking.
+ * Quantized weights with GPTQ's extras (engine/backend.h) reach the kernels as a plain
+ * matrix: with perm, x is gathered into the stored column order once per call; with mins,
+ * the offsets' share (sum over the groups of mins[n][g] * sum of x over group g) is added
+ * to each output after the kernels, from group sums taken once per call. Without either,
+ * nothing of this runs.
  */
 #include "kernels/cpu/cpu.h"
 
@@ -48,9 +53,9 @@ void cvlm_cpu_widen(const struct cvlm_tensor *w, int64_t row, int64_t n, float *
 static void widen_at(const struct cvlm_tensor *w, size_t off, int n, float *out)
 {
     const uint16_t *s = (const uint16_t *)w->data + off;
-    if (cvlm_dtype_is_quant(w->dtype))
+    if (cvlm_dtype_is_quant(w->dtype)) /* q * scale: mins are the driver's (add_mins) */
         for (int i = 0; i < n; i++)
-            out[i] = cvlm_tensor_get_f32(w, (int64_t)off + i);
+            out[i] = cvlm_quant_get_scaled(w, (int64_t)off + i);
     else if (w->dtype == CVLM_DTYPE_F32)
         memcpy(out, (const float *)w->data + off, (size_t)n * sizeof(float));
     else if (w->dtype == CVLM_DTYPE_BF16)
@@ -163,7 +168,62 @@ struct gemm_job {
     float *bp;        /* per thread: [NC/NR][KC][NR] */
     size_t bp_stride; /* floats per thread */
     float *bias_f;    /* widened bias [N] or NULL */
+    float *xsum;      /* w->mins: [M][groups] sums of x over each group, else NULL */
 };
+
+/* y[m][n] += sum_g mins[n][g] * xsum[m][g] for n in [n0, n1): GPTQ's group offsets. */
+static void add_mins(const struct gemm_job *j, int n0, int n1)
+{
+    const int ng = j->xsum ? (int)cvlm_quant_groups(j->w) : 0;
+    for (int m = 0; m < j->M && ng; m++) {
+        const float *xs = j->xsum + (size_t)m * ng;
+        float *yr = j->y + (size_t)m * j->N;
+        for (int n = n0; n < n1; n++) {
+            const float *mn = j->w->mins + (size_t)n * ng;
+            float a = 0;
+            for (int g = 0; g < ng; g++)
+                a += mn[g] * xs[g];
+            yr[n] += a;
+        }
+    }
+}
+
+/* Floats of scratch the GPTQ extras take: the gathered x, the group sums. */
+static size_t gptq_floats(const struct cvlm_tensor *w, int M, int K)
+{
+    size_t f = w->perm ? (size_t)M * K : 0;
+    return (f + 15) / 16 * 16 + (w->mins ? (size_t)M * cvlm_quant_groups(w) : 0);
+}
+
+/* x in stored column order (perm) into s, and its group sums (mins) after it; points the
+ * job at them. */
+static void gptq_prepare(struct gemm_job *j, float *s)
+{
+    const struct cvlm_tensor *w = j->w;
+    const int K = j->K, ng = (int)cvlm_quant_groups(w), G = (int)cvlm_quant_group(w);
+    if (w->perm) {
+        for (int m = 0; m < j->M; m++) {
+            const float *xr = j->x + (size_t)m * j->x_stride;
+            float *o = s + (size_t)m * K;
+            for (int k = 0; k < K; k++)
+                o[k] = xr[w->perm[k]];
+        }
+        j->x = s;
+        j->x_stride = K;
+        s += ((size_t)j->M * K + 15) / 16 * 16;
+    }
+    if (!w->mins)
+        return;
+    for (int m = 0; m < j->M; m++)
+        for (int g = 0; g < ng; g++) {
+            const float *xr = j->x + (size_t)m * j->x_stride;
+            float a = 0;
+            for (int k = g * G; k < K && k < (g + 1) * G; k++)
+                a += xr[k];
+            s[(size_t)m * ng + g] = a;
+        }
+    j->xsum = s;
+}
 
 static void add_bias(const struct gemm_job *j, int n0, int n1)
 {
@@ -195,6 +255,7 @@ static void gemv_task(void *ctx, int task, int thread)
         j->kn.gemv(j->y + (size_t)m * j->N, j->N, j->x + (size_t)m * j->x_stride, j->x_stride, mc,
                    j->w, n0, n1, j->K);
     }
+    add_mins(j, n0, n1);
     add_bias(j, n0, n1);
 }
 
@@ -235,6 +296,7 @@ static void packed_task(void *ctx, int task, int thread)
             }
         }
     }
+    add_mins(j, n0, n1);
     add_bias(j, n0, n1);
 }
 
@@ -276,10 +338,23 @@ static size_t scratch_plan(const struct gemm_job *j, int nt, int split, size_t *
     return *bias_off + (j->bias ? (size_t)j->N : 0) + 1;
 }
 
-/* Without scratch memory: the matrix-vector kernels need none (slow for large M). */
+/* Without scratch memory: the matrix-vector kernels need none (slow for large M); GPTQ's
+ * extras element by element. */
 static void gemm_no_scratch(struct gemm_job *j)
 {
-    const struct cvlm_tensor *bias = j->bias;
+    const struct cvlm_tensor *bias = j->bias, *w = j->w;
+    if (w->perm || w->mins) {
+        for (int m = 0; m < j->M; m++)
+            for (int n = 0; n < j->N; n++) {
+                const float *xr = j->x + (size_t)m * j->x_stride;
+                float a = bias ? cvlm_tensor_get_f32(bias, n) : 0.0f;
+                for (int k = 0; k < j->K; k++)
+                    a += xr[w->perm ? w->perm[k] : k] *
+                         cvlm_tensor_get_f32(w, (int64_t)n * j->K + k);
+                j->y[(size_t)m * j->N + n] = a;
+            }
+        return;
+    }
     j->bias = NULL;
     j->cols_per_task = j->N;
     gemv_task(j, 0, 0);
@@ -321,14 +396,18 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
                          .kn = kernels_for(cb->isa, w->dtype),
                          .vec = cb->vec};
     int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
-    size_t bias_off;
+    size_t bias_off, plan, extra = w->perm || w->mins ? gptq_floats(w, M, K) : 0;
     if (M <= 0 || N <= 0)
         return;
-    float *s = cvlm_cpu_scratch(cb, scratch_plan(&j, nt, split, &bias_off));
+    plan = scratch_plan(&j, nt, split, &bias_off);
+    plan = extra ? (plan + 15) / 16 * 16 : plan;
+    float *s = cvlm_cpu_scratch(cb, plan + extra);
     if (!s) {
         gemm_no_scratch(&j);
         return;
     }
+    if (extra && K > 0)
+        gptq_prepare(&j, s + plan);
     if (bias) {
         j.bias_f = s + bias_off;
         cvlm_cpu_widen(bias, 0, N, j.bias_f);

@@ -17,6 +17,11 @@
  * plan is uploaded once per step: kv_write and every layer's attention build identical
  * bytes, which the metadata ring's content cache recognises.
  *
+ * Grouped-query attention (CogVLM2, cvlm_attn_batch.n_kv_heads): the cache holds only the
+ * KV heads (slots kv_stride = Hkv * hd apart) and query head h reads KV head h / group,
+ * group = n_heads / Hkv, in place: every kernel (flash, decode, reference) offsets its K
+ * and V reads by the KV head and its Q and output by the query head; nothing is copied.
+ *
  * k_attn_simple is the reference path: a warp per (query, head), keys one at a time. It
  * takes shapes the fast kernels do not (head size > 128 or unaligned rows) and everything
  * when COGVLM_CUDA_ATTN=simple (to tell a kernel bug from a model bug).
@@ -41,6 +46,7 @@ struct fa_params {
     bf16 *out;
     const bf16 *q, *k, *v; /* already offset to head 0 of row 0 */
     int out_stride, q_stride, kv_stride, hd, vec;
+    int group;         /* query heads per KV head (GQA; 1: one KV head per query head) */
     float scale_log2;  /* softmax scale * log2(e): exp2 of scaled scores */
     int n_keys;        /* full attention: keys (= queries) */
     const int4 *tiles; /* paged: tile list (NULL: full attention) */
@@ -194,6 +200,7 @@ template <int HDP> __global__ void __launch_bounds__(FA_THREADS) k_flash(fa_para
     float *Ss = (float *)(sm + L::s), *Ms = (float *)(sm + L::ml);
     float *Ls = Ms + FA_BM, *As = Ls + FA_BM;
     int h = blockIdx.y, r0 = (threadIdx.x >> 5) * 16, hoff = h * p.hd;
+    int kvoff = h / p.group * p.hd; /* GQA: the KV head of query head h */
     int t0, nq, s0 = 0, n_keys = p.n_keys, causal = p.tiles != NULL;
     const int32_t *table = NULL;
     if (p.tiles) {
@@ -219,8 +226,8 @@ template <int HDP> __global__ void __launch_bounds__(FA_THREADS) k_flash(fa_para
     for (int kbase = 0; kbase < n_keys; kbase += FA_BN) {
         int kn = min(FA_BN, n_keys - kbase);
         __syncthreads(); /* every warp is done with the previous K/V tile (and with Q) */
-        fa_load<HDP>(Ks, p.k + hoff, p.kv_stride, kbase, kn, table, p.block_size, p.hd, p.vec);
-        fa_load<HDP>(Vs, p.v + hoff, p.kv_stride, kbase, kn, table, p.block_size, p.hd, p.vec);
+        fa_load<HDP>(Ks, p.k + kvoff, p.kv_stride, kbase, kn, table, p.block_size, p.hd, p.vec);
+        fa_load<HDP>(Vs, p.v + kvoff, p.kv_stride, kbase, kn, table, p.block_size, p.hd, p.vec);
         __syncthreads();
         fa_scores<HDP>(qf, Ks, Ss + r0 * L::LDS, L::LDS);
         __syncwarp();
@@ -271,7 +278,8 @@ __global__ void k_attn_simple(fa_params p, int n_q, int H, const int32_t *tok, c
     }
     for (int j = 0; j < n_keys; j++) {
         size_t row = table ? cu_kv_row(table, p.block_size, j) : (size_t)j;
-        const bf16 *kr = p.k + row * p.kv_stride + h * hd, *vr = p.v + row * p.kv_stride + h * hd;
+        size_t kvo = row * p.kv_stride + (size_t)(h / p.group) * hd; /* GQA: h's KV head */
+        const bf16 *kr = p.k + kvo, *vr = p.v + kvo;
         float s = 0;
         for (int e = 0; e < 8; e++)
             if (lane + 32 * e < hd)
@@ -378,6 +386,7 @@ void cu_attention_full(struct cvlm_backend *be, void *out, const void *qkv, int 
     p.out_stride = D;
     p.q_stride = p.kv_stride = 3 * D;
     p.hd = head_dim;
+    p.group = 1;
     p.vec = rows_vec_ok(p.q, p.k, p.v, 3 * D, head_dim);
     p.scale_log2 = LOG2E / sqrtf((float)head_dim);
     p.n_keys = N;
@@ -579,10 +588,11 @@ void cu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int s
                "attention_paged: %d heads of %d, row stride %d", n_heads, head_dim, stride);
     CU_REQUIRE(cb, kv->dtype == CVLM_DTYPE_BF16, "attention_paged: a %s KV cache (BF16 only)",
                cvlm_dtype_name(kv->dtype));
-    /* grouped-query attention (CogVLM2) is CPU-only so far: refused, not miscomputed */
-    CU_REQUIRE(cb, b->n_kv_heads <= 0 || b->n_kv_heads == n_heads,
-               "attention_paged: %d query heads over %d KV heads (GQA: not on CUDA yet)", n_heads,
-               b->n_kv_heads);
+    /* grouped-query attention (CogVLM2): the cache holds Hkv heads per slot; query head h
+     * reads KV head h / (n_heads / Hkv) in place (no copies) */
+    int Hkv = b->n_kv_heads > 0 ? b->n_kv_heads : n_heads, kv_width = Hkv * head_dim;
+    CU_REQUIRE(cb, Hkv <= n_heads && n_heads % Hkv == 0,
+               "attention_paged: %d query heads over %d KV heads (must divide)", n_heads, Hkv);
     if (!plan_build(cb, b, n_heads, head_dim, &pl))
         return;
     fa_params p = {};
@@ -592,8 +602,9 @@ void cu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int s
     p.v = (const bf16 *)kv->v;
     p.out_stride = width;
     p.q_stride = stride;
-    p.kv_stride = width;
+    p.kv_stride = kv_width;
     p.hd = head_dim;
+    p.group = n_heads / Hkv;
     p.vec = rows_vec_ok(q, kv->k, kv->v, stride, head_dim) && width % 8 == 0;
     p.scale_log2 = LOG2E / sqrtf((float)head_dim);
     p.tiles = pl.tiles;
@@ -602,7 +613,8 @@ void cu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int s
     p.block_size = pl.block_size;
     if (pl.n_tiles && !launch_flash(cb, &p, dim3((unsigned)pl.n_tiles, (unsigned)n_heads)))
         return;
-    struct cu_attn_io io = {(bf16 *)out, p.q, p.k, p.v, stride, width, n_heads, head_dim};
+    struct cu_attn_io io = {(bf16 *)out, p.q,     p.k,      p.v,      stride,
+                            width,       n_heads, head_dim, kv_width, p.group};
     bool launched = false;
     if (pl.n_dec && !cb->attn_simple && cu_attention_decode(cb, &pl, &io, &launched))
         return;

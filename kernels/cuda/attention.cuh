@@ -30,11 +30,14 @@ struct cu_attn_plan {
     const int32_t *seq, *slot, *toff, *tables, *dec, *dec_first, *dec_nparts;
 };
 
-/* Where the keys/values and queries of a paged launch are. */
+/* Where the keys/values and queries of a paged launch are: out rows `width` = H * hd
+ * apart, q rows q_stride apart, cache slots kv_width = (H / group) * hd apart; query head
+ * h reads KV head h / group (GQA; group 1: as many KV heads as query heads). */
 struct cu_attn_io {
     bf16 *out;
     const bf16 *q, *k, *v;
     int q_stride, width, H, hd;
+    int kv_width, group;
 };
 
 /* Decode tokens of the plan through the split-K path; false if it cannot take this

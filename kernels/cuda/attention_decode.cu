@@ -22,7 +22,8 @@
 /* Where one block's keys are: its token, head, part, and the lanes' slice of a row. */
 struct dec_ctx {
     const int32_t *table;
-    size_t hoff; /* head offset + this lane's 8 columns */
+    size_t hoff;  /* query head offset + this lane's 8 columns */
+    size_t kvoff; /* the same in a cache slot: its KV head's (GQA) */
     int t, k0, k1, np, act;
 };
 
@@ -39,7 +40,7 @@ __device__ void dec_scores(const struct cu_attn_plan &pl, const struct cu_attn_i
         float d = 0, kv[8];
         if (j < c.k1 && c.act) {
             size_t row = cu_kv_row(c.table, pl.block_size, j);
-            cu_unpack8(*(const uint4 *)(io.k + row * io.width + c.hoff), kv);
+            cu_unpack8(*(const uint4 *)(io.k + row * io.kv_width + c.kvoff), kv);
             for (int e = 0; e < 8; e++)
                 d = fmaf(q[e], kv[e], d);
         }
@@ -59,7 +60,7 @@ __device__ void dec_pv(const struct cu_attn_plan &pl, const struct cu_attn_io &i
     for (int j = c.k0 + (int)threadIdx.x / GS; c.act && j < c.k1; j += NG) {
         float vv[8], p = s[j - c.k0];
         size_t row = cu_kv_row(c.table, pl.block_size, j);
-        cu_unpack8(*(const uint4 *)(io.v + row * io.width + c.hoff), vv);
+        cu_unpack8(*(const uint4 *)(io.v + row * io.kv_width + c.kvoff), vv);
         for (int e = 0; e < 8; e++)
             acc[e] = fmaf(p, vv[e], acc[e]);
     }
@@ -83,6 +84,7 @@ __global__ void __launch_bounds__(DEC_THREADS)
     c.np = pl.dec_nparts[wk.x];
     c.table = pl.tables + pl.toff[pl.seq[c.t]];
     c.hoff = (size_t)h * io.hd + lg * 8;
+    c.kvoff = (size_t)(h / io.group) * io.hd + lg * 8;
     c.act = lg * 8 < io.hd;
     float q[8], acc[8];
     if (c.act)
@@ -159,7 +161,8 @@ bool cu_attention_decode(struct cuda_backend *cb, const struct cu_attn_plan *p,
 {
     *launched = false;
     if (io->hd % 8 || io->hd > 256 || p->part > 512 || !cu_aligned16(io->q) ||
-        !cu_aligned16(io->k) || !cu_aligned16(io->v) || io->q_stride % 8 || io->width % 8)
+        !cu_aligned16(io->k) || !cu_aligned16(io->v) || io->q_stride % 8 || io->width % 8 ||
+        io->kv_width % 8)
         return false;
     *launched = true;
     size_t n_o = (size_t)p->n_work * io->H * io->hd;

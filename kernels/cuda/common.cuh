@@ -54,6 +54,7 @@ struct cu_block {
 enum cu_scratch_id {
     CU_SCRATCH_CONV = 0, /* F32 staging of to_host / from_host / patchify */
     CU_SCRATCH_ATTN = 1, /* split-K partial results of the decode attention */
+    CU_SCRATCH_QDEQ = 2, /* quantized weights dequantized to BF16 for cuBLAS (gemm_q.cu) */
     CU_SCRATCH_N
 };
 

@@ -12,6 +12,7 @@
  *   cublasGemmEx plus a separate bias kernel does the job.
  * - weights that are not BF16 (not uploaded through upload_weights): a simple tiled F32
  *   kernel that widens any dtype; correct, not fast.
+ * - quantized weights (Q8 / Q4): gemm_q.cu.
  */
 #include "kernels/cuda/elementwise.cuh"
 #include "kernels/cuda/gemm.cuh"
@@ -251,6 +252,10 @@ void cu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride,
     bf16 *yb = (bf16 *)y;
     const bf16 *xb = (const bf16 *)x, *wb = (const bf16 *)w->data;
     const bf16 *bb = bias && bias->dtype == CVLM_DTYPE_BF16 ? (const bf16 *)bias->data : NULL;
+    if (cvlm_dtype_is_quant(w->dtype)) {
+        cu_gemm_q(cb, yb, xb, x_stride, w, bias, M, N, K, cb->gemm->use_gemv);
+        return;
+    }
     if (w->dtype != CVLM_DTYPE_BF16) {
         dim3 grid((unsigned)((N + ST - 1) / ST), (unsigned)((M + ST - 1) / ST));
         k_gemm_simt<<<grid, 256, 0, cb->stream>>>(yb, xb, x_stride, w->data, w->dtype,

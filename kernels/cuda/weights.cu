@@ -1,4 +1,5 @@
-/* weights.cu - upload_weights: a weight set into one device allocation, as BF16.
+/* weights.cu - upload_weights: a weight set into one device allocation, as BF16 (or as
+ * quantized codes + scales).
  *
  * Every tensor of the set gets a 256-byte aligned range of one cudaMalloc (owned by the
  * backend until destroy) and its data pointer is set there. The device copy is always
@@ -14,6 +15,12 @@
  * deviation 0.02 from a counter-based hash of (seed, tensor index, element index), so a
  * 35 GB dummy model costs no host work and the same seed gives the same weights.
  * Tensors sharing one data pointer (same dtype and size) share one device copy.
+ *
+ * Quantized matrices (Q8 / Q4, engine/backend.h) stay quantized: their codes, scales and
+ * the optional mins and perm are copied as they are (each part its own 256-byte aligned
+ * range, so the GEMV's 16-byte loads of the codes are aligned), and the tensor's data,
+ * scales, mins and perm then point at the device copies (gemm_q.cu reads them). A
+ * quantized tensor without data is generated: codes by its fill, scales constant.
  */
 #include "kernels/cuda/elementwise.cuh"
 #include "kernels/cuda/weights.cuh"
@@ -104,6 +111,29 @@ static bool on_device(const void *p)
     return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
 }
 
+/* Copies `bytes` raw bytes of host or device memory to dst (device), host data chunk by
+ * chunk through the pinned staging buffers. */
+static bool copy_bytes(struct cuda_backend *cb, struct stage *st, void *dst, const void *src,
+                       size_t bytes)
+{
+    if (on_device(src))
+        return CU_RT(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cb->stream));
+    for (size_t done = 0; done < bytes;) {
+        size_t chunk = bytes - done < STAGE_BYTES ? bytes - done : STAGE_BYTES;
+        int s = st->next;
+        st->next ^= 1;
+        if (!CU_RT(cb, cudaEventSynchronize(st->ev[s]))) /* the slot's last chunk is through */
+            return false;
+        memcpy(st->host[s], (const char *)src + done, chunk);
+        if (!CU_RT(cb, cudaMemcpyAsync((char *)dst + done, st->host[s], chunk,
+                                       cudaMemcpyHostToDevice, cb->stream)) ||
+            !CU_RT(cb, cudaEventRecord(st->ev[s], cb->stream)))
+            return false;
+        done += chunk;
+    }
+    return true;
+}
+
 /* Copies (and converts to BF16) the data of t into dst: host data chunk by chunk through
  * the pinned staging buffers, device data directly. */
 static bool copy_tensor(struct cuda_backend *cb, struct stage *st, bf16 *dst,
@@ -111,10 +141,10 @@ static bool copy_tensor(struct cuda_backend *cb, struct stage *st, bf16 *dst,
 {
     size_t es = cvlm_dtype_size(t->dtype), bytes = n * es;
     const char *src = (const char *)t->data;
+    if (t->dtype == CVLM_DTYPE_BF16)
+        return copy_bytes(cb, st, dst, src, bytes);
     if (on_device(src))
-        return t->dtype == CVLM_DTYPE_BF16
-                   ? CU_RT(cb, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, cb->stream))
-                   : cu_convert_to_bf16(cb, dst, src, t->dtype, n);
+        return cu_convert_to_bf16(cb, dst, src, t->dtype, n);
     for (size_t done = 0; done < bytes;) {
         size_t chunk = bytes - done < STAGE_BYTES ? bytes - done : STAGE_BYTES;
         int s = st->next;
@@ -122,43 +152,112 @@ static bool copy_tensor(struct cuda_backend *cb, struct stage *st, bf16 *dst,
         if (!CU_RT(cb, cudaEventSynchronize(st->ev[s]))) /* the slot's last chunk is through */
             return false;
         memcpy(st->host[s], src + done, chunk);
-        if (t->dtype == CVLM_DTYPE_BF16) {
-            if (!CU_RT(cb, cudaMemcpyAsync((char *)dst + done, st->host[s], chunk,
-                                           cudaMemcpyHostToDevice, cb->stream)))
-                return false;
-        } else if (!CU_RT(cb, cudaMemcpyAsync(st->dev[s], st->host[s], chunk,
-                                              cudaMemcpyHostToDevice, cb->stream)) ||
-                   !cu_convert_to_bf16(cb, dst + done / es, st->dev[s], t->dtype, chunk / es)) {
-            return false;
-        }
-        if (!CU_RT(cb, cudaEventRecord(st->ev[s], cb->stream)))
+        if (!CU_RT(cb, cudaMemcpyAsync(st->dev[s], st->host[s], chunk, cudaMemcpyHostToDevice,
+                                       cb->stream)) ||
+            !cu_convert_to_bf16(cb, dst + done / es, st->dev[s], t->dtype, chunk / es) ||
+            !CU_RT(cb, cudaEventRecord(st->ev[s], cb->stream)))
             return false;
         done += chunk;
     }
     return true;
 }
 
-/* Byte offsets of each tensor in the allocation (NO_RANGE: nothing to upload; a shared
- * tensor gets its first user's offset). Returns the total. */
+/* ---- quantized tensors: codes, scales, mins, perm ---------------------------------------- */
+
+/* The parts of a tensor's device copy: the data (BF16, or a quantized matrix's codes) and,
+ * for Q8 / Q4, its scales, mins and perm (bytes 0 where it has none). */
+enum { P_DATA, P_SCALES, P_MINS, P_PERM, N_PARTS };
+
+static void part_bytes(const struct cvlm_tensor *t, size_t *b)
+{
+    size_t numel = (size_t)cvlm_tensor_numel(t);
+    memset(b, 0, N_PARTS * sizeof(size_t));
+    if (!cvlm_dtype_is_quant(t->dtype)) {
+        b[P_DATA] = numel * sizeof(bf16);
+        return;
+    }
+    size_t scales = (size_t)t->shape[0] * (size_t)cvlm_quant_groups(t) * sizeof(float);
+    b[P_DATA] = cvlm_tensor_bytes(t);
+    b[P_SCALES] = scales;
+    /* generated tensors (data NULL) have neither mins nor perm */
+    b[P_MINS] = t->data && t->mins ? scales : 0;
+    b[P_PERM] = t->data && t->perm ? (size_t)t->shape[1] * sizeof(int32_t) : 0;
+}
+
+/* Generated codes: RANDOM uniform (Q8 -127..127, Q4 any nibble: the spread of the CPU's
+ * dummy codes, engine/model/quantize.c, not its values), ZEROS code 0, ONES code 1. */
+__global__ void k_fill_codes(unsigned char *dst, size_t n, int kind, int q4, uint64_t key)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        unsigned v = kind == CVLM_FILL_ONES ? 1u : 0u;
+        if (kind == CVLM_FILL_RANDOM)
+            v = (unsigned)(mix64(key + (uint64_t)i * 0x9e3779b97f4a7c15ull) >> 40);
+        dst[i] = kind == CVLM_FILL_RANDOM
+                     ? (unsigned char)(q4 ? v : (unsigned)((int)(v % 255u) - 127))
+                 : q4 ? (unsigned char)((v + 8u) * 17u) /* both nibbles */
+                      : (unsigned char)v;
+    }
+}
+
+__global__ void k_fill_f32(float *dst, size_t n, float v)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = v;
+}
+
+/* A quantized tensor's parts: copied, or generated by its fill (scales: RANDOM the CPU
+ * dummy scale, std 0.02 / std of the codes; ZEROS and ONES 1). */
+static bool upload_quant(struct cuda_backend *cb, struct stage *st, const struct cvlm_tensor *t,
+                         char *const *dst, const size_t *b, uint64_t key)
+{
+    int q4 = t->dtype == CVLM_DTYPE_Q4;
+    if (t->data)
+        return copy_bytes(cb, st, dst[P_DATA], t->data, b[P_DATA]) &&
+               copy_bytes(cb, st, dst[P_SCALES], t->scales, b[P_SCALES]) &&
+               (!b[P_MINS] || copy_bytes(cb, st, dst[P_MINS], t->mins, b[P_MINS])) &&
+               (!b[P_PERM] || copy_bytes(cb, st, dst[P_PERM], t->perm, b[P_PERM]));
+    float s = t->fill != CVLM_FILL_RANDOM ? 1.0f : q4 ? 0.02f / 4.61f : 0.02f / 73.3f;
+    size_t ns = b[P_SCALES] / sizeof(float);
+    k_fill_codes<<<cu_blocks(b[P_DATA], 256, 4096), 256, 0, cb->stream>>>(
+        (unsigned char *)dst[P_DATA], b[P_DATA], t->fill, q4, key);
+    if (!CU_LAUNCHED(cb, "fill codes"))
+        return false;
+    k_fill_f32<<<cu_blocks(ns, 256, 4096), 256, 0, cb->stream>>>((float *)dst[P_SCALES], ns, s);
+    return CU_LAUNCHED(cb, "fill scales");
+}
+
+/* Byte offsets of each part of each tensor in the allocation, off[N_PARTS * i + part]
+ * (NO_RANGE: nothing to upload; a shared tensor gets its first user's offsets). Returns
+ * the total. */
 static size_t plan_ranges(struct cvlm_tensor *const *ts, int n, size_t *off, char *own)
 {
     size_t total = 0;
     for (int i = 0; i < n; i++) {
         const struct cvlm_tensor *t = ts[i];
         int64_t numel = cvlm_tensor_numel(t);
-        off[i] = NO_RANGE;
+        size_t *o = off + (size_t)N_PARTS * i, b[N_PARTS];
+        for (int p = 0; p < N_PARTS; p++)
+            o[p] = NO_RANGE;
         own[i] = 0;
         if (numel <= 0 || (!t->data && t->fill == CVLM_FILL_NONE))
             continue;
-        for (int j = 0; t->data && j < i && off[i] == NO_RANGE; j++)
+        for (int j = 0; t->data && j < i && o[P_DATA] == NO_RANGE; j++)
             if (ts[j]->data == t->data && ts[j]->dtype == t->dtype &&
-                cvlm_tensor_numel(ts[j]) == numel)
-                off[i] = off[j];
-        if (off[i] == NO_RANGE) {
-            own[i] = 1;
-            off[i] = total;
-            total += ((size_t)numel * sizeof(bf16) + 255) / 256 * 256;
-        }
+                cvlm_tensor_numel(ts[j]) == numel &&
+                (!cvlm_dtype_is_quant(t->dtype) ||
+                 (ts[j]->scales == t->scales && ts[j]->mins == t->mins && ts[j]->perm == t->perm)))
+                memcpy(o, off + (size_t)N_PARTS * j, N_PARTS * sizeof(size_t));
+        if (o[P_DATA] != NO_RANGE)
+            continue;
+        own[i] = 1;
+        part_bytes(t, b);
+        for (int p = 0; p < N_PARTS; p++)
+            if (b[p]) {
+                o[p] = total;
+                total += (b[p] + 255) / 256 * 256;
+            }
     }
     return total;
 }
@@ -171,14 +270,24 @@ static bool upload_all(struct cuda_backend *cb, struct cvlm_tensor *const *ts, i
     bool ok = stage_init(cb, &st);
     for (int i = 0; ok && i < n; i++) {
         const struct cvlm_tensor *t = ts[i];
+        const size_t *o = off + (size_t)N_PARTS * i;
         size_t numel = (size_t)cvlm_tensor_numel(t);
-        if (off[i] == NO_RANGE || !own[i]) /* shared ranges: written by their first user */
+        uint64_t key = seed * 0x100000001b3ull + (uint64_t)i;
+        if (o[P_DATA] == NO_RANGE || !own[i]) /* shared ranges: written by their first user */
             continue;
-        bf16 *dst = (bf16 *)(base + off[i]);
+        if (cvlm_dtype_is_quant(t->dtype)) {
+            char *dst[N_PARTS];
+            size_t b[N_PARTS];
+            part_bytes(t, b);
+            for (int p = 0; p < N_PARTS; p++)
+                dst[p] = o[p] == NO_RANGE ? NULL : base + o[p];
+            ok = upload_quant(cb, &st, t, dst, b, key);
+            continue;
+        }
+        bf16 *dst = (bf16 *)(base + o[P_DATA]);
         if (t->data) {
             ok = copy_tensor(cb, &st, dst, t, numel);
         } else {
-            uint64_t key = seed * 0x100000001b3ull + (uint64_t)i;
             k_fill<<<cu_blocks(numel, 256, 4096), 256, 0, cb->stream>>>(dst, numel, t->fill,
                                                                         t->dtype, key);
             ok = CU_LAUNCHED(cb, "fill");
@@ -209,13 +318,21 @@ int cu_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const *ts, in
     if (!cu_enter(cb))
         return cb->err ? cvlm_errf(cb->err, "%s", cb->err_msg) : CVLM_EIO;
     for (int i = 0; i < n; i++)
-        if (cvlm_dtype_is_quant(ts[i]->dtype))
+        if (ts[i]->dtype != CVLM_DTYPE_F32 && ts[i]->dtype != CVLM_DTYPE_F16 &&
+            ts[i]->dtype != CVLM_DTYPE_BF16 && !cvlm_dtype_is_quant(ts[i]->dtype))
+            return cvlm_errf(CVLM_EINVAL, "upload_weights: tensor %d has dtype %s (not a weight's)",
+                             i, cvlm_dtype_name(ts[i]->dtype));
+    for (int i = 0; i < n; i++) /* what the quantized kernels rely on (gemm_q.cu) */
+        if (cvlm_dtype_is_quant(ts[i]->dtype) &&
+            (ts[i]->ndim != 2 || (ts[i]->data && !ts[i]->scales) ||
+             (ts[i]->dtype == CVLM_DTYPE_Q4 && ts[i]->shape[1] % 32)))
             return cvlm_errf(CVLM_EINVAL,
-                             "the CUDA backend has no %s weight kernels yet: use --quantize none "
-                             "with --backend cuda",
-                             cvlm_dtype_name(ts[i]->dtype));
-    size_t *off = (size_t *)malloc((size_t)(n > 0 ? n : 1) * (sizeof(size_t) + 1));
-    char *own = (char *)(off + (n > 0 ? n : 1));
+                             "upload_weights: tensor %d: a %s matrix needs 2 dimensions, scales "
+                             "and (Q4) K a multiple of 32",
+                             i, cvlm_dtype_name(ts[i]->dtype));
+    size_t nn = (size_t)(n > 0 ? n : 1);
+    size_t *off = (size_t *)malloc(nn * (N_PARTS * sizeof(size_t) + 1));
+    char *own = (char *)(off + N_PARTS * nn);
     if (!off)
         return cvlm_errf(CVLM_ENOMEM, "out of memory");
     size_t total = plan_ranges(ts, n, off, own);
@@ -234,11 +351,19 @@ int cu_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const *ts, in
         cudaFree(base);
         goto out;
     }
-    for (int i = 0; i < n; i++) /* only now: a failure above leaves the tensors untouched */
-        if (off[i] != NO_RANGE) {
-            ts[i]->data = base + off[i];
+    for (int i = 0; i < n; i++) { /* only now: a failure above leaves the tensors untouched */
+        const size_t *o = off + (size_t)N_PARTS * i;
+        if (o[P_DATA] == NO_RANGE)
+            continue;
+        ts[i]->data = base + o[P_DATA];
+        if (!cvlm_dtype_is_quant(ts[i]->dtype)) {
             ts[i]->dtype = CVLM_DTYPE_BF16;
+            continue;
         }
+        ts[i]->scales = (const float *)(base + o[P_SCALES]);
+        ts[i]->mins = o[P_MINS] == NO_RANGE ? NULL : (const float *)(base + o[P_MINS]);
+        ts[i]->perm = o[P_PERM] == NO_RANGE ? NULL : (const int32_t *)(base + o[P_PERM]);
+    }
 out:
     free(off);
     return rc;

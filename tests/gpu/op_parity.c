@@ -73,9 +73,9 @@ struct ctx {
     const char *json_path;
     struct result *res;
     int n_res, cap_res;
-    char bench[640]; /* the "bench" object's members, or "" */
-    char fatal[320]; /* why cases stopped early, or "" */
-    double t_last;   /* when the previous case ended */
+    char bench[1024]; /* the "bench" object's members, or "" */
+    char fatal[320];  /* why cases stopped early, or "" */
+    double t_last;    /* when the previous case ended */
     jmp_buf *abort_to;
     void *live_c[MAX_LIVE], *live_g[MAX_LIVE];
 };
@@ -686,13 +686,16 @@ static void paged_free(struct paged_setup *ps)
     free(ps->slot);
 }
 
-static void paged_one(struct ctx *c, const struct paged_case *pc, const char *name)
+/* One paged scenario with Hkv KV heads in the cache (0: H, one per query head; fewer:
+ * grouped-query attention, query head h reading KV head h / (H / Hkv)). */
+static void paged_run(struct ctx *c, const struct paged_case *pc, int Hkv, const char *name)
 {
     struct paged_setup ps;
     char s[128];
     paged_plan(pc, &ps);
-    int W = pc->H * pc->hd, bs = 16;
-    size_t cache = (size_t)ps.n_blocks * bs * W;
+    int hkv = Hkv > 0 ? Hkv : pc->H, bs = 16;
+    int W = pc->H * pc->hd, KW = hkv * pc->hd, S = W + 2 * KW; /* q width, k/v width, row */
+    size_t cache = (size_t)ps.n_blocks * bs * KW;
     float *zero = calloc(cache, sizeof(float)); /* slots never written compare equal */
     struct pair kc = pair_new(c, zero, cache), vc = pair_new(c, zero, cache);
     free(zero);
@@ -701,28 +704,28 @@ static void paged_one(struct ctx *c, const struct paged_case *pc, const char *na
     struct cvlm_kv_layer kvc = {kc.c, vc.c, CVLM_DTYPE_F32}, kvg = {kc.g, vc.g, c->gpu->act_dtype};
     /* history: keys and values of the earlier slots, written as one kv_write */
     if (ps.n_hist) {
-        struct pair hk = pair_rand(c, (size_t)ps.n_hist * W, 2.0f);
-        struct pair hv = pair_rand(c, (size_t)ps.n_hist * W, 2.0f);
-        struct cvlm_attn_batch hb = {ps.n_hist, ps.hseq, ps.hslot, ps.seqs, bs, 0};
-        c->cpu->ops->kv_write(c->cpu, &kvc, hk.c, hv.c, W, &hb, pc->H, pc->hd);
-        c->gpu->ops->kv_write(c->gpu, &kvg, hk.g, hv.g, W, &hb, pc->H, pc->hd);
+        struct pair hk = pair_rand(c, (size_t)ps.n_hist * KW, 2.0f);
+        struct pair hv = pair_rand(c, (size_t)ps.n_hist * KW, 2.0f);
+        struct cvlm_attn_batch hb = {ps.n_hist, ps.hseq, ps.hslot, ps.seqs, bs, Hkv};
+        c->cpu->ops->kv_write(c->cpu, &kvc, hk.c, hv.c, KW, &hb, hkv, pc->hd);
+        c->gpu->ops->kv_write(c->gpu, &kvg, hk.g, hv.g, KW, &hb, hkv, pc->hd);
         pair_free(c, &hk);
         pair_free(c, &hv);
     }
     /* the batch: rows [q | k | v] as the model lays them out */
-    struct pair qkv = pair_rand(c, (size_t)ps.n_tok * 3 * W, 2.0f);
+    struct pair qkv = pair_rand(c, (size_t)ps.n_tok * S, 2.0f);
     struct pair out = pair_new(c, NULL, (size_t)ps.n_tok * W);
-    struct cvlm_attn_batch b = {ps.n_tok, ps.seq, ps.slot, ps.seqs, bs, 0};
-    c->cpu->ops->kv_write(c->cpu, &kvc, (float *)qkv.c + W, (float *)qkv.c + 2 * W, 3 * W, &b,
-                          pc->H, pc->hd);
+    struct cvlm_attn_batch b = {ps.n_tok, ps.seq, ps.slot, ps.seqs, bs, Hkv};
+    c->cpu->ops->kv_write(c->cpu, &kvc, (float *)qkv.c + W, (float *)qkv.c + W + KW, S, &b, hkv,
+                          pc->hd);
     c->gpu->ops->kv_write(c->gpu, &kvg, cvlm_be_row(c->gpu, qkv.g, 1, (size_t)W),
-                          cvlm_be_row(c->gpu, qkv.g, 2, (size_t)W), 3 * W, &b, pc->H, pc->hd);
+                          cvlm_be_row(c->gpu, qkv.g, 1, (size_t)(W + KW)), S, &b, hkv, pc->hd);
     snprintf(s, sizeof(s), "%s: K cache after", name);
     check(c, "kv_write", s, &kc, cache, 0);
     snprintf(s, sizeof(s), "%s: V cache after", name);
     check(c, "kv_write", s, &vc, cache, 0);
-    c->cpu->ops->attention_paged(c->cpu, out.c, qkv.c, 3 * W, &kvc, &b, pc->H, pc->hd);
-    c->gpu->ops->attention_paged(c->gpu, out.g, qkv.g, 3 * W, &kvg, &b, pc->H, pc->hd);
+    c->cpu->ops->attention_paged(c->cpu, out.c, qkv.c, S, &kvc, &b, pc->H, pc->hd);
+    c->gpu->ops->attention_paged(c->gpu, out.g, qkv.g, S, &kvg, &b, pc->H, pc->hd);
     snprintf(s, sizeof(s), "%s (%d tokens, %d seqs)", name, ps.n_tok, pc->n_seqs);
     check(c, "attention_paged", s, &out, (size_t)ps.n_tok * W, TOL_AT);
     pair_free(c, &kc);
@@ -730,6 +733,11 @@ static void paged_one(struct ctx *c, const struct paged_case *pc, const char *na
     pair_free(c, &qkv);
     pair_free(c, &out);
     paged_free(&ps);
+}
+
+static void paged_one(struct ctx *c, const struct paged_case *pc, const char *name)
+{
+    paged_run(c, pc, 0, name);
 }
 
 static void test_attention(struct ctx *c)
@@ -756,6 +764,241 @@ static void test_attention(struct ctx *c)
     }
     paged_one(c, &tiny, "H=4 hd=16 mixed");
     paged_one(c, &odd, "H=3 hd=24 mixed");
+}
+
+/* ---- grouped-query attention (CogVLM2) ---------------------------------------------------- */
+
+/* Query head h reads KV head h / (H / Hkv): the golden fixture's 4 query / 2 KV heads of 8
+ * and 16 dims, and CogVLM2-19B's 32 / 8 of 128, through the flash prefill (runs of >= 8
+ * slots) and the split-K decode (single tokens, short chunks), and the reference kernel in
+ * the --reference pass. */
+static void test_gqa(struct ctx *c)
+{
+    static const struct paged_case lm = {
+        32, 128, 6, {0, 4095, 1000, 1300, 20, 0}, {300, 1, 77, 1, 3, 1}};
+    static const struct paged_case dec = {32, 128, 4, {1277, 1290, 2047, 15}, {1, 1, 1, 1}};
+    static const struct paged_case tiny = {4, 16, 3, {0, 33, 5}, {40, 1, 9}};
+    static const struct paged_case golden = {4, 8, 2, {0, 17}, {17, 1}};
+    static const struct paged_case dec4 = {4, 16, 3, {70, 5, 600}, {1, 1, 1}};
+    if (c->pass != PASS_SMALL) {
+        paged_run(c, &lm, 8, "GQA H=32/8 hd=128 mixed");
+        paged_run(c, &dec, 8, "GQA H=32/8 hd=128 decode only");
+    }
+    paged_run(c, &tiny, 2, "GQA H=4/2 hd=16 mixed");
+    paged_run(c, &golden, 2, "GQA H=4/2 hd=8 prefill + decode");
+    paged_run(c, &dec4, 2, "GQA H=4/2 hd=16 decode only");
+    paged_run(c, &tiny, 1, "GQA H=4/1 hd=16 mixed");
+}
+
+/* ---- quantized GEMM (W8A16 / W4A16) -------------------------------------------------------- */
+
+/* A Q8 / Q4 weight [N, K] with random codes and scales (values about +-0.05), optional
+ * mins (Q4's zero points) and perm (stored column k multiplies x[perm[k]]); c keeps the
+ * host arrays, g is its upload. */
+struct qpair {
+    struct cvlm_tensor c, g;
+    void *codes;
+    float *scales, *mins;
+    int32_t *perm;
+};
+
+static void qpair_free(struct qpair *w)
+{
+    free(w->codes); /* the device copy belongs to the backend until destroy */
+    free(w->scales);
+    free(w->mins);
+    free(w->perm);
+}
+
+static void qweight_new(struct ctx *c, struct qpair *w, enum cvlm_dtype dt, int N, int K, int mins,
+                        int perm)
+{
+    memset(w, 0, sizeof(*w));
+    w->c = (struct cvlm_tensor){.dtype = dt, .ndim = 2, .shape = {N, K}};
+    size_t nb = cvlm_dtype_bytes(dt, (size_t)N * K), ng = (size_t)cvlm_quant_groups(&w->c);
+    unsigned char *q = malloc(nb);
+    w->codes = q;
+    w->scales = malloc((size_t)N * ng * sizeof(float));
+    w->mins = mins ? malloc((size_t)N * ng * sizeof(float)) : NULL;
+    w->perm = perm ? malloc((size_t)K * sizeof(int32_t)) : NULL;
+    if (!q || !w->scales || (mins && !w->mins) || (perm && !w->perm)) {
+        qpair_free(w);
+        cvlm_errf(CVLM_ENOMEM, "out of host memory");
+        case_abort(c, "qweight");
+    }
+    for (size_t i = 0; i < nb; i++) { /* Q8: -127..127; Q4: any two nibbles */
+        float r = frand(c) * 0.5f + 0.5f;
+        q[i] = dt == CVLM_DTYPE_Q8 ? (unsigned char)(signed char)(int)(r * 254.99f - 127.0f)
+                                   : (unsigned char)(int)(r * 255.99f);
+    }
+    for (size_t i = 0; i < (size_t)N * ng; i++) {
+        w->scales[i] = (0.75f + 0.25f * frand(c)) * (dt == CVLM_DTYPE_Q8 ? 0.05f / 127 : 0.05f / 8);
+        if (w->mins)
+            w->mins[i] = 0.02f * frand(c);
+    }
+    for (int k = 0; perm && k < K; k++)
+        w->perm[k] = k;
+    for (int k = K - 1; perm && k > 0; k--) { /* Fisher-Yates */
+        int j = (int)((frand(c) * 0.5f + 0.5f) * (float)(k + 1)) % (k + 1);
+        int32_t t = w->perm[k];
+        w->perm[k] = w->perm[j];
+        w->perm[j] = t;
+    }
+    w->c.data = w->codes;
+    w->c.scales = w->scales;
+    w->c.mins = w->mins;
+    w->c.perm = w->perm;
+    w->g = w->c;
+    struct cvlm_tensor *t = &w->g;
+    if (c->gpu->ops->upload_weights(c->gpu, &t, 1, 1)) {
+        qpair_free(w);
+        case_abort(c, "upload_weights (quantized)");
+    }
+}
+
+/* The format's definition, on the host in double: y[m][n] = sum_k (q * scale + min)
+ * x[m][perm[k]] (+ b[n]). */
+static void qgemm_host(const struct qpair *w, const float *x, int ldx, const float *b, int M,
+                       float *y)
+{
+    const struct cvlm_tensor *t = &w->c;
+    int N = (int)t->shape[0], K = (int)t->shape[1], ng = (int)cvlm_quant_groups(t);
+    int g = (int)cvlm_quant_group(t);
+    const unsigned char *q = w->codes;
+    double *row = malloc((size_t)K * sizeof(double));
+    for (int n = 0; row && n < N; n++) {
+        for (int k = 0; k < K; k++) {
+            int v;
+            size_t si = (size_t)n * ng + k / g;
+            if (t->dtype == CVLM_DTYPE_Q8) {
+                v = (signed char)q[(size_t)n * K + k];
+            } else {
+                unsigned char by = q[(size_t)n * (K / 2) + k / 32 * 16 + k % 16];
+                v = (k % 32 < 16 ? by & 15 : by >> 4) - 8;
+            }
+            row[k] = (double)v * w->scales[si] + (w->mins ? w->mins[si] : 0.0);
+        }
+        for (int m = 0; m < M; m++) {
+            double acc = b ? b[n] : 0;
+            for (int k = 0; k < K; k++)
+                acc += row[k] * x[(size_t)m * ldx + (w->perm ? w->perm[k] : k)];
+            y[(size_t)m * N + n] = (float)acc;
+        }
+    }
+    free(row);
+}
+
+struct qgemm_case {
+    int M, N, K, stride, bias, mins, perm;
+};
+
+/* Whether the reference (CPU) backend computes this weight as the format defines it: a
+ * backend that refuses mins / perm (an error from status) or ignores them (a result off
+ * the host reference) cannot referee. 1 if it can, else 0 with the reason in why. */
+static int cpu_can_referee(struct ctx *c, const struct qpair *w, const struct pair *x,
+                           const float *xh, int ldx, int M, char *why, size_t n_why)
+{
+    int N = (int)w->c.shape[0], K = (int)w->c.shape[1];
+    size_t n = (size_t)M * N;
+    float *ref = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float));
+    void *y = c->cpu->ops->alloc(c->cpu, n * sizeof(float));
+    int ok = 0;
+    if (ref && got && y) {
+        qgemm_host(w, xh, ldx, NULL, M, ref);
+        c->cpu->ops->gemm(c->cpu, y, x->c, ldx, &w->c, NULL, M, N, K);
+        if (c->cpu->ops->status(c->cpu)) {
+            snprintf(why, n_why, "the reference (CPU) backend refuses %s%s%s: %s",
+                     w->mins ? "mins" : "", w->mins && w->perm ? " + " : "", w->perm ? "perm" : "",
+                     cvlm_last_error());
+        } else {
+            double mabs = 0, mref = 0;
+            c->cpu->ops->to_host(c->cpu, got, y, n);
+            for (size_t i = 0; i < n; i++) {
+                double d = fabs((double)got[i] - ref[i]);
+                mabs = !(d <= mabs) ? d : mabs;
+                mref = fabs(ref[i]) > mref ? fabs(ref[i]) : mref;
+            }
+            /* its own rounding (e.g. int8 activations of a CPU GEMV: ~5e-3) passes; ignored
+             * mins or perm are off by far more */
+            ok = mabs <= 1e-2 * (mref > 1e-6 ? mref : 1e-6);
+            if (!ok)
+                snprintf(why, n_why,
+                         "the reference (CPU) backend does not apply %s%s%s (max_rel %.2g vs "
+                         "the format's definition)",
+                         w->mins ? "mins" : "", w->mins && w->perm ? " + " : "",
+                         w->perm ? "perm" : "", mabs / (mref > 1e-6 ? mref : 1e-6));
+        }
+    } else {
+        snprintf(why, n_why, "out of memory for the host reference");
+    }
+    if (y)
+        c->cpu->ops->free(c->cpu, y);
+    free(ref);
+    free(got);
+    return ok;
+}
+
+static void qgemm_one(struct ctx *c, const struct qgemm_case *g, enum cvlm_dtype dt)
+{
+    struct qpair w;
+    struct wpair b;
+    char s[128], why[320];
+    qweight_new(c, &w, dt, g->N, g->K, g->mins, g->perm);
+    if (g->bias)
+        weight_new(c, &b, CVLM_DTYPE_BF16, 1, g->N, 0.5f, 0.0f);
+    float *xh = rand_act(c, (size_t)g->M * g->stride, 1.0f);
+    struct pair x = pair_new(c, xh, (size_t)g->M * g->stride);
+    struct pair y = pair_new(c, NULL, (size_t)g->M * g->N);
+    snprintf(s, sizeof(s), "M=%d N=%d K=%d ldx=%d%s W %s%s%s", g->M, g->N, g->K, g->stride,
+             g->bias ? " +bias" : "", cvlm_dtype_name(dt), g->mins ? " +mins" : "",
+             g->perm ? " +perm" : "");
+    if ((g->mins || g->perm) &&
+        !cpu_can_referee(c, &w, &x, xh, g->stride, g->M, why, sizeof(why))) {
+        record(c, "gemm", s, 0, 0, TOL_MM, -1, why);
+    } else {
+        c->cpu->ops->gemm(c->cpu, y.c, x.c, g->stride, &w.c, g->bias ? &b.c : NULL, g->M, g->N,
+                          g->K);
+        c->gpu->ops->gemm(c->gpu, y.g, x.g, g->stride, &w.g, g->bias ? &b.g : NULL, g->M, g->N,
+                          g->K);
+        check(c, "gemm", s, &y, (size_t)g->M * g->N, TOL_MM);
+    }
+    pair_free(c, &x);
+    pair_free(c, &y);
+    free(xh);
+    qpair_free(&w);
+    if (g->bias)
+        weight_free(&b);
+}
+
+/* M = 1, 3 (the GEMV, one M tile), 16, 33 (the GEMV's 8-row tiles), 512 (dequantize +
+ * cuBLAS); Q8 with K % 16 != 0 (dequantize at any M); Q4 with K % 128 != 0 (a short last
+ * group); mins, perm and both. The main pass runs them all, the reference pass (GEMV off:
+ * everything dequantized) those with M <= 33, the small pass those of <= 2^18 weights. */
+static void test_qgemm(struct ctx *c)
+{
+    static const struct qgemm_case q8[] = {
+        {1, 4096, 4096, 4096, 0, 0, 0},  {3, 1000, 1000, 1000, 1, 0, 0},
+        {16, 300, 512, 520, 0, 0, 0},    {33, 129, 768, 768, 1, 0, 0},
+        {512, 300, 1024, 1024, 1, 0, 0}, {1, 300, 1000, 1000, 0, 0, 1},
+        {3, 257, 512, 512, 0, 0, 1},     {33, 129, 768, 800, 0, 0, 1},
+        {512, 129, 512, 512, 1, 0, 1},
+    };
+    static const struct qgemm_case q4[] = {
+        {1, 4096, 4064, 4064, 0, 0, 0},  {3, 777, 1056, 1056, 1, 0, 0},
+        {16, 300, 544, 552, 0, 0, 0},    {33, 129, 800, 800, 1, 0, 0},
+        {512, 300, 1056, 1056, 1, 0, 0}, {1, 300, 1056, 1056, 0, 1, 0},
+        {3, 257, 800, 800, 1, 1, 0},     {16, 300, 544, 544, 0, 0, 1},
+        {33, 129, 800, 808, 0, 1, 1},    {512, 129, 1056, 1056, 1, 1, 1},
+        {1, 4096, 4064, 4064, 0, 1, 1},
+    };
+    for (int d = 0; d < 2; d++) {
+        const struct qgemm_case *cs = d ? q4 : q8;
+        size_t n = d ? sizeof(q4) / sizeof(q4[0]) : sizeof(q8) / sizeof(q8[0]);
+        for (size_t i = 0; i < n; i++)
+            if (c->pass == PASS_MAIN || (c->pass == PASS_REFERENCE && cs[i].M <= 33) ||
+                (c->pass == PASS_SMALL && (long)cs[i].N * cs[i].K <= 1L << 18))
+                qgemm_one(c, &cs[i], d ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8);
+    }
 }
 
 /* ---- weights, errors, NCCL --------------------------------------------------------------------
@@ -887,13 +1130,23 @@ static void test_nccl(struct ctx *c)
 /* The hot ops on fixed shapes, run back to back (device buffers hold whatever they hold:
  * only the time matters). */
 struct bench_bufs {
-    struct cvlm_tensor w;
+    struct cvlm_tensor w, wq8, wq4; /* [11008, 4096] BF16, Q8, Q4 (generated) */
     void *x, *y, *kc, *vc;
     struct cvlm_attn_batch dec, pre;
     struct cvlm_kv_layer kv;
 };
 
-enum bench_op { B_GEMV, B_GEMM64, B_VIT_ATTN, B_DECODE_ATTN, B_PREFILL_ATTN };
+enum bench_op {
+    B_GEMV,
+    B_GEMM64,
+    B_VIT_ATTN,
+    B_DECODE_ATTN,
+    B_PREFILL_ATTN,
+    B_GEMV_Q8,
+    B_GEMV_Q4,
+    B_GEMV16_Q4,
+    B_GEMM512_Q4
+};
 
 static void bench_call(struct cvlm_backend *g, struct bench_bufs *b, enum bench_op op)
 {
@@ -907,6 +1160,10 @@ static void bench_call(struct cvlm_backend *g, struct bench_bufs *b, enum bench_
     case B_PREFILL_ATTN:
         g->ops->attention_paged(g, b->y, b->x, 3 * 4096, &b->kv, &b->pre, 32, 128);
         break;
+    case B_GEMV_Q8: g->ops->gemm(g, b->y, b->x, 4096, &b->wq8, NULL, 1, 11008, 4096); break;
+    case B_GEMV_Q4: g->ops->gemm(g, b->y, b->x, 4096, &b->wq4, NULL, 1, 11008, 4096); break;
+    case B_GEMV16_Q4: g->ops->gemm(g, b->y, b->x, 4096, &b->wq4, NULL, 16, 11008, 4096); break;
+    case B_GEMM512_Q4: g->ops->gemm(g, b->y, b->x, 4096, &b->wq4, NULL, 512, 11008, 4096); break;
     }
 }
 
@@ -930,15 +1187,19 @@ static double time_op(struct cvlm_backend *g, struct bench_bufs *b, enum bench_o
 static int bench_setup(struct cvlm_backend *g, struct bench_bufs *b, int32_t *tables,
                        struct cvlm_seq_kv *seqs, int32_t *seq, int32_t *slot)
 {
-    struct cvlm_tensor *pw = &b->w;
+    struct cvlm_tensor *pw[3] = {&b->w, &b->wq8, &b->wq4};
     size_t cache = (size_t)B_SEQS * B_BLK * 16 * 4096 * 2;
     b->w = (struct cvlm_tensor){
         .dtype = CVLM_DTYPE_BF16, .ndim = 2, .shape = {11008, 4096}, .fill = CVLM_FILL_RANDOM};
+    b->wq8 = b->w;
+    b->wq8.dtype = CVLM_DTYPE_Q8;
+    b->wq4 = b->w;
+    b->wq4.dtype = CVLM_DTYPE_Q4;
     b->x = g->ops->alloc(g, (size_t)1278 * 3 * 4096 * 2);
     b->y = g->ops->alloc(g, (size_t)1278 * 11008 * 2);
     b->kc = g->ops->alloc(g, cache);
     b->vc = g->ops->alloc(g, cache);
-    if (!b->x || !b->y || !b->kc || !b->vc || g->ops->upload_weights(g, &pw, 1, 7))
+    if (!b->x || !b->y || !b->kc || !b->vc || g->ops->upload_weights(g, pw, 3, 7))
         return -1;
     b->kv = (struct cvlm_kv_layer){b->kc, b->vc, g->act_dtype};
     for (int i = 0; i < B_SEQS * B_BLK; i++)
@@ -966,6 +1227,10 @@ static void bench(struct ctx *c)
         double t1 = time_op(g, &b, B_GEMV, 50), t64 = time_op(g, &b, B_GEMM64, 20);
         double ta = time_op(g, &b, B_VIT_ATTN, 10), td = time_op(g, &b, B_DECODE_ATTN, 20);
         double tp = time_op(g, &b, B_PREFILL_ATTN, 10);
+        /* W8A16 / W4A16: bytes of codes + scales streamed per call */
+        double q8b = 11008.0 * 4096 + 11008.0 * 4, q4b = 11008.0 * 2048 + 11008.0 * 32 * 4;
+        double tq8 = time_op(g, &b, B_GEMV_Q8, 50), tq4 = time_op(g, &b, B_GEMV_Q4, 50);
+        double tq16 = time_op(g, &b, B_GEMV16_Q4, 20), tq512 = time_op(g, &b, B_GEMM512_Q4, 10);
         double fa = 4.0 * 1226 * 1226 * 1792, fp = 2.0 * 2.0 * 4096 * 1278.0 * 1279 / 2;
         printf("bench: gemv 1x4096->11008 BF16      %8.1f us  %6.0f GB/s\n", t1 * 1e6,
                wb / t1 / 1e9);
@@ -977,6 +1242,14 @@ static void bench(struct ctx *c)
                kvb / td / 1e9);
         printf("bench: prefill attention 1278 causal %7.3f ms  %6.1f TFLOP/s\n", tp * 1e3,
                fp / tp / 1e12);
+        printf("bench: gemv 1x4096->11008 Q8        %8.1f us  %6.0f GB/s of codes+scales\n",
+               tq8 * 1e6, q8b / tq8 / 1e9);
+        printf("bench: gemv 1x4096->11008 Q4        %8.1f us  %6.0f GB/s of codes+scales\n",
+               tq4 * 1e6, q4b / tq4 / 1e9);
+        printf("bench: gemv 16x4096->11008 Q4       %8.1f us  %6.0f GB/s of codes+scales\n",
+               tq16 * 1e6, q4b / tq16 / 1e9);
+        printf("bench: gemm 512x4096->11008 Q4      %8.1f us  %6.1f TFLOP/s\n", tq512 * 1e6,
+               2.0 * 512 * 4096 * 11008 / tq512 / 1e12);
         snprintf(c->bench, sizeof(c->bench),
                  "\"gemv_m1_gbs\": %.1f, \"gemm_m64_weight_gbs\": %.1f,"
                  " \"vit_attention_ms\": %.4f, \"vit_attention_tflops\": %.2f,"
@@ -984,6 +1257,12 @@ static void bench(struct ctx *c)
                  " \"prefill_attention_ms\": %.4f, \"prefill_attention_tflops\": %.2f",
                  wb / t1 / 1e9, wb / t64 / 1e9, ta * 1e3, fa / ta / 1e12, td * 1e3, kvb / td / 1e9,
                  tp * 1e3, fp / tp / 1e12);
+        size_t at = strlen(c->bench);
+        snprintf(c->bench + at, sizeof(c->bench) - at,
+                 ", \"gemv_q8_m1_gbs\": %.1f, \"gemv_q4_m1_gbs\": %.1f, \"gemv_q4_m16_gbs\": %.1f,"
+                 " \"gemm_q4_m512_tflops\": %.2f",
+                 q8b / tq8 / 1e9, q4b / tq4 / 1e9, q4b / tq16 / 1e9,
+                 2.0 * 512 * 4096 * 11008 / tq512 / 1e12);
         char err[256] = "";
         if (gpu_error(c, err, sizeof(err))) /* numbers of failed launches are meaningless */
             snprintf(c->bench, sizeof(c->bench), "\"error\": \"see op-parity's log\"");
@@ -1071,6 +1350,8 @@ static void run_pass(struct ctx *c, int do_bench)
         {"gemm", test_gemm, M | R | S},
         {"rope", test_rope, M | S},
         {"attention", test_attention, M | R | S},
+        {"gqa", test_gqa, M | R | S},
+        {"gemm quantized", test_qgemm, M | R | S},
         {"fills", test_fills, M | S},
         {"errors", test_errors, M | S},
         {"nccl", test_nccl, M},

@@ -13,13 +13,21 @@
 #                   hundreds of MB), listed in lib/LOCATE.txt; run.sh's libs step
 #                   (tests/gpu/libs.sh) finds them there (PyTorch's nvidia wheels, the toolkit)
 #   whl/          wheels the accuracy test imports and the GPU image lacks (jsonschema & co.)
-#   shared/data/  golden-tiny's manifest and exactly the files it names, and the tokenizer
+#   shared/data/  golden-tiny and golden-cogvlm2-tiny packed by tests/gpu/fixture.py (the
+#                 files their manifests name; the float32 models rebuilt there from the
+#                 BF16 ones, which is exact for the CUDA backend; big files as .xz;
+#                 golden-cogvlm2-tiny: its image_chat case, without the prompt logits), the
+#                 tokenizers; run.sh's fixtures step unpacks them. Repacked only when a
+#                 source manifest or fixture.py changed (shared/.packed).
 # The device call then names "build-cuda/gpu-carry" in `carry` (tests/gpu/README.md).
-# Options: --no-build (reuse build-cuda/), --no-wheels, --no-shared.
-# Environment: COGVLM_SHARED (default ../shared), LIB_MAX_KB, CALL_LIMIT_MIB (default 64).
+# Options: --no-build (reuse the build), --no-wheels, --no-shared.
+# Environment: COGVLM_SHARED (default ../shared), LIB_MAX_KB, CALL_LIMIT_MIB (default 64),
+# CUDA_BUILD (default build-cuda: where `make cuda` builds; the carry is CUDA_BUILD/gpu-carry,
+# and run.sh then needs GPU_CARRY=CUDA_BUILD/gpu-carry).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-C="build-cuda/gpu-carry"
+B=${CUDA_BUILD:-build-cuda}
+C="$B/gpu-carry"
 LIMIT=$((${CALL_LIMIT_MIB:-64} * 1024 * 1024)) # bytes a device call may send
 LIB_MAX_KB=${LIB_MAX_KB:-8192}
 build=1 wheels=1 shared=1
@@ -32,11 +40,15 @@ for a in "$@"; do
     esac
 done
 if [ "$build" = 1 ]; then
-    nice make -j"$(nproc)" cuda
+    if [ "$B" = build-cuda ]; then
+        nice make -j"$(nproc)" cuda
+    else
+        nice make -j"$(nproc)" BUILD="$B" CUDA=1 cuda-all
+    fi
 fi
 rm -rf "${C:?}/bin" "${C:?}/lib"
 mkdir -p "$C/bin" "$C/lib" "$C/whl"
-cp build-cuda/cogvlm build-cuda/cogvlm-server build-cuda/tests/op-parity "$C/bin/"
+cp "$B/cogvlm" "$B/cogvlm-server" "$B/tests/op-parity" "$C/bin/"
 strip "$C"/bin/* # the debug info is half their size
 
 # ---- libraries: decided from ldd of the binaries themselves --------------------------------
@@ -82,35 +94,21 @@ fi
 # ---- shared data: the files the golden step reads, and the tokenizer ------------------------
 if [ "$shared" = 1 ]; then
     src=${COGVLM_SHARED:-../shared}/data
-    rm -rf "$C/shared"
-    mkdir -p "$C/shared/data/golden-tiny"
-    cp "$src/llama2-tokenizer.model" "$C/shared/data/"
-    python3 - "$src/golden-tiny" "$C/shared/data/golden-tiny" <<'EOF'
-import json, os, shutil, sys
-src, dst = sys.argv[1:3]
-man = json.load(open(os.path.join(src, "manifest.json")))
-names = set()
-def walk(v):  # every "file" and "dir" the manifest names, at any depth
-    if isinstance(v, dict):
-        for k, x in v.items():
-            if k in ("file", "dir") and isinstance(x, str) and ".." not in x.split("/"):
-                names.add(x)
-            walk(x)
-    elif isinstance(v, list):
-        for x in v:
-            walk(x)
-walk(man)
-shutil.copy(os.path.join(src, "manifest.json"), dst)
-for n in sorted(names):
-    s, d = os.path.join(src, n), os.path.join(dst, n)
-    if os.path.isdir(s):
-        shutil.copytree(s, d, dirs_exist_ok=True)
-    elif os.path.isfile(s):
-        os.makedirs(os.path.dirname(d), exist_ok=True)
-        shutil.copy(s, d)
-    elif not os.path.exists(os.path.join(src, "..", n)):  # the tokenizer sits beside it
-        print("prepare.sh: golden-tiny names %s, which does not exist" % n, file=sys.stderr)
-EOF
+    stamp=$(cat tests/gpu/fixture.py "$src/golden-tiny/manifest.json" \
+        "$src/golden-cogvlm2-tiny/manifest.json" 2> /dev/null | sha256sum | cut -c1-16)
+    if [ "$(cat "$C/shared/.packed" 2> /dev/null)" != "$stamp" ]; then
+        rm -rf "$C/shared"
+        mkdir -p "$C/shared/data"
+        cp "$src/llama2-tokenizer.model" "$C/shared/data/"
+        python3 tests/gpu/fixture.py pack "$src/golden-tiny" "$C/shared/data/golden-tiny"
+        if [ -f "$src/golden-cogvlm2-tiny/manifest.json" ]; then
+            python3 tests/gpu/fixture.py pack "$src/golden-cogvlm2-tiny" \
+                "$C/shared/data/golden-cogvlm2-tiny" --cases image_chat --no-prompt-logits
+        fi
+        echo "$stamp" > "$C/shared/.packed"
+    else
+        echo "prepare.sh: $C/shared is packed from the current fixtures: kept"
+    fi
     chmod -R u+w "$C/shared"
 fi
 
@@ -130,5 +128,7 @@ if [ "$total" -gt "$LIMIT" ]; then
     echo "prepare.sh: OVER THE LIMIT by $(mib $((total - LIMIT))): the call would be refused" >&2
     exit 1
 fi
-echo "prepare.sh: device call: carry [\"$C\"], command \"bash tests/gpu/run.sh\"" \
+run="bash tests/gpu/run.sh"
+[ "$B" = build-cuda ] || run="GPU_CARRY=$C $run"
+echo "prepare.sh: device call: carry [\"$C\"], command \"$run\"" \
     "(tests/gpu/README.md)"

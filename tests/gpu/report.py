@@ -117,6 +117,22 @@ def golden(work, st):
             "summary": next((l for l in text.splitlines() if l.startswith("golden:")), None)}
 
 
+def golden_pairs(work, st, name):
+    """run.sh's golden_pair runs in step NAME: per '== LABEL: BACKEND' section, the largest
+    max rel error and golden's summary line"""
+    text = read(os.path.join(work, name + ".log"))
+    runs = []
+    for sec in re.split(r"^== ", text, flags=re.M)[1:]:
+        head, _, body = sec.partition("\n")
+        rels = [float(m) for m in re.findall(r"max rel ([0-9.eE+-]+|nan|inf)", body)]
+        agree = re.search(r"tokens reported: (\d+)/(\d+)", body)
+        runs.append({"run": head.strip(), "max_rel_err": max(rels) if rels else None,
+                     "tokens_agree": "%s/%s" % agree.groups() if agree else None,
+                     "summary": next((l for l in body.splitlines() if l.startswith("golden:")),
+                                     None)})
+    return {"status": st.get(name, {}).get("status"), "runs": runs}
+
+
 def accuracy(work, st):
     text = read(os.path.join(work, "accuracy.log"))
     m = re.search(r"accuracy per kind: (\{.*?\})", text)
@@ -188,6 +204,9 @@ def build(a):
                       "small": parity(a.out, "op_parity_small.json"), "bench": bench},
         "sanitizer": sanitizer(a.work, st),
         "golden": golden(a.work, st),
+        "golden_cogvlm2": golden_pairs(a.work, st, "golden-cogvlm2"),
+        "golden_quant": golden_pairs(a.work, st, "golden-quant"),
+        "bench_vlm_q4": load(os.path.join(a.work, "bench_vlm_q4.json")),
         "accuracy": accuracy(a.work, st),
     }
     r.update(perf(a.out, a.work, name))
@@ -224,6 +243,18 @@ def text(r):
              f"  golden (cuda)    max rel {fmt(g['max_rel_err'])} (tol {fmt(g['tol'])}), tokens "
              f"{g['tokens_agree'] or 'n/a'} agree: {'PASS' if g['pass'] else 'FAIL'}",
              f"  tiny accuracy    {acc.get('per_kind')}: {'PASS' if acc['pass'] else 'FAIL'}",
+             f"  golden cogvlm2   {r['golden_cogvlm2']['status'] or 'not run'}",
+             *[f"    {g['run']:<30} max rel {fmt(g['max_rel_err'])}, tokens "
+               f"{g['tokens_agree'] or 'n/a'}" for g in r["golden_cogvlm2"]["runs"]],
+             f"  golden quantized {r['golden_quant']['status'] or 'not run'}",
+             *[f"    {g['run']:<30} max rel {fmt(g['max_rel_err'])}, tokens "
+               f"{g['tokens_agree'] or 'n/a'}" for g in r["golden_quant"]["runs"]],
+             "  quantized gemm   " + ", ".join(
+                 f"{k} {fmt(v)}" for k, v in (p.get("bench") or {}).items()
+                 if k.startswith(("gemv_q", "gemm_q"))),
+             "  int4 decode      " + ", ".join(
+                 f"b{d.get('batch')}: {fmt(d.get('tok_s'), '.1f')} tok/s"
+                 for d in (r["bench_vlm_q4"] or {}).get("decode", [])),
              f"  vision+prefill   {fmt(r['vision_prefill_ms'], '.1f')} ms (vision "
              f"{fmt(r['vision_ms'], '.1f')}, prefill {fmt(r['prefill_ms'], '.1f')})",
              "  decode tok/s     " + ", ".join(f"b{b}: {fmt(v, '.1f')}"

@@ -13,12 +13,20 @@
 #                   carried ones, the rest located there (pip wheels, toolkit, system)
 #   python-deps     the carried wheels (jsonschema & co.) when the accuracy test lacks them
 #   op-parity       every op vs the CPU backend             -> $OUT/op_parity.json
+#   fixtures        tests/gpu/fixture.py unpack: the carried golden fixtures (packed by
+#                   prepare.sh: .xz files, the float32 models rebuilt from the BF16 ones)
 #   golden          cogvlm golden --backend cuda (BF16 tolerance, greedy tokens reported)
+#   golden-cogvlm2  the same on golden-cogvlm2-tiny (GQA, vision-expert QKV bias, the conv),
+#                   then on the CPU backend with the same carried weights, for comparison
+#   golden-quant    golden-tiny --quantize int8 and int4 (and golden-cogvlm2-tiny int4) on
+#                   CUDA, each followed by the CPU backend with the same quantization
+#                   (report mode: the errors of both against the reference are printed)
 #   op-parity-ref   the reference kernels, in a process of its own -> $OUT/op_parity_ref.json
 #   accuracy        tests/api/test_tiny_accuracy.py on cogvlm-server --backend cuda
 #   sanitizer       op-parity --small under compute-sanitizer memcheck (when it exists)
 #                                                            -> $OUT/op_parity_small.json
 #   bench-vlm       cogvlm bench-vlm --backend cuda (17B shapes) -> $OUT/bench_vlm.json
+#   bench-vlm-q4    the same with --quantize int4 (W4A16 decode), batch 1 and 16
 #   bench-torch     tests/gpu/bench_torch.py, the PyTorch eager baseline
 # After and before every step $OUT/report.json and report.txt are rewritten (per step:
 # passed / failed / skipped / running, exit status, seconds, why), $OUT/logs.txt gets the
@@ -134,9 +142,14 @@ else
 fi
 report
 
-# ---- shared data: the carried copy first ---------------------------------------------------------
+# ---- shared data: the carried copy first (packed: unpacked into WORK) -------------------------
 SHARED=""
-for d in "$CARRY/shared/data" "${COGVLM_SHARED:+$COGVLM_SHARED/data}" "$ROOT/../shared/data"; do
+if [ -d "$CARRY/shared/data" ]; then
+    run_step fixtures 60 python3 "$ROOT/tests/gpu/fixture.py" unpack "$CARRY/shared/data" \
+        "$WORK/data"
+fi
+for d in "$WORK/data" "$CARRY/shared/data" "${COGVLM_SHARED:+$COGVLM_SHARED/data}" \
+    "$ROOT/../shared/data"; do
     if [ -n "$d" ] && [ -f "$d/golden-tiny/manifest.json" ]; then
         SHARED=$(cd "$d" && pwd)
         break
@@ -211,6 +224,41 @@ if ! wanted golden; then :; elif have cogvlm && [ -n "$SHARED" ]; then
         ${GOLDEN_TOL:+--tol "$GOLDEN_TOL"}
 else skip golden "no cogvlm binary or no shared data"; fi
 
+# golden_pair LABEL FIXTURE ARGS...: CUDA then CPU on the same fixture and arguments; the
+# exit status is the CUDA run's (the CPU run is the comparison: same weights, F32
+# activations)
+golden_pair() {
+    local label=$1 fx=$2 rc
+    shift 2
+    echo "== $label: cuda"
+    "$W/cogvlm" golden --fixture "$fx" --backend cuda "$@"
+    rc=$?
+    echo "== $label: cpu"
+    "$W/cogvlm" golden --fixture "$fx" --backend cpu --tokens report "$@"
+    return "$rc"
+}
+export -f golden_pair
+export W
+
+if ! wanted golden-cogvlm2; then
+    :
+elif have cogvlm && [ -f "$SHARED/golden-cogvlm2-tiny/manifest.json" ]; then
+    run_step golden-cogvlm2 60 bash -c 'golden_pair cogvlm2 "$1" ${2:+--tol "$2"}' _ \
+        "$SHARED/golden-cogvlm2-tiny" "${GOLDEN_TOL:-}"
+else skip golden-cogvlm2 "no cogvlm binary or no golden-cogvlm2-tiny in the shared data"; fi
+
+if ! wanted golden-quant; then :; elif have cogvlm && [ -n "$SHARED" ]; then
+    run_step golden-quant 90 bash -c 'rc=0
+        for q in int8 int4; do
+            golden_pair "golden-tiny $q" "$1/golden-tiny" --tokenizer "$1/llama2-tokenizer.model" \
+                --quantize $q || rc=1
+        done
+        if [ -f "$1/golden-cogvlm2-tiny/manifest.json" ]; then
+            golden_pair "golden-cogvlm2-tiny int4" "$1/golden-cogvlm2-tiny" --quantize int4 || rc=1
+        fi
+        exit $rc' _ "$SHARED"
+else skip golden-quant "no cogvlm binary or no shared data"; fi
+
 if ! wanted op-parity-ref; then :; elif have op-parity; then
     run_step op-parity-ref 45 "$W/op-parity" --reference --json "$OUT/op_parity_ref.json"
 else skip op-parity-ref "no op-parity binary"; fi
@@ -239,6 +287,11 @@ if ! wanted bench-vlm; then :; elif have cogvlm; then
     run_step bench-vlm 150 "$W/cogvlm" bench-vlm --backend cuda --batch 1,16,64 \
         --decode-steps 16 --json "$OUT/bench_vlm.json"
 else skip bench-vlm "no cogvlm binary"; fi
+
+if ! wanted bench-vlm-q4; then :; elif have cogvlm; then
+    run_step bench-vlm-q4 120 "$W/cogvlm" bench-vlm --backend cuda --quantize int4 --batch 1,16 \
+        --decode-steps 16 --vit-layers 2 --json "$WORK/bench_vlm_q4.json"
+else skip bench-vlm-q4 "no cogvlm binary"; fi
 
 if wanted bench-torch; then
     PYTHONUNBUFFERED=1 run_step bench-torch 120 python3 tests/gpu/bench_torch.py \

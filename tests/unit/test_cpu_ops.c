@@ -866,3 +866,98 @@ TEST(cpu_ops_dummy_weights_roundtrip)
     cvlm_weights_destroy(b);
     cvlm_weights_destroy(c);
 }
+
+/* ---- GPTQ's extras on Q4: group offsets (mins) and input-row order (perm) ---------------- */
+
+/* One GEMM of a Q4 matrix with mins and/or perm against the double reference over the
+ * dequantized stored matrix (cvlm_tensor_get_f32) and the gathered x; rel err returned as
+ * in cpu_ops_gemm_quantized (the AVX2 decode's 8-bit x slack taken off). */
+static double gptq_gemm_err(struct cvlm_backend *be, int isa, const struct cvlm_tensor *w,
+                            const float *x, int M, int N, int K, const float *bias)
+{
+    float *y = malloc((size_t)M * N * 4), *xp = malloc((size_t)K * 4);
+    float *dx = dev_copy(be, x, (size_t)M * K), *dy = be->ops->alloc(be, (size_t)M * N * 4);
+    struct cvlm_tensor b = {.dtype = CVLM_DTYPE_F32, .ndim = 1, .shape = {N}, .data = bias};
+    double worst = -1;
+    if (!y || !xp || !dx || !dy)
+        goto out;
+    be->ops->gemm(be, dy, dx, K, w, bias ? &b : NULL, M, N, K);
+    be->ops->to_host(be, y, dy, (size_t)M * N);
+    worst = 0;
+    for (int m = 0; m < M; m++) {
+        for (int k = 0; k < K; k++)
+            xp[k] = x[(size_t)m * K + (w->perm ? w->perm[k] : k)];
+        for (int n = 0; n < N; n++) {
+            double r = bias ? bias[n] : 0, a = bias ? fabs(bias[n]) : 0, slack = 0;
+            for (int k = 0; k < K; k++) {
+                double v = cvlm_tensor_get_f32(w, (int64_t)n * K + k);
+                r += xp[k] * v;
+                a += fabs(xp[k] * v) +
+                     (w->mins ? fabs(xp[k] * w->mins[(size_t)n * ((K + 127) / 128) + k / 128]) : 0);
+                if (M == 1 && isa >= 1) { /* the decode's 8-bit x, per 32 stored columns */
+                    double d = 0;
+                    for (int kk = k / 32 * 32; kk < k / 32 * 32 + 32; kk++)
+                        d = fmax(d, fabs(xp[kk]) / 127);
+                    slack += fabs(cvlm_quant_get_scaled(w, (int64_t)n * K + k)) * d / 2;
+                }
+            }
+            double e = fmax(0, fabs(y[(size_t)m * N + n] - r) - slack) / (a + 1e-30);
+            worst = e > worst || isnan(e) ? e : worst;
+        }
+    }
+out:
+    be->ops->free(be, dx);
+    be->ops->free(be, dy);
+    free(y);
+    free(xp);
+    return worst;
+}
+
+/* Every ISA path, 1 and 2 threads, M from decode to the packed GEMM, K with whole and
+ * short last groups; mins only, perm only, both. */
+TEST(cpu_ops_gemm_q4_gptq_extras)
+{
+    static const int Ms[] = {1, 3, 16, 33, 512}, Ks[] = {384, 352};
+    const int N = 40;
+    int nisa = n_isas();
+    for (int ki = 0; ki < 2; ki++)
+        for (int v = 1; v <= 3; v++) { /* bit 0: mins, bit 1: perm */
+            const int K = Ks[ki], ng = (K + 127) / 128;
+            float *wf, *x = rand_floats((size_t)512 * K, 1.0f), *bias = rand_floats(N, 1.0f);
+            struct cvlm_tensor w = make_weight(CVLM_DTYPE_F32, N, K, 0.5f, &wf);
+            const void *fdata = w.data;
+            void *codes = calloc(1, (size_t)N * K / 2 + 8);
+            float *scales = malloc((size_t)N * ng * 4), *mins = rand_floats((size_t)N * ng, 0.2f);
+            int32_t *perm = malloc((size_t)K * 4);
+            REQUIRE(x && bias && codes && scales && mins && perm);
+            cvlm_quantize_into(&w, CVLM_DTYPE_Q4, codes, scales);
+            for (int k = 0; k < K; k++)
+                perm[k] = k;
+            for (int k = K - 1; k > 0; k--) { /* Fisher-Yates */
+                int r = (int)((frand() + 1) * 0.5 * (k + 1)) % (k + 1), t = perm[k];
+                perm[k] = perm[r], perm[r] = t;
+            }
+            w.mins = v & 1 ? mins : NULL;
+            w.perm = v & 2 ? perm : NULL;
+            for (size_t mi = 0; mi < sizeof(Ms) / sizeof(Ms[0]); mi++)
+                for (int isa = 0; isa < nisa; isa++)
+                    for (int threads = 1; threads <= 2; threads++) {
+                        struct cvlm_backend *be = make_backend(isa, threads);
+                        REQUIRE(be);
+                        double e =
+                            gptq_gemm_err(be, isa, &w, x, Ms[mi], N, K, mi % 2 ? bias : NULL);
+                        CHECKF(e >= 0 && e <= 1e-5, "%s t=%d Q4%s%s M=%d K=%d: rel err %.3g",
+                               isa_names[isa], threads, w.mins ? " mins" : "",
+                               w.perm ? " perm" : "", Ms[mi], K, e);
+                        be->ops->destroy(be);
+                    }
+            free(x);
+            free(bias);
+            free(wf);
+            free((void *)fdata);
+            free(codes);
+            free(scales);
+            free(mins);
+            free(perm);
+        }
+}
