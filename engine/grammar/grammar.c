@@ -160,6 +160,18 @@ int32_t gram_json_char(struct cvlm_grammar *g, const uint64_t ascii[2], int non_
     return t;
 }
 
+int32_t gram_json_chars(struct cvlm_grammar *g, const uint64_t ascii[2], int non_ascii,
+                        int32_t next)
+{
+    int32_t loop = next < 0 ? -1 : gram_emit(g, GOP_SPLIT, -2, -2);
+    int32_t ch = loop < 0 ? -1 : gram_json_char(g, ascii, non_ascii, loop);
+    if (ch < 0)
+        return -1;
+    g->ins[loop].a = ch;
+    g->ins[loop].b = next;
+    return loop;
+}
+
 /* ---- references --------------------------------------------------------------------- */
 
 void gram_mask_cache_free(struct gmask_cache *c); /* grammar_mask.c */

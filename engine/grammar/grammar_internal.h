@@ -72,6 +72,10 @@ static inline int gset_has(const uint64_t s[4], int c)
 int32_t gram_json_char(struct cvlm_grammar *g, const uint64_t ascii[2], int non_ascii,
                        int32_t next);
 
+/* Any number of such characters, then next. */
+int32_t gram_json_chars(struct cvlm_grammar *g, const uint64_t ascii[2], int non_ascii,
+                        int32_t next);
+
 /* Regular expressions (json_regex.c): the JSON text of a string's content that matches
  * `pattern` (ECMA-262 subset: see json_regex.c), then next. `where` names the place for
  * errors. */

@@ -469,26 +469,10 @@ int32_t gram_regex(struct cvlm_grammar *g, const char *pattern, const char *wher
     int32_t res = -1;
     if (root >= 0) {
         static const uint64_t all[2] = {~0ull, ~0ull};
-        int32_t t = next;
-        if (!end) { /* anything after the match */
-            int32_t loop = gram_emit(g, GOP_SPLIT, -2, -2);
-            int32_t ch = gram_json_char(g, all, 1, loop);
-            if (loop >= 0 && ch >= 0) {
-                g->ins[loop].a = ch;
-                g->ins[loop].b = next;
-            }
-            t = ch < 0 ? -1 : loop;
-        }
+        int32_t t = end ? next : gram_json_chars(g, all, 1, next); /* anything after it */
         t = gen(&p, root, t);
-        if (!start && t >= 0) { /* anything before it */
-            int32_t loop = gram_emit(g, GOP_SPLIT, -2, -2);
-            int32_t ch = gram_json_char(g, all, 1, loop);
-            if (loop >= 0 && ch >= 0) {
-                g->ins[loop].a = ch;
-                g->ins[loop].b = t;
-            }
-            t = ch < 0 ? -1 : loop;
-        }
+        if (!start && t >= 0) /* anything before it */
+            t = gram_json_chars(g, all, 1, t);
         res = t;
     }
     free(p.nodes);

@@ -131,14 +131,7 @@ static const uint64_t ANY_ASCII[2] = {~0ull, ~0ull};
 static int32_t any_string(struct sc *c, int32_t next)
 {
     struct cvlm_grammar *g = c->g;
-    int32_t close = gram_lit(g, "\"", 1, next);
-    int32_t loop = gram_emit(g, GOP_SPLIT, -2, -2);
-    int32_t ch = gram_json_char(g, ANY_ASCII, 1, loop);
-    if (loop < 0 || ch < 0 || close < 0)
-        return -1;
-    g->ins[loop].a = ch;
-    g->ins[loop].b = close;
-    return gram_lit(g, "\"", 1, loop);
+    return gram_lit(g, "\"", 1, gram_json_chars(g, ANY_ASCII, 1, gram_lit(g, "\"", 1, next)));
 }
 
 static int32_t lengths(struct sc *c, long lo, long hi, int32_t next)
@@ -146,12 +139,7 @@ static int32_t lengths(struct sc *c, long lo, long hi, int32_t next)
     struct cvlm_grammar *g = c->g;
     int32_t close = gram_lit(g, "\"", 1, next), t;
     if (hi < 0) {
-        t = gram_emit(g, GOP_SPLIT, -2, -2);
-        int32_t ch = gram_json_char(g, ANY_ASCII, 1, t);
-        if (t < 0 || ch < 0 || close < 0)
-            return -1;
-        g->ins[t].a = ch;
-        g->ins[t].b = close;
+        t = gram_json_chars(g, ANY_ASCII, 1, close);
     } else {
         t = close;
         for (long i = lo; i < hi && t >= 0; i++)
