@@ -21,7 +21,8 @@ static const struct cli_cmd cmds[] = {
     {"bench-batch", cvlm_cli_bench_batch, "scheduler throughput at several concurrencies"},
     {"golden", cvlm_cli_golden, "check the engine against a reference fixture"},
     {"bench", cvlm_cli_bench, "CPU prefill/decode/vision throughput on random weights"},
-    {"bench-vlm", cvlm_cli_bench_vlm, "image request + batched decode cost (GPU benchmark)"},
+    {"bench-vlm", cvlm_cli_bench_vlm, "image request + batched decode cost (17B / CogVLM2 shapes)"},
+    {"bench-tokenizer", cvlm_cli_bench_tokenizer, "tokenizer encoding MB/s on one core"},
 };
 
 int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
@@ -88,7 +89,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: cogvlm <command> [options]\n\ncommands:\n");
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++)
-        fprintf(f, "  %-12s %s\n", cmds[i].name, cmds[i].help);
+        fprintf(f, "  %-15s %s\n", cmds[i].name, cmds[i].help);
     fprintf(f, "\n`cogvlm <command> --help` describes each command's options.\n");
 }
 

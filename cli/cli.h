@@ -35,5 +35,6 @@ int cvlm_cli_run(int argc, char **argv);
 int cvlm_cli_bench_batch(int argc, char **argv);
 int cvlm_cli_bench(int argc, char **argv);
 int cvlm_cli_bench_vlm(int argc, char **argv);
+int cvlm_cli_bench_tokenizer(int argc, char **argv);
 
 #endif

@@ -1,11 +1,16 @@
 /* cli_bench_vlm.c - `cogvlm bench-vlm`: the serving-shaped model benchmark (GPU first).
  *
- * On random weights of a CogVLM shape (default: the full 17B config, generated on the
- * device with --backend cuda), measures what one image request and a decode batch cost:
- * - vision: the tower + adapter on one image (time, FLOPs, achieved TFLOP/s);
+ * On random weights of a CogVLM shape (--preset cogvlm-17b, the default: cogvlm-chat-hf;
+ * --preset cogvlm2-19b: cogvlm2-llama3-chat-19B; or --config's), generated on the device
+ * with --backend cuda, in host memory on the CPU (with --quantize: codes generated
+ * directly, as the daemon's --dummy-weights does, so the 19B shape fits 24 GB), measures
+ * what one image request and a decode batch cost:
+ * - vision: the tower + adapter on one image (time, FLOPs counted from the shapes, achieved
+ *   GFLOP/s; with fewer --vit-layers than the model has, the full tower's time estimated
+ *   from the measured one in proportion to FLOPs);
  * - prefill: BOS + the image's slots + --question-tokens text tokens in one forward
- *   (1278 tokens for the 490 px models and a 50-token question), with CogVLM's position
- *   ids and expert routing;
+ *   (1278 tokens for the 490 px models, 2357 for CogVLM2's 1344 px with its 2x2 conv, and
+ *   a 50-token question), with CogVLM's position ids and expert routing;
  * - decode at each --batch size B: B sequences share the prompt's full KV blocks (as
  *   prefix-cached requests do) and each decodes --decode-steps tokens, one per step, with
  *   logits for all B rows; tokens/s, and the bytes one step must read (the language
@@ -17,6 +22,7 @@
 #include "cli/cli.h"
 #include "engine/error.h"
 #include "engine/model/model.h"
+#include "engine/model/quantize.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,16 +32,21 @@
 #define MAX_BATCHES 8
 
 struct vlm_opts {
-    const char *config, *json;
+    const char *preset, *config, *json;
     enum cvlm_dtype dtype;
+    enum cvlm_quant quant; /* --quantize: the decoder's linear weights */
+    int quant_vision;      /* --quantize-vision: also the ViT's and the adapter's */
     struct cvlm_model_opts mo;
-    int question, steps, layers, vit_layers;
+    int question, steps, layers, vit_layers, warmup, dry_run;
     int batch[MAX_BATCHES], n_batch;
 };
 
 struct vlm_result {
-    int T, ctx;
+    int T, ctx, threads;
+    int full_layers, full_vit_layers; /* the model's own layer counts */
     double t_vision, t_prefill, vision_flop, prefill_flop;
+    double cpu_vision, cpu_prefill; /* the process's CPU seconds in those phases (all threads) */
+    double vit_layer_flop, lm_layer_flop; /* one ViT layer; one decoder layer over the prompt */
     double t_step[MAX_BATCHES], step_bytes[MAX_BATCHES];
 };
 
@@ -43,6 +54,15 @@ struct vlm_result {
 static double now_s(void)
 {
     return cvlm_now_ms() / 1e3;
+}
+
+/* CPU seconds of the whole process (every thread): against wall time x threads, how much
+ * of the machine a CPU run got where other processes share its cores. */
+static double cpu_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
 /* cogvlm-chat-hf (cogvlm-model.md §1): LM 32 x (4096, 32 heads, MLP 11008), vocab 32000;
@@ -73,16 +93,68 @@ static void config_17b(struct cvlm_config *c, int layers, int vit_layers)
                                             .layer_norm_eps = 1e-6f};
 }
 
+/* cogvlm2-llama3-chat-19B (cogvlm-model.md §9): LM 32 x (4096, 32 query / 8 KV heads, MLP
+ * 14336), vocab 128256, RoPE base 500000, context 8192; the same EVA2-CLIP-E on 1344 px (96 x
+ * 96 patches + CLS), then the 2x2 stride-2 conv: 48 x 48 = 2304 tokens + boi/eoi. */
+static void config_19b(struct cvlm_config *c, int layers, int vit_layers)
+{
+    config_17b(c, layers, vit_layers);
+    c->variant = CVLM_VARIANT_COGVLM2;
+    c->vocab_size = 128256;
+    c->intermediate_size = 14336;
+    c->num_kv_heads = 8;
+    c->max_position_embeddings = 8192;
+    c->rope_theta = 500000.0f;
+    c->bos_token_id = 128000;
+    c->eos_token_id = 128001;
+    c->eos_ids[0] = 128001, c->eos_ids[1] = 128009, c->n_eos = 2;
+    c->pad_token_id = 128002;
+    c->vision.image_size = 1344;
+    c->vision.num_positions = 96 * 96 + 1;
+}
+
+/* The preset's or --config's shapes; *full / *full_vit: the model's own layer counts. */
+static int load_config(const struct vlm_opts *o, struct cvlm_config *c, int *full, int *full_vit)
+{
+    int rc = 0;
+    if (o->config) {
+        if ((rc = cvlm_config_load(o->config, c)))
+            return rc;
+        *full = c->num_layers, *full_vit = c->vision.num_layers;
+        c->num_layers = o->layers < c->num_layers ? o->layers : c->num_layers;
+        if (c->has_vision && o->vit_layers < c->vision.num_layers)
+            c->vision.num_layers = o->vit_layers;
+    } else if (!strcmp(o->preset, "cogvlm-17b") || !strcmp(o->preset, "cogvlm2-19b")) {
+        if (!strcmp(o->preset, "cogvlm2-19b"))
+            config_19b(c, o->layers, o->vit_layers);
+        else
+            config_17b(c, o->layers, o->vit_layers);
+        *full = 32, *full_vit = 63;
+    } else {
+        return cvlm_errf(CVLM_EINVAL, "unknown preset '%s' (cogvlm-17b, cogvlm2-19b)", o->preset);
+    }
+    return c->has_vision ? 0
+                         : cvlm_errf(CVLM_EINVAL, "bench-vlm needs a config with a vision tower");
+}
+
 static int usage(int rc)
 {
     fprintf(rc ? stderr : stdout,
-            "usage: cogvlm bench-vlm [--config config.json] [--dtype bf16|f16|f32]\n"
-            "                        [--question-tokens 50] [--batch 1,16,64]\n"
-            "                        [--decode-steps 32] [--layers 32] [--vit-layers 63]\n"
-            "                        [--json FILE] " CVLM_CLI_MODEL_USAGE "\n"
-            "Random weights of the 17B cogvlm-chat shape (or --config's), generated on the\n"
-            "device with --backend cuda. Times the vision tower + adapter, the prefill of\n"
-            "one image prompt, and decode steps at each batch size.\n" CVLM_CLI_MODEL_HELP);
+            "usage: cogvlm bench-vlm [--preset cogvlm-17b|cogvlm2-19b | --config config.json]\n"
+            "                        [--dtype bf16|f16|f32] [--quantize none|int8|int4]\n"
+            "                        [--quantize-vision] [--question-tokens 50]\n"
+            "                        [--batch 1,16,64] [--decode-steps 32] [--layers 32]\n"
+            "                        [--vit-layers 63] [--warmup 1] [--dry-run] [--json FILE]\n"
+            "                        " CVLM_CLI_MODEL_USAGE "\n"
+            "Random weights of a CogVLM shape: cogvlm-17b (default; cogvlm-chat-hf, 490 px,\n"
+            "1227 image slots), cogvlm2-19b (cogvlm2-llama3-chat-19B: GQA 32/8 heads, vocab\n"
+            "128256, 1344 px, 2x2 conv, 2306 image slots), or --config's; --layers and\n"
+            "--vit-layers keep only the first layers (the full tower's time is estimated).\n"
+            "Generated on the device with --backend cuda; on the CPU with --quantize the\n"
+            "codes are generated directly (no 16-bit copy: the 19B shape at int4 fits 24 GB).\n"
+            "Times the vision tower + adapter, the prefill of one image prompt, and decode\n"
+            "steps at each batch size, each after --warmup untimed runs. --dry-run prints the\n"
+            "shapes and FLOP counts without making weights.\n" CVLM_CLI_MODEL_HELP);
     return rc;
 }
 
@@ -104,23 +176,36 @@ static int parse_batches(const char *v, struct vlm_opts *o)
 
 static int parse(int argc, char **argv, struct vlm_opts *o)
 {
-    *o = (struct vlm_opts){.dtype = CVLM_DTYPE_BF16,
+    *o = (struct vlm_opts){.preset = "cogvlm-17b",
+                           .dtype = CVLM_DTYPE_BF16,
                            .question = 50,
                            .steps = 32,
                            .layers = 32,
                            .vit_layers = 63,
+                           .warmup = 1,
                            .batch = {1, 16, 64},
                            .n_batch = 3};
     for (int i = 1; i < argc; i++) {
         const char *a, *v;
+        if (!strcmp(argv[i], "--quantize-vision") || !strcmp(argv[i], "--dry-run")) {
+            *(argv[i][2] == 'q' ? &o->quant_vision : &o->dry_run) = 1;
+            continue;
+        }
         int k = cvlm_cli_arg(argc, argv, &i, &o->mo, &a, &v);
         if (k != 1) {
             if (k)
                 return k == 2 ? 1 : -1;
             continue;
         }
-        if (!strcmp(a, "--config"))
+        if (!strcmp(a, "--preset"))
+            o->preset = v;
+        else if (!strcmp(a, "--config"))
             o->config = v;
+        else if (!strcmp(a, "--quantize")) {
+            if (cvlm_quant_parse(v, &o->quant))
+                return -1;
+        } else if (!strcmp(a, "--warmup"))
+            o->warmup = atoi(v);
         else if (!strcmp(a, "--json"))
             o->json = v;
         else if (!strcmp(a, "--question-tokens"))
@@ -146,7 +231,10 @@ static int parse(int argc, char **argv, struct vlm_opts *o)
         } else
             return -1;
     }
-    return o->question < 1 || o->steps < 1 || o->layers < 1 || o->vit_layers < 1 ? -1 : 0;
+    return o->question < 1 || o->steps < 1 || o->layers < 1 || o->vit_layers < 1 || o->warmup < 0 ||
+                   o->warmup > 100
+               ? -1
+               : 0;
 }
 
 /* ---- the image prompt ---------------------------------------------------------------- */
@@ -280,36 +368,69 @@ static int dec_step(struct cvlm_model *m, struct dec *d, int pos0, int k, float 
 
 /* ---- the run ---------------------------------------------------------------------------- */
 
+/* Matrix FLOPs (2 per multiply-add) from the shapes. The ViT: N = patches + CLS rows,
+ * 2N(4d^2 + 2dF) + 4N^2 d per layer (QKV, dense, the MLP; scores and their product with V
+ * over all N keys), plus the patch embedding, CogVLM2's 2x2 conv (a [n/4, 4d] x [4d, d]
+ * GEMM) and the adapter (proj, GLU gate/up/down) over its n rows. The prompt: per decoder
+ * layer QKV (D x (D + 2 KV heads' dims)), dense, MLP per token, causal attention (every
+ * query head over the keys before it), plus lm_head for the last token. */
 static void flops(const struct cvlm_config *c, int T, struct vlm_result *r)
 {
     const struct cvlm_vision_config *v = &c->vision;
     double np = cvlm_config_num_patches(c), N = np + 1, d = v->hidden_size;
+    double n = cvlm_config_vision_tokens(c);
     double F = v->intermediate_size, D = c->hidden_size, I = c->intermediate_size;
+    double kvd = (double)cvlm_config_kv_heads(c) * cvlm_config_head_dim(c);
     double P2C = (double)v->in_channels * v->patch_size * v->patch_size;
-    r->vision_flop = v->num_layers * (2 * N * (4 * d * d + 2 * d * F) + 4 * N * N * d) +
-                     2 * np * d * P2C + 2 * np * (d * D + 3 * D * I);
-    r->prefill_flop = c->num_layers * ((4 * D * D + 3 * D * I) * 2 * T +
-                                       2.0 * 2.0 * D * ((double)T * (T + 1) / 2)) +
-                      2.0 * D * c->vocab_size;
+    r->vit_layer_flop = 2 * N * (4 * d * d + 2 * d * F) + 4 * N * N * d;
+    r->vision_flop = v->num_layers * r->vit_layer_flop + 2 * np * d * P2C +
+                     (cvlm_config_has_conv(c) ? 2 * np * d * d : 0) + 2 * n * (d * D + 3 * D * I);
+    r->lm_layer_flop = 2.0 * T * (D * (D + 2 * kvd) + D * D + 3 * D * I) +
+                       2.0 * 2.0 * D * ((double)T * (T + 1) / 2);
+    r->prefill_flop = c->num_layers * r->lm_layer_flop + 2.0 * D * c->vocab_size;
 }
 
-static int bench_decode(struct cvlm_model *m, const struct vlm_opts *o, const struct plan *p,
-                        int bi, float *logits, struct vlm_result *r)
+/* Bytes a weight matrix streams (quantized: codes and scales); from its shape, as lazy
+ * dummy tensors have no data. */
+static double tensor_bytes(const struct cvlm_tensor *t)
+{
+    if (cvlm_dtype_is_quant(t->dtype))
+        return (double)cvlm_quant_bytes(t->dtype, t->shape[0], t->shape[1]);
+    return (double)cvlm_tensor_bytes(t);
+}
+
+/* Bytes of weights one language-expert decode step reads: every layer's language expert,
+ * lm_head, and the final norm. */
+static double decode_weight_bytes(const struct cvlm_weights *w)
+{
+    double b = tensor_bytes(&w->lm_head) + tensor_bytes(&w->final_norm);
+    for (int l = 0; l < w->cfg.num_layers; l++) {
+        const struct cvlm_lm_layer *L = &w->layers[l];
+        b += tensor_bytes(&L->input_norm) + tensor_bytes(&L->post_norm) + tensor_bytes(&L->qkv[0]) +
+             tensor_bytes(&L->dense[0]) + tensor_bytes(&L->gate[0]) + tensor_bytes(&L->up[0]) +
+             tensor_bytes(&L->down[0]);
+    }
+    return b;
+}
+
+static int bench_decode(struct cvlm_model *m, const struct cvlm_weights *w,
+                        const struct vlm_opts *o, const struct plan *p, int bi, float *logits,
+                        struct vlm_result *r)
 {
     const struct cvlm_config *c = cvlm_model_config(m);
     struct dec d = {0};
     int rc = dec_init(&d, p, o->batch[bi], o->steps), pos0 = p->pos[p->T - 1] + 1;
-    if (!rc)
-        rc = dec_step(m, &d, pos0, 0, logits); /* warm-up */
+    for (int k = 0; !rc && k < o->warmup; k++)
+        rc = dec_step(m, &d, pos0, 0, logits);
     double t0 = now_s();
     for (int k = 0; !rc && k < o->steps; k++)
         rc = dec_step(m, &d, pos0, k, logits);
     r->t_step[bi] = (now_s() - t0) / o->steps;
-    double D = c->hidden_size, I = c->intermediate_size;
-    double ws = (double)cvlm_dtype_size(o->dtype);
-    double as = (double)cvlm_dtype_size(cvlm_model_backend(m)->act_dtype);
-    r->step_bytes[bi] = c->num_layers * (4 * D * D + 3 * D * I) * ws + c->vocab_size * D * ws +
-                        d.B * (d.ctx + o->steps / 2.0) * 2.0 * c->num_layers * D * as;
+    /* keys and values of the KV heads only (GQA), in the cache's dtype */
+    double kvd = (double)cvlm_config_kv_heads(c) * cvlm_config_head_dim(c);
+    double as = (double)cvlm_dtype_size(cvlm_model_kv_dtype(m));
+    r->step_bytes[bi] =
+        decode_weight_bytes(w) + d.B * (d.ctx + o->steps / 2.0) * 2.0 * c->num_layers * kvd * as;
     r->ctx = d.ctx;
     dec_free(&d);
     return rc;
@@ -343,20 +464,22 @@ static int run_all(const struct vlm_opts *o, struct cvlm_weights *w, struct vlm_
     }
     for (size_t i = 0; i < npx; i++)
         px[i] = (float)((i * 7919) % 256) / 128.0f - 1.0f;
-    if ((rc = cvlm_model_encode_image(m, px, f, NULL)) || (rc = prefill(m, &p, f, logits)))
-        goto out; /* warm-up */
-    double t0 = now_s();
+    for (int k = 0; k < o->warmup; k++)
+        if ((rc = cvlm_model_encode_image(m, px, f, NULL)) || (rc = prefill(m, &p, f, logits)))
+            goto out;
+    double t0 = now_s(), c0 = cpu_s();
     if ((rc = cvlm_model_encode_image(m, px, f, NULL)))
         goto out;
     r->t_vision = now_s() - t0;
-    t0 = now_s();
+    r->cpu_vision = cpu_s() - c0;
+    t0 = now_s(), c0 = cpu_s();
     if ((rc = prefill(m, &p, f, logits)))
         goto out;
     r->t_prefill = now_s() - t0;
-    r->T = p.T;
-    flops(c, p.T, r);
+    r->cpu_prefill = cpu_s() - c0;
+    r->threads = cvlm_model_backend(m)->n_threads * cvlm_model_tp(m);
     for (int i = 0; !rc && i < o->n_batch; i++)
-        rc = bench_decode(m, o, &p, i, logits, r);
+        rc = bench_decode(m, w, o, &p, i, logits, r);
 out:
     if (f)
         cvlm_model_feats_free(m, f);
@@ -367,35 +490,117 @@ out:
     return rc;
 }
 
-static void report(const struct vlm_opts *o, const struct cvlm_config *c,
-                   const struct vlm_result *r, FILE *f, int json)
+/* "12.3 GFLOP/s" or "123.4 TFLOP/s" (CPU and GPU rates in one format). */
+static const char *rate(char *buf, size_t n, double flop, double s)
+{
+    double g = s > 0 ? flop / s / 1e9 : 0;
+    snprintf(buf, n, g < 1e3 ? "%.1f GFLOP/s" : "%.1f TFLOP/s", g < 1e3 ? g : g / 1e3);
+    return buf;
+}
+
+/* "1860.5 GFLOP", "118.1 TFLOP", "3.2 MFLOP": an amount of FLOPs, CPU-sized or not. */
+static const char *amount(char *buf, size_t n, double flop)
+{
+    if (flop >= 1e12)
+        snprintf(buf, n, "%.1f TFLOP", flop / 1e12);
+    else if (flop >= 1e9)
+        snprintf(buf, n, "%.1f GFLOP", flop / 1e9);
+    else
+        snprintf(buf, n, "%.2f MFLOP", flop / 1e6);
+    return buf;
+}
+
+/* The model's own layer counts' FLOPs and the times at the measured rates. */
+static double vision_full_flop(const struct cvlm_config *c, const struct vlm_result *r)
+{
+    return r->vision_flop + (r->full_vit_layers - c->vision.num_layers) * r->vit_layer_flop;
+}
+static double prefill_full_flop(const struct cvlm_config *c, const struct vlm_result *r)
+{
+    return r->prefill_flop + (r->full_layers - c->num_layers) * r->lm_layer_flop;
+}
+
+static void report_text(const struct vlm_opts *o, const struct cvlm_config *c,
+                        const struct vlm_result *r)
+{
+    const struct cvlm_vision_config *v = &c->vision;
+    int tp = o->mo.tp > 1 ? o->mo.tp : 1, nt = cvlm_config_vision_tokens(c);
+    double vf = vision_full_flop(c, r), pf = prefill_full_flop(c, r);
+    char b1[32], b2[32], b3[32], b4[32];
+    printf("cogvlm bench-vlm: %s, %s backend, tp %d, %s weights", o->config ? o->config : o->preset,
+           o->mo.backend == CVLM_BACKEND_CUDA ? "cuda" : "cpu", tp, cvlm_dtype_name(o->dtype));
+    if (o->quant)
+        printf(", decoder%s %s", o->quant_vision ? " and vision" : "", cvlm_quant_name(o->quant));
+    printf("\n  LM  %d of %d layers: hidden %d, %d query / %d KV heads, MLP %d, vocab %d, "
+           "rope base %.0f, context %d\n",
+           c->num_layers, r->full_layers, c->hidden_size, c->num_heads, cvlm_config_kv_heads(c),
+           c->intermediate_size, c->vocab_size, c->rope_theta, c->max_position_embeddings);
+    printf("  ViT %d of %d layers: %d px / %d = %d patches + CLS, width %d, %d heads, MLP %d%s\n",
+           v->num_layers, r->full_vit_layers, v->image_size, v->patch_size,
+           cvlm_config_num_patches(c), v->hidden_size, v->num_heads, v->intermediate_size,
+           cvlm_config_has_conv(c) ? ", 2x2 stride-2 conv" : "");
+    printf("  image slots           %d (boi + %d + eoi); prompt %d tokens (BOS + image + %d)\n",
+           cvlm_config_image_tokens(c), nt, r->T, o->question);
+    printf("  vision FLOPs          %s: %d ViT layer%s x %s + %s (patch embedding, %sadapter); "
+           "all %d layers: %s\n",
+           amount(b1, sizeof(b1), r->vision_flop), v->num_layers, v->num_layers > 1 ? "s" : "",
+           amount(b2, sizeof(b2), r->vit_layer_flop),
+           amount(b3, sizeof(b3), r->vision_flop - v->num_layers * r->vit_layer_flop),
+           cvlm_config_has_conv(c) ? "conv, " : "", r->full_vit_layers, amount(b4, sizeof(b4), vf));
+    printf("  prefill FLOPs         %s: %d layer%s x %s + lm_head; all %d layers: %s\n",
+           amount(b1, sizeof(b1), r->prefill_flop), c->num_layers, c->num_layers > 1 ? "s" : "",
+           amount(b2, sizeof(b2), r->lm_layer_flop), r->full_layers, amount(b3, sizeof(b3), pf));
+    if (o->dry_run)
+        return;
+    int cpu = o->mo.backend != CVLM_BACKEND_CUDA;
+    if (cpu)
+        printf("  threads               %d (the CPU time of each phase / (wall x threads): "
+               "the share of them the run got)\n",
+               r->threads);
+    printf("  vision tower+adapter  %.1f ms  (%s); est. %d layers %.1f s", r->t_vision * 1e3,
+           rate(b1, sizeof(b1), r->vision_flop, r->t_vision), r->full_vit_layers,
+           r->t_vision * vf / r->vision_flop);
+    if (cpu)
+        printf("; CPU share %.0f%%", 100 * r->cpu_vision / (r->t_vision * r->threads));
+    printf("\n  prefill %4d tokens    %.1f ms  (%s); est. %d layers %.1f s", r->T,
+           r->t_prefill * 1e3, rate(b2, sizeof(b2), r->prefill_flop, r->t_prefill), r->full_layers,
+           r->t_prefill * pf / r->prefill_flop);
+    if (cpu)
+        printf("; CPU share %.0f%%", 100 * r->cpu_prefill / (r->t_prefill * r->threads));
+    printf("\n");
+    printf("  vision + prefill      %.1f ms\n", (r->t_vision + r->t_prefill) * 1e3);
+    for (int i = 0; i < o->n_batch; i++)
+        printf("  decode batch %3d      %.1f tokens/s  (%.2f ms/step, %.1f GB/s read, ctx %d)\n",
+               o->batch[i], o->batch[i] / r->t_step[i], r->t_step[i] * 1e3,
+               r->step_bytes[i] / r->t_step[i] / 1e9, r->ctx);
+}
+
+static void report_json(const struct vlm_opts *o, const struct cvlm_config *c,
+                        const struct vlm_result *r, FILE *f)
 {
     const char *be = o->mo.backend == CVLM_BACKEND_CUDA ? "cuda" : "cpu";
     int tp = o->mo.tp > 1 ? o->mo.tp : 1;
-    if (!json) {
-        printf("cogvlm bench-vlm: %s backend, tp %d, %s weights, LM %d layers, ViT %d layers\n", be,
-               tp, cvlm_dtype_name(o->dtype), c->num_layers, c->vision.num_layers);
-        printf("  vision tower+adapter  %.1f ms  (%.1f TFLOP/s of %.1f TFLOP)\n", r->t_vision * 1e3,
-               r->vision_flop / r->t_vision / 1e12, r->vision_flop / 1e12);
-        printf("  prefill %4d tokens    %.1f ms  (%.1f TFLOP/s)\n", r->T, r->t_prefill * 1e3,
-               r->prefill_flop / r->t_prefill / 1e12);
-        printf("  vision + prefill      %.1f ms\n", (r->t_vision + r->t_prefill) * 1e3);
-        for (int i = 0; i < o->n_batch; i++)
-            printf(
-                "  decode batch %3d      %.1f tokens/s  (%.2f ms/step, %.0f GB/s read, ctx %d)\n",
-                o->batch[i], o->batch[i] / r->t_step[i], r->t_step[i] * 1e3,
-                r->step_bytes[i] / r->t_step[i] / 1e9, r->ctx);
-        return;
-    }
+    double vf = vision_full_flop(c, r), pf = prefill_full_flop(c, r);
     fprintf(f,
-            "{\"backend\": \"%s\", \"tp\": %d, \"dtype\": \"%s\", \"layers\": %d, "
-            "\"vit_layers\": %d, \"prompt_tokens\": %d, \"decode_context\": %d,\n",
-            be, tp, cvlm_dtype_name(o->dtype), c->num_layers, c->vision.num_layers, r->T, r->ctx);
-    fprintf(f, " \"vision_ms\": %.3f, \"vision_tflop\": %.4f, \"vision_tflops\": %.3f,\n",
-            r->t_vision * 1e3, r->vision_flop / 1e12, r->vision_flop / r->t_vision / 1e12);
-    fprintf(f, " \"prefill_ms\": %.3f, \"prefill_tflops\": %.3f, \"vision_prefill_ms\": %.3f,\n",
-            r->t_prefill * 1e3, r->prefill_flop / r->t_prefill / 1e12,
-            (r->t_vision + r->t_prefill) * 1e3);
+            "{\"model\": \"%s\", \"backend\": \"%s\", \"tp\": %d, \"threads\": %d, "
+            "\"dtype\": \"%s\", \"quantize\": \"%s\", \"quantize_vision\": %s,\n"
+            " \"layers\": %d, \"vit_layers\": %d, \"full_layers\": %d, \"full_vit_layers\": %d, "
+            "\"image_slots\": %d, \"prompt_tokens\": %d, \"decode_context\": %d,\n",
+            o->config ? o->config : o->preset, be, tp, r->threads, cvlm_dtype_name(o->dtype),
+            cvlm_quant_name(o->quant), o->quant_vision ? "true" : "false", c->num_layers,
+            c->vision.num_layers, r->full_layers, r->full_vit_layers, cvlm_config_image_tokens(c),
+            r->T, r->ctx);
+    fprintf(f,
+            " \"vision_ms\": %.3f, \"vision_tflop\": %.4f, \"vision_tflops\": %.5f,"
+            " \"vision_full_tflop\": %.4f, \"vision_full_est_s\": %.3f, \"vision_cpu_s\": %.3f,\n",
+            r->t_vision * 1e3, r->vision_flop / 1e12, r->vision_flop / r->t_vision / 1e12,
+            vf / 1e12, r->t_vision * vf / r->vision_flop, r->cpu_vision);
+    fprintf(
+        f,
+        " \"prefill_ms\": %.3f, \"prefill_tflops\": %.5f, \"prefill_full_tflop\": %.4f,"
+        " \"prefill_full_est_s\": %.3f, \"prefill_cpu_s\": %.3f, \"vision_prefill_ms\": %.3f,\n",
+        r->t_prefill * 1e3, r->prefill_flop / r->t_prefill / 1e12, pf / 1e12,
+        r->t_prefill * pf / r->prefill_flop, r->cpu_prefill, (r->t_vision + r->t_prefill) * 1e3);
     fprintf(f, " \"decode\": [");
     for (int i = 0; i < o->n_batch; i++)
         fprintf(f,
@@ -404,6 +609,18 @@ static void report(const struct vlm_opts *o, const struct cvlm_config *c,
                 i ? ", " : "", o->batch[i], o->batch[i] / r->t_step[i], r->t_step[i] * 1e3,
                 r->step_bytes[i], r->step_bytes[i] / r->t_step[i] / 1e9);
     fprintf(f, "]}\n");
+}
+
+/* Random weights: on a GPU generated in device memory; on the CPU in host memory, or,
+ * quantized, as codes directly (the quantizer fills the tensors without data, the
+ * backend the rest: no 16-bit copy of the decoder ever exists). */
+static int make_weights(const struct vlm_opts *o, const struct cvlm_config *c,
+                        struct cvlm_weights **w)
+{
+    int rc = o->mo.backend == CVLM_BACKEND_CUDA || o->quant
+                 ? cvlm_weights_dummy_lazy(c, o->dtype, w)
+                 : cvlm_weights_dummy(c, o->dtype, 1, w);
+    return rc ? rc : cvlm_weights_quantize(*w, o->quant, o->quant_vision);
 }
 
 int cvlm_cli_bench_vlm(int argc, char **argv)
@@ -415,16 +632,15 @@ int cvlm_cli_bench_vlm(int argc, char **argv)
     int rc = parse(argc, argv, &o);
     if (rc)
         return usage(rc < 0 ? 2 : 0);
-    if (o.config && !(rc = cvlm_config_load(o.config, &c)))
-        c.num_layers = o.layers < c.num_layers ? o.layers : c.num_layers;
-    else if (!o.config)
-        config_17b(&c, o.layers, o.vit_layers);
-    if (!rc && !c.has_vision)
-        rc = cvlm_errf(CVLM_EINVAL, "bench-vlm needs a config with a vision tower");
-    /* on a GPU the weights are generated in device memory; on the CPU in host memory */
-    if (!rc)
-        rc = o.mo.backend == CVLM_BACKEND_CUDA ? cvlm_weights_dummy_lazy(&c, o.dtype, &w)
-                                               : cvlm_weights_dummy(&c, o.dtype, 1, &w);
+    if (!(rc = load_config(&o, &c, &r.full_layers, &r.full_vit_layers))) {
+        r.T = 1 + cvlm_config_image_tokens(&c) + o.question;
+        flops(&c, r.T, &r);
+        if (o.dry_run) {
+            report_text(&o, &c, &r);
+            return 0;
+        }
+        rc = make_weights(&o, &c, &w);
+    }
     if (!rc)
         rc = run_all(&o, w, &r);
     cvlm_weights_destroy(w);
@@ -432,14 +648,14 @@ int cvlm_cli_bench_vlm(int argc, char **argv)
         fprintf(stderr, "cogvlm bench-vlm: %s\n", cvlm_last_error());
         return 1;
     }
-    report(&o, &c, &r, stdout, 0);
+    report_text(&o, &c, &r);
     FILE *f = o.json ? fopen(o.json, "w") : NULL;
     if (o.json && !f) {
         fprintf(stderr, "cogvlm bench-vlm: %s: cannot create\n", o.json);
         return 1;
     }
     if (f) {
-        report(&o, &c, &r, f, 1);
+        report_json(&o, &c, &r, f);
         fclose(f);
     }
     return 0;

@@ -8,7 +8,9 @@
  *
  * COGVLM_BPE_BENCH=1 makes bpe_bench print the encode throughput (MB/s, one thread) on
  * about 4 MB of English (the repository's Markdown documents, repeated);
- * COGVLM_BPE_BENCH=FILE on that file's text, repeated to as much.
+ * COGVLM_BPE_BENCH=FILE on that file's text, repeated to as much. The benchmark of record
+ * is `cogvlm bench-tokenizer` (both tokenizers, whole text and prompt-sized calls), which
+ * bpe_bench_cli runs briefly.
  */
 #include "engine/error.h"
 #include "engine/text/tokenizer.h"
@@ -19,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 
 #define L3_DIR "llama3-tokenizer"
@@ -838,4 +841,47 @@ TEST(bpe_bench)
            len / 1e6, (double)len / (double)n_ids, len / 1e6 / dt, len / 1e6 / ct);
     free(ids);
     free(text);
+}
+
+/* `cogvlm bench-tokenizer` with both tokenizers on a small text (repeated to 0.2 MB), for
+ * a moment: it runs, prints MB/s, and its JSON has both tokenizers' figures. */
+TEST(bpe_bench_cli)
+{
+    const char *cli = getenv("COGVLM_BIN");
+    char cmd[4096], line[1024], json[1024];
+    REQUIRE(cli);
+    snprintf(json, sizeof(json), "%s/bench-tokenizer.json", cvlm_test_tmpdir());
+    int n = snprintf(cmd, sizeof(cmd), "%s bench-tokenizer --tokenizer %s", cli,
+                     cvlm_test_data(L3_DIR));
+    n += snprintf(cmd + n, sizeof(cmd) - (size_t)n, " --tokenizer %s",
+                  cvlm_test_data("llama2-tokenizer.model"));
+    snprintf(cmd + n, sizeof(cmd) - (size_t)n,
+             " --text %s --size 0.2 --seconds 0.01 --chunk 512 --json %s 2>&1",
+             cvlm_test_data(L3_GOLDEN), json);
+    FILE *p = popen(cmd, "r");
+    REQUIRE(p);
+    int mbs = 0;
+    while (fgets(line, sizeof(line), p))
+        mbs += strstr(line, " MB/s ") != NULL;
+    int st = pclose(p);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    CHECK(mbs == 4); /* two ways for each of two tokenizers */
+    json_error_t err;
+    json_t *r = json_load_file(json, 0, &err), *toks = json_object_get(r, "tokenizers");
+    REQUIRE(r);
+    CHECK(json_integer_value(json_object_get(r, "text_bytes")) >= 200000);
+    CHECK(json_array_size(toks) == 2);
+    for (size_t i = 0; i < json_array_size(toks); i++) {
+        json_t *t = json_array_get(toks, i);
+        CHECK(json_real_value(json_object_get(json_object_get(t, "whole"), "mb_s")) > 0);
+        CHECK(json_real_value(json_object_get(json_object_get(t, "prompts"), "tok_s")) > 0);
+        CHECK(json_integer_value(json_object_get(t, "vocab")) == (i ? 32000 : 128256));
+    }
+    json_decref(r);
+    snprintf(cmd, sizeof(cmd), "%s bench-tokenizer --text /nonexistent 2>&1", cli);
+    REQUIRE((p = popen(cmd, "r")));
+    while (fgets(line, sizeof(line), p))
+        ;
+    st = pclose(p);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 2); /* no --tokenizer: usage */
 }

@@ -291,3 +291,31 @@ TEST(tp_bad_options_refused)
              model, cvlm_test_data("llama2-tokenizer.model"));
     CHECK(run_cmd(cmd, "not built with CUDA", &found) == 1 && found);
 }
+
+/* `cogvlm bench-vlm --preset cogvlm2-19b`: the cogvlm2-llama3-chat-19B shapes (2306 image
+ * slots, the 117-TFLOP tower: its 63 layers' FLOPs from the shapes, without weights), and
+ * a whole run (vision, prefill, decode) of a CogVLM2 config with int4 weights generated
+ * as codes; a tiny config, as the 19B preset takes minutes per layer on a CPU. */
+TEST(cli_bench_vlm_cogvlm2_preset)
+{
+    const char *cli = getenv("COGVLM_BIN");
+    char cmd[2048];
+    int found;
+    REQUIRE(cli);
+    snprintf(cmd, sizeof(cmd),
+             "%s bench-vlm --preset cogvlm2-19b --layers 1 --vit-layers 1 --dry-run 2>&1", cli);
+    CHECK(run_cmd(cmd, "image slots           2306 (boi + 2304 + eoi)", &found) == 0 && found);
+    CHECK(run_cmd(cmd, "1 ViT layer x 1.9 TFLOP + 924.2 GFLOP", &found) == 0 && found);
+    CHECK(run_cmd(cmd, "all 63 layers: 118.1 TFLOP", &found) == 0 && found);
+    CHECK(run_cmd(cmd, "32 query / 8 KV heads, MLP 14336, vocab 128256", &found) == 0 && found);
+    snprintf(cmd, sizeof(cmd), "%s bench-vlm --dry-run 2>&1", cli);
+    CHECK(run_cmd(cmd, "image slots           1227", &found) == 0 && found);
+    snprintf(cmd, sizeof(cmd),
+             "%s bench-vlm --config %s --quantize int4 --batch 1,2 --decode-steps 2 "
+             "--warmup 0 --threads 1 2>&1",
+             cli, cvlm_test_data("golden-cogvlm2-tiny/model/config.json"));
+    CHECK(run_cmd(cmd, "decode batch   2", &found) == 0 && found);
+    CHECK(run_cmd(cmd, "image slots           6 (boi + 4 + eoi)", &found) == 0 && found);
+    snprintf(cmd, sizeof(cmd), "%s bench-vlm --preset cogvlm3 --dry-run 2>&1", cli);
+    CHECK(run_cmd(cmd, "unknown preset 'cogvlm3'", &found) == 1 && found);
+}

@@ -9,7 +9,8 @@ Steps (about 8 minutes on a 2-core machine once llama-cpp-python is installed):
 2. llama.cpp on each saved checkpoint (tools/bench/llama_compare.py: same weights, same
    dtype, same thread count), interleaved with our runs, --reps times each (best kept),
    unless llama-cpp-python is missing and cannot be installed;
-3. the tables, the machine description and the method into docs/PERFORMANCE.md;
+3. the tables, the machine description and the method into docs/PERFORMANCE.md, and
+   `cogvlm bench-tokenizer` (both tokenizers, one thread) into its own section;
 4. the serving benchmark over HTTP (tools/bench/bench_serving.py: the tiny model under
    load, cogvlm-server vs llama.cpp's server), which updates its own sections;
 5. the GPU section, from the JSON report of tests/gpu/run.sh given with --gpu-report (a
@@ -545,6 +546,37 @@ def gpu_section(report_path, keep_dir):
     return "\n".join(lines)
 
 
+def tokenizer_bench(args):
+    """`cogvlm bench-tokenizer`: single-threaded encoding throughput of the SentencePiece
+    (LLaMA-2) and byte-level BPE (LLaMA-3, CogVLM2) tokenizers on the repository's English
+    documents (README.md + docs/*.md, repeated to 1 MB; run from the repository root)."""
+    shared = os.environ.get("COGVLM_SHARED_DATA", "../shared/data")
+    toks = [("SentencePiece BPE (LLaMA-2, CogVLM)", os.path.join(shared, "llama2-tokenizer.model")),
+            ("byte-level BPE (LLaMA-3, CogVLM2)", os.path.join(shared, "llama3-tokenizer"))]
+    toks = [(n, p) for n, p in toks if os.path.exists(p)]
+    if not toks:
+        return None
+    js = os.path.join(args.work, "tokenizer.json")
+    cmd = [args.cogvlm, "bench-tokenizer", "--seconds", "2", "--json", js]
+    for _, p in toks:
+        cmd += ["--tokenizer", p]
+    sh(cmd)
+    with open(js) as f:
+        r = json.load(f)
+    out = ["`cogvlm bench-tokenizer`: %.2f MB of English (README.md + docs/*.md, repeated), "
+           "encoded on one thread; MB/s (10^6 bytes of input) and tokens/s of that thread's CPU "
+           "time, each way repeated for 2 s. Whole: the text in one call; prompts: cut at line "
+           "ends into pieces of at most %d bytes, one call each (per-call costs included). "
+           "Target (issue 17): at least 5 MB/s per core." % (r["text_bytes"] / 1e6, r["chunk"]),
+           "", "| tokenizer | bytes/token | whole: MB/s | tokens/s | prompts: MB/s | tokens/s |",
+           "|---|---:|---:|---:|---:|---:|"]
+    for (name, _), t in zip(toks, r["tokenizers"]):
+        out.append("| %s | %.2f | %.1f | %.0f | %.1f | %.0f |" % (
+            name, t["bytes_per_token"], t["whole"]["mb_s"], t["whole"]["tok_s"],
+            t["prompts"]["mb_s"], t["prompts"]["tok_s"]))
+    return "\n".join(out)
+
+
 def big(args):
     """tools/bench/bench_big.py: CogVLM-17B shapes, int4 (decoder and vision tower), through
     the daemon; writes its own section. A failure is reported, not fatal."""
@@ -615,6 +647,9 @@ def main():
                     tables[isa][key] = md
         args.batch = batch_bench(args)
         write_doc(args, m, results, tables)
+        tok = tokenizer_bench(args)
+        if tok:
+            perfdoc.update(args.out, {"Tokenizer throughput": tok})
         if not args.no_big and m.get("mem_gb", 0) >= 20:
             big(args)
         print("bench: engine part took %.0f s" % (time.time() - t0), flush=True)
