@@ -19,6 +19,7 @@ ORDER = [
     "CogVLM2-19B shapes, int4, cogvlm bench-vlm (this machine)",
     "Quantized weights: accuracy",
     "Tokenizer throughput",
+    "Structured outputs: cost per decode step",
     "Serving benchmark (HTTP, tiny model)",
     "Serving: cogvlm-server vs llama.cpp server",
     "GPU",
