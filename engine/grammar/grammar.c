@@ -204,14 +204,18 @@ struct cfg {
     int32_t st[CVLM_GRAMMAR_MAX_DEPTH];
 };
 
-#define MAX_VISIT 512
+#define MAX_VISIT 512    /* epsilon configs followed per closure (then it stops) */
+#define VISIT_SLOTS 1024 /* their hash set: open addressing, stamped per closure */
 #define MAX_WORK 256
 
 struct closure {
     struct cfg out[CVLM_GRAMMAR_MAX_THREADS];
     int n_out;
-    uint64_t visit[MAX_VISIT];
+    uint64_t visit[VISIT_SLOTS];
+    uint32_t stamp[VISIT_SLOTS];
+    uint32_t now; /* the current closure's stamp */
     int n_visit;
+    long work_done; /* configs popped, over every closure since the owner reset it */
     struct cfg work[MAX_WORK];
 };
 
@@ -234,12 +238,15 @@ static uint64_t cfg_hash(const struct cfg *c)
 static int first_visit(struct closure *cl, const struct cfg *c)
 {
     uint64_t h = cfg_hash(c);
-    for (int i = 0; i < cl->n_visit; i++)
+    unsigned i = (unsigned)(h >> 40) & (VISIT_SLOTS - 1);
+    for (; cl->stamp[i] == cl->now; i = (i + 1) & (VISIT_SLOTS - 1))
         if (cl->visit[i] == h)
             return 0;
     if (cl->n_visit == MAX_VISIT)
         return 0; /* pathological: stop exploring */
-    cl->visit[cl->n_visit++] = h;
+    cl->n_visit++;
+    cl->stamp[i] = cl->now;
+    cl->visit[i] = h;
     return 1;
 }
 
@@ -256,9 +263,14 @@ static void follow(const struct cvlm_grammar *g, struct closure *cl, const struc
 {
     int nw = 0;
     cl->n_visit = 0;
+    if (++cl->now == 0) { /* the stamp wrapped: forget every old one */
+        memset(cl->stamp, 0, sizeof(cl->stamp));
+        cl->now = 1;
+    }
     cl->work[nw++] = *start;
     while (nw > 0) {
         struct cfg *x = &cl->work[--nw];
+        cl->work_done++;
         const struct ginst *in = &g->ins[x->pc];
         switch (in->op) {
         case GOP_BYTES:
@@ -338,7 +350,7 @@ static int store(struct closure *cl, struct cvlm_gstate *s)
 
 int cvlm_gstate_init(const struct cvlm_grammar *g, struct cvlm_gstate *s)
 {
-    struct closure *cl = malloc(sizeof(*cl));
+    struct closure *cl = calloc(1, sizeof(*cl));
     if (!cl)
         return cvlm_errf(CVLM_ENOMEM, "out of memory for a grammar state");
     *s = (struct cvlm_gstate){0};
@@ -377,15 +389,20 @@ int gram_state_step(const struct cvlm_grammar *g, struct cvlm_gstate *s, int byt
     return rc ? rc : cl->n_out > 0;
 }
 
-size_t gram_state_scratch_size(void)
+void *gram_state_scratch_new(void)
 {
-    return sizeof(struct closure);
+    return calloc(1, sizeof(struct closure));
+}
+
+long *gram_state_scratch_work(void *scratch)
+{
+    return &((struct closure *)scratch)->work_done;
 }
 
 int cvlm_gstate_advance(const struct cvlm_grammar *g, struct cvlm_gstate *s,
                         const unsigned char *bytes, size_t n)
 {
-    struct closure *cl = malloc(sizeof(*cl));
+    struct closure *cl = calloc(1, sizeof(*cl));
     if (!cl)
         return cvlm_errf(CVLM_ENOMEM, "out of memory for a grammar state");
     int rc = s->n_threads > 0;

@@ -18,7 +18,8 @@
 #include "engine/util/hash.h"
 
 int gram_state_step(const struct cvlm_grammar *g, struct cvlm_gstate *s, int byte, void *scratch);
-size_t gram_state_scratch_size(void);
+void *gram_state_scratch_new(void);
+long *gram_state_scratch_work(void *scratch);
 
 /* ---- the vocabulary trie ------------------------------------------------------------ */
 
@@ -176,7 +177,7 @@ static struct gmask_cache *cache_of(struct cvlm_grammar *g, const struct cvlm_vo
     c->n_states = v->max_len + 2;
     if (!(c->slots = calloc((size_t)c->n_slots, sizeof(*c->slots))) ||
         !(c->states = calloc((size_t)c->n_states, sizeof(*c->states))) ||
-        !(c->scratch = malloc(gram_state_scratch_size())) ||
+        !(c->scratch = gram_state_scratch_new()) ||
         !(c->work_mask = malloc(((size_t)v->V + 63) / 64 * 8))) {
         gram_mask_cache_free(c);
         return NULL;
@@ -219,6 +220,11 @@ static int rehash(struct gmask_cache *c)
 
 /* ---- the walk ----------------------------------------------------------------------- */
 
+/* Matcher work one walk may take: 16 configs per trie node (an ordinary state takes 1-4),
+ * so a schema made to be ambiguous (many live threads at every byte) cannot hold the
+ * engine thread for long: past it the walk fails and so does that request alone. */
+#define GRAMMAR_WALK_BUDGET(v) (16L * (v)->n_nodes + 100000L)
+
 static int walk(const struct cvlm_grammar *g, const struct cvlm_vocab *v, struct gmask_cache *c,
                 const struct cvlm_gstate *s, uint64_t *mask)
 {
@@ -227,6 +233,8 @@ static int walk(const struct cvlm_grammar *g, const struct cvlm_vocab *v, struct
     memset(mask, 0, ((size_t)v->V + 63) / 64 * 8);
     if (cvlm_gstate_copy(&c->states[0], s))
         return CVLM_ENOMEM;
+    long *work = gram_state_scratch_work(c->scratch), budget = GRAMMAR_WALK_BUDGET(v);
+    *work = 0;
     int32_t stack_node[260];
     int depth = 0;
     stack_node[0] = v->nodes[0].child;
@@ -243,6 +251,11 @@ static int walk(const struct cvlm_grammar *g, const struct cvlm_vocab *v, struct
         int rc = gram_state_step(g, next, v->nodes[n].byte, c->scratch);
         if (rc < 0)
             return rc;
+        if (*work > budget)
+            return cvlm_errf(CVLM_ETOOBIG,
+                             "json_schema: the grammar is too ambiguous here to "
+                             "constrain within the work bound (%ld steps)",
+                             budget);
         if (rc == 0)
             continue; /* no thread takes this byte: the whole subtree is out */
         for (int32_t t = v->nodes[n].tok; t >= 0; t = v->tok_next[t])
@@ -278,16 +291,11 @@ const uint64_t *cvlm_grammar_mask(struct cvlm_grammar *g, const struct cvlm_voca
     if (!mask || !key) { /* compute into the work mask, uncached */
         free(mask);
         free(key);
-        if (walk(g, v, c, s, c->work_mask)) {
-            cvlm_errf(CVLM_ENOMEM, "out of memory for a token mask");
-            return NULL;
-        }
-        return c->work_mask;
+        return walk(g, v, c, s, c->work_mask) ? NULL : c->work_mask;
     }
-    if (walk(g, v, c, s, mask)) {
+    if (walk(g, v, c, s, mask)) { /* the error is recorded */
         free(mask);
         free(key);
-        cvlm_errf(CVLM_ENOMEM, "out of memory for a token mask");
         return NULL;
     }
     memcpy(key, s->v, kbytes);

@@ -327,3 +327,32 @@ TEST(grammar_table_shares_and_evicts)
     cvlm_grammar_unref(c);
     cvlm_grammar_table_destroy(t);
 }
+
+/* A schema made to be ambiguous (40 string alternatives, every position a new state) must
+ * not hold the engine thread: past the work bound the mask fails (that request fails);
+ * an ordinary schema's walk stays far below the bound (the tests above). */
+TEST(grammar_ambiguity_bound)
+{
+    struct cvlm_tokenizer *tok;
+    REQUIRE(cvlm_tokenizer_load(cvlm_test_data("llama2-tokenizer.model"), &tok) == 0);
+    struct cvlm_vocab *voc;
+    REQUIRE(cvlm_vocab_create(tok, cvlm_tokenizer_vocab_size(tok), &voc) == 0);
+    char schema[8192] = "{\"anyOf\":[";
+    for (int i = 0; i < 40; i++)
+        snprintf(schema + strlen(schema), sizeof(schema) - strlen(schema),
+                 "%s{\"type\":\"string\",\"maxLength\":%d}", i ? "," : "", 300 + i);
+    strcat(schema, "]}");
+    struct cvlm_grammar *g = compile(CVLM_RFORMAT_JSON_SCHEMA, schema);
+    REQUIRE(g);
+    struct cvlm_gstate s;
+    REQUIRE(cvlm_gstate_init(g, &s) == 0);
+    REQUIRE(cvlm_gstate_advance(g, &s, (const unsigned char *)"\"ab", 3) == 1);
+    CHECK(s.n_threads >= 40);
+    const uint64_t *m = cvlm_grammar_mask(g, voc, &s);
+    CHECKF(!m && strstr(cvlm_last_error(), "too ambiguous"), "mask %p: %s", (const void *)m,
+           cvlm_last_error());
+    cvlm_gstate_free(&s);
+    cvlm_grammar_unref(g);
+    cvlm_vocab_destroy(voc);
+    cvlm_tokenizer_destroy(tok);
+}
