@@ -17,6 +17,7 @@
  * the call, so any number of threads may encode at once.
  */
 #include "engine/text/bpe.h"
+#include "engine/text/utf8.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -31,40 +32,6 @@ static int oom(void)
     return cvlm_errf(CVLM_ENOMEM, "tokenizer: out of memory");
 }
 
-/* The UTF-8 sequence at s (n >= 1 bytes): > 0 its length when complete and well-formed
- * (no overlong form, surrogate or code point above U+10FFFF); 0 when s[0..n) is a proper
- * prefix of a well-formed one; -k when it is invalid, k (1..3) being the length of its
- * maximal well-formed prefix, which becomes one U+FFFD. */
-static int utf8_scan(const uint8_t *s, size_t n)
-{
-    uint8_t b0 = s[0], lo = 0x80, hi = 0xbf;
-    int need;
-    if (b0 < 0x80)
-        return 1;
-    if (b0 < 0xc2 || b0 > 0xf4)
-        return -1;
-    if (b0 < 0xe0) {
-        need = 2;
-    } else if (b0 < 0xf0) {
-        need = 3;
-        lo = b0 == 0xe0 ? 0xa0 : 0x80;
-        hi = b0 == 0xed ? 0x9f : 0xbf;
-    } else {
-        need = 4;
-        lo = b0 == 0xf0 ? 0x90 : 0x80;
-        hi = b0 == 0xf4 ? 0x8f : 0xbf;
-    }
-    for (int i = 1; i < need; i++) {
-        if ((size_t)i >= n)
-            return 0;
-        if (s[i] < lo || s[i] > hi)
-            return -i;
-        lo = 0x80;
-        hi = 0xbf;
-    }
-    return need;
-}
-
 /* Appends s[0..n) to out as UTF-8: valid runs as they are, one U+FFFD per maximal
  * invalid subpart and for an incomplete sequence at the end. */
 static int put_lossy(struct cvlm_buf *out, const uint8_t *s, size_t n)
@@ -73,7 +40,7 @@ static int put_lossy(struct cvlm_buf *out, const uint8_t *s, size_t n)
     if (!n)
         return 0; /* s may be NULL */
     while (at < n) {
-        int c = utf8_scan(s + at, n - at);
+        int c = cvlm_utf8_scan(s + at, n - at);
         if (c > 0) {
             at += (size_t)c;
             continue;
@@ -284,7 +251,7 @@ static int prepare(const struct cvlm_bpe *b, const char *text, size_t len, struc
     const uint8_t *u = (const uint8_t *)text;
     size_t at = 0;
     int c = 1;
-    while (at < len && (c = utf8_scan(u + at, len - at)) > 0)
+    while (at < len && (c = cvlm_utf8_scan(u + at, len - at)) > 0)
         at += (size_t)c;
     int prefix = b->add_prefix_space && len && text[0] != ' ';
     *s = text;
@@ -398,7 +365,7 @@ static size_t emit_lossy(struct out *o, const uint8_t *s, size_t n)
 {
     size_t run = 0, at = 0;
     while (at < n) {
-        int c = utf8_scan(s + at, n - at);
+        int c = cvlm_utf8_scan(s + at, n - at);
         if (c > 0) {
             at += (size_t)c;
             continue;
@@ -432,7 +399,7 @@ int cvlm_bpe_detok_push(struct cvlm_detok *d, const struct cvlm_bpe *b, int32_t 
      * again below */
     while (hn && take < sn) {
         head[hn++] = s[take++];
-        int c = utf8_scan(head, hn);
+        int c = cvlm_utf8_scan(head, hn);
         if (c == 0)
             continue;
         out_put(&o, c > 0 ? (const void *)head : FFFD, c > 0 ? (size_t)c : 3);

@@ -15,6 +15,7 @@
  * rejected with a detail or yields tables on which encode/decode cannot go out of bounds.
  */
 #include "engine/text/sp_model.h"
+#include "engine/text/utf8.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -439,7 +440,7 @@ static int utf8_valid(const char *s, size_t n)
 {
     const uint8_t *p = (const uint8_t *)s;
     while (n) {
-        int k = cvlm_sp_utf8_check(p, n);
+        int k = cvlm_utf8_scan(p, n);
         if (k <= 0)
             return 0;
         p += k;

@@ -77,40 +77,6 @@ struct cvlm_tokenizer {
 int cvlm_sp_build(const void *data, size_t len, struct cvlm_tokenizer **out);
 void cvlm_sp_free(struct cvlm_tokenizer *tok);
 
-/* Length of the well-formed UTF-8 sequence at s (n >= 1 bytes available): > 0 complete,
- * 0 a proper prefix of a well-formed sequence (more bytes could complete it), -1 invalid.
- * Well-formed = what SentencePiece's DecodeUTF8 accepts (no overlongs, surrogates, or code
- * points above U+10FFFF). */
-static inline int cvlm_sp_utf8_check(const uint8_t *s, size_t n)
-{
-    uint8_t b0 = s[0], lo = 0x80, hi = 0xbf;
-    int need;
-    if (b0 < 0x80)
-        return 1;
-    if (b0 < 0xc2 || b0 > 0xf4)
-        return -1;
-    if (b0 < 0xe0) {
-        need = 2;
-    } else if (b0 < 0xf0) {
-        need = 3;
-        lo = b0 == 0xe0 ? 0xa0 : 0x80;
-        hi = b0 == 0xed ? 0x9f : 0xbf;
-    } else {
-        need = 4;
-        lo = b0 == 0xf0 ? 0x90 : 0x80;
-        hi = b0 == 0xf4 ? 0x8f : 0xbf;
-    }
-    for (int i = 1; i < need; i++) {
-        if ((size_t)i >= n)
-            return 0;
-        if (s[i] < lo || s[i] > hi)
-            return -1;
-        lo = 0x80;
-        hi = 0xbf;
-    }
-    return need;
-}
-
 static inline uint32_t cvlm_sp_hash(const char *s, size_t n)
 {
     uint32_t h = 2166136261u; /* FNV-1a */

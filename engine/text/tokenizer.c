@@ -34,6 +34,7 @@
 #include "engine/error.h"
 #include "engine/text/bpe.h"
 #include "engine/text/sp_model.h"
+#include "engine/text/utf8.h"
 #include "engine/util/fileio.h"
 
 #define WS "\xe2\x96\x81" /* U+2581, SentencePiece's whitespace symbol */
@@ -285,7 +286,7 @@ static size_t norm_prefix(const struct cvlm_tokenizer *t, const uint8_t *in, siz
         *sl = strlen(*s);
         return n;
     }
-    int k = cvlm_sp_utf8_check(in, len);
+    int k = cvlm_utf8_scan(in, len);
     if (k <= 0) { /* malformed (or truncated) UTF-8: one byte becomes U+FFFD */
         *s = FFFD;
         *sl = 3;
@@ -719,7 +720,7 @@ static int put_byte_run(struct cvlm_buf *out, const uint8_t *s, size_t n)
 {
     int rc = 0;
     while (!rc && n) {
-        int k = cvlm_sp_utf8_check(s, n);
+        int k = cvlm_utf8_scan(s, n);
         if (k <= 0) {
             rc = buf_put(out, FFFD, 3);
             k = 1;
@@ -813,7 +814,7 @@ static int push_byte(struct cvlm_detok *d, uint8_t byte, char *out, size_t cap, 
     memcpy(pend, d->pend, m);
     pend[m++] = byte;
     while (at < m) {
-        int c = cvlm_sp_utf8_check(pend + at, m - at);
+        int c = cvlm_utf8_scan(pend + at, m - at);
         if (c == 0)
             break; /* an incomplete, still possible sequence: hold it back */
         if (c < 0) {
