@@ -157,6 +157,7 @@ struct gemm_job {
     float *y;
     const float *x;
     const uint16_t *xs; /* x split into BF16 hi/lo terms (BF16 weights, AVX512_BF16) */
+    const float *qx;    /* x rounded to int8 blocks (quantized weights, AVX2, decode) */
     int x_stride;
     const struct cvlm_tensor *w, *bias;
     int M, N, K;
@@ -242,7 +243,11 @@ static void gemv_task(void *ctx, int task, int thread)
     int n0 = task * j->cols_per_task,
         n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
     (void)thread;
-    for (int m = 0; m < j->M; m += j->kn.gemv_rows) {
+#if defined(__x86_64__)
+    if (j->qx)
+        cvlm_cpu_gemv_qdot_avx2(j->y, j->N, j->qx, j->x, j->x_stride, j->M, j->w, n0, n1, j->K);
+#endif
+    for (int m = 0; m < j->M && !j->qx; m += j->kn.gemv_rows) {
         int mc = j->M - m < j->kn.gemv_rows ? j->M - m : j->kn.gemv_rows;
 #if defined(__x86_64__)
         if (j->xs) {
@@ -330,8 +335,12 @@ static size_t ap_floats(int M, int K)
 static size_t scratch_plan(const struct gemm_job *j, int nt, int split, size_t *bias_off)
 {
     *bias_off = 0;
-    if (split) /* xs: M x 2 x Kp uint16 = M x Kp floats */
+    if (split == 1) /* xs: M x 2 x Kp uint16 = M x Kp floats */
         *bias_off = (size_t)j->M * GEMV_KPAD(j->K);
+#if defined(__x86_64__)
+    else if (split == 2) /* qx */
+        *bias_off = cvlm_cpu_qx_floats(j->M, j->K);
+#endif
     else if (j->M > j->kn.gemv_max_m) /* ap, then one bp per thread */
         *bias_off =
             ap_floats(j->M, j->K) + (size_t)nt * split_cols(j->N, nt, GEMM_NR, GEMM_NC) * GEMM_KC;
@@ -366,9 +375,12 @@ static void gemm_no_scratch(struct gemm_job *j)
 static void gemm_vector(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s, int split)
 {
 #if defined(__x86_64__)
-    if (split) {
+    if (split == 1) {
         cvlm_cpu_split_bf16_avx512((uint16_t *)s, j->x, j->x_stride, j->M, j->K);
         j->xs = (const uint16_t *)s;
+    } else if (split == 2) { /* after gptq_prepare: x in stored column order */
+        cvlm_cpu_quant_x_avx2(s, j->x, j->x_stride, j->M, j->K, j->w->dtype);
+        j->qx = s;
     }
 #else
     (void)s;
@@ -395,7 +407,12 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
                          .K = K,
                          .kn = kernels_for(cb->isa, w->dtype),
                          .vec = cb->vec};
+    /* x prepared once per call for the decode kernels: 1 split into BF16 terms, 2 int8 */
     int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
+#if defined(__x86_64__)
+    if (M <= CVLM_CPU_QDOT_USE_M && cb->isa >= CPU_ISA_AVX2 && cvlm_dtype_is_quant(w->dtype))
+        split = 2;
+#endif
     size_t bias_off, plan, extra = w->perm || w->mins ? gptq_floats(w, M, K) : 0;
     if (M <= 0 || N <= 0)
         return;

@@ -181,16 +181,60 @@ TEST(cpu_ops_gemm)
         }
 }
 
+/* Rows of x up to which the driver takes the AVX2 int8-x decode kernel. */
+static int qdot_use_m(void)
+{
+#if defined(__x86_64__)
+    return CVLM_CPU_QDOT_USE_M;
+#else
+    return 0;
+#endif
+}
+
+/* x as the AVX2 decode kernels see it (kernels/cpu/gemv_q_dot_avx2.c): each whole block
+ * of 32 rounded to q d, q = round(x * (127 / max|x|)) (to nearest even, in float), d =
+ * max|x| / 127; the tail (K % 32) as it is. */
+static void round_x_blocks(const float *x, float *out, int K)
+{
+    for (int b = 0; b < K; b += 32) {
+        float m = 0;
+        for (int k = b; k < b + 32 && k < K; k++)
+            m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
+        float id = m > 0 ? 127.0f / m : 0.0f, d = m / 127.0f;
+        for (int k = b; k < b + 32 && k < K; k++)
+            out[k] = b + 32 <= K ? nearbyintf(x[k] * id) * d : x[k];
+    }
+}
+
 /* Quantized weights (Q8 per row, Q4 in groups of 128): the kernels against the
  * dequantized matrix (cvlm_tensor_get_f32), every ISA path, 1 and 2 threads, M from 1
  * (decode) through the small-M kernel to the packed GEMM, K with tails and partial groups. */
 TEST(cpu_ops_gemm_quantized)
 {
     static const struct gemm_case qc[] = {
-        {1, 37, 100, 0, 1},   {1, 70, 4096, 0, 0}, {2, 70, 224, 5, 1},   {3, 9, 1000, 0, 0},
-        {5, 64, 256, 3, 0},   {6, 33, 96, 0, 1},   {7, 40, 160, 0, 0},   {13, 100, 512, 7, 0},
-        {16, 130, 672, 0, 1}, {32, 9, 2048, 0, 0}, {33, 70, 1024, 3, 1}, {64, 96, 32, 0, 1},
-        {200, 33, 800, 2, 1}, {4, 172, 688, 0, 0},
+        {1, 37, 100, 0, 1},
+        {1, 70, 4096, 0, 0},
+        {2, 70, 224, 5, 1},
+        {3, 9, 1000, 0, 0},
+        {5, 64, 256, 3, 0},
+        {6, 33, 96, 0, 1},
+        {7, 40, 160, 0, 0},
+        {13, 100, 512, 7, 0},
+        {16, 130, 672, 0, 1},
+        {32, 9, 2048, 0, 0},
+        {33, 70, 1024, 3, 1},
+        {64, 96, 32, 0, 1},
+        {200, 33, 800, 2, 1},
+        {4, 172, 688, 0, 0},
+        /* the AVX2 decode's tiles (M <= 8): K = 32 x odd (a slot of one Q4 block), short last
+         * groups, K < 32 (Q8: all tail), N not a multiple of the 8 / 4 / 1-row tiles, M = 9 */
+        {8, 45, 416, 3, 1},
+        {9, 19, 352, 0, 0},
+        {1, 13, 32, 0, 1},
+        {2, 11, 96, 1, 0},
+        {3, 21, 4000, 0, 0},
+        {1, 10, 20, 0, 0},
+        {5, 9, 1184, 1, 1},
     };
     int nisa = n_isas();
     for (size_t i = 0; i < sizeof(qc) / sizeof(qc[0]); i++)
@@ -225,19 +269,24 @@ TEST(cpu_ops_gemm_quantized)
             CHECKF(qerr <= 1.0001, "%s M=%d N=%d K=%d: a code is %.3g half-steps off",
                    cvlm_dtype_name(dt), M, N, K, qerr);
             float *ref = malloc((size_t)M * N * sizeof(float)), *y = malloc((size_t)M * N * 4);
+            float *refq = malloc((size_t)M * N * sizeof(float)), *xq = malloc((size_t)K * 4);
             double *mag = malloc((size_t)M * N * sizeof(double));
-            for (int m = 0; m < M; m++)
+            REQUIRE(ref && y && refq && xq && mag);
+            for (int m = 0; m < M; m++) {
+                round_x_blocks(x + (size_t)m * ld, xq, K);
                 for (int n = 0; n < N; n++) {
-                    double r = bf ? bf[n] : 0, a = bf ? fabs(bf[n]) : 0;
+                    double r = bf ? bf[n] : 0, a = bf ? fabs(bf[n]) : 0, rq = r;
                     for (int k = 0; k < K; k++) {
-                        double p = (double)x[(size_t)m * ld + k] *
-                                   cvlm_tensor_get_f32(&w, (int64_t)n * K + k);
-                        r += p;
-                        a += fabs(p);
+                        double v = cvlm_tensor_get_f32(&w, (int64_t)n * K + k);
+                        r += (double)x[(size_t)m * ld + k] * v;
+                        rq += (double)xq[k] * v;
+                        a += fabs((double)x[(size_t)m * ld + k] * v);
                     }
                     ref[(size_t)m * N + n] = (float)r;
+                    refq[(size_t)m * N + n] = (float)rq;
                     mag[(size_t)m * N + n] = a;
                 }
+            }
             for (int isa = 0; isa < nisa; isa++)
                 for (int threads = 1; threads <= 2; threads++) {
                     struct cvlm_backend *be = make_backend(isa, threads);
@@ -247,28 +296,38 @@ TEST(cpu_ops_gemm_quantized)
                     REQUIRE(dx && dy);
                     be->ops->gemm(be, dy, dx, ld, &w, c->bias ? &b : NULL, M, N, K);
                     be->ops->to_host(be, y, dy, (size_t)M * N);
-                    /* Q4 decode on AVX2 rounds x to 8 bits per 32-element block (d = max|x| /
-                     * 127): each product may then be off by |w| d / 2 on top */
-                    int xq8 = dt == CVLM_DTYPE_Q4 && M == 1 && isa >= 1;
-                    double worst = 0;
+                    /* decode on AVX2 rounds x to 8 bits per 32-element block (d = max|x| /
+                     * 127; a Q8 tail of K % 32 stays float): each product may then be off by
+                     * |w| d / 2 on top */
+                    int xq8 = M <= qdot_use_m() && isa >= 1;
+                    double worst = 0, worst_q = 0;
                     for (size_t j = 0; j < (size_t)M * N; j++) {
+                        const float *xr = x + j / N * ld;
+                        /* and exactly: against the product with x rounded the same way */
+                        double eq = fabs(y[j] - refq[j]) / (mag[j] + 1e-30);
+                        worst_q = xq8 && (eq > worst_q || isnan(eq)) ? eq : worst_q;
                         double slack = 0;
-                        for (int k = 0; xq8 && k < K; k++) {
+                        for (int k = 0; xq8 && k < K / 32 * 32; k++) {
                             double d = 0;
                             for (int kk = k / 32 * 32; kk < k / 32 * 32 + 32; kk++)
-                                d = fmax(d, fabs(x[kk]) / 127);
-                            slack += fabs(cvlm_tensor_get_f32(&w, (int64_t)j * K + k)) * d / 2;
+                                d = fmax(d, fabs(xr[kk]) / 127);
+                            slack +=
+                                fabs(cvlm_tensor_get_f32(&w, (int64_t)(j % N) * K + k)) * d / 2;
                         }
                         double e = fmax(0, fabs(y[j] - ref[j]) - slack) / (mag[j] + 1e-30);
                         worst = e > worst || isnan(e) ? e : worst;
                     }
                     CHECKF(worst <= 1e-5, "%s t=%d %s M=%d N=%d K=%d: rel err %.3g", isa_names[isa],
                            threads, cvlm_dtype_name(dt), M, N, K, worst);
+                    CHECKF(worst_q <= 1e-5, "%s t=%d %s M=%d N=%d K=%d: vs 8-bit x: rel err %.3g",
+                           isa_names[isa], threads, cvlm_dtype_name(dt), M, N, K, worst_q);
                     be->ops->free(be, dx);
                     be->ops->free(be, dy);
                     be->ops->destroy(be);
                 }
             free(ref);
+            free(refq);
+            free(xq);
             free(mag);
             free(y);
             free(x);
@@ -279,6 +338,109 @@ TEST(cpu_ops_gemm_quantized)
             free(codes);
             free(scales);
         }
+}
+
+/* The AVX2 int8-x kernel itself at every M it takes (1..CVLM_CPU_QDOT_MAX_M; the driver
+ * uses it for fewer): against the product with x rounded as it rounds it (round_x_blocks),
+ * rows [n0, n1) of awkward ranges, x rows ldx apart. */
+TEST(cpu_ops_gemv_qdot_avx2_every_m)
+{
+#if defined(__x86_64__)
+    static const int shapes[][2] = {{45, 416}, {21, 4000}, {13, 32}, {11, 1184}, {10, 1000}};
+    if (n_isas() < 2)
+        return; /* no AVX2 */
+    for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
+        for (int q = 0; q < 2; q++) {
+            const int N = shapes[i][0], K = shapes[i][1], ld = K + 3;
+            enum cvlm_dtype dt = q ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8;
+            if (dt == CVLM_DTYPE_Q4 && K % 32)
+                continue;
+            float *wf, *x = rand_floats((size_t)CVLM_CPU_QDOT_MAX_M * ld, 1.0f);
+            struct cvlm_tensor w = make_weight(CVLM_DTYPE_F32, N, K, 0.5f, &wf);
+            const void *fdata = w.data;
+            void *codes = calloc(1, (size_t)N * K + 8);
+            float *scales = malloc((size_t)N * (K / 32 + 1) * sizeof(float));
+            float *qx = aligned_alloc(64, cvlm_cpu_qx_floats(CVLM_CPU_QDOT_MAX_M, K) * 4 + 64);
+            float *y = malloc((size_t)CVLM_CPU_QDOT_MAX_M * N * 4), *xq = malloc((size_t)K * 4);
+            REQUIRE(x && codes && scales && qx && y && xq);
+            cvlm_quantize_into(&w, dt, codes, scales);
+            for (int M = 1; M <= CVLM_CPU_QDOT_MAX_M; M++) {
+                const int n0 = N > 9 ? 3 : 0, n1 = N - (N > 9);
+                cvlm_cpu_quant_x_avx2(qx, x, ld, M, K, dt);
+                cvlm_cpu_gemv_qdot_avx2(y, N, qx, x, ld, M, &w, n0, n1, K);
+                double worst = 0;
+                for (int m = 0; m < M; m++) {
+                    round_x_blocks(x + (size_t)m * ld, xq, K);
+                    for (int n = n0; n < n1; n++) {
+                        double r = 0, a = 0;
+                        for (int k = 0; k < K; k++) {
+                            double v = cvlm_tensor_get_f32(&w, (int64_t)n * K + k);
+                            r += xq[k] * v;
+                            a += fabs(x[(size_t)m * ld + k] * v);
+                        }
+                        double e = fabs(y[(size_t)m * N + n] - r) / (a + 1e-30);
+                        worst = e > worst || isnan(e) ? e : worst;
+                    }
+                }
+                CHECKF(worst <= 1e-5, "%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
+                       cvlm_dtype_name(dt), M, N, K, n0, n1, worst);
+            }
+            free(x);
+            free(wf);
+            free((void *)fdata);
+            free(codes);
+            free(scales);
+            free(qx);
+            free(y);
+            free(xq);
+        }
+#endif
+}
+
+/* A non-finite x through the quantized decode kernels (x rounded to 8 bits per block on
+ * AVX2) makes every output NaN or infinite, as the float product does: never a finite
+ * number. */
+TEST(cpu_ops_gemm_quantized_nonfinite_x)
+{
+    const int N = 11, K = 256;
+    int nisa = n_isas();
+    float *wf, *x = rand_floats((size_t)2 * K, 1.0f), y[2 * 11];
+    struct cvlm_tensor w = make_weight(CVLM_DTYPE_F32, N, K, 0.5f, &wf);
+    const void *fdata = w.data;
+    void *codes = calloc(1, (size_t)N * K + 8);
+    float *scales = malloc((size_t)N * (K / 32 + 1) * sizeof(float));
+    REQUIRE(x && codes && scales);
+    for (int q = 0; q < 2; q++) {
+        cvlm_quantize_into(&w, q ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8, codes, scales);
+        for (int v = 0; v < 2; v++) {
+            x[70] = v ? INFINITY : NAN;       /* row 0 */
+            x[K + 200] = v ? -INFINITY : NAN; /* row 1 */
+            for (int isa = 0; isa < nisa; isa++) {
+                struct cvlm_backend *be = make_backend(isa, 2);
+                REQUIRE(be);
+                float *dx = dev_copy(be, x, (size_t)2 * K), *dy = be->ops->alloc(be, sizeof(y));
+                REQUIRE(dx && dy);
+                for (int M = 1; M <= 2; M++) {
+                    be->ops->gemm(be, dy, dx, K, &w, NULL, M, N, K);
+                    be->ops->to_host(be, y, dy, (size_t)M * N);
+                    for (int j = 0; j < M * N; j++)
+                        CHECKF(!isfinite(y[j]), "%s %s M=%d x %s: y[%d] = %g", isa_names[isa],
+                               q ? "Q4" : "Q8", M, v ? "inf" : "NaN", j, y[j]);
+                }
+                be->ops->free(be, dx);
+                be->ops->free(be, dy);
+                be->ops->destroy(be);
+            }
+        }
+        w.data = fdata;
+        w.dtype = CVLM_DTYPE_F32;
+        w.scales = NULL;
+    }
+    free(x);
+    free(wf);
+    free((void *)fdata);
+    free(codes);
+    free(scales);
 }
 
 /* ---- element-wise ops, norms, embedding ------------------------------------------------ */
