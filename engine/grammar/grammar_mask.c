@@ -220,10 +220,12 @@ static int rehash(struct gmask_cache *c)
 
 /* ---- the walk ----------------------------------------------------------------------- */
 
-/* Matcher work one walk may take: 16 configs per trie node (an ordinary state takes 1-4),
- * so a schema made to be ambiguous (many live threads at every byte) cannot hold the
- * engine thread for long: past it the walk fails and so does that request alone. */
-#define GRAMMAR_WALK_BUDGET(v) (16L * (v)->n_nodes + 100000L)
+/* Matcher work one walk may take: 64 closure steps per trie node and a million more (the
+ * states of ordinary schemas take up to ~20 per node: a string character's alternatives,
+ * whitespace runs), so a schema made to be ambiguous (many live threads at every byte)
+ * cannot hold the engine thread for long: past it the walk fails and so does that request
+ * alone. */
+#define GRAMMAR_WALK_BUDGET(v) (64L * (v)->n_nodes + 1000000L)
 
 static int walk(const struct cvlm_grammar *g, const struct cvlm_vocab *v, struct gmask_cache *c,
                 const struct cvlm_gstate *s, uint64_t *mask)
