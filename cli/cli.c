@@ -47,13 +47,14 @@ int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
         return 1;
     }
     if (!strcmp(a, "--kv-cache-dtype")) {
-        static const char *const names[] = {"auto", "f32", "f16", "bf16"};
-        for (int k = 0; k < 4; k++)
+        static const char *const names[] = {"auto", "f32", "f16", "bf16", "int8"};
+        for (int k = 0; k < 5; k++)
             if (!strcmp(v, names[k])) {
                 o->kv_cache_dtype = k; /* enum cvlm_kv_cache_dtype, in the same order */
                 return 1;
             }
-        fprintf(stderr, "cogvlm: --kv-cache-dtype must be auto, f32, f16 or bf16, not '%s'\n", v);
+        fprintf(stderr, "cogvlm: --kv-cache-dtype must be auto, f32, f16, bf16 or int8, not '%s'\n",
+                v);
         return -1;
     }
     n = strtol(v, &end, 10);

@@ -12,12 +12,13 @@ struct cvlm_model_opts;
 /* The model placement options every subcommand that runs the model takes. */
 #define CVLM_CLI_MODEL_USAGE                                            \
     "[--backend cpu|cuda] [--tp N] [--device N] [--threads N]\n       " \
-    "[--kv-cache-dtype auto|f32|f16|bf16]"
+    "[--kv-cache-dtype auto|f32|f16|bf16|int8]"
 #define CVLM_CLI_MODEL_HELP                                                               \
     "--backend: cpu (default) or cuda; --tp N: tensor-parallel ranks (CPU: in-process\n"  \
     "ranks sharing --threads; CUDA: GPUs device..device+N-1); --threads: CPU threads,\n"  \
     "0 = one per core; --kv-cache-dtype: the KV cache's elements (auto: the backend's,\n" \
-    "f32 on the CPU, bf16 on CUDA; f16 / bf16 halve the CPU cache; CUDA: bf16 only).\n"
+    "f32 on the CPU, bf16 on CUDA; f16 / bf16 halve the CPU cache, int8 quarters it\n"    \
+    "with a scale per token and head; CUDA: bf16 only).\n"
 /* If argv[*i] is one of those options, stores its value, advances *i past it and returns
  * 1; returns 0 for another argument and -1 (message printed) for a bad value. */
 int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o);

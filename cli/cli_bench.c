@@ -376,9 +376,12 @@ static int bench_text(const struct bench_opts *o, struct bench_result *r)
     be = cvlm_model_backend(m);
     r->threads = be->n_threads * cvlm_model_tp(m);
     r->weight_bytes = decode_weight_bytes(w);
-    /* keys + values of every layer at the mean context of the decode steps, in the KV dtype */
-    r->kv_bytes = 2.0 * c.num_layers * c.hidden_size * cvlm_dtype_size(cvlm_model_kv_dtype(m)) *
-                  (o->prompt + (o->decode + 1) / 2.0);
+    /* keys + values of every layer at the mean context of the decode steps, in the KV dtype
+     * (int8: + its F32 scale per head_dim codes) */
+    enum cvlm_dtype kvt = cvlm_model_kv_dtype(m);
+    double kes = (double)cvlm_dtype_size(kvt) +
+                 (kvt == CVLM_DTYPE_Q8 ? 4.0 / cvlm_config_head_dim(&c) : 0.0);
+    r->kv_bytes = 2.0 * c.num_layers * c.hidden_size * kes * (o->prompt + (o->decode + 1) / 2.0);
     r->prefill_flop = prefill_flop(&c, o->prompt);
     rc = time_text(o, m, &c, r);
 out:

@@ -428,7 +428,9 @@ static int bench_decode(struct cvlm_model *m, const struct cvlm_weights *w,
     r->t_step[bi] = (now_s() - t0) / o->steps;
     /* keys and values of the KV heads only (GQA), in the cache's dtype */
     double kvd = (double)cvlm_config_kv_heads(c) * cvlm_config_head_dim(c);
-    double as = (double)cvlm_dtype_size(cvlm_model_kv_dtype(m));
+    enum cvlm_dtype kvt = cvlm_model_kv_dtype(m); /* int8: + an F32 scale per head */
+    double as = (double)cvlm_dtype_size(kvt) +
+                (kvt == CVLM_DTYPE_Q8 ? 4.0 / (double)cvlm_config_head_dim(c) : 0.0);
     r->step_bytes[bi] =
         decode_weight_bytes(w) + d.B * (d.ctx + o->steps / 2.0) * 2.0 * c->num_layers * kvd * as;
     r->ctx = d.ctx;

@@ -238,18 +238,25 @@ static inline float cvlm_tensor_get_f32(const struct cvlm_tensor *t, int64_t i)
 struct cvlm_backend;
 
 /* A paged KV cache for one layer: `n_blocks` blocks of `block_size` token slots, each slot
- * holding n_heads * head_dim keys (after RoPE) and as many values, in `dtype` (F32, F16 or
- * BF16; elements of that size, so a 16-bit cache holds twice the slots in the same bytes).
- * kv_write converts the act_dtype rows to it, rounding to nearest even (cvlm_f32_to_bf16;
- * F16 as F16C's vcvtps2ph); attention_paged widens the stored keys and values to F32 in
- * registers (or while packing them) and accumulates in F32, so an F32 cache computes
- * exactly as before and a 16-bit one as if K and V had been rounded once on write.
- * A backend may lack a dtype: the CPU one has all three, the CUDA one only BF16 (its
+ * holding n_heads * head_dim keys (after RoPE) and as many values, in `dtype` (F32, F16,
+ * BF16 or Q8; elements of that size, so a 16-bit cache holds twice the slots in the same
+ * bytes). kv_write converts the act_dtype rows to it, rounding to nearest even
+ * (cvlm_f32_to_bf16; F16 as F16C's vcvtps2ph); attention_paged widens the stored keys and
+ * values to F32 in registers (or while packing them) and accumulates in F32, so an F32
+ * cache computes exactly as before and a 16-bit one as if K and V had been rounded once on
+ * write.
+ * Q8 (int8): each (slot, head) of K and of V is quantized on write, symmetrically, with its
+ * own F32 scale: scale = max |x| / 127 over the head's head_dim values, code = x / scale
+ * rounded to nearest even (all codes 0 when the head is all zero); the value read is code *
+ * scale. `scales` holds them, [n_blocks, block_size, 2, n_heads] F32 (a slot's K scales,
+ * then its V scales); k and v hold the int8 codes. Other dtypes leave `scales` NULL.
+ * A backend may lack a dtype: the CPU one has all four, the CUDA one only BF16 (its
  * activation dtype); an op given a cache it lacks records an error (CUDA: CVLM_ESHAPE)
  * that status() reports, and computes nothing. */
 struct cvlm_kv_layer {
     void *k, *v; /* [n_blocks, block_size, n_heads, head_dim] */
     enum cvlm_dtype dtype;
+    float *scales; /* Q8 only: [n_blocks, block_size, 2, n_heads]; else NULL */
 };
 
 /* Where the keys and values of one sequence live: block_table[i] is the physical block of

@@ -43,8 +43,9 @@ struct cvlm_engine_opts {
     int quantize_vision;       /* with quantize: the vision tower and adapter too */
     size_t kv_bytes;           /* KV cache memory per rank; 0: 256 MiB */
     int kv_cache_dtype;        /* KV cache elements: 0 the backend's (CPU F32, CUDA BF16),
-                                * 1 f32, 2 f16, 3 bf16 (CPU only; a 16-bit cache holds twice
-                                * the blocks in kv_bytes); enum cvlm_kv_cache_dtype */
+                                * 1 f32, 2 f16, 3 bf16, 4 int8 (CPU only; a 16-bit cache
+                                * holds twice the blocks in kv_bytes, int8 ~3.9x);
+                                * enum cvlm_kv_cache_dtype */
     int block_size;            /* KV slots per block, 1..CVLM_MAX_BLOCK_SIZE; 0: 16 */
     int max_batched_tokens;    /* tokens per step; 0: 512 */
     int max_seqs;              /* running sequences; 0: 64 */

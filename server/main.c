@@ -32,12 +32,12 @@ static struct {
     int done_ran;        /* load_done ran on the loop */
 } load;
 
-/* --kv-cache-dtype as the engine's kv_cache_dtype: 0 auto, 1 f32, 2 f16, 3 bf16; -1 for
- * any other value (main refuses it before loading). */
+/* --kv-cache-dtype as the engine's kv_cache_dtype: 0 auto, 1 f32, 2 f16, 3 bf16, 4 int8;
+ * -1 for any other value (main refuses it before loading). */
 static int kv_cache_dtype(const char *s)
 {
-    static const char *const names[] = {"auto", "f32", "f16", "bf16"};
-    for (int i = 0; i < 4; i++)
+    static const char *const names[] = {"auto", "f32", "f16", "bf16", "int8"};
+    for (int i = 0; i < 5; i++)
         if (!strcmp(s, names[i]))
             return i;
     return -1;
@@ -201,7 +201,8 @@ int main(int argc, char **argv)
     }
     if (kv_cache_dtype(cfg.kv_cache_dtype) < 0) {
         fprintf(stderr,
-                "cogvlm-server: --kv-cache-dtype must be auto, f32, f16 or bf16 (got '%s')\n",
+                "cogvlm-server: --kv-cache-dtype must be auto, f32, f16, bf16 or int8 (got "
+                "'%s')\n",
                 cfg.kv_cache_dtype);
         cvlm_options_free(&cfg);
         return 2;

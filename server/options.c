@@ -43,9 +43,11 @@ const struct cvlm_option cvlm_options[] = {
      "sequences; each rank holds its share of the heads, so tp ranks hold tp times the tokens).",
      0, 1ull << 44},
     {"kv_cache_dtype", OPT_STR, O(kv_cache_dtype), "auto", "",
-     "KV cache elements: auto (the backend's: f32 on cpu, bf16 on cuda), f32, f16 or bf16. "
-     "f16 / bf16 (cpu) hold twice the tokens in kv_memory and halve the cache's reads at long "
-     "context, rounding keys and values once (nearest even); cuda has bf16 only.",
+     "KV cache elements: auto (the backend's: f32 on cpu, bf16 on cuda), f32, f16, bf16 or "
+     "int8. f16 / bf16 (cpu) hold twice the tokens in kv_memory and halve the cache's reads at "
+     "long context, rounding keys and values once (nearest even); int8 (cpu) holds ~3.9x the "
+     "f32 tokens (one f32 scale per token and head for keys and for values); cuda has bf16 "
+     "only.",
      0, 0},
     {"block_size", OPT_INT, O(block_size), "16", "tokens",
      "KV cache block size (the engine's CVLM_MAX_BLOCK_SIZE bounds it).", 1, 1024},

@@ -26,7 +26,7 @@ struct cvlm_server_options {
     int quantize_vision;
     int threads;
     uint64_t kv_memory;
-    char *kv_cache_dtype; /* auto, f32, f16 or bf16 */
+    char *kv_cache_dtype; /* auto, f32, f16, bf16 or int8 */
     int block_size;
     int max_batched_tokens;
     int max_seqs;

@@ -14,7 +14,8 @@
  *   allows it, otherwise disjoint from every input;
  * - host metadata: token ids inside the table, rows to gather >= 0, sequence slots inside
  *   their block table, blocks inside the KV cache allocation;
- * - the KV cache's dtype: F32, F16 or BF16 (whether the backend has it is its own check).
+ * - the KV cache's dtype: F32, F16, BF16 or Q8, Q8 with its scales inside their allocation
+ *   (whether the backend has the dtype is its own check).
  * Weights live where upload_weights put them (no allocation of ours), so only their
  * shape, dtype and alignment are checked, never their extent.
  *
@@ -379,8 +380,12 @@ static int batch_ok(const struct call *c, const struct cvlm_attn_batch *b,
 {
     if (!b || !kv)
         return fail(c, CVLM_EINVAL, "%s is NULL", b ? "kv" : "batch");
-    if (kv->dtype != CVLM_DTYPE_F32 && kv->dtype != CVLM_DTYPE_F16 && kv->dtype != CVLM_DTYPE_BF16)
-        return fail(c, CVLM_ESHAPE, "kv->dtype %d (F32, F16 or BF16 only)", (int)kv->dtype);
+    if (kv->dtype != CVLM_DTYPE_F32 && kv->dtype != CVLM_DTYPE_F16 &&
+        kv->dtype != CVLM_DTYPE_BF16 && kv->dtype != CVLM_DTYPE_Q8)
+        return fail(c, CVLM_ESHAPE, "kv->dtype %d (F32, F16, BF16 or Q8 only)", (int)kv->dtype);
+    if ((kv->dtype == CVLM_DTYPE_Q8) != (kv->scales != NULL))
+        return fail(c, CVLM_EINVAL, "kv->scales %s (Q8 has scales, the others none)",
+                    kv->scales ? "set" : "NULL");
     if (!rows_ok(c, "n_tokens", b->n_tokens) || !width_ok(c, "block_size", b->block_size))
         return 0;
     if (!b->n_tokens)
@@ -396,6 +401,13 @@ static int batch_ok(const struct call *c, const struct cvlm_attn_batch *b,
     if (nk < 0 || nv < 0)
         return 0;
     int64_t blocks = nk < nv ? nk : nv;
+    if (kv->dtype == CVLM_DTYPE_Q8) { /* the scales: [blocks, block_size, 2, H] F32 */
+        int64_t ns = kv_capacity(c, "kv->scales", kv->scales,
+                                 (size_t)b->block_size * 2 * (size_t)H * sizeof(float));
+        if (ns < 0)
+            return 0;
+        blocks = ns < blocks ? ns : blocks;
+    }
     int last_seq = -1, checked_to = -1; /* blocks [0, checked_to] of last_seq are fine */
     for (int t = 0; t < b->n_tokens; t++) {
         int s = b->seq[t], slot = b->slot[t];

@@ -27,13 +27,16 @@ enum cvlm_backend_kind { CVLM_BACKEND_CPU = 0, CVLM_BACKEND_CUDA = 1 };
 
 /* The KV cache's element type (--kv-cache-dtype). DEFAULT is the backend's own: F32 on the
  * CPU (the activation dtype; see CVLM_KV_CPU_DEFAULT), BF16 on CUDA. The CPU backend has
- * all three; the CUDA backend keeps its BF16 cache and refuses F32 and F16 at model
- * creation (CVLM_EINVAL). A 16-bit cache holds twice the blocks in the same kv_bytes. */
+ * all four; the CUDA backend keeps its BF16 cache and refuses F32, F16 and INT8 at model
+ * creation (CVLM_EINVAL). A 16-bit cache holds twice the blocks in the same kv_bytes; INT8
+ * (Q8 codes plus an F32 scale per slot and KV head for K and for V, engine/backend.h)
+ * 4 * hd / (hd + 4) times the F32 blocks (3.88x at head_dim 128). */
 enum cvlm_kv_cache_dtype {
     CVLM_KV_DEFAULT = 0,
     CVLM_KV_F32 = 1,
     CVLM_KV_F16 = 2,
     CVLM_KV_BF16 = 3,
+    CVLM_KV_INT8 = 4,
 };
 #define CVLM_KV_CPU_DEFAULT CVLM_KV_F32
 
@@ -42,6 +45,7 @@ static inline enum cvlm_dtype cvlm_model_kv_dtype_of(int kv_cache_dtype)
 {
     return kv_cache_dtype == CVLM_KV_F16    ? CVLM_DTYPE_F16
            : kv_cache_dtype == CVLM_KV_BF16 ? CVLM_DTYPE_BF16
+           : kv_cache_dtype == CVLM_KV_INT8 ? CVLM_DTYPE_Q8
                                             : CVLM_DTYPE_F32;
 }
 
@@ -97,7 +101,7 @@ struct cvlm_backend *cvlm_model_backend(const struct cvlm_model *m);
 const struct cvlm_config *cvlm_model_config(const struct cvlm_model *m);
 /* KV cache bytes of one block on one rank (both K and V, all layers). */
 size_t cvlm_model_kv_block_bytes(const struct cvlm_model *m);
-/* The KV cache's element type (F32, F16 or BF16). */
+/* The KV cache's element type (F32, F16, BF16 or Q8: int8 with scales). */
 enum cvlm_dtype cvlm_model_kv_dtype(const struct cvlm_model *m);
 
 /* Image feature buffers (image_tokens x hidden on every rank); NULL if out of memory.

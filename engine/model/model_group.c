@@ -158,7 +158,8 @@ static int start_workers(struct cvlm_model *m)
 }
 
 /* Resolves the KV cache dtype (ro gets the explicit choice, which the ranks allocate) and
- * sizes the cache from a byte budget per rank: a 16-bit cache holds twice the blocks. */
+ * sizes the cache from a byte budget per rank: a 16-bit cache holds twice the blocks, an
+ * int8 one ~4x (its scales counted: 4 bytes per slot, KV head and K / V). */
 static int kv_opts(struct cvlm_model *m, const struct cvlm_model_opts *o,
                    struct cvlm_model_opts *ro)
 {
@@ -166,21 +167,27 @@ static int kv_opts(struct cvlm_model *m, const struct cvlm_model_opts *o,
     int cuda = o->backend == CVLM_BACKEND_CUDA, kd = o->kv_cache_dtype;
     size_t bs = (size_t)(o->block_size > 0 ? o->block_size : 16);
     *ro = *o;
-    if (kd < CVLM_KV_DEFAULT || kd > CVLM_KV_BF16)
-        return cvlm_errf(CVLM_EINVAL, "kv_cache_dtype %d: 0 default, 1 f32, 2 f16, 3 bf16", kd);
+    if (kd < CVLM_KV_DEFAULT || kd > CVLM_KV_INT8)
+        return cvlm_errf(CVLM_EINVAL, "kv_cache_dtype %d: 0 default, 1 f32, 2 f16, 3 bf16, 4 int8",
+                         kd);
     if (kd == CVLM_KV_DEFAULT)
         kd = cuda ? CVLM_KV_BF16 : CVLM_KV_CPU_DEFAULT;
     if (cuda && kd != CVLM_KV_BF16)
         return cvlm_errf(CVLM_EINVAL,
                          "the CUDA backend's KV cache is BF16 only (kv_cache_dtype "
                          "%s refused)",
-                         kd == CVLM_KV_F32 ? "f32" : "f16");
+                         kd == CVLM_KV_F32   ? "f32"
+                         : kd == CVLM_KV_F16 ? "f16"
+                                             : "int8");
     ro->kv_cache_dtype = kd;
     m->kv_dtype = cvlm_model_kv_dtype_of(kd);
     size_t es = cvlm_dtype_size(m->kv_dtype);
     /* a slot holds the rank's KV heads only (GQA: fewer than its query heads) */
     size_t kv_width = (size_t)(cvlm_config_kv_heads(c) * cvlm_config_head_dim(c) / m->tp);
     m->kv_block_bytes = 2 * (size_t)c->num_layers * bs * kv_width * es;
+    if (kd == CVLM_KV_INT8) /* + the F32 scales: one per slot, KV head and K / V */
+        m->kv_block_bytes +=
+            2 * (size_t)c->num_layers * bs * (size_t)(cvlm_config_kv_heads(c) / m->tp) * 4;
     if (o->kv_blocks > 0 || !o->kv_bytes)
         return 0;
     size_t blocks = o->kv_bytes / m->kv_block_bytes;

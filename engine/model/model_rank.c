@@ -156,6 +156,10 @@ static int alloc_lm(struct cvlm_rank *m, enum cvlm_dtype kv_dtype)
         m->kv[l].k = m->op->alloc(m->be, kv_bytes); /* [kv_blocks * block_size, KVl] */
         m->kv[l].v = m->op->alloc(m->be, kv_bytes); /* [kv_blocks * block_size, KVl] */
         fail |= !m->kv[l].k || !m->kv[l].v;
+        if (kv_dtype == CVLM_DTYPE_Q8) { /* int8: [kv_blocks * block_size, 2, Hkvl] F32 */
+            m->kv[l].scales = m->op->alloc(m->be, kv_rows * 2 * (size_t)m->Hkvl * sizeof(float));
+            fail |= !m->kv[l].scales;
+        }
     }
     int32_t **host[] = {&m->perm,  &m->inv,    &m->ids_p, &m->pos_p,
                         &m->seq_p, &m->slot_p, &m->img_p, &m->logit_rows}; /* [T] each */
@@ -289,6 +293,8 @@ void cvlm_rank_destroy(struct cvlm_rank *m)
             m->op->free(m->be, m->kv[l].k);
         if (m->kv[l].v)
             m->op->free(m->be, m->kv[l].v);
+        if (m->kv[l].scales)
+            m->op->free(m->be, m->kv[l].scales);
     }
     free(m->kv);
     void *host[] = {m->inv_freq, m->perm,  m->inv,        m->ids_p, m->pos_p,       m->seq_p,

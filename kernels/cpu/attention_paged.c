@@ -13,9 +13,14 @@
  * Grouped-query attention (b->n_kv_heads < n_heads): the cache holds Hkv heads per slot and
  * query head h reads KV head h / (H / Hkv) in place; the blocked path packs each (run, KV
  * head) once and every query head of its group reads that pack.
- * The cache is F32, F16 or BF16 (kv->dtype): kv_write rounds the rows to it; the per-token
+ * The cache is F32, F16, BF16 or Q8 (kv->dtype): kv_write rounds the rows to it; the per-token
  * path widens 16-bit keys and values in registers (scores16 / pv16), the blocked path while
  * packing, so everything after the loads is the same F32 arithmetic for every dtype.
+ * An int8 cache (Q8) has one scale per (slot, KV head) for K and for V (kv->scales, the
+ * slot's 2 * Hkv of them in a row): kv_write quantizes head by head (narrow8); the per-token
+ * path widens the codes in registers and applies each slot's scale once (to the key's dot
+ * product, to the value's softmax weight: scores8 / pv8), the blocked path dequantizes while
+ * packing (widen8).
  */
 #include "kernels/cpu/cpu.h"
 
@@ -39,6 +44,18 @@ void cvlm_cpu_kv_write(struct cvlm_backend *be, struct cvlm_kv_layer *kv, const 
     const struct cpu_vec_ops *vec = cpu_of(be)->vec;
     for (int t = 0; t < b->n_tokens; t++) {
         size_t off = slot_offset(b, b->seq[t], b->slot[t], width) * es;
+        if (kv->dtype == CVLM_DTYPE_Q8) { /* per head: codes and the slot's 2 * H scales */
+            float *sc = kv->scales + off / (size_t)head_dim * 2;
+            const float *kr = (const float *)k + (size_t)t * stride;
+            const float *vr = (const float *)v + (size_t)t * stride;
+            for (int h = 0; h < n_heads; h++) {
+                size_t at = off + (size_t)h * head_dim;
+                vec->narrow8((int8_t *)kv->k + at, sc + h, kr + (size_t)h * head_dim, head_dim);
+                vec->narrow8((int8_t *)kv->v + at, sc + n_heads + h, vr + (size_t)h * head_dim,
+                             head_dim);
+            }
+            continue;
+        }
         vec->narrow((char *)kv->k + off, (const float *)k + (size_t)t * stride, width, kv->dtype);
         vec->narrow((char *)kv->v + off, (const float *)v + (size_t)t * stride, width, kv->dtype);
     }
@@ -105,6 +122,11 @@ static void token_task(void *ctx, int task, int thread)
     size_t head = (size_t)(h / j->group) * j->hd; /* this query head's KV head */
     const float *kb = (const float *)j->kv->k + head, *vb = (const float *)j->kv->v + head;
     const uint16_t *kh = (const uint16_t *)j->kv->k + head, *vh = (const uint16_t *)j->kv->v + head;
+    const int8_t *kq = (const int8_t *)j->kv->k + head, *vq = (const int8_t *)j->kv->v + head;
+    /* Q8: this KV head's K and V scales of slot row 0 (a slot's are 2 * Hkv apart) */
+    const float *ksc = dt == CVLM_DTYPE_Q8 ? j->kv->scales + h / j->group : NULL;
+    const float *vsc = ksc ? ksc + j->Hkv : NULL;
+    int lds = 2 * j->Hkv;
     float *o = j->out + (size_t)t * j->width + (size_t)h * j->hd;
     float *p = j->scratch + (size_t)thread * j->max_ctx;
     for (int s0 = 0; s0 < n; s0 += bs) {
@@ -112,6 +134,9 @@ static void token_task(void *ctx, int task, int thread)
         int cnt = n - s0 < bs ? n - s0 : bs;
         if (dt == CVLM_DTYPE_F32)
             j->vec->scores(p + s0, q, kb + at, width, cnt, j->hd, j->scale);
+        else if (dt == CVLM_DTYPE_Q8)
+            j->vec->scores8(p + s0, q, kq + at, width, ksc + at / j->hd * 2, lds, cnt, j->hd,
+                            j->scale);
         else
             j->vec->scores16(p + s0, q, kh + at, width, cnt, j->hd, j->scale, dt);
     }
@@ -122,6 +147,8 @@ static void token_task(void *ctx, int task, int thread)
         int cnt = n - s0 < bs ? n - s0 : bs;
         if (dt == CVLM_DTYPE_F32)
             j->vec->pv(o, p + s0, vb + at, width, cnt, j->hd);
+        else if (dt == CVLM_DTYPE_Q8)
+            j->vec->pv8(o, p + s0, vq + at, width, vsc + at / j->hd * 2, lds, cnt, j->hd);
         else
             j->vec->pv16(o, p + s0, vh + at, width, cnt, j->hd, dt);
     }
@@ -132,8 +159,8 @@ static void token_task(void *ctx, int task, int thread)
 
 /* kp[p][d][c] = K[slot p * NR + c][h * hd + d] (0 past the last key); vp[p][s][c] =
  * V[slot s][h * hd + p * NR + c] (0 past hd). Slots are gathered block by block; a 16-bit
- * cache's key rows are widened into the thread's tls area first (up to 16 rows of hd), its
- * value rows straight into the panels. */
+ * or int8 cache's key rows are widened into the thread's tls area first (up to 16 rows of
+ * hd), its value rows straight into the panels (int8: times their slot's scale). */
 static void pack_task(void *ctx, int task, int thread)
 {
     struct paged_job *j = ctx;
@@ -155,7 +182,16 @@ static void pack_task(void *ctx, int task, int thread)
         size_t at = ((size_t)table[s / bs] * bs + in_blk) * j->kvw + (size_t)h * hd;
         const float *ks = (const float *)j->kv->k + at;
         int lds = j->kvw;
-        if (dt != CVLM_DTYPE_F32) {
+        /* Q8: the first slot's 2 * Hkv scales (at / hd - h: the slot row * Hkv) */
+        const float *sc = dt == CVLM_DTYPE_Q8 ? j->kv->scales + (at / hd - h) * 2 : NULL;
+        if (dt == CVLM_DTYPE_Q8) {
+            for (int i = 0; i < cnt; i++)
+                j->vec->widen8(wide + (size_t)i * hd,
+                               (const int8_t *)j->kv->k + at + (size_t)i * j->kvw, hd,
+                               sc[(size_t)i * 2 * j->Hkv + h]);
+            ks = wide;
+            lds = hd;
+        } else if (dt != CVLM_DTYPE_F32) {
             for (int i = 0; i < cnt; i++)
                 j->vec->widen(wide + (size_t)i * hd,
                               (const char *)j->kv->k + (at + (size_t)i * j->kvw) * es, hd, dt);
@@ -171,6 +207,9 @@ static void pack_task(void *ctx, int task, int thread)
                 float *dst = vp + ((size_t)p * nk + s + i) * GEMM_NR;
                 if (dt == CVLM_DTYPE_F32)
                     memcpy(dst, src + (size_t)p * GEMM_NR * 4, (size_t)w * 4);
+                else if (dt == CVLM_DTYPE_Q8)
+                    j->vec->widen8(dst, (const int8_t *)src + (size_t)p * GEMM_NR, w,
+                                   sc[(size_t)i * 2 * j->Hkv + j->Hkv + h]);
                 else
                     j->vec->widen(dst, src + (size_t)p * GEMM_NR * es, w, dt);
                 memset(dst + w, 0, (size_t)(GEMM_NR - w) * 4);

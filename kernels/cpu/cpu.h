@@ -191,11 +191,33 @@ struct cpu_vec_ops {
     void (*widen)(float *dst, const void *src, int n, enum cvlm_dtype dt);
     /* dst[i] = src[i] rounded to nearest even in dt (F32: copied), i < n */
     void (*narrow)(void *dst, const float *src, int n, enum cvlm_dtype dt);
+    /* An int8 KV cache (Q8): codes, and one F32 scale per (slot, KV head), row j's at
+     * ks[j * lds]; the codes are widened to F32 in registers. scores8: s[j] = scale * ks[j *
+     * lds] * dot(q, k_j); pv8: o[d] += sum_j (p[j] * vs[j * lds]) v_j[d] (d < hd, j < n). */
+    void (*scores8)(float *s, const float *q, const int8_t *k, int ldk, const float *ks, int lds,
+                    int n, int hd, float scale);
+    void (*pv8)(float *o, const float *p, const int8_t *v, int ldv, const float *vs, int lds, int n,
+                int hd);
+    /* dst[i] = src[i] * scale, i < n */
+    void (*widen8)(float *dst, const int8_t *src, int n, float scale);
+    /* Symmetric int8 of src[0..n): *scale = max |src[i]| / 127, dst[i] = src[i] / *scale
+     * rounded to nearest even (all 0 when *scale is 0); every ISA's bits are the scalar's. */
+    void (*narrow8)(int8_t *dst, float *scale, const float *src, int n);
 };
 
 /* The scalar row conversions (vec_scalar.c); the vector sets use them for tails. */
 void cvlm_cpu_widen_scalar(float *dst, const void *src, int n, enum cvlm_dtype dt);
 void cvlm_cpu_narrow_scalar(void *dst, const float *src, int n, enum cvlm_dtype dt);
+void cvlm_cpu_narrow8_scalar(int8_t *dst, float *scale, const float *src, int n);
+#if defined(__x86_64__)
+/* The AVX2 int8-KV helpers; the AVX-512 set uses them too (no AVX-512 int8 path yet). */
+void cvlm_cpu_scores8_avx2(float *s, const float *q, const int8_t *k, int ldk, const float *ks,
+                           int lds, int n, int hd, float scale);
+void cvlm_cpu_pv8_avx2(float *o, const float *p, const int8_t *v, int ldv, const float *vs, int lds,
+                       int n, int hd);
+void cvlm_cpu_widen8_avx2(float *dst, const int8_t *src, int n, float scale);
+void cvlm_cpu_narrow8_avx2(int8_t *dst, float *scale, const float *src, int n);
+#endif
 
 /* Element i of a KV row of dtype dt, as F32. */
 static inline float cvlm_cpu_kv_get(const void *p, size_t i, enum cvlm_dtype dt)

@@ -282,6 +282,111 @@ AVX2H static void narrow(void *dst, const float *src, int n, enum cvlm_dtype dt)
         cvlm_cpu_narrow_scalar((uint16_t *)dst + i, src + i, n - i, dt);
 }
 
+/* ---- int8 KV cache: codes widened in registers, one scale per (slot, KV head) ---------
+ * Also the AVX-512 set's int8 helpers (vec_avx512.c has no int8 path of its own). */
+
+/* 8 int8 codes at p as floats */
+INLINE2 __m256 ld8b(const int8_t *p)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+INLINE2 float dot8b(const float *a, const int8_t *b, int n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8b(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ld8b(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8b(b + i), s0);
+    float r = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++)
+        r += a[i] * (float)b[i];
+    return r;
+}
+
+AVX2 void cvlm_cpu_scores8_avx2(float *s, const float *q, const int8_t *k, int ldk, const float *ks,
+                                int lds, int n, int hd, float scale)
+{
+    for (int j = 0; j < n; j++)
+        s[j] = dot8b(q, k + (size_t)j * ldk, hd) * (ks[(size_t)j * lds] * scale);
+}
+
+/* pv_h over codes: row j weighs p[j] * its scale; 64 columns in 8 accumulators, then 8 */
+AVX2 void cvlm_cpu_pv8_avx2(float *o, const float *p, const int8_t *v, int ldv, const float *vs,
+                            int lds, int n, int hd)
+{
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
+        for (int j = 0; j < n; j++) {
+            __m256 pj = _mm256_set1_ps(p[j] * vs[(size_t)j * lds]);
+            const int8_t *vr = v + (size_t)j * ldv + d0;
+            for (int i = 0; i < 8; i++)
+                acc[i] = _mm256_fmadd_ps(pj, ld8b(vr + 8 * i), acc[i]);
+        }
+        for (int i = 0; i < 8; i++)
+            _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        __m256 acc = _mm256_loadu_ps(o + d0);
+        for (int j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j] * vs[(size_t)j * lds]),
+                                  ld8b(v + (size_t)j * ldv + d0), acc);
+        _mm256_storeu_ps(o + d0, acc);
+    }
+    for (; d0 < hd; d0++)
+        for (int j = 0; j < n; j++)
+            o[d0] += p[j] * vs[(size_t)j * lds] * (float)v[(size_t)j * ldv + d0];
+}
+
+AVX2 void cvlm_cpu_widen8_avx2(float *dst, const int8_t *src, int n, float scale)
+{
+    __m256 sc = _mm256_set1_ps(scale);
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(ld8b(src + i), sc));
+    for (; i < n; i++)
+        dst[i] = (float)src[i] * scale;
+}
+
+/* The scalar quantizer's bits: max |x| (max_ps(x, m) keeps m over a NaN x, as the scalar
+ * compare does), the same division, vcvtps2dq's nearest even; packs saturate to int8. */
+AVX2 void cvlm_cpu_narrow8_avx2(int8_t *dst, float *scale, const float *src, int n)
+{
+    const __m256 abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(src + i), abs), m);
+    float lanes[8], mx = 0;
+    _mm256_storeu_ps(lanes, m);
+    for (int l = 0; l < 8; l++)
+        mx = lanes[l] > mx ? lanes[l] : mx;
+    for (; i < n; i++)
+        mx = fabsf(src[i]) > mx ? fabsf(src[i]) : mx;
+    float sc = mx / 127.0f;
+    *scale = sc;
+    if (!(sc > 0)) {
+        memset(dst, 0, (size_t)n);
+        return;
+    }
+    __m256 vs = _mm256_set1_ps(sc);
+    for (i = 0; i + 8 <= n; i += 8) {
+        __m256i q = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(src + i), vs));
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64((__m128i *)(dst + i), _mm_packs_epi16(w, w));
+    }
+    for (; i < n; i++) {
+        float r = nearbyintf(src[i] / sc);
+        dst[i] = (int8_t)(r > 127.0f ? 127 : r < -127.0f ? -127 : r == r ? r : 0);
+    }
+}
+
 AVX2 static void add(float *y, const float *x, size_t n)
 {
     size_t i = 0;
@@ -291,8 +396,20 @@ AVX2 static void add(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {
-    gelu,     silu_mul, exp_sum, scores, pv, add, cvlm_cpu_transpose_scalar,
-    scores16, pv16,     widen,   narrow};
+const struct cpu_vec_ops cvlm_cpu_vec_avx2 = {gelu,
+                                              silu_mul,
+                                              exp_sum,
+                                              scores,
+                                              pv,
+                                              add,
+                                              cvlm_cpu_transpose_scalar,
+                                              scores16,
+                                              pv16,
+                                              widen,
+                                              narrow,
+                                              cvlm_cpu_scores8_avx2,
+                                              cvlm_cpu_pv8_avx2,
+                                              cvlm_cpu_widen8_avx2,
+                                              cvlm_cpu_narrow8_avx2};
 
 #endif /* __x86_64__ */

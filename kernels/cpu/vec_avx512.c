@@ -309,7 +309,9 @@ AVX512 static void transpose(float *dst, int ldd, const float *src, int lds, int
     }
 }
 
-const struct cpu_vec_ops cvlm_cpu_vec_avx512 = {gelu,      silu_mul, exp_sum, scores, pv,    add,
-                                                transpose, scores16, pv16,    widen,  narrow};
+const struct cpu_vec_ops cvlm_cpu_vec_avx512 = {
+    gelu, silu_mul, exp_sum, scores, pv, add, transpose, scores16, pv16, widen, narrow,
+    /* int8 KV: the AVX2 helpers (vec_avx2.c) */
+    cvlm_cpu_scores8_avx2, cvlm_cpu_pv8_avx2, cvlm_cpu_widen8_avx2, cvlm_cpu_narrow8_avx2};
 
 #endif /* __x86_64__ */

@@ -111,6 +111,53 @@ void cvlm_cpu_narrow_scalar(void *dst, const float *src, int n, enum cvlm_dtype 
             h[i] = cvlm_f32_to_bf16(src[i]);
 }
 
+/* int8 KV: the sums of dot16 / pv16 over the codes, each row's scale applied once */
+static void scores8(float *s, const float *q, const int8_t *k, int ldk, const float *ks, int lds,
+                    int n, int hd, float scale)
+{
+    for (int j = 0; j < n; j++) {
+        const int8_t *kj = k + (size_t)j * ldk;
+        float acc[4] = {0, 0, 0, 0};
+        int i = 0;
+        for (; i + 4 <= hd; i += 4)
+            for (int l = 0; l < 4; l++)
+                acc[l] += q[i + l] * (float)kj[i + l];
+        for (; i < hd; i++)
+            acc[0] += q[i] * (float)kj[i];
+        s[j] = ((acc[0] + acc[2]) + (acc[1] + acc[3])) * (ks[(size_t)j * lds] * scale);
+    }
+}
+
+static void pv8(float *o, const float *p, const int8_t *v, int ldv, const float *vs, int lds, int n,
+                int hd)
+{
+    for (int j = 0; j < n; j++) {
+        const int8_t *vj = v + (size_t)j * ldv;
+        float w = p[j] * vs[(size_t)j * lds];
+        for (int d = 0; d < hd; d++)
+            o[d] += w * (float)vj[d];
+    }
+}
+
+static void widen8(float *dst, const int8_t *src, int n, float scale)
+{
+    for (int i = 0; i < n; i++)
+        dst[i] = (float)src[i] * scale;
+}
+
+void cvlm_cpu_narrow8_scalar(int8_t *dst, float *scale, const float *src, int n)
+{
+    float mx = 0;
+    for (int i = 0; i < n; i++)
+        mx = fabsf(src[i]) > mx ? fabsf(src[i]) : mx;
+    float sc = mx / 127.0f;
+    *scale = sc;
+    for (int i = 0; i < n; i++) {
+        float r = sc > 0 ? nearbyintf(src[i] / sc) : 0.0f; /* to nearest even */
+        dst[i] = (int8_t)(r > 127.0f ? 127 : r < -127.0f ? -127 : r == r ? r : 0); /* NaN: 0 */
+    }
+}
+
 static void add(float *y, const float *x, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -134,7 +181,11 @@ const struct cpu_vec_ops cvlm_cpu_vec_scalar = {gelu,
                                                 scores16,
                                                 pv16,
                                                 cvlm_cpu_widen_scalar,
-                                                cvlm_cpu_narrow_scalar};
+                                                cvlm_cpu_narrow_scalar,
+                                                scores8,
+                                                pv8,
+                                                widen8,
+                                                cvlm_cpu_narrow8_scalar};
 
 const struct cpu_vec_ops *cvlm_cpu_vec_ops(enum cpu_isa isa)
 {

@@ -161,3 +161,27 @@ def test_json_logs(make_server):
     assert lines
     for ln in lines:
         json.loads(ln)  # every log line is one JSON object
+
+
+def test_kv_cache_dtype_blocks(server, make_server):
+    """--kv-cache-dtype f16 / int8 (CPU): the daemon starts, answers an image chat, and the
+    same --kv-memory holds twice the f32 blocks at f16, and at int8 the int8 K / V plus one
+    f32 scale per token and KV head for each (4 hd / (hd + 4) times: 3.2x at golden-tiny's
+    head_dim 16); /metrics and the ready line of the log show the count."""
+    f32 = server.metric("cogvlm_kv_blocks_total")
+    assert f32 > 0
+    for dtype in ("f16", "int8"):
+        s = make_server(f"kv-{dtype}", args={"--kv-cache-dtype": dtype})
+        blocks = s.metric("cogvlm_kv_blocks_total")
+        if dtype == "f16":
+            assert blocks == 2 * f32, (blocks, f32)
+        else:
+            assert 3 * f32 < blocks < 4 * f32, (blocks, f32)
+        assert f"{int(blocks)} KV blocks of" in s.log_path.read_text()
+        r = s.post("/v1/chat/completions",
+                   chat_body(s.model_id, "What is in the picture?",
+                             image_url=data_url(png_bytes()), max_tokens=6, temperature=0))
+        assert r.status == 200, r
+        body = validate("chat", r.json())
+        assert 1 <= body["usage"]["completion_tokens"] <= 6
+        s.assert_healthy()

@@ -701,7 +701,8 @@ static void paged_run(struct ctx *c, const struct paged_case *pc, int Hkv, const
     free(zero);
     /* each backend's own cache dtype, its activations' (F32 on the CPU, BF16 on the GPU, F32
      * for the CPU standing in for it in --self-test) */
-    struct cvlm_kv_layer kvc = {kc.c, vc.c, CVLM_DTYPE_F32}, kvg = {kc.g, vc.g, c->gpu->act_dtype};
+    struct cvlm_kv_layer kvc = {kc.c, vc.c, CVLM_DTYPE_F32, NULL},
+                         kvg = {kc.g, vc.g, c->gpu->act_dtype, NULL};
     /* history: keys and values of the earlier slots, written as one kv_write */
     if (ps.n_hist) {
         struct pair hk = pair_rand(c, (size_t)ps.n_hist * KW, 2.0f);
@@ -1201,7 +1202,7 @@ static int bench_setup(struct cvlm_backend *g, struct bench_bufs *b, int32_t *ta
     b->vc = g->ops->alloc(g, cache);
     if (!b->x || !b->y || !b->kc || !b->vc || g->ops->upload_weights(g, pw, 3, 7))
         return -1;
-    b->kv = (struct cvlm_kv_layer){b->kc, b->vc, g->act_dtype};
+    b->kv = (struct cvlm_kv_layer){b->kc, b->vc, g->act_dtype, NULL};
     for (int i = 0; i < B_SEQS * B_BLK; i++)
         tables[i] = i;
     for (int s = 0; s < B_SEQS; s++) {

@@ -99,7 +99,8 @@ static void run_all(struct cvlm_backend *be, float *out)
     void *x = buf(be, M * D, 10), *h = buf(be, M * D, 11), *qkv = buf(be, M * 3 * D, 12);
     void *att = buf(be, M * D, 13), *g = buf(be, M * I, 14), *u = buf(be, M * I, 15);
     void *e = buf(be, M * D, 16), *cr = buf(be, 3 * D, 17), *pt = buf(be, 4 * 4 * 12, 18);
-    struct cvlm_kv_layer kv = {buf(be, NB * BS * D, 19), buf(be, NB * BS * D, 20), CVLM_DTYPE_F32};
+    struct cvlm_kv_layer kv = {buf(be, NB * BS * D, 19), buf(be, NB * BS * D, 20), CVLM_DTYPE_F32,
+                               NULL};
     struct cvlm_seq_kv sk = {bt, 2};
     struct cvlm_attn_batch ab = {M, seq, slot, &sk, BS, 0};
     void *k = (char *)qkv + D * sizeof(float), *v = (char *)qkv + 2 * D * sizeof(float);
@@ -224,7 +225,8 @@ TEST(check_ops_catch_kv_metadata)
     REQUIRE(be);
     const struct cvlm_backend_i *op = be->ops;
     void *qkv = buf(be, M * 3 * D, 1), *out = buf(be, M * D, 2);
-    struct cvlm_kv_layer kv = {buf(be, NB * BS * D, 3), buf(be, NB * BS * D, 4), CVLM_DTYPE_F32};
+    struct cvlm_kv_layer kv = {buf(be, NB * BS * D, 3), buf(be, NB * BS * D, 4), CVLM_DTYPE_F32,
+                               NULL};
     void *k = (char *)qkv + D * sizeof(float), *v = (char *)qkv + 2 * D * sizeof(float);
     int32_t seq[M] = {0}, slot[M] = {0, 1, 2, 3, 4}, bt[2] = {5, NB};
     struct cvlm_seq_kv sk = {bt, 2};
@@ -243,11 +245,28 @@ TEST(check_ops_catch_kv_metadata)
     op->kv_write(be, &kv, k, v, 3 * D, &ab, H, HD);
     op->attention_paged(be, out, qkv, 3 * D, &kv, &ab, H, HD);
     CHECKF(op->status(be) == 0, "%s", cvlm_last_error());
-    /* the cache dtype: one of F32 / F16 / BF16, and a 16-bit cache holds twice the blocks
-     * in the same allocation (block 2 NB - 1 is inside it) */
-    kv.dtype = CVLM_DTYPE_Q8;
+    /* the cache dtype: one of F32 / F16 / BF16 / Q8, and a 16-bit cache holds twice the
+     * blocks in the same allocation (block 2 NB - 1 is inside it) */
+    kv.dtype = CVLM_DTYPE_Q4;
     op->kv_write(be, &kv, k, v, 3 * D, &ab, H, HD);
     CHECK(failed_with(be, CVLM_ESHAPE, "kv_write", "kv->dtype"));
+    /* Q8 needs its scales ([blocks][BS][2][H] F32: NB blocks here, the codes 4 NB) */
+    kv.dtype = CVLM_DTYPE_Q8;
+    op->kv_write(be, &kv, k, v, 3 * D, &ab, H, HD);
+    CHECK(failed_with(be, CVLM_EINVAL, "kv_write", "kv->scales NULL"));
+    kv.scales = buf(be, NB * BS * 2 * H, 5);
+    bt[1] = NB - 1;
+    op->kv_write(be, &kv, k, v, 3 * D, &ab, H, HD);
+    op->attention_paged(be, out, qkv, 3 * D, &kv, &ab, H, HD);
+    CHECKF(op->status(be) == 0, "%s", cvlm_last_error());
+    bt[1] = NB;
+    op->attention_paged(be, out, qkv, 3 * D, &kv, &ab, H, HD);
+    CHECK(failed_with(be, CVLM_EINVAL, "attention_paged", "the cache has 6 blocks"));
+    kv.dtype = CVLM_DTYPE_F32; /* scales on another dtype */
+    op->kv_write(be, &kv, k, v, 3 * D, &ab, H, HD);
+    CHECK(failed_with(be, CVLM_EINVAL, "kv_write", "kv->scales set"));
+    op->free(be, kv.scales);
+    kv.scales = NULL;
     kv.dtype = CVLM_DTYPE_F16;
     bt[1] = 2 * NB - 1;
     op->kv_write(be, &kv, k, v, 3 * D, &ab, H, HD);

@@ -753,13 +753,17 @@ TEST(cpu_ops_attention_full)
 }
 
 /* Three sequences over a shared paged cache with scattered block tables: a history written
- * first, then one batch mixing prefill tokens of two sequences and a decode token. */
+ * first, then one batch mixing prefill tokens of two sequences and a decode token.
+ * H query heads over Hkv KV heads (GQA when Hkv < H); the cache holds Hkv heads per slot. */
 struct paged_fixture {
-    int H, hd, bs, n_blocks;
+    int H, Hkv, hd, bs, n_blocks;
     int32_t tables[3][16];
     struct cvlm_seq_kv seqs[3];
-    float *hk[3], *hv[3]; /* host mirror: [64 slots][H*hd] per sequence */
+    float *hk[3], *hv[3]; /* host mirror: [64 slots][Hkv*hd] per sequence */
     enum cvlm_dtype dt;   /* the cache's; the mirror holds the values rounded to it */
+    /* Q8: the codes and scales kv_write must store, [64][Hkv*hd] and [64][2][Hkv] */
+    int8_t *ck[3], *cv[3];
+    float *sc[3];
 };
 
 /* x rounded to a KV cache dtype, as kv_write must store it. */
@@ -770,20 +774,55 @@ static float kv_round(float x, enum cvlm_dtype dt)
                                    : x;
 }
 
+/* The int8 KV quantizer as engine/backend.h states it: scale = max |x| / 127 (F32),
+ * code = x / scale rounded to nearest even; all 0 for a zero head. Returns the scale. */
+static float q8_head(int8_t *code, const float *x, int n)
+{
+    float mx = 0;
+    for (int i = 0; i < n; i++)
+        mx = fabsf(x[i]) > mx ? fabsf(x[i]) : mx;
+    float sc = mx / 127.0f;
+    for (int i = 0; i < n; i++)
+        code[i] = sc > 0 ? (int8_t)nearbyintf(x[i] / sc) : 0;
+    return sc;
+}
+
+/* The mirror of one written row (k or v, Hkv heads): rounded (Q8: quantized, codes and
+ * scales kept, the mirror holding code * scale). */
+static void mirror_row(struct paged_fixture *f, float *dst, int8_t *codes, float *scales,
+                       const float *src)
+{
+    for (int h = 0; h < f->Hkv; h++) {
+        const float *x = src + (size_t)h * f->hd;
+        float *d = dst + (size_t)h * f->hd;
+        if (f->dt != CVLM_DTYPE_Q8) {
+            for (int i = 0; i < f->hd; i++)
+                d[i] = kv_round(x[i], f->dt);
+            continue;
+        }
+        int8_t *c = codes + (size_t)h * f->hd;
+        scales[h] = q8_head(c, x, f->hd);
+        for (int i = 0; i < f->hd; i++)
+            d[i] = (float)c[i] * scales[h];
+    }
+}
+
+/* rows: [n][Wq | W | W] (q of H heads, k and v of Hkv heads), stride Wq + 2 W */
 static void paged_write(struct cvlm_backend *be, struct paged_fixture *f, struct cvlm_kv_layer *kv,
                         const int32_t *seq, const int32_t *slot, int n, float *rows)
 {
-    int W = f->H * f->hd, stride = 3 * W;
-    struct cvlm_attn_batch b = {n, seq, slot, f->seqs, f->bs, 0};
-    for (int t = 0; t < n; t++)
-        for (int i = 0; i < W; i++) {
-            f->hk[seq[t]][(size_t)slot[t] * W + i] =
-                kv_round(rows[(size_t)t * stride + W + i], f->dt);
-            f->hv[seq[t]][(size_t)slot[t] * W + i] =
-                kv_round(rows[(size_t)t * stride + 2 * W + i], f->dt);
-        }
+    int W = f->Hkv * f->hd, Wq = f->H * f->hd, stride = Wq + 2 * W;
+    struct cvlm_attn_batch b = {n, seq, slot, f->seqs, f->bs, f->Hkv};
+    for (int t = 0; t < n; t++) {
+        size_t at = (size_t)slot[t] * W, sat = (size_t)slot[t] * 2 * f->Hkv;
+        int s = seq[t], q8 = f->dt == CVLM_DTYPE_Q8;
+        mirror_row(f, f->hk[s] + at, q8 ? f->ck[s] + at : NULL, q8 ? f->sc[s] + sat : NULL,
+                   rows + (size_t)t * stride + Wq);
+        mirror_row(f, f->hv[s] + at, q8 ? f->cv[s] + at : NULL, q8 ? f->sc[s] + sat + f->Hkv : NULL,
+                   rows + (size_t)t * stride + Wq + W);
+    }
     float *d = dev_copy(be, rows, (size_t)n * stride);
-    be->ops->kv_write(be, kv, d + W, d + 2 * W, stride, &b, f->H, f->hd);
+    be->ops->kv_write(be, kv, d + Wq, d + Wq + W, stride, &b, f->Hkv, f->hd);
     be->ops->free(be, d);
 }
 
@@ -802,12 +841,19 @@ static void make_batch_b(void)
 }
 
 /* Bits of the cache slot of (seq, slot) differing from the mirror's rounded keys: 0 when
- * kv_write rounds exactly as cvlm_f32_to_f16 / cvlm_f32_to_bf16. */
+ * kv_write rounds exactly as cvlm_f32_to_f16 / cvlm_f32_to_bf16 (Q8: the key and value
+ * codes and the slot's scales exactly as q8_head). */
 static int paged_bits_differ(const struct paged_fixture *f, const struct cvlm_kv_layer *kv, int seq,
                              int slot)
 {
-    int W = f->H * f->hd, bad = 0;
-    size_t at = ((size_t)f->tables[seq][slot / f->bs] * f->bs + (size_t)(slot % f->bs)) * W;
+    int W = f->Hkv * f->hd, bad = 0;
+    size_t row = (size_t)f->tables[seq][slot / f->bs] * f->bs + (size_t)(slot % f->bs);
+    size_t at = row * W;
+    if (f->dt == CVLM_DTYPE_Q8)
+        return memcmp((const int8_t *)kv->k + at, f->ck[seq] + (size_t)slot * W, (size_t)W) ||
+               memcmp((const int8_t *)kv->v + at, f->cv[seq] + (size_t)slot * W, (size_t)W) ||
+               memcmp(kv->scales + row * 2 * f->Hkv, f->sc[seq] + (size_t)slot * 2 * f->Hkv,
+                      (size_t)2 * f->Hkv * 4);
     for (int i = 0; i < W; i++) {
         float want = f->hk[seq][(size_t)slot * W + i];
         float got = f->dt == CVLM_DTYPE_F32 ? ((const float *)kv->k)[at + i]
@@ -817,58 +863,79 @@ static int paged_bits_differ(const struct paged_fixture *f, const struct cvlm_kv
     return bad;
 }
 
-static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int batch_b,
-                         enum cvlm_dtype dt)
+/* attention_paged against the double reference on the mirror (the values as stored); H
+ * query heads over Hkv KV heads. Returns the largest abs error (INFINITY if a stored key
+ * is not the rounding the contract states). */
+static double paged_case_gqa(struct cvlm_backend *be, int H, int Hkv, int hd, int bs, int batch_b,
+                             enum cvlm_dtype dt)
 {
-    struct paged_fixture f = {.H = H, .hd = hd, .bs = bs, .n_blocks = 3 * (64 / bs), .dt = dt};
+    struct paged_fixture f = {
+        .H = H, .Hkv = Hkv, .hd = hd, .bs = bs, .n_blocks = 3 * (64 / bs), .dt = dt};
     size_t es = cvlm_dtype_size(dt);
-    int W = H * hd, per_seq = 64 / bs; /* 64 slots per sequence, at most 16 blocks */
-    for (int s = 0; s < 3; s++) {      /* blocks interleaved backwards: nothing contiguous */
+    int W = Hkv * hd, Wq = H * hd, stride = Wq + 2 * W, per_seq = 64 / bs; /* 64 slots/seq */
+    for (int s = 0; s < 3; s++) { /* blocks interleaved backwards: nothing contiguous */
         for (int i = 0; i < per_seq; i++)
             f.tables[s][i] = f.n_blocks - 1 - (i * 3 + s);
         f.seqs[s] = (struct cvlm_seq_kv){f.tables[s], per_seq};
         f.hk[s] = calloc(64, (size_t)W * 4);
         f.hv[s] = calloc(64, (size_t)W * 4);
+        f.ck[s] = calloc(64, (size_t)W);
+        f.cv[s] = calloc(64, (size_t)W);
+        f.sc[s] = calloc(64, (size_t)2 * Hkv * 4);
     }
-    struct cvlm_kv_layer kv = {be->ops->alloc(be, (size_t)f.n_blocks * bs * W * es),
-                               be->ops->alloc(be, (size_t)f.n_blocks * bs * W * es), dt};
+    size_t rows_all = (size_t)f.n_blocks * bs;
+    struct cvlm_kv_layer kv = {
+        be->ops->alloc(be, rows_all * W * es), be->ops->alloc(be, rows_all * W * es), dt,
+        dt == CVLM_DTYPE_Q8 ? be->ops->alloc(be, rows_all * 2 * (size_t)Hkv * 4) : NULL};
     int32_t hseq[40], hslot[40];
     for (int i = 0; i < 40; i++) { /* history: seq 0 slots 0..19, seq 2 slots 0..19 */
         hseq[i] = i < 20 ? 0 : 2;
         hslot[i] = i % 20;
     }
-    float *hist = rand_floats(40 * (size_t)3 * W, 1.0f);
+    float *hist = rand_floats(40 * (size_t)stride, 1.0f);
+    for (int i = 0; i < W; i++) /* a zero key head and value head: scale 0 */
+        hist[(size_t)3 * stride + Wq + i] = hist[(size_t)3 * stride + Wq + W + i] = 0;
     paged_write(be, &f, &kv, hseq, hslot, 40, hist);
     make_batch_b();
     const int32_t *seq = batch_b ? seq_b : seq_a, *slot = batch_b ? slot_b : slot_a;
     int nb = batch_b ? 44 : 7;
-    float *rows = rand_floats(nb * (size_t)3 * W, 1.0f), *o = malloc(nb * (size_t)W * 4);
+    float *rows = rand_floats(nb * (size_t)stride, 1.0f), *o = malloc(nb * (size_t)Wq * 4);
     paged_write(be, &f, &kv, seq, slot, nb, rows);
-    struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs, 0};
-    float *dq = dev_copy(be, rows, nb * (size_t)3 * W),
-          *dout = be->ops->alloc(be, nb * (size_t)W * 4);
-    be->ops->attention_paged(be, dout, dq, 3 * W, &kv, &b, H, hd);
-    be->ops->to_host(be, o, dout, nb * (size_t)W);
+    struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs, Hkv};
+    float *dq = dev_copy(be, rows, nb * (size_t)stride),
+          *dout = be->ops->alloc(be, nb * (size_t)Wq * 4);
+    be->ops->attention_paged(be, dout, dq, stride, &kv, &b, H, hd);
+    be->ops->to_host(be, o, dout, nb * (size_t)Wq);
     double ref[128], worst = 0;
     for (int t = 0; t < nb; t++)
         for (int h = 0; h < H; h++) {
-            ref_attend(ref, rows + (size_t)t * 3 * W + h * hd, f.hk[seq[t]] + h * hd,
-                       f.hv[seq[t]] + h * hd, W, slot[t] + 1, hd);
+            int g = h / (H / Hkv) * hd; /* the query head's KV head */
+            ref_attend(ref, rows + (size_t)t * stride + h * hd, f.hk[seq[t]] + g, f.hv[seq[t]] + g,
+                       W, slot[t] + 1, hd);
             for (int i = 0; i < hd; i++) {
-                double e = fabs(o[(size_t)t * W + h * hd + i] - ref[i]);
+                double e = fabs(o[(size_t)t * Wq + h * hd + i] - ref[i]);
                 worst = e > worst || isnan(e) ? e : worst;
             }
         }
-    if (paged_bits_differ(&f, &kv, seq[0], slot[0]) || paged_bits_differ(&f, &kv, 2, 5))
+    if (paged_bits_differ(&f, &kv, seq[0], slot[0]) || paged_bits_differ(&f, &kv, 2, 5) ||
+        paged_bits_differ(&f, &kv, 0, 3))
         worst = INFINITY; /* a stored key is not the round-to-nearest-even value */
     be->ops->free(be, kv.k);
     be->ops->free(be, kv.v);
+    if (kv.scales)
+        be->ops->free(be, kv.scales);
     be->ops->free(be, dq);
     be->ops->free(be, dout);
     for (int s = 0; s < 3; s++)
-        free(f.hk[s]), free(f.hv[s]);
+        free(f.hk[s]), free(f.hv[s]), free(f.ck[s]), free(f.cv[s]), free(f.sc[s]);
     free(hist), free(rows), free(o);
     return worst;
+}
+
+static double paged_case(struct cvlm_backend *be, int H, int hd, int bs, int batch_b,
+                         enum cvlm_dtype dt)
+{
+    return paged_case_gqa(be, H, H, hd, bs, batch_b, dt);
 }
 
 TEST(cpu_ops_attention_paged)
@@ -909,6 +976,82 @@ TEST(cpu_ops_attention_paged_kv16)
                            shapes[si][1], shapes[si][2], bb ? 'B' : 'A', e);
                 }
     }
+}
+
+/* An int8 cache (Q8, one F32 scale per slot and KV head for K and for V): kv_write stores
+ * exactly q8_head's codes and scales (checked bit for bit, a zero head included), and
+ * attention_paged matches the double reference on the dequantized K / V (code * scale):
+ * decode tokens (batch A, per-token path) and prefill runs (batch B, the blocked path),
+ * GQA (4 over 2, 4 over 1, 2 over 1), head dims 64, 80, 128 and odd ones, block sizes
+ * 16, 7, 5. The AVX-512 paths run the AVX2 int8 helpers. */
+TEST(cpu_ops_attention_paged_kv_int8)
+{
+    static const int shapes[][4] = {{2, 2, 64, 16}, {2, 1, 80, 7},  {4, 2, 128, 16},
+                                    {3, 3, 37, 5},  {4, 1, 19, 16}, {1, 1, 8, 7}};
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        for (int si = 0; si < 6; si++)
+            for (int bb = 0; bb < 2; bb++) {
+                const int *c = shapes[si];
+                double e = paged_case_gqa(be, c[0], c[1], c[2], c[3], bb, CVLM_DTYPE_Q8);
+                CHECKF(e <= 4e-6, "%s t=%d int8 H=%d Hkv=%d hd=%d bs=%d batch %c: abs err %.3g",
+                       isa_names[isa], threads, c[0], c[1], c[2], c[3], bb ? 'B' : 'A', e);
+            }
+    }
+}
+
+/* The same GQA shapes over F32 and F16 caches (the fixture's GQA against the reference). */
+TEST(cpu_ops_attention_paged_gqa)
+{
+    static const int shapes[][4] = {{4, 2, 64, 16}, {4, 1, 80, 7}, {2, 1, 19, 5}};
+    static const enum cvlm_dtype dts[] = {CVLM_DTYPE_F32, CVLM_DTYPE_F16};
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        for (int di = 0; di < 2; di++)
+            for (int si = 0; si < 3; si++)
+                for (int bb = 0; bb < 2; bb++) {
+                    const int *c = shapes[si];
+                    double e = paged_case_gqa(be, c[0], c[1], c[2], c[3], bb, dts[di]);
+                    CHECKF(e <= 2e-6, "%s t=%d %s H=%d Hkv=%d hd=%d bs=%d batch %c: abs err %.3g",
+                           isa_names[isa], threads, cvlm_dtype_name(dts[di]), c[0], c[1], c[2],
+                           c[3], bb ? 'B' : 'A', e);
+                }
+    }
+}
+
+/* narrow8 of every ISA path: the scalar quantizer's bits (q8_head) on ties (x / scale at
+ * k + 0.5 with scale exactly 1), signed zero, a zero row (scale 0), tails of every length;
+ * widen8 gives code * scale exactly. */
+TEST(cpu_ops_kv_narrow8)
+{
+    enum { N = 67 };
+    float x[N], back[N], sc, want_sc;
+    int8_t got[N], want[N];
+    for (int isa = 0, nisa = n_isas(); isa < nisa; isa++) {
+        const struct cpu_vec_ops *vec = cvlm_cpu_vec_ops((enum cpu_isa)isa);
+        for (int kind = 0; kind < 3; kind++)
+            for (int n = 1; n <= N; n += (n < 18 ? 1 : 7)) {
+                for (int i = 0; i < n; i++)
+                    x[i] = kind == 0   ? frand() * 3.0f
+                           : kind == 1 ? (float)(i % 9) - 4.5f /* ties at scale 1 */
+                                       : (i & 1 ? -0.0f : 0.0f);
+                if (kind == 1)
+                    x[n / 2] = n & 1 ? 127.0f : -127.0f; /* max |x| = 127: scale 1 */
+                want_sc = q8_head(want, x, n);
+                vec->narrow8(got, &sc, x, n);
+                vec->widen8(back, got, n, sc);
+                CHECKF(!memcmp(&sc, &want_sc, 4) && !memcmp(got, want, (size_t)n),
+                       "%s narrow8 kind %d n=%d: scale %g (want %g) or codes differ",
+                       isa_names[isa], kind, n, sc, want_sc);
+                for (int i = 0; i < n; i++) {
+                    float w = (float)want[i] * want_sc;
+                    CHECKF(!memcmp(&w, &back[i], 4), "%s widen8 n=%d i=%d", isa_names[isa], n, i);
+                }
+            }
+    }
+    int8_t c[4];
+    float t[4] = {127.0f, 2.5f, -3.5f, 0.5f}; /* to nearest even: 2, -4, 0 */
+    CHECK(q8_head(c, t, 4) == 1.0f && c[0] == 127 && c[1] == 2 && c[2] == -4 && c[3] == 0);
 }
 
 /* The row conversions of every ISA path agree bit for bit with the scalar rounding
