@@ -4,6 +4,7 @@
 #include "engine/error.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -31,11 +32,12 @@ size_t cvlm_quant_bytes(enum cvlm_dtype dt, int64_t N, int64_t K)
     return cvlm_dtype_bytes(dt, (size_t)(N * K)) + (size_t)(N * ((K + g - 1) / g)) * sizeof(float);
 }
 
-/* Round to nearest, ties away from zero, clamped to [lo, hi]. */
+/* Round to nearest, ties away from zero (roundf's rule, without its call: in double the
+ * sum is exact for |v| < 2^52 and the truncation is the rounding), clamped to [lo, hi]. */
 static int quant_round(float v, int lo, int hi)
 {
-    float r = roundf(v);
-    return r < (float)lo ? lo : r > (float)hi ? hi : (int)r;
+    double r = trunc((double)v + copysign(0.5, (double)v));
+    return r < (double)lo ? lo : r > (double)hi ? hi : (int)r;
 }
 
 /* The scale of a group: int8 max|w| / 127; int4 the one of 16 candidates c max|w| / 7,
@@ -62,14 +64,27 @@ static float group_scale(const float *w, int n, float amax, enum cvlm_dtype dt)
     return best;
 }
 
-void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, float *scales)
+/* Rows [n0, n1) of a quantization (rows are independent: the result does not depend on
+ * how they are split). */
+struct qrows {
+    const struct cvlm_tensor *t;
+    enum cvlm_dtype dt;
+    void *codes;
+    float *scales;
+    int64_t n0, n1;
+};
+
+static void *quantize_rows(void *arg)
 {
-    const int64_t N = t->shape[0], K = t->shape[1];
+    const struct qrows *a = arg;
+    const struct cvlm_tensor *t = a->t;
+    const enum cvlm_dtype dt = a->dt;
+    const int64_t K = t->shape[1];
     const int64_t G = dt == CVLM_DTYPE_Q4 ? CVLM_Q4_GROUP : K, ng = (K + G - 1) / G;
-    float *row = malloc((size_t)K * sizeof(float));
-    signed char *q8 = codes;
-    unsigned char *q4 = codes;
-    for (int64_t n = 0; row && n < N; n++) {
+    float *row = malloc((size_t)K * sizeof(float)), *scales = a->scales;
+    signed char *q8 = a->codes;
+    unsigned char *q4 = a->codes;
+    for (int64_t n = a->n0; row && n < a->n1; n++) {
         for (int64_t k = 0; k < K; k++)
             row[k] = cvlm_tensor_get_f32(t, n * K + k);
         for (int64_t g = 0; g < ng; g++) {
@@ -94,6 +109,32 @@ void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, 
         }
     }
     free(row);
+    return NULL;
+}
+
+/* Quantizes on every online CPU (at most 64 threads; the int4 scale search is ~50
+ * operations per weight, minutes for a 17B decoder on one core). */
+void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, float *scales)
+{
+    const int64_t N = t->shape[0];
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int T = ncpu < 1 ? 1 : ncpu > 64 ? 64 : (int)ncpu;
+    if (N < 64 * T)
+        T = N >= 64 ? (int)(N / 64) : 1;
+    struct qrows a[64];
+    pthread_t th[64];
+    int started[64] = {0};
+    for (int i = 0; i < T; i++) {
+        a[i] = (struct qrows){t, dt, codes, scales, N * i / T, N * (i + 1) / T};
+        started[i] = i > 0 && pthread_create(&th[i], NULL, quantize_rows, &a[i]) == 0;
+    }
+    quantize_rows(&a[0]);
+    for (int i = 1; i < T; i++) {
+        if (started[i])
+            pthread_join(th[i], NULL);
+        else
+            quantize_rows(&a[i]); /* no thread: do it here */
+    }
     t->dtype = dt;
     t->data = codes;
     t->scales = scales;

@@ -18,6 +18,7 @@ ORDER = [
     "CogVLM-17B shapes, quantized, through the daemon (this machine)",
     "CogVLM2-19B shapes, int4, cogvlm bench-vlm (this machine)",
     "Quantized weights: accuracy",
+    "Quantized decode against BF16, short context",
     "Tokenizer throughput",
     "Structured outputs: cost per decode step",
     "Serving benchmark (HTTP, tiny model)",
