@@ -11,7 +11,7 @@
  *   arrays: items, prefixItems, minItems, maxItems, uniqueItems false;
  *   strings: minLength, maxLength, pattern (json_regex.c), format date, time, date-time,
  *   uuid, email, ipv4;
- *   integers (at most 16 digits) and numbers (16 digits, fraction of 16, exponent of 3);
+ *   integers (at most 16 digits) and numbers (16 digits, fraction of 16, exponent of 2: always a finite double);
  *   annotations (title, description, default, examples, $schema, $id, $comment,
  *   deprecated, readOnly, writeOnly, $defs, definitions) are ignored.
  * The produced documents are a subset of the valid ones (bounded whitespace and number
@@ -112,7 +112,9 @@ static int32_t integer(struct sc *c, int32_t next)
 static int32_t number(struct sc *c, int32_t next)
 {
     struct cvlm_grammar *g = c->g;
-    int32_t exp_digits = gram_range(g, '0', '9', opt_digits(c, 2, next));
+    /* two exponent digits: every number the grammar allows is a finite double (e999
+     * overflows, and parsers such as jansson refuse it) */
+    int32_t exp_digits = gram_range(g, '0', '9', opt_digits(c, 1, next));
     int32_t exp_sign = gram_split(g, gram_range(g, '+', '+', exp_digits),
                                   gram_split(g, gram_range(g, '-', '-', exp_digits), exp_digits));
     uint64_t e[4] = {0};

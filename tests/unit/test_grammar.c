@@ -62,6 +62,7 @@ TEST(grammar_json_object)
                                       "{\"a\":tru}",
                                       "{\"a\":-}",
                                       "{\"a\":1.}",
+                                      "{\"a\":3e834}",
                                       "\n             {}",
                                       "  {}",
                                       "{\"a\":1 \n}",
@@ -253,7 +254,7 @@ static void walk_vocab(const char *tok_path, const char *schema, int walks, int 
                     const char *p;
                     int c = allowed[cvlm_rng_next(&rng) % (uint64_t)na];
                     size_t k = cvlm_tokenizer_piece_text(tok, c, &p);
-                    if (k && strpbrk(p, "\"]}") && memchr(p, 0, k) == NULL) {
+                    if (k && (memchr(p, '"', k) || memchr(p, ']', k) || memchr(p, '}', k))) {
                         id = c;
                         break;
                     }
