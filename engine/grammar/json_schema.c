@@ -11,7 +11,8 @@
  *   arrays: items, prefixItems, minItems, maxItems, uniqueItems false;
  *   strings: minLength, maxLength, pattern (json_regex.c), format date, time, date-time,
  *   uuid, email, ipv4;
- *   integers (at most 16 digits) and numbers (16 digits, fraction of 16, exponent of 2: always a finite double);
+ *   integers (at most 16 digits) and numbers (16 digits, fraction of 16, exponent of 2:
+ *   always a finite double);
  *   annotations (title, description, default, examples, $schema, $id, $comment,
  *   deprecated, readOnly, writeOnly, $defs, definitions) are ignored.
  * The produced documents are a subset of the valid ones (bounded whitespace and number
