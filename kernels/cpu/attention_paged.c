@@ -8,8 +8,12 @@
  * head and runs the GEMM micro-kernel for S = (scale q) K^T over the key panels the block
  * needs, masks keys past each query's slot (exactly zero weight), softmax, and O = P V.
  * Every other token takes the per-token path: scores block by block (a block's slots are
- * contiguous), softmax, weighted sum of the values, with the vector helpers. Both are F32
- * with a two-pass softmax whose normalisation is applied to the output.
+ * contiguous), softmax, weighted sum of the values, with the vector helpers, one task per
+ * (token, head); or, when its context spans more than one chunk (CHUNK_SLOTS), the split
+ * path: one task per (token, chunk of slots) for all heads, reading each block's rows
+ * whole, then a merge of the chunks' partial softmax results per (token, head). All are
+ * F32 with a two-pass softmax (per chunk on the split path) whose normalisation is applied
+ * to the output.
  * Grouped-query attention (b->n_kv_heads < n_heads): the cache holds Hkv heads per slot and
  * query head h reads KV head h / (H / Hkv) in place; the blocked path packs each (run, KV
  * head) once and every query head of its group reads that pack.
@@ -27,6 +31,11 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Slots per chunk of the split path (rounded up to whole blocks): a decode token whose
+ * context is longer is split; 128 keeps the merge's cost (hd + 2 floats per chunk and head)
+ * small against the chunk's reads and gives a 1300-token image prompt 11 tasks. */
+#define CHUNK_SLOTS 128
 
 static size_t slot_offset(const struct cvlm_attn_batch *b, int seq, int slot, int width)
 {
@@ -82,6 +91,14 @@ struct paged_job {
     const int32_t *tokens;
     int n_left, max_ctx;
     float *scratch; /* per thread: max_ctx floats */
+    /* split path (contexts over one chunk) */
+    int chunk, n_long, n_items;
+    int32_t *long_tok;  /* [n_long] */
+    int32_t *long_item; /* [n_long + 1]: each long token's first item */
+    int32_t *items;     /* [n_items][2]: token, chunk */
+    float *part;        /* [n_items][H][hd + 2] */
+    float *cscratch;    /* per thread: [H][chunk] scores */
+    int nt;             /* threads */
     /* blocked path */
     struct run *runs;
     int n_runs, n_qb;
@@ -107,6 +124,38 @@ static size_t vp_size(const struct paged_job *j, const struct run *r)
 
 /* ---- per-token path ------------------------------------------------------------------ */
 
+/* p[0..cnt) = scale q_h . K[slot] for the cnt slots of the block at element offset `at`
+ * (query head h reads its KV head h / group). */
+static void head_scores(const struct paged_job *j, int h, float *p, const float *q, size_t at,
+                        int cnt)
+{
+    size_t head = (size_t)(h / j->group) * j->hd; /* this query head's KV head */
+    enum cvlm_dtype dt = j->kv->dtype;
+    if (dt == CVLM_DTYPE_F32)
+        j->vec->scores(p, q, (const float *)j->kv->k + head + at, j->kvw, cnt, j->hd, j->scale);
+    else if (dt == CVLM_DTYPE_Q8) /* a slot's K and V scales: 2 * Hkv floats per slot row */
+        j->vec->scores8(p, q, (const int8_t *)j->kv->k + head + at, j->kvw,
+                        j->kv->scales + h / j->group + at / j->hd * 2, 2 * j->Hkv, cnt, j->hd,
+                        j->scale);
+    else
+        j->vec->scores16(p, q, (const uint16_t *)j->kv->k + head + at, j->kvw, cnt, j->hd, j->scale,
+                         dt);
+}
+
+/* o += sum over the block's cnt slots of p[slot] V[slot] (query head h's KV head). */
+static void head_pv(const struct paged_job *j, int h, float *o, const float *p, size_t at, int cnt)
+{
+    size_t head = (size_t)(h / j->group) * j->hd;
+    enum cvlm_dtype dt = j->kv->dtype;
+    if (dt == CVLM_DTYPE_F32)
+        j->vec->pv(o, p, (const float *)j->kv->v + head + at, j->kvw, cnt, j->hd);
+    else if (dt == CVLM_DTYPE_Q8)
+        j->vec->pv8(o, p, (const int8_t *)j->kv->v + head + at, j->kvw,
+                    j->kv->scales + j->Hkv + h / j->group + at / j->hd * 2, 2 * j->Hkv, cnt, j->hd);
+    else
+        j->vec->pv16(o, p, (const uint16_t *)j->kv->v + head + at, j->kvw, cnt, j->hd, dt);
+}
+
 static void token_task(void *ctx, int task, int thread)
 {
     struct paged_job *j = ctx;
@@ -115,44 +164,83 @@ static void token_task(void *ctx, int task, int thread)
     int h = task / j->n_left, t = task % j->n_left, n;
     t = j->tokens ? j->tokens[t] : t;
     n = b->slot[t] + 1;
-    int bs = b->block_size, width = j->kvw;
+    int bs = b->block_size;
     const int32_t *table = b->seqs[b->seq[t]].block_table;
     const float *q = j->q + (size_t)t * j->stride + (size_t)h * j->hd;
-    enum cvlm_dtype dt = j->kv->dtype;
-    size_t head = (size_t)(h / j->group) * j->hd; /* this query head's KV head */
-    const float *kb = (const float *)j->kv->k + head, *vb = (const float *)j->kv->v + head;
-    const uint16_t *kh = (const uint16_t *)j->kv->k + head, *vh = (const uint16_t *)j->kv->v + head;
-    const int8_t *kq = (const int8_t *)j->kv->k + head, *vq = (const int8_t *)j->kv->v + head;
-    /* Q8: this KV head's K and V scales of slot row 0 (a slot's are 2 * Hkv apart) */
-    const float *ksc = dt == CVLM_DTYPE_Q8 ? j->kv->scales + h / j->group : NULL;
-    const float *vsc = ksc ? ksc + j->Hkv : NULL;
-    int lds = 2 * j->Hkv;
     float *o = j->out + (size_t)t * j->width + (size_t)h * j->hd;
     float *p = j->scratch + (size_t)thread * j->max_ctx;
-    for (int s0 = 0; s0 < n; s0 += bs) {
-        size_t at = (size_t)table[s0 / bs] * bs * width;
-        int cnt = n - s0 < bs ? n - s0 : bs;
-        if (dt == CVLM_DTYPE_F32)
-            j->vec->scores(p + s0, q, kb + at, width, cnt, j->hd, j->scale);
-        else if (dt == CVLM_DTYPE_Q8)
-            j->vec->scores8(p + s0, q, kq + at, width, ksc + at / j->hd * 2, lds, cnt, j->hd,
-                            j->scale);
-        else
-            j->vec->scores16(p + s0, q, kh + at, width, cnt, j->hd, j->scale, dt);
-    }
+    for (int s0 = 0; s0 < n; s0 += bs)
+        head_scores(j, h, p + s0, q, (size_t)table[s0 / bs] * bs * j->kvw,
+                    n - s0 < bs ? n - s0 : bs);
     float sum = j->vec->exp_sum(p, n, cvlm_cpu_max_of(p, n));
     memset(o, 0, (size_t)j->hd * sizeof(float));
-    for (int s0 = 0; s0 < n; s0 += bs) {
-        size_t at = (size_t)table[s0 / bs] * bs * width;
-        int cnt = n - s0 < bs ? n - s0 : bs;
-        if (dt == CVLM_DTYPE_F32)
-            j->vec->pv(o, p + s0, vb + at, width, cnt, j->hd);
-        else if (dt == CVLM_DTYPE_Q8)
-            j->vec->pv8(o, p + s0, vq + at, width, vsc + at / j->hd * 2, lds, cnt, j->hd);
-        else
-            j->vec->pv16(o, p + s0, vh + at, width, cnt, j->hd, dt);
-    }
+    for (int s0 = 0; s0 < n; s0 += bs)
+        head_pv(j, h, o, p + s0, (size_t)table[s0 / bs] * bs * j->kvw, n - s0 < bs ? n - s0 : bs);
     cvlm_cpu_scale_out(o, j->hd, sum);
+}
+
+/* ---- split path: one long context in chunks of slots ----------------------------------- */
+
+/* Item i = (token, chunk c): slots [c C, min(n, (c + 1) C)) for every head, block by block
+ * with the heads inside (a block's rows are contiguous, so the cache is read as a stream;
+ * head by head over the whole context, each head's slice of a row is a short piece 4 KB or
+ * more from the next, which the hardware prefetchers do not follow). Per head it leaves
+ * the chunk's score maximum, exp-sum and unnormalised output in `part`; merge_task
+ * combines the chunks. The chunks are fixed by slot index, so a token's result depends on
+ * its context only (not on the batch or the thread count). */
+static void chunk_task(void *ctx, int i, int thread)
+{
+    struct paged_job *j = ctx;
+    const struct cvlm_attn_batch *b = j->b;
+    int t = j->items[2 * i], c = j->items[2 * i + 1], C = j->chunk, bs = b->block_size;
+    int n = b->slot[t] + 1, s0 = c * C, s1 = n < s0 + C ? n : s0 + C, H = j->H, hd = j->hd;
+    const int32_t *table = b->seqs[b->seq[t]].block_table;
+    float *p = j->cscratch + (size_t)thread * H * C;  /* [H][C] */
+    float *part = j->part + (size_t)i * H * (hd + 2); /* per head: o[hd], max, sum */
+    const float *q = j->q + (size_t)t * j->stride;
+    for (int s = s0; s < s1; s += bs) {
+        size_t at = (size_t)table[s / bs] * bs * j->kvw;
+        for (int h = 0; h < H; h++)
+            head_scores(j, h, p + (size_t)h * C + (s - s0), q + (size_t)h * hd, at,
+                        s1 - s < bs ? s1 - s : bs);
+    }
+    for (int h = 0; h < H; h++) {
+        float *ph = p + (size_t)h * C, *o = part + (size_t)h * (hd + 2);
+        o[hd] = cvlm_cpu_max_of(ph, s1 - s0);
+        o[hd + 1] = j->vec->exp_sum(ph, s1 - s0, o[hd]);
+        memset(o, 0, (size_t)hd * sizeof(float));
+    }
+    for (int s = s0; s < s1; s += bs) {
+        size_t at = (size_t)table[s / bs] * bs * j->kvw;
+        for (int h = 0; h < H; h++)
+            head_pv(j, h, part + (size_t)h * (hd + 2), p + (size_t)h * C + (s - s0), at,
+                    s1 - s < bs ? s1 - s : bs);
+    }
+}
+
+/* (long token l, head h): out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c. */
+static void merge_task(void *ctx, int task, int thread)
+{
+    struct paged_job *j = ctx;
+    int l = task / j->H, h = task % j->H, hd = j->hd, t = j->long_tok[l];
+    int i0 = j->long_item[l], i1 = j->long_item[l + 1];
+    size_t ps = (size_t)j->H * (hd + 2);
+    const float *first = j->part + (size_t)i0 * ps + (size_t)h * (hd + 2);
+    float *o = j->out + (size_t)t * j->width + (size_t)h * hd, mx = first[hd], sum = 0;
+    (void)thread;
+    for (int i = i0 + 1; i < i1; i++) {
+        float m = j->part[(size_t)i * ps + (size_t)h * (hd + 2) + hd];
+        mx = m > mx ? m : mx;
+    }
+    memset(o, 0, (size_t)hd * sizeof(float));
+    for (int i = i0; i < i1; i++) {
+        const float *pc = j->part + (size_t)i * ps + (size_t)h * (hd + 2);
+        float w = expf(pc[hd] - mx);
+        sum += w * pc[hd + 1];
+        for (int d = 0; d < hd; d++)
+            o[d] += w * pc[d];
+    }
+    cvlm_cpu_scale_out(o, hd, sum);
 }
 
 /* ---- blocked path ---------------------------------------------------------------------- */
@@ -299,6 +387,40 @@ static size_t plan(struct paged_job *j, int32_t *left, struct run *runs)
     return j->n_runs ? at : 0;
 }
 
+/* Moves the per-token path's tokens whose context spans more than one chunk to the split
+ * path (j->long_tok, their items); returns the floats the split path needs (partial
+ * results and each thread's chunk scores), 0 without long tokens or on allocation failure
+ * (j->items NULL with n_items > 0: the caller falls back). */
+static size_t split_long(struct paged_job *j, int32_t *left)
+{
+    int bs = j->b->block_size, keep = 0, nt = j->nt;
+    j->chunk = (CHUNK_SLOTS + bs - 1) / bs * bs;
+    j->n_long = j->n_items = 0;
+    j->items = NULL;
+    if (!j->long_tok)
+        return 0;
+    for (int i = 0; i < j->n_left; i++) {
+        int t = left[i], n = j->b->slot[t] + 1;
+        if (n <= j->chunk) {
+            left[keep++] = t;
+            continue;
+        }
+        j->long_item[j->n_long] = j->n_items;
+        j->long_tok[j->n_long++] = t;
+        j->n_items += (n + j->chunk - 1) / j->chunk;
+    }
+    j->n_left = keep;
+    j->long_item[j->n_long] = j->n_items;
+    if (!j->n_items || !(j->items = malloc((size_t)j->n_items * 2 * sizeof(int32_t))))
+        return 0;
+    for (int l = 0; l < j->n_long; l++)
+        for (int i = j->long_item[l]; i < j->long_item[l + 1]; i++) {
+            j->items[2 * i] = j->long_tok[l];
+            j->items[2 * i + 1] = i - j->long_item[l];
+        }
+    return (size_t)j->n_items * j->H * (j->hd + 2) + (size_t)nt * j->H * j->chunk;
+}
+
 void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q, int stride,
                               const struct cvlm_kv_layer *kv, const struct cvlm_attn_batch *b,
                               int n_heads, int head_dim)
@@ -321,25 +443,37 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
                           .b = b,
                           .vec = cb->vec,
                           .kn = cvlm_cpu_gemm_kernels(cb->isa),
-                          .max_ctx = 1};
+                          .max_ctx = 1,
+                          .nt = nt};
     int32_t *left = malloc((size_t)n * sizeof(int32_t));
     struct run *runs = malloc((size_t)(n / GEMM_MR + 1) * sizeof(struct run));
+    j.long_tok = malloc((size_t)(2 * n + 1) * sizeof(int32_t));
+    j.long_item = j.long_tok ? j.long_tok + n : NULL;
     for (int t = 0; t < n; t++)
         j.max_ctx = b->slot[t] + 1 > j.max_ctx ? b->slot[t] + 1 : j.max_ctx;
-    size_t pack = left && runs ? plan(&j, left, runs) : 0;
-    size_t need = pack ? pack + (size_t)nt * j.tls_stride : 0;
-    float *s = left && runs ? cvlm_cpu_scratch(cb, need + (size_t)nt * j.max_ctx) : NULL;
+    size_t pack = left && runs && j.long_tok ? plan(&j, left, runs) : 0;
+    size_t need = pack ? pack + (size_t)nt * j.tls_stride : 0, part = split_long(&j, left);
+    float *s = left && runs && j.long_tok && (!j.n_items || j.items)
+                   ? cvlm_cpu_scratch(cb, need + (size_t)nt * j.max_ctx + part)
+                   : NULL;
     if (s) {
         j.tokens = left;
         j.runs = runs;
         j.pack = s;
         j.tls = s + pack;
         j.scratch = s + need;
+        j.part = j.scratch + (size_t)nt * j.max_ctx;
+        j.cscratch = j.part + (size_t)j.n_items * n_heads * (head_dim + 2);
         if (j.n_runs) {
             cvlm_pool_run(cb->pool, j.n_runs * Hkv, pack_task, &j);
             cvlm_pool_run(cb->pool, j.n_qb * n_heads, block_task, &j);
         }
-        cvlm_pool_run(cb->pool, j.n_left * n_heads, token_task, &j);
+        if (j.n_left)
+            cvlm_pool_run(cb->pool, j.n_left * n_heads, token_task, &j);
+        if (j.n_items) {
+            cvlm_pool_run(cb->pool, j.n_items, chunk_task, &j);
+            cvlm_pool_run(cb->pool, j.n_long * n_heads, merge_task, &j);
+        }
     } else if ((j.scratch = cvlm_cpu_scratch(cb, (size_t)nt * j.max_ctx))) {
         /* low memory: every token on the per-token path (tokens NULL: all, in order) */
         j.tokens = NULL;
@@ -348,4 +482,6 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
     }
     free(left);
     free(runs);
+    free(j.long_tok);
+    free(j.items);
 }

@@ -757,9 +757,9 @@ TEST(cpu_ops_attention_full)
  * H query heads over Hkv KV heads (GQA when Hkv < H); the cache holds Hkv heads per slot. */
 struct paged_fixture {
     int H, Hkv, hd, bs, n_blocks;
-    int32_t tables[3][16];
+    int32_t tables[3][64];
     struct cvlm_seq_kv seqs[3];
-    float *hk[3], *hv[3]; /* host mirror: [64 slots][Hkv*hd] per sequence */
+    float *hk[3], *hv[3]; /* host mirror: [slots][Hkv*hd] per sequence */
     enum cvlm_dtype dt;   /* the cache's; the mirror holds the values rounded to it */
     /* Q8: the codes and scales kv_write must store, [64][Hkv*hd] and [64][2][Hkv] */
     int8_t *ck[3], *cv[3];
@@ -863,42 +863,58 @@ static int paged_bits_differ(const struct paged_fixture *f, const struct cvlm_kv
     return bad;
 }
 
+/* Batch C (`batch_b` 2): decode tokens with long contexts (300, 129 and 128 slots: the
+ * split path's several chunks, a last chunk of one slot, and exactly one chunk). */
+static const int32_t seq_c[] = {0, 1, 2}, slot_c[] = {299, 128, 127};
+
 /* attention_paged against the double reference on the mirror (the values as stored); H
- * query heads over Hkv KV heads. Returns the largest abs error (INFINITY if a stored key
- * is not the rounding the contract states). */
+ * query heads over Hkv KV heads; batch A, B (64 slots per sequence) or C (320). Returns
+ * the largest abs error (INFINITY if a stored key is not the rounding the contract
+ * states). */
 static double paged_case_gqa(struct cvlm_backend *be, int H, int Hkv, int hd, int bs, int batch_b,
                              enum cvlm_dtype dt)
 {
+    int slots = batch_b == 2 ? 320 : 64, per_seq = slots / bs;
     struct paged_fixture f = {
-        .H = H, .Hkv = Hkv, .hd = hd, .bs = bs, .n_blocks = 3 * (64 / bs), .dt = dt};
+        .H = H, .Hkv = Hkv, .hd = hd, .bs = bs, .n_blocks = 3 * per_seq, .dt = dt};
     size_t es = cvlm_dtype_size(dt);
-    int W = Hkv * hd, Wq = H * hd, stride = Wq + 2 * W, per_seq = 64 / bs; /* 64 slots/seq */
+    int W = Hkv * hd, Wq = H * hd, stride = Wq + 2 * W;
     for (int s = 0; s < 3; s++) { /* blocks interleaved backwards: nothing contiguous */
         for (int i = 0; i < per_seq; i++)
             f.tables[s][i] = f.n_blocks - 1 - (i * 3 + s);
         f.seqs[s] = (struct cvlm_seq_kv){f.tables[s], per_seq};
-        f.hk[s] = calloc(64, (size_t)W * 4);
-        f.hv[s] = calloc(64, (size_t)W * 4);
-        f.ck[s] = calloc(64, (size_t)W);
-        f.cv[s] = calloc(64, (size_t)W);
-        f.sc[s] = calloc(64, (size_t)2 * Hkv * 4);
+        f.hk[s] = calloc(slots, (size_t)W * 4);
+        f.hv[s] = calloc(slots, (size_t)W * 4);
+        f.ck[s] = calloc(slots, (size_t)W);
+        f.cv[s] = calloc(slots, (size_t)W);
+        f.sc[s] = calloc(slots, (size_t)2 * Hkv * 4);
     }
     size_t rows_all = (size_t)f.n_blocks * bs;
     struct cvlm_kv_layer kv = {
         be->ops->alloc(be, rows_all * W * es), be->ops->alloc(be, rows_all * W * es), dt,
         dt == CVLM_DTYPE_Q8 ? be->ops->alloc(be, rows_all * 2 * (size_t)Hkv * 4) : NULL};
-    int32_t hseq[40], hslot[40];
-    for (int i = 0; i < 40; i++) { /* history: seq 0 slots 0..19, seq 2 slots 0..19 */
-        hseq[i] = i < 20 ? 0 : 2;
-        hslot[i] = i % 20;
+    /* history: A, B: seq 0 slots 0..19, seq 2 slots 0..19; C: the slots before each
+     * batch token's (seq 0: 0..298, seq 1: 0..127, seq 2: 0..126) */
+    int nh = batch_b == 2 ? 299 + 128 + 127 : 40;
+    int32_t *hseq = malloc((size_t)nh * sizeof(int32_t)), *hslot = malloc((size_t)nh * 4);
+    for (int i = 0; i < nh; i++) {
+        if (batch_b == 2) {
+            hseq[i] = i < 299 ? 0 : i < 299 + 128 ? 1 : 2;
+            hslot[i] = i < 299 ? i : i < 299 + 128 ? i - 299 : i - 299 - 128;
+        } else {
+            hseq[i] = i < 20 ? 0 : 2;
+            hslot[i] = i % 20;
+        }
     }
-    float *hist = rand_floats(40 * (size_t)stride, 1.0f);
+    float *hist = rand_floats((size_t)nh * stride, 1.0f);
     for (int i = 0; i < W; i++) /* a zero key head and value head: scale 0 */
         hist[(size_t)3 * stride + Wq + i] = hist[(size_t)3 * stride + Wq + W + i] = 0;
-    paged_write(be, &f, &kv, hseq, hslot, 40, hist);
+    paged_write(be, &f, &kv, hseq, hslot, nh, hist);
+    free(hseq), free(hslot);
     make_batch_b();
-    const int32_t *seq = batch_b ? seq_b : seq_a, *slot = batch_b ? slot_b : slot_a;
-    int nb = batch_b ? 44 : 7;
+    const int32_t *seq = batch_b == 2 ? seq_c : batch_b ? seq_b : seq_a;
+    const int32_t *slot = batch_b == 2 ? slot_c : batch_b ? slot_b : slot_a;
+    int nb = batch_b == 2 ? 3 : batch_b ? 44 : 7;
     float *rows = rand_floats(nb * (size_t)stride, 1.0f), *o = malloc(nb * (size_t)Wq * 4);
     paged_write(be, &f, &kv, seq, slot, nb, rows);
     struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs, Hkv};
@@ -1016,6 +1032,27 @@ TEST(cpu_ops_attention_paged_gqa)
                            isa_names[isa], threads, cvlm_dtype_name(dts[di]), c[0], c[1], c[2],
                            c[3], bb ? 'B' : 'A', e);
                 }
+    }
+}
+
+/* Long contexts (batch C): decode tokens over 300, 129 and 128 slots, so the split path
+ * (chunks of CHUNK_SLOTS = 128 slots rounded to blocks, merged per head) and the per-token
+ * path meet the reference alike; every cache dtype, GQA, block sizes 16, 7 and 5. */
+TEST(cpu_ops_attention_paged_long)
+{
+    static const int shapes[][4] = {{2, 2, 64, 16}, {4, 2, 80, 7}, {3, 1, 19, 5}};
+    static const enum cvlm_dtype dts[] = {CVLM_DTYPE_F32, CVLM_DTYPE_F16, CVLM_DTYPE_BF16,
+                                          CVLM_DTYPE_Q8};
+    FOR_EACH_BACKEND(be, isa, threads)
+    {
+        for (int di = 0; di < 4; di++)
+            for (int si = 0; si < 3; si++) {
+                const int *c = shapes[si];
+                double e = paged_case_gqa(be, c[0], c[1], c[2], c[3], 2, dts[di]);
+                CHECKF(e <= 4e-6, "%s t=%d %s H=%d Hkv=%d hd=%d bs=%d long: abs err %.3g",
+                       isa_names[isa], threads, cvlm_dtype_name(dts[di]), c[0], c[1], c[2], c[3],
+                       e);
+            }
     }
 }
 
