@@ -25,6 +25,16 @@ static const struct cli_cmd cmds[] = {
     {"bench-tokenizer", cvlm_cli_bench_tokenizer, "tokenizer encoding MB/s on one core"},
 };
 
+int cvlm_cli_bool(const char *opt, const char *v, int *out)
+{
+    if (v && (!strcmp(v, "true") || !strcmp(v, "false"))) {
+        *out = !strcmp(v, "true");
+        return 0;
+    }
+    fprintf(stderr, "cogvlm: %s must be true or false, not '%s'\n", opt, v ? v : "");
+    return -1;
+}
+
 int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
 {
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;

@@ -36,6 +36,7 @@ struct vlm_opts {
     enum cvlm_dtype dtype;
     enum cvlm_quant quant; /* --quantize: the decoder's linear weights */
     int quant_vision;      /* --quantize-vision: also the ViT's and the adapter's */
+    int quant_lm_head;     /* --quantize-lm-head (default true): lm_head int8 too */
     struct cvlm_model_opts mo;
     int question, steps, layers, vit_layers, warmup, dry_run;
     int batch[MAX_BATCHES], n_batch;
@@ -142,7 +143,8 @@ static int usage(int rc)
     fprintf(rc ? stderr : stdout,
             "usage: cogvlm bench-vlm [--preset cogvlm-17b|cogvlm2-19b | --config config.json]\n"
             "                        [--dtype bf16|f16|f32] [--quantize none|int8|int4]\n"
-            "                        [--quantize-vision] [--question-tokens 50]\n"
+            "                        [--quantize-vision] [--quantize-lm-head true|false]\n"
+            "                        [--question-tokens 50]\n"
             "                        [--batch 1,16,64] [--decode-steps 32] [--layers 32]\n"
             "                        [--vit-layers 63] [--warmup 1] [--dry-run] [--json FILE]\n"
             "                        " CVLM_CLI_MODEL_USAGE "\n"
@@ -177,6 +179,7 @@ static int parse_batches(const char *v, struct vlm_opts *o)
 static int parse(int argc, char **argv, struct vlm_opts *o)
 {
     *o = (struct vlm_opts){.preset = "cogvlm-17b",
+                           .quant_lm_head = 1,
                            .dtype = CVLM_DTYPE_BF16,
                            .question = 50,
                            .steps = 32,
@@ -203,6 +206,9 @@ static int parse(int argc, char **argv, struct vlm_opts *o)
             o->config = v;
         else if (!strcmp(a, "--quantize")) {
             if (cvlm_quant_parse(v, &o->quant))
+                return -1;
+        } else if (!strcmp(a, "--quantize-lm-head")) {
+            if (cvlm_cli_bool(a, v, &o->quant_lm_head))
                 return -1;
         } else if (!strcmp(a, "--warmup"))
             o->warmup = atoi(v);
@@ -622,7 +628,7 @@ static int make_weights(const struct vlm_opts *o, const struct cvlm_config *c,
     int rc = o->mo.backend == CVLM_BACKEND_CUDA || o->quant
                  ? cvlm_weights_dummy_lazy(c, o->dtype, w)
                  : cvlm_weights_dummy(c, o->dtype, 1, w);
-    return rc ? rc : cvlm_weights_quantize(*w, o->quant, o->quant_vision);
+    return rc ? rc : cvlm_weights_quantize(*w, o->quant, o->quant_vision, o->quant_lm_head);
 }
 
 int cvlm_cli_bench_vlm(int argc, char **argv)

@@ -42,6 +42,7 @@ struct golden {
     int report_tokens;         /* --tokens report: teacher-forced, differences reported */
     enum cvlm_quant quant;     /* --quantize: weights quantized at load */
     int quant_vision;          /* --quantize-vision */
+    int quant_lm_head;         /* --quantize-lm-head (default true) */
     int failed, tok_agree, tok_total;
     int V;                    /* vocabulary of the model under test */
     double kl_sum, kl_max;    /* next-token KL(reference || ours), nats, every */
@@ -463,7 +464,7 @@ static int open_model(struct golden *g, const char *key, enum cvlm_rope_freq rf,
     snprintf(path, sizeof(path), "%s/%s", g->dir, dir);
     if ((rc = cvlm_weights_load(path, w)))
         return rc;
-    if ((rc = cvlm_weights_quantize(*w, g->quant, g->quant_vision)) ||
+    if ((rc = cvlm_weights_quantize(*w, g->quant, g->quant_vision, g->quant_lm_head)) ||
         (rc = cvlm_model_create(*w, &o, m))) {
         cvlm_weights_destroy(*w);
         *w = NULL;
@@ -589,26 +590,31 @@ static int parse_args(int argc, char **argv, struct golden *g, const char **tok)
             }
         } else if (!strcmp(argv[i], "--quantize-vision"))
             g->quant_vision = 1;
-        else if (!strcmp(argv[i], "--tokens") && i + 1 < argc &&
-                 (!strcmp(argv[i + 1], "exact") || !strcmp(argv[i + 1], "report")))
+        else if (!strcmp(argv[i], "--quantize-lm-head") && i + 1 < argc) {
+            if (cvlm_cli_bool(argv[i], argv[i + 1], &g->quant_lm_head))
+                return 2;
+            i++;
+        } else if (!strcmp(argv[i], "--tokens") && i + 1 < argc &&
+                   (!strcmp(argv[i + 1], "exact") || !strcmp(argv[i + 1], "report")))
             g->report_tokens = !strcmp(argv[++i], "report");
         else if ((rc = cvlm_cli_model_opt(argc, argv, &i, &g->mo)) < 0)
             return 2;
         else if (!rc) {
-            printf(
-                "usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL]\n"
-                "       [--tokens exact|report] [--quantize none|int8|int4 [--quantize-vision]]\n"
-                "       " CVLM_CLI_MODEL_USAGE "\n"
-                "Checks the engine against a reference fixture (golden-tiny format).\n"
-                "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4 (5e-2 with\n"
-                "--backend cuda: BF16 activations).\n"
-                "--tokens: exact (default; cpu): free greedy decoding, every token must\n"
-                "match; report (default with --backend cuda): the reference tokens are fed,\n"
-                "agreement and the top-2 margins of differing tokens are reported, and only\n"
-                "a difference that is not a near tie fails.\n"
-                "--quantize: the weights quantized at load; the errors are measured and\n"
-                "reported (tokens: report), not held to a tolerance unless --tol is "
-                "given.\n" CVLM_CLI_MODEL_HELP);
+            printf("usage: cogvlm golden --fixture DIR [--tokenizer PATH] [--tol REL]\n"
+                   "       [--tokens exact|report] [--quantize none|int8|int4 [--quantize-vision]\n"
+                   "       [--quantize-lm-head true|false]]\n"
+                   "       " CVLM_CLI_MODEL_USAGE "\n"
+                   "Checks the engine against a reference fixture (golden-tiny format).\n"
+                   "Tolerance: |ours - ref| <= REL * max(1, |ref|), default 1e-4 (5e-2 with\n"
+                   "--backend cuda: BF16 activations).\n"
+                   "--tokens: exact (default; cpu): free greedy decoding, every token must\n"
+                   "match; report (default with --backend cuda): the reference tokens are fed,\n"
+                   "agreement and the top-2 margins of differing tokens are reported, and only\n"
+                   "a difference that is not a near tie fails.\n"
+                   "--quantize: the weights quantized at load; the errors are measured and\n"
+                   "reported (tokens: report), not held to a tolerance unless --tol is "
+                   "given; lm_head is int8 too unless --quantize-lm-head false (as the\n"
+                   "server's quantize_lm_head).\n" CVLM_CLI_MODEL_HELP);
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
     }
@@ -622,7 +628,7 @@ static int parse_args(int argc, char **argv, struct golden *g, const char **tok)
 
 int cvlm_cli_golden(int argc, char **argv)
 {
-    struct golden g = {.tol = -1, .report_tokens = -1};
+    struct golden g = {.tol = -1, .report_tokens = -1, .quant_lm_head = 1};
     int rc;
     const char *tok = NULL;
     char path[4096];

@@ -98,7 +98,8 @@ static int load(struct cvlm_engine *e)
     const struct cvlm_engine_opts *o = &e->opts;
     int rc;
     if ((rc = o->dummy_weights ? load_dummy(o, &e->w) : cvlm_weights_load(o->model_dir, &e->w)) ||
-        (rc = cvlm_weights_quantize(e->w, (enum cvlm_quant)o->quantize, o->quantize_vision)))
+        (rc = cvlm_weights_quantize(e->w, (enum cvlm_quant)o->quantize, o->quantize_vision,
+                                    !o->lm_head_16bit)))
         return rc;
     if ((rc = load_tokenizer(e)))
         return rc;

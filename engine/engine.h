@@ -41,6 +41,7 @@ struct cvlm_engine_opts {
     int dummy_weights;         /* random weights of model_dir/config.json (benchmarks) */
     int quantize;              /* decoder linear weights at load: 0 none, 1 int8, 2 int4 */
     int quantize_vision;       /* with quantize: the vision tower and adapter too */
+    int lm_head_16bit;         /* with quantize: lm_head stays 16-bit (default: int8) */
     size_t kv_bytes;           /* KV cache memory per rank; 0: 256 MiB */
     int kv_cache_dtype;        /* KV cache elements: 0 the backend's (CPU F32, CUDA BF16),
                                 * 1 f32, 2 f16, 3 bf16, 4 int8 (CPU only; a 16-bit cache

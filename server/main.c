@@ -60,6 +60,7 @@ static int load_prepare(const struct cvlm_server_options *c)
                                                       : !strcmp(c->quantize, "int4") ? 2
                                                                                      : 0,
                                           .quantize_vision = c->quantize_vision,
+                                          .lm_head_16bit = !c->quantize_lm_head,
                                           .kv_bytes = c->kv_memory,
                                           .kv_cache_dtype = kv_cache_dtype(c->kv_cache_dtype),
                                           .block_size = c->block_size,

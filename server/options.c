@@ -36,6 +36,10 @@ const struct cvlm_option cvlm_options[] = {
      0, 0},
     {"quantize_vision", OPT_BOOL, O(quantize_vision), "false", "",
      "With quantize: the vision tower's linear layers and the adapter too.", 0, 0},
+    {"quantize_lm_head", OPT_BOOL, O(quantize_lm_head), "true", "",
+     "With quantize (int8 or int4): lm_head as int8 per output channel (false: 16-bit). "
+     "Measured harmless (docs/PERFORMANCE.md); it is the largest matrix a decode step reads.",
+     0, 0},
     {"threads", OPT_INT, O(threads), "0", "",
      "CPU threads for the model (split between the ranks); 0 = one per core.", 0, 4096},
     {"kv_memory", OPT_BYTES, O(kv_memory), "256M", "bytes",

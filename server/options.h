@@ -24,6 +24,7 @@ struct cvlm_server_options {
     int dummy_weights;
     char *quantize;
     int quantize_vision;
+    int quantize_lm_head;
     int threads;
     uint64_t kv_memory;
     char *kv_cache_dtype; /* auto, f32, f16, bf16 or int8 */

@@ -186,13 +186,15 @@ static void release_pages(const struct cvlm_weights *w, const void *p, size_t by
         madvise((void *)a, e - a, MADV_DONTNEED);
 }
 
-static void quant_one(struct quant_ctx *c, struct cvlm_tensor *t)
+/* t to int4 (q int4, K a multiple of 32) or int8; `int8_only`: int8 whatever q is. */
+static void quant_as(struct quant_ctx *c, struct cvlm_tensor *t, int int8_only)
 {
     c->index++;
     if (c->rc || t->ndim != 2 || cvlm_dtype_is_quant(t->dtype))
         return;
-    enum cvlm_dtype dt =
-        c->q == CVLM_QUANT_INT4 && t->shape[1] % 32 == 0 ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8;
+    enum cvlm_dtype dt = c->q == CVLM_QUANT_INT4 && !int8_only && t->shape[1] % 32 == 0
+                             ? CVLM_DTYPE_Q4
+                             : CVLM_DTYPE_Q8;
     const int64_t N = t->shape[0], K = t->shape[1];
     size_t cb = cvlm_dtype_bytes(dt, (size_t)(N * K)), all = cvlm_quant_bytes(dt, N, K);
     cb = (cb + 63) / 64 * 64;
@@ -218,7 +220,12 @@ static void quant_one(struct quant_ctx *c, struct cvlm_tensor *t)
         release_pages(c->w, src, src_bytes);
 }
 
-int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision)
+static void quant_one(struct quant_ctx *c, struct cvlm_tensor *t)
+{
+    quant_as(c, t, 0);
+}
+
+int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision, int lm_head)
 {
     struct quant_ctx c = {.w = w, .q = q};
     if (q == CVLM_QUANT_NONE)
@@ -251,5 +258,7 @@ int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision)
         quant_one(&c, &w->glu_up);
         quant_one(&c, &w->glu_down);
     }
+    if (lm_head) /* int8 at int4 too (llama.cpp keeps its output matrix at 6-8 bits) */
+        quant_as(&c, &w->lm_head, 1);
     return c.rc;
 }

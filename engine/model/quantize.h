@@ -1,8 +1,9 @@
 /* quantize.h - weights to 8 or 4 bits at load (`--quantize`), and back (tests, errors).
  *
  * Which tensors: both experts' QKV, dense, gate, up and down of every decoder layer; with
- * `vision`, also the ViT's linear layers and the GLU adapter. Embeddings, norms, biases,
- * boi/eoi, the patch convolution and lm_head keep their 16/32-bit dtype.
+ * `vision`, also the ViT's linear layers and the GLU adapter; with `lm_head`, lm_head as
+ * int8 (per output channel) at int8 and at int4 alike. Embeddings, norms, biases, boi/eoi
+ * and the patch convolution keep their 16/32-bit dtype.
  * Formats (engine/backend.h): int8 symmetric per output channel (scale = max|w| / 127);
  * int4 symmetric in groups of 128 along K (codes -8..7; the scale of each group the one of
  * 16 candidates c max|w| / 7, c from 1 down to 0.625, with the least squared error), a
@@ -37,6 +38,6 @@ void cvlm_quantize_into(struct cvlm_tensor *t, enum cvlm_dtype dt, void *codes, 
  * weights) gets random codes of the dummy weights' scale (std 0.02) directly, so a
  * 17B-shaped model never exists at 16 bits. 0 or CVLM_ENOMEM; CVLM_EINVAL for a GPTQ
  * checkpoint (already quantized: only `none` is accepted). */
-int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision);
+int cvlm_weights_quantize(struct cvlm_weights *w, enum cvlm_quant q, int vision, int lm_head);
 
 #endif

@@ -276,9 +276,9 @@ TEST(gptq_refusals)
     REQUIRE(python());
     REQUIRE(pack(source_dir(), "ref", "--seed 8") == 0);
     REQUIRE(cvlm_weights_load(out_dir("gptq", "ref"), &g) == 0);
-    CHECK(cvlm_weights_quantize(g, CVLM_QUANT_INT4, 0) == CVLM_EINVAL &&
+    CHECK(cvlm_weights_quantize(g, CVLM_QUANT_INT4, 0, 1) == CVLM_EINVAL &&
           strstr(cvlm_last_error(), "GPTQ"));
-    CHECK(cvlm_weights_quantize(g, CVLM_QUANT_NONE, 0) == 0);
+    CHECK(cvlm_weights_quantize(g, CVLM_QUANT_NONE, 0, 1) == 0);
     cvlm_weights_destroy(g);
     /* a config without quantization_config: the GPTQ tensors are named */
     char cmd[1400];

@@ -163,7 +163,7 @@ static void check_dtype_q(enum cvlm_dtype dt, enum cvlm_quant q)
         c.intermediate_size = 512;
     }
     REQUIRE(cvlm_weights_dummy(&c, dt, 7, &w) == 0);
-    REQUIRE(cvlm_weights_quantize(w, q, q == CVLM_QUANT_INT8) == 0);
+    REQUIRE(cvlm_weights_quantize(w, q, q == CVLM_QUANT_INT8, 1) == 0);
     if (q == CVLM_QUANT_INT4) {
         struct cvlm_weights *sh = NULL;
         CHECK(w->layers[0].qkv[0].dtype == CVLM_DTYPE_Q4);
