@@ -27,10 +27,13 @@ static const struct cli_cmd cmds[] = {
 
 int cvlm_cli_bool(const char *opt, const char *v, int *out)
 {
-    if (v && (!strcmp(v, "true") || !strcmp(v, "false"))) {
-        *out = !strcmp(v, "true");
-        return 0;
-    }
+    static const char *const yes[] = {"true", "1", "yes", "on"}, *const no[] = {"false", "0", "no",
+                                                                                "off"};
+    for (int k = 0; v && k < 4; k++)
+        if (!strcmp(v, yes[k]) || !strcmp(v, no[k])) {
+            *out = !strcmp(v, yes[k]);
+            return 0;
+        }
     fprintf(stderr, "cogvlm: %s must be true or false, not '%s'\n", opt, v ? v : "");
     return -1;
 }

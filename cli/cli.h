@@ -28,7 +28,8 @@ int cvlm_cli_model_opt(int argc, char **argv, int *i, struct cvlm_model_opts *o)
 int cvlm_cli_arg(int argc, char **argv, int *i, struct cvlm_model_opts *o, const char **key,
                  const char **val);
 
-/* "true" / "false" -> *out (the server's boolean spelling); 0, or -1 with a message. */
+/* A boolean as the server's options spell it (true/1/yes/on, false/0/no/off) -> *out; 0,
+ * or -1 with a message. */
 int cvlm_cli_bool(const char *opt, const char *v, int *out);
 int cvlm_cli_tokenize(int argc, char **argv);
 int cvlm_cli_preprocess(int argc, char **argv);

@@ -92,13 +92,12 @@ struct paged_job {
     int n_left, max_ctx;
     float *scratch; /* per thread: max_ctx floats */
     /* split path (contexts over one chunk) */
-    int chunk, n_long, n_items;
-    int32_t *long_tok;  /* [n_long] */
-    int32_t *long_item; /* [n_long + 1]: each long token's first item */
-    int32_t *items;     /* [n_items][2]: token, chunk */
-    float *part;        /* [n_items][H][hd + 2] */
-    float *cscratch;    /* per thread: [H][chunk] scores */
-    int nt;             /* threads */
+    int chunk, n_long, n_items; /* item = (long token, chunk), numbered token by token */
+    int32_t *long_tok;          /* [n_long] */
+    int32_t *long_item;         /* [n_long + 1]: each long token's first item */
+    float *part;                /* [n_items][H][hd + 2] */
+    float *cscratch;            /* per thread: [H][chunk] scores */
+    int nt;                     /* threads */
     /* blocked path */
     struct run *runs;
     int n_runs, n_qb;
@@ -192,7 +191,15 @@ static void chunk_task(void *ctx, int i, int thread)
 {
     struct paged_job *j = ctx;
     const struct cvlm_attn_batch *b = j->b;
-    int t = j->items[2 * i], c = j->items[2 * i + 1], C = j->chunk, bs = b->block_size;
+    int lo = 0, hi = j->n_long - 1; /* the long token whose items hold i */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (j->long_item[mid] <= i)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int t = j->long_tok[lo], c = i - j->long_item[lo], C = j->chunk, bs = b->block_size;
     int n = b->slot[t] + 1, s0 = c * C, s1 = n < s0 + C ? n : s0 + C, H = j->H, hd = j->hd;
     const int32_t *table = b->seqs[b->seq[t]].block_table;
     float *p = j->cscratch + (size_t)thread * H * C;  /* [H][C] */
@@ -388,15 +395,13 @@ static size_t plan(struct paged_job *j, int32_t *left, struct run *runs)
 }
 
 /* Moves the per-token path's tokens whose context spans more than one chunk to the split
- * path (j->long_tok, their items); returns the floats the split path needs (partial
- * results and each thread's chunk scores), 0 without long tokens or on allocation failure
- * (j->items NULL with n_items > 0: the caller falls back). */
+ * path (j->long_tok, their first items); returns the floats the split path needs (partial
+ * results and each thread's chunk scores), 0 without long tokens. */
 static size_t split_long(struct paged_job *j, int32_t *left)
 {
     int bs = j->b->block_size, keep = 0, nt = j->nt;
     j->chunk = (CHUNK_SLOTS + bs - 1) / bs * bs;
     j->n_long = j->n_items = 0;
-    j->items = NULL;
     if (!j->long_tok)
         return 0;
     for (int i = 0; i < j->n_left; i++) {
@@ -411,13 +416,8 @@ static size_t split_long(struct paged_job *j, int32_t *left)
     }
     j->n_left = keep;
     j->long_item[j->n_long] = j->n_items;
-    if (!j->n_items || !(j->items = malloc((size_t)j->n_items * 2 * sizeof(int32_t))))
+    if (!j->n_items)
         return 0;
-    for (int l = 0; l < j->n_long; l++)
-        for (int i = j->long_item[l]; i < j->long_item[l + 1]; i++) {
-            j->items[2 * i] = j->long_tok[l];
-            j->items[2 * i + 1] = i - j->long_item[l];
-        }
     return (size_t)j->n_items * j->H * (j->hd + 2) + (size_t)nt * j->H * j->chunk;
 }
 
@@ -453,7 +453,7 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
         j.max_ctx = b->slot[t] + 1 > j.max_ctx ? b->slot[t] + 1 : j.max_ctx;
     size_t pack = left && runs && j.long_tok ? plan(&j, left, runs) : 0;
     size_t need = pack ? pack + (size_t)nt * j.tls_stride : 0, part = split_long(&j, left);
-    float *s = left && runs && j.long_tok && (!j.n_items || j.items)
+    float *s = left && runs && j.long_tok
                    ? cvlm_cpu_scratch(cb, need + (size_t)nt * j.max_ctx + part)
                    : NULL;
     if (s) {
@@ -483,5 +483,4 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
     free(left);
     free(runs);
     free(j.long_tok);
-    free(j.items);
 }

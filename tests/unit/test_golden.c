@@ -136,4 +136,19 @@ TEST(golden_quantized_kl)
            agree);
     golden_kl("tests/tiny", "--quantize int4", &kl, &agree);
     CHECKF(kl > 0 && kl < 1e-2 && agree >= 97.0, "int4: KL %g, argmax %g %%", kl, agree);
+    /* the same spelling as the server's option; anything else is refused with its name */
+    golden_kl("tests/tiny", "--quantize int8 --quantize-lm-head off", &kl, &agree);
+    CHECKF(kl > 0 && kl <= 1.01 * kl16, "int8, lm_head off: KL %g (false: %g)", kl, kl16);
+    char cmd[1024], line[512];
+    int named = 0;
+    snprintf(cmd, sizeof(cmd),
+             "%s golden --fixture tests/tiny --quantize int8 "
+             "--quantize-lm-head maybe 2>&1",
+             getenv("COGVLM_BIN"));
+    FILE *p = popen(cmd, "r");
+    REQUIRE(p);
+    while (fgets(line, sizeof(line), p))
+        named |= strstr(line, "--quantize-lm-head must be true or false") != NULL;
+    int st = pclose(p);
+    CHECK(named && WIFEXITED(st) && WEXITSTATUS(st) != 0);
 }

@@ -73,6 +73,17 @@ TEST(config_precedence_and_errors)
     char *bad[] = {"--no-such-flag", "1"};
     CHECK(parse_with("", bad, 2, &c, err) < 0 && strstr(err, "no-such-flag"));
     cvlm_options_free(&c);
+    /* quantize_lm_head: on by default, off by flag; a non-boolean is refused by name */
+    REQUIRE(parse_with("", NULL, 0, &c, err) == 0);
+    CHECK(c.quantize_lm_head == 1);
+    cvlm_options_free(&c);
+    char *lmh[] = {"--quantize-lm-head", "off"};
+    REQUIRE(parse_with("quantize_lm_head = true\n", lmh, 2, &c, err) == 0);
+    CHECK(c.quantize_lm_head == 0);
+    cvlm_options_free(&c);
+    CHECK(parse_with("quantize_lm_head = maybe\n", NULL, 0, &c, err) < 0 &&
+          strstr(err, "quantize_lm_head"));
+    cvlm_options_free(&c);
     char *badsize[] = {"--kv-memory", "12Q"};
     CHECK(parse_with("", badsize, 2, &c, err) < 0 && strstr(err, "kv_memory"));
     cvlm_options_free(&c);
