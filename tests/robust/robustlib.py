@@ -313,9 +313,10 @@ class RssPeak:
         self._th.join(2)
 
 
-def tcp_sockets():
+def tcp_sockets(tx_queue=False):
     """(local port, remote port, state) of every TCP socket in /proc/net/tcp{,6}; the state
-    in hex as there: 01 ESTABLISHED, 04 FIN_WAIT1, 08 CLOSE_WAIT, ..."""
+    in hex as there: 01 ESTABLISHED, 04 FIN_WAIT1, 08 CLOSE_WAIT, ... With tx_queue, a
+    fourth item: the bytes written by the socket's owner that the peer has not acked."""
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(path) as f:
@@ -324,8 +325,9 @@ def tcp_sockets():
             continue
         for ln in rows:
             parts = ln.split()
-            yield (int(parts[1].rsplit(":", 1)[1], 16), int(parts[2].rsplit(":", 1)[1], 16),
+            row = (int(parts[1].rsplit(":", 1)[1], 16), int(parts[2].rsplit(":", 1)[1], 16),
                    parts[3])
+            yield row + (int(parts[4].split(":")[0], 16),) if tx_queue else row
 
 
 def tcp_state(local_port, remote_port=None):
@@ -334,6 +336,15 @@ def tcp_state(local_port, remote_port=None):
         if lp == local_port and (remote_port is None or rp == remote_port):
             return state
     return None
+
+
+def tcp_tx_queue(local_port, remote_port):
+    """(state, unacked bytes queued for sending) of the loopback socket with these ports, or
+    (None, None) when there is none."""
+    for lp, rp, state, txq in tcp_sockets(tx_queue=True):
+        if lp == local_port and rp == remote_port:
+            return state, txq
+    return None, None
 
 
 def tcp_established(port):
