@@ -7,13 +7,16 @@
  * values into [keys][NR] column panels, once; then a task takes GEMM_MR queries of one
  * head and runs the GEMM micro-kernel for S = (scale q) K^T over the key panels the block
  * needs, masks keys past each query's slot (exactly zero weight), softmax, and O = P V.
- * Every other token takes the per-token path: scores block by block (a block's slots are
- * contiguous), softmax, weighted sum of the values, with the vector helpers, one task per
- * (token, head); or, when its context spans more than one chunk (CHUNK_SLOTS), the split
- * path: one task per (token, chunk of slots) for all heads, reading each block's rows
- * whole, then a merge of the chunks' partial softmax results per (token, head). All are
- * F32 with a two-pass softmax (per chunk on the split path) whose normalisation is applied
- * to the output.
+ * Every other token (decode) takes the split path: its context in chunks of CHUNK_SLOTS
+ * slots, one task per (token, chunk, group of heads) reading the group's part of each
+ * block's rows as one stream (scores block by block, softmax, weighted sum of the values,
+ * with the vector helpers), then, for a context of several chunks, a merge of the chunks'
+ * partial softmax results per (token, head). Heads are grouped only as far as it takes to
+ * give every thread work (one decode token at a short context); a task per (token, head)
+ * reads a 128-512 byte slice of every 2-16 KB row, which the hardware prefetchers do not
+ * follow (that per-token path remains as the fallback when scratch memory is short). All
+ * are F32 with a two-pass softmax (per chunk on the split path) whose normalisation is
+ * applied to the output.
  * Grouped-query attention (b->n_kv_heads < n_heads): the cache holds Hkv heads per slot and
  * query head h reads KV head h / (H / Hkv) in place; the blocked path packs each (run, KV
  * head) once and every query head of its group reads that pack.
@@ -91,13 +94,15 @@ struct paged_job {
     const int32_t *tokens;
     int n_left, max_ctx;
     float *scratch; /* per thread: max_ctx floats */
-    /* split path (contexts over one chunk) */
-    int chunk, n_long, n_items; /* item = (long token, chunk), numbered token by token */
-    int32_t *long_tok;          /* [n_long] */
-    int32_t *long_item;         /* [n_long + 1]: each long token's first item */
-    float *part;                /* [n_items][H][hd + 2] */
-    float *cscratch;            /* per thread: [H][chunk] scores */
-    int nt;                     /* threads */
+    /* split path: item = (token, chunk), numbered token by token; a task = (item, group) */
+    int chunk, n_split, n_items;
+    int n_groups;        /* head groups per item (whole KV heads' query heads) */
+    int multi;           /* some token has several chunks: the merge runs */
+    int32_t *split_tok;  /* [n_split] */
+    int32_t *split_item; /* [n_split + 1]: each token's first item */
+    float *part;         /* [n_items][H][hd + 2] */
+    float *cscratch;     /* per thread: [H][chunk] scores */
+    int nt;              /* threads */
     /* blocked path */
     struct run *runs;
     int n_runs, n_qb;
@@ -178,63 +183,72 @@ static void token_task(void *ctx, int task, int thread)
     cvlm_cpu_scale_out(o, j->hd, sum);
 }
 
-/* ---- split path: one long context in chunks of slots ----------------------------------- */
+/* ---- split path: a context in chunks of slots, heads in groups -------------------------- */
 
-/* Item i = (token, chunk c): slots [c C, min(n, (c + 1) C)) for every head, block by block
- * with the heads inside (a block's rows are contiguous, so the cache is read as a stream;
- * head by head over the whole context, each head's slice of a row is a short piece 4 KB or
- * more from the next, which the hardware prefetchers do not follow). Per head it leaves
- * the chunk's score maximum, exp-sum and unnormalised output in `part`; merge_task
- * combines the chunks. The chunks are fixed by slot index, so a token's result depends on
+/* Task = (item i = (token, chunk c), head group g): slots [c C, min(n, (c + 1) C)) for the
+ * group's heads, block by block with the heads inside (the group's part of a block's rows
+ * is contiguous, so the cache is read as a stream). Per head it leaves the chunk's score
+ * maximum, exp-sum and unnormalised output in `part` for merge_task, or, when the chunk is
+ * the token's whole context, the normalised output. The chunks are fixed by slot index
+ * and a head's arithmetic does not depend on its group, so a token's result depends on
  * its context only (not on the batch or the thread count). */
-static void chunk_task(void *ctx, int i, int thread)
+static void chunk_task(void *ctx, int task, int thread)
 {
     struct paged_job *j = ctx;
     const struct cvlm_attn_batch *b = j->b;
-    int lo = 0, hi = j->n_long - 1; /* the long token whose items hold i */
+    int i = task / j->n_groups, g = task % j->n_groups;
+    int h0 = g * j->Hkv / j->n_groups * j->group, h1 = (g + 1) * j->Hkv / j->n_groups * j->group;
+    int lo = 0, hi = j->n_split - 1; /* the token whose items hold i */
     while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
-        if (j->long_item[mid] <= i)
+        if (j->split_item[mid] <= i)
             lo = mid;
         else
             hi = mid - 1;
     }
-    int t = j->long_tok[lo], c = i - j->long_item[lo], C = j->chunk, bs = b->block_size;
+    int t = j->split_tok[lo], c = i - j->split_item[lo], C = j->chunk, bs = b->block_size;
     int n = b->slot[t] + 1, s0 = c * C, s1 = n < s0 + C ? n : s0 + C, H = j->H, hd = j->hd;
     const int32_t *table = b->seqs[b->seq[t]].block_table;
     float *p = j->cscratch + (size_t)thread * H * C;  /* [H][C] */
     float *part = j->part + (size_t)i * H * (hd + 2); /* per head: o[hd], max, sum */
     const float *q = j->q + (size_t)t * j->stride;
+    int whole = j->split_item[lo + 1] - j->split_item[lo] == 1;
+    float *out = j->out + (size_t)t * j->width;
     for (int s = s0; s < s1; s += bs) {
         size_t at = (size_t)table[s / bs] * bs * j->kvw;
-        for (int h = 0; h < H; h++)
+        for (int h = h0; h < h1; h++)
             head_scores(j, h, p + (size_t)h * C + (s - s0), q + (size_t)h * hd, at,
                         s1 - s < bs ? s1 - s : bs);
     }
-    for (int h = 0; h < H; h++) {
+    for (int h = h0; h < h1; h++) {
         float *ph = p + (size_t)h * C, *o = part + (size_t)h * (hd + 2);
         o[hd] = cvlm_cpu_max_of(ph, s1 - s0);
         o[hd + 1] = j->vec->exp_sum(ph, s1 - s0, o[hd]);
-        memset(o, 0, (size_t)hd * sizeof(float));
+        memset(whole ? out + (size_t)h * hd : o, 0, (size_t)hd * sizeof(float));
     }
     for (int s = s0; s < s1; s += bs) {
         size_t at = (size_t)table[s / bs] * bs * j->kvw;
-        for (int h = 0; h < H; h++)
-            head_pv(j, h, part + (size_t)h * (hd + 2), p + (size_t)h * C + (s - s0), at,
-                    s1 - s < bs ? s1 - s : bs);
+        for (int h = h0; h < h1; h++)
+            head_pv(j, h, whole ? out + (size_t)h * hd : part + (size_t)h * (hd + 2),
+                    p + (size_t)h * C + (s - s0), at, s1 - s < bs ? s1 - s : bs);
     }
+    for (int h = h0; h < h1 && whole; h++)
+        cvlm_cpu_scale_out(out + (size_t)h * hd, hd, part[(size_t)h * (hd + 2) + hd + 1]);
 }
 
-/* (long token l, head h): out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c. */
+/* (split token l, head h) of a token with several chunks:
+ * out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c. */
 static void merge_task(void *ctx, int task, int thread)
 {
     struct paged_job *j = ctx;
-    int l = task / j->H, h = task % j->H, hd = j->hd, t = j->long_tok[l];
-    int i0 = j->long_item[l], i1 = j->long_item[l + 1];
+    int l = task / j->H, h = task % j->H, hd = j->hd, t = j->split_tok[l];
+    int i0 = j->split_item[l], i1 = j->split_item[l + 1];
     size_t ps = (size_t)j->H * (hd + 2);
     const float *first = j->part + (size_t)i0 * ps + (size_t)h * (hd + 2);
     float *o = j->out + (size_t)t * j->width + (size_t)h * hd, mx = first[hd], sum = 0;
     (void)thread;
+    if (i1 - i0 == 1) /* written by chunk_task */
+        return;
     for (int i = i0 + 1; i < i1; i++) {
         float m = j->part[(size_t)i * ps + (size_t)h * (hd + 2) + hd];
         mx = m > mx ? m : mx;
@@ -394,30 +408,32 @@ static size_t plan(struct paged_job *j, int32_t *left, struct run *runs)
     return j->n_runs ? at : 0;
 }
 
-/* Moves the per-token path's tokens whose context spans more than one chunk to the split
- * path (j->long_tok, their first items); returns the floats the split path needs (partial
- * results and each thread's chunk scores), 0 without long tokens. */
-static size_t split_long(struct paged_job *j, int32_t *left)
+/* Moves the per-token path's tokens to the split path (j->split_tok, their first items) and
+ * groups the heads so that there are at least two tasks per thread; returns the floats the
+ * split path needs (partial results and each thread's chunk scores), 0 without tokens. */
+static size_t split_tokens(struct paged_job *j, int32_t *left)
 {
-    int bs = j->b->block_size, keep = 0, nt = j->nt;
+    int bs = j->b->block_size, nt = j->nt;
     j->chunk = (CHUNK_SLOTS + bs - 1) / bs * bs;
-    j->n_long = j->n_items = 0;
-    if (!j->long_tok)
+    j->n_split = j->n_items = j->multi = 0;
+    j->n_groups = 1;
+    if (!j->split_tok)
         return 0;
     for (int i = 0; i < j->n_left; i++) {
-        int t = left[i], n = j->b->slot[t] + 1;
-        if (n <= j->chunk) {
-            left[keep++] = t;
-            continue;
-        }
-        j->long_item[j->n_long] = j->n_items;
-        j->long_tok[j->n_long++] = t;
-        j->n_items += (n + j->chunk - 1) / j->chunk;
+        int t = left[i], c = (j->b->slot[t] + j->chunk) / j->chunk; /* chunks of slot + 1 */
+        j->split_item[j->n_split] = j->n_items;
+        j->split_tok[j->n_split++] = t;
+        j->n_items += c;
+        j->multi |= c > 1;
     }
-    j->n_left = keep;
-    j->long_item[j->n_long] = j->n_items;
+    j->n_left = 0;
+    j->split_item[j->n_split] = j->n_items;
     if (!j->n_items)
         return 0;
+    if (j->n_items < 2 * nt) {
+        j->n_groups = (2 * nt + j->n_items - 1) / j->n_items;
+        j->n_groups = j->n_groups < j->Hkv ? j->n_groups : j->Hkv;
+    }
     return (size_t)j->n_items * j->H * (j->hd + 2) + (size_t)nt * j->H * j->chunk;
 }
 
@@ -447,13 +463,13 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
                           .nt = nt};
     int32_t *left = malloc((size_t)n * sizeof(int32_t));
     struct run *runs = malloc((size_t)(n / GEMM_MR + 1) * sizeof(struct run));
-    j.long_tok = malloc((size_t)(2 * n + 1) * sizeof(int32_t));
-    j.long_item = j.long_tok ? j.long_tok + n : NULL;
+    j.split_tok = malloc((size_t)(2 * n + 1) * sizeof(int32_t));
+    j.split_item = j.split_tok ? j.split_tok + n : NULL;
     for (int t = 0; t < n; t++)
         j.max_ctx = b->slot[t] + 1 > j.max_ctx ? b->slot[t] + 1 : j.max_ctx;
-    size_t pack = left && runs && j.long_tok ? plan(&j, left, runs) : 0;
-    size_t need = pack ? pack + (size_t)nt * j.tls_stride : 0, part = split_long(&j, left);
-    float *s = left && runs && j.long_tok
+    size_t pack = left && runs && j.split_tok ? plan(&j, left, runs) : 0;
+    size_t need = pack ? pack + (size_t)nt * j.tls_stride : 0, part = split_tokens(&j, left);
+    float *s = left && runs && j.split_tok
                    ? cvlm_cpu_scratch(cb, need + (size_t)nt * j.max_ctx + part)
                    : NULL;
     if (s) {
@@ -468,12 +484,10 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
             cvlm_pool_run(cb->pool, j.n_runs * Hkv, pack_task, &j);
             cvlm_pool_run(cb->pool, j.n_qb * n_heads, block_task, &j);
         }
-        if (j.n_left)
-            cvlm_pool_run(cb->pool, j.n_left * n_heads, token_task, &j);
-        if (j.n_items) {
-            cvlm_pool_run(cb->pool, j.n_items, chunk_task, &j);
-            cvlm_pool_run(cb->pool, j.n_long * n_heads, merge_task, &j);
-        }
+        if (j.n_items)
+            cvlm_pool_run(cb->pool, j.n_items * j.n_groups, chunk_task, &j);
+        if (j.multi)
+            cvlm_pool_run(cb->pool, j.n_split * n_heads, merge_task, &j);
     } else if ((j.scratch = cvlm_cpu_scratch(cb, (size_t)nt * j.max_ctx))) {
         /* low memory: every token on the per-token path (tokens NULL: all, in order) */
         j.tokens = NULL;
@@ -482,5 +496,5 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
     }
     free(left);
     free(runs);
-    free(j.long_tok);
+    free(j.split_tok);
 }

@@ -874,7 +874,7 @@ static const int32_t seq_c[] = {0, 1, 2}, slot_c[] = {299, 128, 127};
 static double paged_case_gqa(struct cvlm_backend *be, int H, int Hkv, int hd, int bs, int batch_b,
                              enum cvlm_dtype dt)
 {
-    int slots = batch_b == 2 ? 320 : 64, per_seq = slots / bs;
+    int slots = batch_b >= 2 ? 320 : 64, per_seq = slots / bs;
     struct paged_fixture f = {
         .H = H, .Hkv = Hkv, .hd = hd, .bs = bs, .n_blocks = 3 * per_seq, .dt = dt};
     size_t es = cvlm_dtype_size(dt);
@@ -895,10 +895,10 @@ static double paged_case_gqa(struct cvlm_backend *be, int H, int Hkv, int hd, in
         dt == CVLM_DTYPE_Q8 ? be->ops->alloc(be, rows_all * 2 * (size_t)Hkv * 4) : NULL};
     /* history: A, B: seq 0 slots 0..19, seq 2 slots 0..19; C: the slots before each
      * batch token's (seq 0: 0..298, seq 1: 0..127, seq 2: 0..126) */
-    int nh = batch_b == 2 ? 299 + 128 + 127 : 40;
+    int nh = batch_b >= 2 ? 299 + 128 + 127 : 40;
     int32_t *hseq = malloc((size_t)nh * sizeof(int32_t)), *hslot = malloc((size_t)nh * 4);
     for (int i = 0; i < nh; i++) {
-        if (batch_b == 2) {
+        if (batch_b >= 2) {
             hseq[i] = i < 299 ? 0 : i < 299 + 128 ? 1 : 2;
             hslot[i] = i < 299 ? i : i < 299 + 128 ? i - 299 : i - 299 - 128;
         } else {
@@ -912,9 +912,12 @@ static double paged_case_gqa(struct cvlm_backend *be, int H, int Hkv, int hd, in
     paged_write(be, &f, &kv, hseq, hslot, nh, hist);
     free(hseq), free(hslot);
     make_batch_b();
-    const int32_t *seq = batch_b == 2 ? seq_c : batch_b ? seq_b : seq_a;
-    const int32_t *slot = batch_b == 2 ? slot_c : batch_b ? slot_b : slot_a;
-    int nb = batch_b == 2 ? 3 : batch_b ? 44 : 7;
+    /* 3 and 4: batch C's first or last token alone (the heads split into groups) */
+    const int32_t *seq = batch_b >= 2 ? seq_c + (batch_b == 4 ? 2 : 0) : batch_b ? seq_b : seq_a;
+    const int32_t *slot = batch_b >= 2 ? slot_c + (batch_b == 4 ? 2 : 0)
+                          : batch_b    ? slot_b
+                                       : slot_a;
+    int nb = batch_b == 2 ? 3 : batch_b > 2 ? 1 : batch_b ? 44 : 7;
     float *rows = rand_floats(nb * (size_t)stride, 1.0f), *o = malloc(nb * (size_t)Wq * 4);
     paged_write(be, &f, &kv, seq, slot, nb, rows);
     struct cvlm_attn_batch b = {nb, seq, slot, f.seqs, bs, Hkv};
@@ -1035,24 +1038,30 @@ TEST(cpu_ops_attention_paged_gqa)
     }
 }
 
-/* Long contexts (batch C): decode tokens over 300, 129 and 128 slots, so the split path
- * (chunks of CHUNK_SLOTS = 128 slots rounded to blocks, merged per head) and the per-token
- * path meet the reference alike; every cache dtype, GQA, block sizes 16, 7 and 5. */
+/* Long contexts (batch C): decode tokens over 300, 129 and 128 slots, so the split path's
+ * chunks (CHUNK_SLOTS = 128 slots rounded to blocks, merged per head) and a one-chunk
+ * context meet the reference alike; then the first (300 slots) and the last (128) token
+ * alone, whose heads the split path divides into groups of whole KV heads (two threads:
+ * 2 and up to 4 groups; 3 KV heads in 2 groups: uneven); every cache dtype, GQA, block
+ * sizes 16, 7 and 5. */
 TEST(cpu_ops_attention_paged_long)
 {
-    static const int shapes[][4] = {{2, 2, 64, 16}, {4, 2, 80, 7}, {3, 1, 19, 5}};
+    static const int shapes[][4] = {
+        {2, 2, 64, 16}, {4, 2, 80, 7}, {3, 1, 19, 5}, {6, 3, 24, 16}, {8, 8, 32, 16}};
     static const enum cvlm_dtype dts[] = {CVLM_DTYPE_F32, CVLM_DTYPE_F16, CVLM_DTYPE_BF16,
                                           CVLM_DTYPE_Q8};
     FOR_EACH_BACKEND(be, isa, threads)
     {
         for (int di = 0; di < 4; di++)
-            for (int si = 0; si < 3; si++) {
-                const int *c = shapes[si];
-                double e = paged_case_gqa(be, c[0], c[1], c[2], c[3], 2, dts[di]);
-                CHECKF(e <= 4e-6, "%s t=%d %s H=%d Hkv=%d hd=%d bs=%d long: abs err %.3g",
-                       isa_names[isa], threads, cvlm_dtype_name(dts[di]), c[0], c[1], c[2], c[3],
-                       e);
-            }
+            for (int si = 0; si < 5; si++)
+                for (int bb = 2; bb <= 4; bb++) {
+                    const int *c = shapes[si];
+                    double e = paged_case_gqa(be, c[0], c[1], c[2], c[3], bb, dts[di]);
+                    CHECKF(e <= 4e-6,
+                           "%s t=%d %s H=%d Hkv=%d hd=%d bs=%d long batch %d: abs err %.3g",
+                           isa_names[isa], threads, cvlm_dtype_name(dts[di]), c[0], c[1], c[2],
+                           c[3], bb, e);
+                }
     }
 }
 
