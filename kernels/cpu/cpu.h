@@ -122,14 +122,17 @@ void cvlm_cpu_gemv_q_avx2(float *y, int ldy, const float *x, int ldx, int M,
 void cvlm_cpu_pack_b_q_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
                             int K);
 /* Quantized weights against at most CVLM_CPU_QDOT_MAX_M rows of x (decode;
- * gemv_q_dot_avx2.c): x is first rounded once per call to int8 in blocks of 32 into qx
- * (cvlm_cpu_qx_floats(M, K) floats, 64-byte aligned; the layout depends on w's dtype), then
- * the kernel runs integer dot products: y[m][n] for m < M, n in [n0, n1). x itself is read
- * only for a Q8 tail (K % 32). Each product may be off by |w| d / 2, d = max |x| / 127 over
- * x's 32-element block. gemm.c uses it up to CVLM_CPU_QDOT_USE_M rows: one (a decode step
- * of one sequence); 2..8 rows (batched decode, but also short prefill chunks and the
- * vision-expert subsets of a prompt, which tests compare with F32 models at 1e-5) stay on
- * the float kernel until that trade is decided (the kernel is tested at every M). */
+ * gemv_q_dot_avx2.c): x is first rounded once per call to int8 into qx
+ * (cvlm_cpu_qx_floats(M, K) floats, 64-byte aligned; the layout depends on w's dtype), with
+ * one scale per block of 32 (Q8) or per group of CVLM_QX_GROUP elements (Q4: the whole
+ * blocks of [g * 128, (g + 1) * 128)); then the kernel runs integer dot products: y[m][n]
+ * for m < M, n in [n0, n1). x itself is read only for a Q8 tail (K % 32). Each product may
+ * be off by |w| d / 2, d = max |x| / 127 over x's block or group. gemm.c uses it up to
+ * CVLM_CPU_QDOT_USE_M rows: one (a decode step of one sequence); 2..8 rows (batched
+ * decode, but also short prefill chunks and the vision-expert subsets of a prompt, which
+ * tests compare with F32 models at 1e-5) stay on the float kernel until that trade is
+ * decided (the kernel is tested at every M). */
+#define CVLM_QX_GROUP 128
 #define CVLM_CPU_QDOT_MAX_M 8
 #define CVLM_CPU_QDOT_USE_M 1
 size_t cvlm_cpu_qx_floats(int M, int K);

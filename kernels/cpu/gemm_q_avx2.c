@@ -7,13 +7,8 @@
  * the end; Q4's group scales multiply the weights as they are widened. Used on AVX-512
  * CPUs too (no AVX-512 quantized kernels yet). Tails (K not a multiple of 8: Q8 only) are
  * scalar. Same contracts as the float kernels (cpu.h).
- *
- * One exception to "activations stay F32": Q4 with one row of x (decode) rounds x to 8 bits
- * per 32-element block (scale max|x| / 127) and multiplies codes by codes (vpmaddubsw +
- * vpmaddwd), as llama.cpp's Q4_0 x Q8_0 does: widening 4-bit codes to floats costs more
- * instructions per weight than DRAM delivers them, the integer product about a third as
- * many (2.2x the throughput per core on Zen 3). Its error, at most |w| max|x_block| / 254
- * per product, is far below int4's own; the op-parity test bounds it exactly.
+ * Activations stay F32 here; the decode's integer kernels (x rounded to 8 bits) are in
+ * gemv_q_dot_avx2.c, which gemm.c calls when it has the scratch memory for the rounded x.
  */
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/simd.h"
@@ -148,106 +143,10 @@ INLINE2 void qdot4_m1(float *y, const float *x, const struct cvlm_tensor *w, con
     }
 }
 
-/* ---- Q4 decode: integer dot products against x rounded to 8 bits ------------------------ */
-
-#define XQ_MAX_K 16384 /* K up to this takes the integer path (stack buffers) */
-
-/* x (one row, K a multiple of 32) as int8 per 32-element block: xq = round(x / d_b),
- * d_b = max |x| of the block / 127; xd[b] = d_b and xc[g] = 8 * sum over the group's
- * blocks of d_b * sum(xq) (the codes' -8 offset, taken off once per group). */
-INLINE2 void quant_x(const float *x, int K, signed char *xq, float *xd, float *xc)
-{
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    for (int b = 0; b < K / 32; b++) {
-        __m256 v[4], mx = _mm256_setzero_ps();
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) {
-            v[i] = _mm256_loadu_ps(x + b * 32 + i * 8);
-            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
-        }
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-        float m = _mm_cvtss_f32(h), d = m / 127.0f, id = m > 0 ? 127.0f / m : 0.0f;
-        __m256i q[4];
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++)
-            q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
-        /* int32 -> int8 keeping the order: packs work per 128-bit lane, a permute fixes it */
-        __m256i p =
-            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(xq + b * 32), p);
-        __m256i s16 = _mm256_maddubs_epi16(_mm256_set1_epi8(1), p);
-        __m256i s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
-        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
-        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-        xd[b] = d;
-        if (b % (CVLM_Q4_GROUP / 32) == 0)
-            xc[b / (CVLM_Q4_GROUP / 32)] = 0;
-        xc[b / (CVLM_Q4_GROUP / 32)] += 8.0f * d * (float)_mm_cvtsi128_si32(t);
-    }
-}
-
-/* 4 W rows against the int8 x: per 32-weight block the 32 codes (0..15, unsigned) times
- * the 32 x codes by vpmaddubsw + vpmaddwd into 8 int32 sums, converted and scaled by the
- * block's d; per group of 128 the row's scale, and the -8 offset via xc. */
-INLINE2 void q4dot4_i8(float *y, const signed char *xq, const float *xd, const float *xc,
-                       const struct cvlm_tensor *w, size_t n, int rows, int K)
-{
-    const int ng = (int)cvlm_quant_groups(w), bpg = CVLM_Q4_GROUP / 32;
-    const __m128i m15 = _mm_set1_epi8(15);
-    const __m256i ones = _mm256_set1_epi16(1);
-    const unsigned char *r[4];
-    const float *s[4];
-    __m256 acc[4];
-    float corr[4] = {0, 0, 0, 0};
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        size_t ni = n + (size_t)(i < rows ? i : 0); /* missing rows repeat row n */
-        r[i] = q_row(w, ni, K);
-        s[i] = w->scales + ni * ng;
-        acc[i] = _mm256_setzero_ps();
-    }
-    for (int g = 0; g < ng; g++) {
-        __m256 ag[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                        _mm256_setzero_ps()};
-        int b1 = (g + 1) * bpg < K / 32 ? (g + 1) * bpg : K / 32;
-        for (int b = g * bpg; b < b1; b++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
-            __m256 d = _mm256_broadcast_ss(xd + b);
-#pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(r[i] + b * 16));
-                __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m15),
-                                             _mm_and_si128(v, m15));
-                __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones);
-                ag[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, ag[i]);
-            }
-        }
-#pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) {
-            acc[i] = _mm256_fmadd_ps(ag[i], _mm256_set1_ps(s[i][g]), acc[i]);
-            corr[i] += s[i][g] * xc[g];
-        }
-    }
-    for (int i = 0; i < 4 && i < rows; i++)
-        y[n + i] = hsum8(acc[i]) - corr[i];
-}
-
 INLINE2 void qgemv_range(float *y, int ldy, const float *x, int ldx, const int M,
                          const struct cvlm_tensor *w, const int dt, int n0, int n1, int K)
 {
     if (M == 1) {
-        if (dt == CVLM_DTYPE_Q4 && K <= XQ_MAX_K) {
-            signed char xq[XQ_MAX_K] __attribute__((aligned(32)));
-            float xd[XQ_MAX_K / 32], xc[XQ_MAX_K / CVLM_Q4_GROUP + 1];
-            quant_x(x, K, xq, xd, xc);
-            for (int n = n0; n < n1; n += 4)
-                q4dot4_i8(y, xq, xd, xc, w, (size_t)n, n1 - n, K);
-            return;
-        }
         for (int n = n0; n < n1; n += 4)
             qdot4_m1(y, x, w, dt, (size_t)n, n1 - n, K);
         return;

@@ -1,14 +1,21 @@
 /* gemv_q_dot_avx2.c - AVX2 integer-dot matrix-vector kernels for quantized weights (Q8 per
  * output channel, Q4 in groups of 128: engine/backend.h) against 1..CVLM_CPU_QDOT_MAX_M
- * rows of x (decode), as llama.cpp's Q8_0 / Q4_0 x Q8_0 dot products do.
+ * rows of x (decode), in the manner of llama.cpp's Q8_0 / Q4_0 x Q8 dot products.
  *
- * x is rounded once per call (cvlm_cpu_quant_x_avx2, before the threads start) to int8 in
- * blocks of 32: xq = round(x / d), d = max |x| of the block / 127. Each W row then costs
- * per 32 weights a handful of integer instructions instead of widening every weight to a
- * float: vpmaddubsw (unsigned x signed bytes, pairs summed into int16) and vpmaddwd by 1
- * (into int32), one int -> float conversion and one FMA by the block's d (times the group
- * scale for Q4). No int16 sum can saturate: |pair| <= 128 * 127 * 2 (Q8, through the
- * sign trick below) or 15 * 127 * 4 (Q4, two pairs added).
+ * x is rounded once per call (cvlm_cpu_quant_x_avx2, before the threads start) to int8:
+ * xq = round(x / d), d = max |x| / 127 over a block of 32 (Q8, as Q8_0) or over a group of
+ * CVLM_QX_GROUP = 128 (Q4: its weight group; 4 blocks, the last group of a row may be
+ * shorter; llama.cpp's K-quants round x per 256). Each W row then costs integer
+ * instructions (vpmaddubsw: unsigned x signed bytes, pairs summed into int16; vpmaddwd by
+ * 1: into int32) and, per block (Q8) or group (Q4), one int -> float conversion and one
+ * FMA. Why Q4 per group: a scale per block costs a conversion, a load and an FMA per
+ * block, 24 instructions per group and row instead of 17, and the Q4 kernel is compute-
+ * bound on a Zen 3 core (L3-resident it streams only ~1.2x DRAM's rate); per group it is
+ * 4-13 % faster per matrix from DRAM (Zen 3, 2 threads, 2048 x 2048 .. 2048 x 5632). The
+ * Q8 kernel already streams at the read bandwidth; per group there it measured 8-16 %
+ * slower from DRAM (blocks of rows walked in a different order), so it keeps Q8_0's blocks.
+ * No int16 sum can overflow: a Q4 lane adds at most 4 pairs of 15 * 127; a Q8 lane holds
+ * one pair of 127 * 127 (through the sign trick below).
  *
  * - Q8: codes are signed, so the unsigned operand is |w| and x takes w's sign
  *   (vpsignb); the row scale multiplies the sum once at the end. A tail of K % 32 weights
@@ -20,14 +27,18 @@
  *   x is stored in that order (a "slot" of two blocks: x of both blocks' first 16, then of
  *   both blocks' last 16), so no shuffle runs per weight. A row with an odd number of
  *   blocks ends in a slot with one block (16-byte load; the slot's other half of x is 0).
+ *   A group's two slots sum in int16; the factor per (group, row) is the row's group
+ *   scale times x's d, made once per tile for 8 rows.
  *
- * Error: each product x w is off by at most |w| d / 2 (d of x's block), bounded exactly by
- * tests/unit/test_cpu_ops.c; far below int8's / int4's own rounding of w. A non-finite x
- * makes its block's d NaN, so outputs that use it are NaN as in float.
+ * Error: each product x w is off by at most |w| d / 2 (d of x's block or group), bounded
+ * exactly by tests/unit/test_cpu_ops.c; far below int8's / int4's own rounding of w (and
+ * measured: docs/PERFORMANCE.md, next-token KL per format). A non-finite x makes its
+ * block's or group's d NaN, so outputs that use it are NaN as in float.
  *
  * Several W rows per pass (8 for one row of x, 4 for two, 2 for more, in x blocks of up to
- * 4 rows; the W rows then come from L1 for the next x block), so each block of x is loaded
- * once for many rows and each row's stream is long and sequential.
+ * 4 rows; the W rows then come from L1 for the next x block), so each group of x is loaded
+ * once for many rows and each row's stream is long and sequential. Each tile prefetches
+ * the next tile's codes and its scales (one stream each, running ahead of the 8 rows).
  */
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/simd.h"
@@ -41,20 +52,28 @@
 
 /* ---- x rounded to int8 ------------------------------------------------------------------ */
 
+#define QX_BPG (CVLM_QX_GROUP / 32) /* blocks per group */
+
 /* One row of x, 64-byte aligned:
- * - Q8: per block of 32, 64 bytes: the 32 codes, then d as 8 floats;
- * - Q4: per slot of two blocks, 128 bytes: x of both blocks' weights 0..15, of their weights
- *   16..31 (32 bytes each), then [d0 x 4, d1 x 4] (the int32 lanes' d), 32 bytes unused;
- *   after the slots xc[g] = 8 * sum over group g's blocks of d sum(xq) (the -8 offset).
- * The kernels address W and x with one index (x's stride 2 or 4 times W's). */
+ * - Q8: per block of 32, 64 bytes: the 32 codes, then the block's d as 8 floats;
+ * - Q4: per slot of two blocks, 64 bytes: x of both blocks' weights 0..15, then of their
+ *   weights 16..31; after the slots per group d (ng floats), then xc[g] = 8 d sum(xq)
+ *   over the group (the -8 offset).
+ * The kernels address W and x's codes with one index (x's stride 2 times W's). */
 static size_t qx_slots(int K)
 {
     return (size_t)(K / 32 + 1) / 2;
 }
 
+static size_t qx_groups(int K)
+{
+    return (size_t)(K / 32 + QX_BPG - 1) / QX_BPG;
+}
+
 static size_t qx_row_floats(int K)
 {
-    return (qx_slots(K) * 32 + (size_t)(K + CVLM_Q4_GROUP - 1) / CVLM_Q4_GROUP + 15) / 16 * 16;
+    size_t q8 = (size_t)(K / 32) * 16, q4 = qx_slots(K) * 16 + 2 * qx_groups(K);
+    return ((q8 > q4 ? q8 : q4) + 15) / 16 * 16;
 }
 
 size_t cvlm_cpu_qx_floats(int M, int K)
@@ -62,26 +81,36 @@ size_t cvlm_cpu_qx_floats(int M, int K)
     return (size_t)M * qx_row_floats(K);
 }
 
-/* One block of 32 x values: its codes (natural order) and d; *sum = sum of the codes. */
-INLINE2 __m256i quant_block(const float *x, float *d, int *sum)
+/* max |x| over the nb blocks of 32 at x; *bad when one of them is NaN. */
+INLINE2 float group_max(const float *x, int nb, int *bad)
 {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v[4], mx = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; i++) {
-        v[i] = _mm256_loadu_ps(x + i * 8);
-        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+    __m256 mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int i = 0; i < nb * 4; i++) {
+        __m256 v = _mm256_loadu_ps(x + i * 8);
+        mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-    float m = _mm_cvtss_f32(h), id = m > 0 && m <= 3.4e38f ? 127.0f / m : 0.0f;
-    *d = _mm256_movemask_ps(bad) ? NAN : m / 127.0f; /* inf: id 0, d inf: 0 * inf = NaN */
+    *bad = _mm256_movemask_ps(nan) != 0;
+    return _mm_cvtss_f32(h);
+}
+
+/* 127 / mx: the factor that takes the group's largest |x| to 127 (0 for mx 0 or inf). */
+static inline float scale_inv(float mx)
+{
+    return mx > 0 && mx <= 3.4e38f ? 127.0f / mx : 0.0f;
+}
+
+/* One block of 32 x values times id as int8 codes (natural order); *sum += their sum. */
+INLINE2 __m256i quant_block(const float *x, float id, int *sum)
+{
     __m256i q[4];
 #pragma GCC unroll 4
     for (int i = 0; i < 4; i++)
-        q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(id)));
+        q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i * 8), _mm256_set1_ps(id)));
     /* int32 -> int8 keeping the order: packs work per 128-bit lane, a permute fixes it */
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
@@ -90,44 +119,47 @@ INLINE2 __m256i quant_block(const float *x, float *d, int *sum)
     __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
-    *sum = _mm_cvtsi128_si32(t);
+    *sum += _mm_cvtsi128_si32(t);
     return p;
 }
 
 AVX2 void cvlm_cpu_quant_x_avx2(float *qx, const float *x, int ldx, int M, int K,
                                 enum cvlm_dtype dt)
 {
-    const int nb = K / 32, bpg = CVLM_Q4_GROUP / 32;
-    const size_t rf = qx_row_floats(K);
+    const int nb = K / 32, ng = (int)qx_groups(K);
+    const size_t rf = qx_row_floats(K), ns = qx_slots(K);
     for (int m = 0; m < M; m++) {
         const float *xr = x + (size_t)m * ldx;
         char *xq = (char *)(qx + (size_t)m * rf);
-        float *xc = qx + (size_t)m * rf + qx_slots(K) * 32;
-        __m256i prev = _mm256_setzero_si256();
-        float dprev = 0;
-        for (int b = 0; b < nb; b++) {
-            float d;
-            int sum;
-            __m256i p = quant_block(xr + (size_t)b * 32, &d, &sum);
-            if (dt == CVLM_DTYPE_Q8) {
-                _mm256_store_si256((__m256i *)(xq + (size_t)b * 64), p);
-                _mm256_store_ps((float *)(xq + (size_t)b * 64 + 32), _mm256_set1_ps(d));
+        float *dg = qx + (size_t)m * rf + ns * 16, *xc = dg + ng;
+        for (int g = 0; g < ng; g++) {
+            int b0 = g * QX_BPG, b1 = b0 + QX_BPG < nb ? b0 + QX_BPG : nb, bad, sum = 0;
+            if (dt == CVLM_DTYPE_Q8) { /* a scale per block */
+                for (int b = b0; b < b1; b++) {
+                    float mx = group_max(xr + (size_t)b * 32, 1, &bad), d = mx / 127.0f;
+                    __m256i p = quant_block(xr + (size_t)b * 32, scale_inv(mx), &sum);
+                    _mm256_store_si256((__m256i *)(xq + (size_t)b * 64), p);
+                    _mm256_store_ps((float *)(xq + (size_t)b * 64 + 32),
+                                    _mm256_set1_ps(bad ? NAN : d));
+                }
                 continue;
             }
-            if (b % bpg == 0)
-                xc[b / bpg] = 0;
-            xc[b / bpg] += 8.0f * d * (float)sum;
-            if (b % 2 == 0 && b + 1 < nb) {
-                prev = p;
-                dprev = d;
-                continue;
+            float mx = group_max(xr + (size_t)b0 * 32, b1 - b0, &bad);
+            dg[g] = bad ? NAN : mx / 127.0f; /* inf: id 0, d inf: 0 * inf = NaN */
+            float id = scale_inv(mx);
+            __m256i prev = _mm256_setzero_si256();
+            for (int b = b0; b < b1; b++) {
+                __m256i p = quant_block(xr + (size_t)b * 32, id, &sum);
+                if (b % 2 == 0 && b + 1 < nb) {
+                    prev = p;
+                    continue;
+                }
+                __m256i a = b % 2 ? prev : p, c = b % 2 ? p : _mm256_setzero_si256();
+                char *o = xq + (size_t)(b / 2) * 64;
+                _mm256_store_si256((__m256i *)o, _mm256_permute2x128_si256(a, c, 0x20));
+                _mm256_store_si256((__m256i *)(o + 32), _mm256_permute2x128_si256(a, c, 0x31));
             }
-            __m256i a = b % 2 ? prev : p, c = b % 2 ? p : _mm256_setzero_si256();
-            float da = b % 2 ? dprev : d, dc = b % 2 ? d : 0.0f;
-            char *o = xq + (size_t)(b / 2) * 128;
-            _mm256_store_si256((__m256i *)o, _mm256_permute2x128_si256(a, c, 0x20));
-            _mm256_store_si256((__m256i *)(o + 32), _mm256_permute2x128_si256(a, c, 0x31));
-            _mm256_store_ps((float *)(o + 64), _mm256_set_m128(_mm_set1_ps(dc), _mm_set1_ps(da)));
+            xc[g] = 8.0f * dg[g] * (float)sum;
         }
     }
 }
@@ -187,24 +219,44 @@ INLINE2 void q8_tile(float *y, int ldy, const float *qx, size_t rf, const float 
 
 #define Q4_SC_GROUPS 64 /* groups whose scales a tile copies at a time */
 
-/* One slot (two blocks; lone: one, 16 bytes of codes) of W row wr at byte o against MX rows
- * of x: t[m] (+)= (int32 sums) * d. */
-INLINE2 void q4_slot(__m256 *t, const unsigned char *wr, size_t o, const float *qx, size_t rf,
-                     const int MX, const int first, int lone)
+/* a[m] = the int16 sums of n_slots slots (two blocks each, the last one lone: one block,
+ * 16 bytes of codes, when `lone`) of W row wr from byte o, against MX rows of x. */
+INLINE2 void q4_slots(__m256i *a, const unsigned char *wr, size_t o, const float *qx, size_t rf,
+                      const int MX, int lone, int n_slots)
 {
     const __m256i m15 = _mm256_set1_epi8(15);
-    __m256i v = lone ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(wr + o)))
-                     : _mm256_loadu_si256((const __m256i *)(wr + o));
-    __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+#pragma GCC unroll 4
+    for (int m = 0; m < MX; m++)
+        a[m] = _mm256_setzero_si256();
+    for (int sl = 0; sl < n_slots; sl++, o += 32) {
+        __m256i v = lone && sl == n_slots - 1
+                        ? _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(wr + o)))
+                        : _mm256_loadu_si256((const __m256i *)(wr + o));
+        __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+#pragma GCC unroll 4
+        for (int m = 0; m < MX; m++) {
+            const char *q = (const char *)(qx + (size_t)m * rf) + o * 2;
+            a[m] = _mm256_add_epi16(
+                a[m], _mm256_add_epi16(
+                          _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)q)),
+                          _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(q + 32)))));
+        }
+    }
+}
+
+/* acc[m] += the group's int16 sums a[m] times the row's group scale sg (with one row of x
+ * already times x's d, else times the d at float dgi of each x row). */
+INLINE2 void q4_group(__m256 *acc, const __m256i *a, const float *qx, size_t rf, size_t dgi,
+                      float sg, const int MX)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 s = _mm256_set1_ps(sg);
 #pragma GCC unroll 4
     for (int m = 0; m < MX; m++) {
-        const char *q = (const char *)(qx + (size_t)m * rf) + o * 4;
-        __m256i p = _mm256_add_epi16(
-            _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)q)),
-            _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(q + 32))));
-        __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-        __m256 d = _mm256_load_ps((const float *)(q + 64));
-        t[m] = first ? _mm256_mul_ps(f, d) : _mm256_fmadd_ps(f, d, t[m]);
+        __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(a[m], ones));
+        if (MX > 1)
+            f = _mm256_mul_ps(f, _mm256_broadcast_ss(qx + (size_t)m * rf + dgi));
+        acc[m] = _mm256_fmadd_ps(f, s, acc[m]);
     }
 }
 
@@ -212,10 +264,15 @@ INLINE2 void q4_tile(float *y, int ldy, const float *qx, size_t rf, const struct
                      size_t n, int rows, int K, const char *pf, const int R, const int MX)
 {
     const int nb = K / 32, ng = (int)cvlm_quant_groups(w), nfull = K / CVLM_Q4_GROUP;
-    const size_t ns = qx_slots(K);
+    const size_t ns = qx_slots(K), dgo = ns * 16;
     const unsigned char *wr[8];
     const float *sr[8];
-    float sc[Q4_SC_GROUPS][8] __attribute__((aligned(32))); /* [group][row] */
+    /* the next tile's scales (rows follow rows: one stream), prefetched a line per group */
+    const char *spf = (const char *)(w->scales + (size_t)(pf - (const char *)w->data) /
+                                                     (size_t)(K / 2) * (size_t)ng);
+    const size_t spf_bytes = (size_t)R * ng * sizeof(float);
+    /* [group][row]: the rows' group scales; with one row of x, times x's d of the group */
+    float sc[Q4_SC_GROUPS][8] __attribute__((aligned(32)));
     __m256 acc[8][4], corr[4];
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
@@ -236,41 +293,35 @@ INLINE2 void q4_tile(float *y, int ldy, const float *qx, size_t rf, const struct
             for (int r = 0; r < 8; r++)
                 sc[g - g0][r] = sr[r < R ? r : 0][g];
         }
-        /* the offsets' share: sum over groups of scale * xc, 8 rows a vector */
+        /* the offsets' share: sum over groups of scale * xc, 8 rows a vector; then, with
+         * one row of x, the scales times its d */
         for (int g = g0; g < g1; g++) {
             __m256 sv = _mm256_load_ps(sc[g - g0]);
 #pragma GCC unroll 4
             for (int m = 0; m < MX; m++)
                 corr[m] = _mm256_fmadd_ps(
-                    sv, _mm256_broadcast_ss(qx + (size_t)m * rf + ns * 32 + g), corr[m]);
+                    sv, _mm256_broadcast_ss(qx + (size_t)m * rf + dgo + ng + g), corr[m]);
+            if (MX == 1)
+                _mm256_store_ps(sc[g - g0], _mm256_mul_ps(sv, _mm256_broadcast_ss(qx + dgo + g)));
         }
         int gf = g1 < nfull ? g1 : nfull;
         for (int g = g0; g < gf; g++) { /* whole groups: two full slots */
-            size_t o = (size_t)g * 64;
+            if ((size_t)g * 64 < spf_bytes)
+                _mm_prefetch(spf + (size_t)g * 64, _MM_HINT_T0);
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
-                __m256 t[4];
-                _mm_prefetch(pf + o * R + (size_t)r * 64, _MM_HINT_T0);
-                q4_slot(t, wr[r], o, qx, rf, MX, 1, 0);
-                q4_slot(t, wr[r], o + 32, qx, rf, MX, 0, 0);
-                __m256 sg = _mm256_broadcast_ss(&sc[g - g0][r]);
-#pragma GCC unroll 4
-                for (int m = 0; m < MX; m++)
-                    acc[r][m] = _mm256_fmadd_ps(t[m], sg, acc[r][m]);
+                __m256i a[4];
+                _mm_prefetch(pf + (size_t)g * 64 * R + (size_t)r * 64, _MM_HINT_T0);
+                q4_slots(a, wr[r], (size_t)g * 64, qx, rf, MX, 0, 2);
+                q4_group(acc[r], a, qx, rf, dgo + (size_t)g, sc[g - g0][r], MX);
             }
         }
         for (int g = gf; g < g1; g++) { /* a short last group: 1..3 blocks */
-            int s0 = g * 2, s1 = (int)ns;
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
-                __m256 t[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                               _mm256_setzero_ps()};
-                for (int s = s0; s < s1; s++)
-                    q4_slot(t, wr[r], (size_t)s * 32, qx, rf, MX, 0, s * 2 + 1 >= nb);
-                __m256 sg = _mm256_broadcast_ss(&sc[g - g0][r]);
-#pragma GCC unroll 4
-                for (int m = 0; m < MX; m++)
-                    acc[r][m] = _mm256_fmadd_ps(t[m], sg, acc[r][m]);
+                __m256i a[4];
+                q4_slots(a, wr[r], (size_t)g * 64, qx, rf, MX, nb % 2, (int)ns - g * 2);
+                q4_group(acc[r], a, qx, rf, dgo + (size_t)g, sc[g - g0][r], MX);
             }
         }
     }

@@ -191,18 +191,37 @@ static int qdot_use_m(void)
 #endif
 }
 
-/* x as the AVX2 decode kernels see it (kernels/cpu/gemv_q_dot_avx2.c): each whole block
- * of 32 rounded to q d, q = round(x * (127 / max|x|)) (to nearest even, in float), d =
- * max|x| / 127; the tail (K % 32) as it is. */
-static void round_x_blocks(const float *x, float *out, int K)
+/* The elements over which the AVX2 decode kernels (kernels/cpu/gemv_q_dot_avx2.c) take
+ * x's scale: blocks of 32 for Q8, groups of CVLM_QX_GROUP (whole blocks) for Q4. */
+static int x_group_size(enum cvlm_dtype dt)
 {
-    for (int b = 0; b < K; b += 32) {
+    return dt == CVLM_DTYPE_Q4 ? CVLM_QX_GROUP : 32;
+}
+
+/* max |x| / 127 over the group of gs elements that holds element k, as the decode kernels
+ * take it: its elements in whole blocks of 32 (the tail K % 32 is not rounded). */
+static double x_group_d(const float *x, int k, int K, int gs)
+{
+    int g0 = k / gs * gs, g1 = g0 + gs < K / 32 * 32 ? g0 + gs : K / 32 * 32;
+    double m = 0;
+    for (int i = g0; i < g1; i++)
+        m = fmax(m, fabs(x[i]));
+    return m / 127;
+}
+
+/* x as the AVX2 decode kernels see it: each group of gs elements in whole blocks of 32
+ * rounded to q d, q = round(x * (127 / max|x|)) (to nearest even, in float), d = max|x| /
+ * 127; the tail (K % 32) as it is. */
+static void round_x_blocks(const float *x, float *out, int K, int gs)
+{
+    for (int g = 0; g < K; g += gs) {
+        int g1 = g + gs < K / 32 * 32 ? g + gs : K / 32 * 32;
         float m = 0;
-        for (int k = b; k < b + 32 && k < K; k++)
+        for (int k = g; k < g1; k++)
             m = fabsf(x[k]) > m ? fabsf(x[k]) : m;
         float id = m > 0 ? 127.0f / m : 0.0f, d = m / 127.0f;
-        for (int k = b; k < b + 32 && k < K; k++)
-            out[k] = b + 32 <= K ? nearbyintf(x[k] * id) * d : x[k];
+        for (int k = g; k < g + gs && k < K; k++)
+            out[k] = k < g1 ? nearbyintf(x[k] * id) * d : x[k];
     }
 }
 
@@ -273,7 +292,7 @@ TEST(cpu_ops_gemm_quantized)
             double *mag = malloc((size_t)M * N * sizeof(double));
             REQUIRE(ref && y && refq && xq && mag);
             for (int m = 0; m < M; m++) {
-                round_x_blocks(x + (size_t)m * ld, xq, K);
+                round_x_blocks(x + (size_t)m * ld, xq, K, x_group_size(dt));
                 for (int n = 0; n < N; n++) {
                     double r = bf ? bf[n] : 0, a = bf ? fabs(bf[n]) : 0, rq = r;
                     for (int k = 0; k < K; k++) {
@@ -296,9 +315,9 @@ TEST(cpu_ops_gemm_quantized)
                     REQUIRE(dx && dy);
                     be->ops->gemm(be, dy, dx, ld, &w, c->bias ? &b : NULL, M, N, K);
                     be->ops->to_host(be, y, dy, (size_t)M * N);
-                    /* decode on AVX2 rounds x to 8 bits per 32-element block (d = max|x| /
-                     * 127; a Q8 tail of K % 32 stays float): each product may then be off by
-                     * |w| d / 2 on top */
+                    /* decode on AVX2 rounds x to 8 bits per block of 32 (Q8) or group of 128
+                     * (Q4) (d = max|x| / 127; a Q8 tail of K % 32 stays float): each product
+                     * may then be off by |w| d / 2 on top */
                     int xq8 = M <= qdot_use_m() && isa >= 1;
                     double worst = 0, worst_q = 0;
                     for (size_t j = 0; j < (size_t)M * N; j++) {
@@ -307,13 +326,9 @@ TEST(cpu_ops_gemm_quantized)
                         double eq = fabs(y[j] - refq[j]) / (mag[j] + 1e-30);
                         worst_q = xq8 && (eq > worst_q || isnan(eq)) ? eq : worst_q;
                         double slack = 0;
-                        for (int k = 0; xq8 && k < K / 32 * 32; k++) {
-                            double d = 0;
-                            for (int kk = k / 32 * 32; kk < k / 32 * 32 + 32; kk++)
-                                d = fmax(d, fabs(xr[kk]) / 127);
-                            slack +=
-                                fabs(cvlm_tensor_get_f32(&w, (int64_t)(j % N) * K + k)) * d / 2;
-                        }
+                        for (int k = 0; xq8 && k < K / 32 * 32; k++)
+                            slack += fabs(cvlm_tensor_get_f32(&w, (int64_t)(j % N) * K + k)) *
+                                     x_group_d(xr, k, K, x_group_size(dt)) / 2;
                         double e = fmax(0, fabs(y[j] - ref[j]) - slack) / (mag[j] + 1e-30);
                         worst = e > worst || isnan(e) ? e : worst;
                     }
@@ -370,7 +385,7 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
                 cvlm_cpu_gemv_qdot_avx2(y, N, qx, x, ld, M, &w, n0, n1, K);
                 double worst = 0;
                 for (int m = 0; m < M; m++) {
-                    round_x_blocks(x + (size_t)m * ld, xq, K);
+                    round_x_blocks(x + (size_t)m * ld, xq, K, x_group_size(dt));
                     for (int n = n0; n < n1; n++) {
                         double r = 0, a = 0;
                         for (int k = 0; k < K; k++) {
@@ -1245,12 +1260,9 @@ static double gptq_gemm_err(struct cvlm_backend *be, int isa, const struct cvlm_
                 r += xp[k] * v;
                 a += fabs(xp[k] * v) +
                      (w->mins ? fabs(xp[k] * w->mins[(size_t)n * ((K + 127) / 128) + k / 128]) : 0);
-                if (M == 1 && isa >= 1) { /* the decode's 8-bit x, per 32 stored columns */
-                    double d = 0;
-                    for (int kk = k / 32 * 32; kk < k / 32 * 32 + 32; kk++)
-                        d = fmax(d, fabs(xp[kk]) / 127);
-                    slack += fabs(cvlm_quant_get_scaled(w, (int64_t)n * K + k)) * d / 2;
-                }
+                if (M == 1 && isa >= 1) /* the decode's 8-bit x, per group of stored columns */
+                    slack += fabs(cvlm_quant_get_scaled(w, (int64_t)n * K + k)) *
+                             x_group_d(xp, k, K, x_group_size(w->dtype)) / 2;
             }
             double e = fmax(0, fabs(y[(size_t)m * N + n] - r) - slack) / (a + 1e-30);
             worst = e > worst || isnan(e) ? e : worst;
