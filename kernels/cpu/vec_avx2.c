@@ -115,43 +115,23 @@ AVX2 static float exp_sum(float *p, int n, float mx)
     return sum;
 }
 
-INLINE2 float dot8(const float *a, const float *b, int n)
-{
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    float r = hsum8(_mm256_add_ps(s0, s1));
-    for (; i < n; i++)
-        r += a[i] * b[i];
-    return r;
-}
-
-AVX2 static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd,
-                        float scale)
-{
-    for (int j = 0; j < n; j++)
-        s[j] = dot8(q, k + (size_t)j * ldk, hd) * scale;
-}
-
 /* Up to 64 output columns stay in 8 accumulators while the value rows stream by. */
 AVX2 static void pv(float *o, const float *p, const float *v, int ldv, int n, int hd)
 {
     int d0 = 0;
     for (; d0 + 64 <= hd; d0 += 64) {
         __m256 acc[8];
+#pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int j = 0; j < n; j++) {
             __m256 pj = _mm256_set1_ps(p[j]);
             const float *vr = v + (size_t)j * ldv + d0;
+#pragma GCC unroll 8
             for (int i = 0; i < 8; i++)
                 acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + 8 * i), acc[i]);
         }
+#pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
     }
@@ -181,37 +161,87 @@ INLINE2H __m256 ld8h(const uint16_t *p, enum cvlm_dtype dt)
                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* dot8 with b widened */
-INLINE2H float dot8h(const float *a, const uint16_t *b, int n, enum cvlm_dtype dt)
+/* 8 elements of a key row of type dt (F32, F16, BF16 or Q8 codes) from element i. */
+INLINE2H __m256 ld8k(const void *row, int i, const enum cvlm_dtype dt)
 {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8h(b + i, dt), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ld8h(b + i + 8, dt), s1);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8h(b + i, dt), s0);
-    float r = hsum8(_mm256_add_ps(s0, s1));
-    for (; i < n; i++)
-        r += a[i] * cvlm_cpu_kv_get(b, (size_t)i, dt);
-    return r;
+    if (dt == CVLM_DTYPE_F32)
+        return _mm256_loadu_ps((const float *)row + i);
+    if (dt == CVLM_DTYPE_Q8)
+        return _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + i))));
+    return ld8h((const uint16_t *)row + i, dt);
 }
 
-INLINE2H void scores_h(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
-                       float scale, enum cvlm_dtype dt)
+INLINE2H float ld1k(const void *row, int i, const enum cvlm_dtype dt)
 {
-    for (int j = 0; j < n; j++)
-        s[j] = dot8h(q, k + (size_t)j * ldk, hd, dt) * scale;
+    if (dt == CVLM_DTYPE_F32)
+        return ((const float *)row)[i];
+    if (dt == CVLM_DTYPE_Q8)
+        return (float)((const int8_t *)row)[i];
+    return cvlm_cpu_kv_get(row, (size_t)i, dt);
+}
+
+/* s[j] = q . K[j] * scale (Q8: times the key's scale ks[j * lds]) for n keys ldk elements
+ * apart: four keys at a time, one accumulator each (four independent FMA chains), the four
+ * reduced together by horizontal adds; then one key at a time. */
+INLINE2H void scores_k(float *s, const float *q, const void *k, int ldk, int n, int hd, float scale,
+                       const float *ks, int lds, const enum cvlm_dtype dt)
+{
+    const size_t es = dt == CVLM_DTYPE_F32 ? 4 : dt == CVLM_DTYPE_Q8 ? 1 : 2;
+    const char *kr = k;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const char *r[4];
+        __m256 a[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            r[u] = kr + (size_t)(j + u) * ldk * es;
+            a[u] = _mm256_setzero_ps();
+        }
+        int i = 0;
+        for (; i + 8 <= hd; i += 8) {
+            __m256 qv = _mm256_loadu_ps(q + i);
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++)
+                a[u] = _mm256_fmadd_ps(qv, ld8k(r[u], i, dt), a[u]);
+        }
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        __m128 t = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        float d[4];
+        _mm_storeu_ps(d, t);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            for (int ii = i; ii < hd; ii++)
+                d[u] += q[ii] * ld1k(r[u], ii, dt);
+            s[j + u] = d[u] * (ks ? ks[(size_t)(j + u) * lds] * scale : scale);
+        }
+    }
+    for (; j < n; j++) {
+        const char *r = kr + (size_t)j * ldk * es;
+        __m256 a = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= hd; i += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), ld8k(r, i, dt), a);
+        float d = hsum8(a);
+        for (; i < hd; i++)
+            d += q[i] * ld1k(r, i, dt);
+        s[j] = d * (ks ? ks[(size_t)j * lds] * scale : scale);
+    }
 }
 
 AVX2H static void scores16(float *s, const float *q, const uint16_t *k, int ldk, int n, int hd,
                            float scale, enum cvlm_dtype dt)
 {
     if (dt == CVLM_DTYPE_F16)
-        scores_h(s, q, k, ldk, n, hd, scale, CVLM_DTYPE_F16);
+        scores_k(s, q, k, ldk, n, hd, scale, NULL, 0, CVLM_DTYPE_F16);
     else
-        scores_h(s, q, k, ldk, n, hd, scale, CVLM_DTYPE_BF16);
+        scores_k(s, q, k, ldk, n, hd, scale, NULL, 0, CVLM_DTYPE_BF16);
+}
+
+AVX2H static void scores(float *s, const float *q, const float *k, int ldk, int n, int hd,
+                         float scale)
+{
+    scores_k(s, q, k, ldk, n, hd, scale, NULL, 0, CVLM_DTYPE_F32);
 }
 
 /* pv with the value rows widened: 64 columns in 8 accumulators, then 8 at a time */
@@ -221,14 +251,17 @@ INLINE2H void pv_h(float *o, const float *p, const uint16_t *v, int ldv, int n, 
     int d0 = 0;
     for (; d0 + 64 <= hd; d0 += 64) {
         __m256 acc[8];
+#pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int j = 0; j < n; j++) {
             __m256 pj = _mm256_set1_ps(p[j]);
             const uint16_t *vr = v + (size_t)j * ldv + d0;
+#pragma GCC unroll 8
             for (int i = 0; i < 8; i++)
                 acc[i] = _mm256_fmadd_ps(pj, ld8h(vr + 8 * i, dt), acc[i]);
         }
+#pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
     }
@@ -291,27 +324,10 @@ INLINE2 __m256 ld8b(const int8_t *p)
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 
-INLINE2 float dot8b(const float *a, const int8_t *b, int n)
+AVX2H void cvlm_cpu_scores8_avx2(float *s, const float *q, const int8_t *k, int ldk,
+                                 const float *ks, int lds, int n, int hd, float scale)
 {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8b(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), ld8b(b + i + 8), s1);
-    }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), ld8b(b + i), s0);
-    float r = hsum8(_mm256_add_ps(s0, s1));
-    for (; i < n; i++)
-        r += a[i] * (float)b[i];
-    return r;
-}
-
-AVX2 void cvlm_cpu_scores8_avx2(float *s, const float *q, const int8_t *k, int ldk, const float *ks,
-                                int lds, int n, int hd, float scale)
-{
-    for (int j = 0; j < n; j++)
-        s[j] = dot8b(q, k + (size_t)j * ldk, hd) * (ks[(size_t)j * lds] * scale);
+    scores_k(s, q, k, ldk, n, hd, scale, ks, lds, CVLM_DTYPE_Q8);
 }
 
 /* pv_h over codes: row j weighs p[j] * its scale; 64 columns in 8 accumulators, then 8 */
@@ -321,14 +337,17 @@ AVX2 void cvlm_cpu_pv8_avx2(float *o, const float *p, const int8_t *v, int ldv, 
     int d0 = 0;
     for (; d0 + 64 <= hd; d0 += 64) {
         __m256 acc[8];
+#pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             acc[i] = _mm256_loadu_ps(o + d0 + 8 * i);
         for (int j = 0; j < n; j++) {
             __m256 pj = _mm256_set1_ps(p[j] * vs[(size_t)j * lds]);
             const int8_t *vr = v + (size_t)j * ldv + d0;
+#pragma GCC unroll 8
             for (int i = 0; i < 8; i++)
                 acc[i] = _mm256_fmadd_ps(pj, ld8b(vr + 8 * i), acc[i]);
         }
+#pragma GCC unroll 8
         for (int i = 0; i < 8; i++)
             _mm256_storeu_ps(o + d0 + 8 * i, acc[i]);
     }
