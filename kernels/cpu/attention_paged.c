@@ -90,8 +90,7 @@ struct paged_job {
     const struct cvlm_attn_batch *b;
     const struct cpu_vec_ops *vec;
     struct cpu_gemm_kernels kn;
-    /* per-token path */
-    const int32_t *tokens;
+    /* per-token path (the fallback: every token in order) */
     int n_left, max_ctx;
     float *scratch; /* per thread: max_ctx floats */
     /* split path: item = (token, chunk), numbered token by token; a task = (item, group) */
@@ -166,7 +165,6 @@ static void token_task(void *ctx, int task, int thread)
     const struct cvlm_attn_batch *b = j->b;
     /* head-major order: a thread walks consecutive tokens of one head (keys stay in L2) */
     int h = task / j->n_left, t = task % j->n_left, n;
-    t = j->tokens ? j->tokens[t] : t;
     n = b->slot[t] + 1;
     int bs = b->block_size;
     const int32_t *table = b->seqs[b->seq[t]].block_table;
@@ -473,7 +471,6 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
                    ? cvlm_cpu_scratch(cb, need + (size_t)nt * j.max_ctx + part)
                    : NULL;
     if (s) {
-        j.tokens = left;
         j.runs = runs;
         j.pack = s;
         j.tls = s + pack;
@@ -489,8 +486,7 @@ void cvlm_cpu_attention_paged(struct cvlm_backend *be, void *out, const void *q,
         if (j.multi)
             cvlm_pool_run(cb->pool, j.n_split * n_heads, merge_task, &j);
     } else if ((j.scratch = cvlm_cpu_scratch(cb, (size_t)nt * j.max_ctx))) {
-        /* low memory: every token on the per-token path (tokens NULL: all, in order) */
-        j.tokens = NULL;
+        /* low memory: every token on the per-token path, in order */
         j.n_left = n;
         cvlm_pool_run(cb->pool, n * n_heads, token_task, &j);
     }

@@ -62,20 +62,29 @@ TEST(golden_cogvlm2_fixture_tp2)
     run_fixture_args(cvlm_test_data("golden-cogvlm2-tiny"), 4, "--tp 2 --threads 2");
 }
 
-/* tp 4 would split 2 KV heads four ways: refused with a message naming them. */
-TEST(golden_cogvlm2_tp4_refused)
+/* Runs `cogvlm golden --fixture DIR ARGS`: *named, whether a line of its output holds
+ * `needle`; *st, its wait status (-1 if it did not run). */
+static void golden_output(const char *dir, const char *args, const char *needle, int *named,
+                          int *st)
 {
     const char *bin = getenv("COGVLM_BIN");
     char cmd[2048], line[512];
-    int named = 0;
+    *named = 0;
+    *st = -1;
     REQUIRE(bin);
-    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s --tp 4 2>&1", bin,
-             cvlm_test_data("golden-cogvlm2-tiny"));
+    snprintf(cmd, sizeof(cmd), "%s golden --fixture %s %s 2>&1", bin, dir, args);
     FILE *p = popen(cmd, "r");
     REQUIRE(p);
     while (fgets(line, sizeof(line), p))
-        named |= strstr(line, "2 KV heads") != NULL;
-    int st = pclose(p);
+        *named |= strstr(line, needle) != NULL;
+    *st = pclose(p);
+}
+
+/* tp 4 would split 2 KV heads four ways: refused with a message naming them. */
+TEST(golden_cogvlm2_tp4_refused)
+{
+    int named, st;
+    golden_output(cvlm_test_data("golden-cogvlm2-tiny"), "--tp 4", "2 KV heads", &named, &st);
     CHECKF(WIFEXITED(st) && WEXITSTATUS(st) != 0, "golden --tp 4 exit status %d", st);
     CHECK(named);
 }
@@ -139,16 +148,8 @@ TEST(golden_quantized_kl)
     /* the same spelling as the server's option; anything else is refused with its name */
     golden_kl("tests/tiny", "--quantize int8 --quantize-lm-head off", &kl, &agree);
     CHECKF(kl > 0 && kl <= 1.01 * kl16, "int8, lm_head off: KL %g (false: %g)", kl, kl16);
-    char cmd[1024], line[512];
-    int named = 0;
-    snprintf(cmd, sizeof(cmd),
-             "%s golden --fixture tests/tiny --quantize int8 "
-             "--quantize-lm-head maybe 2>&1",
-             getenv("COGVLM_BIN"));
-    FILE *p = popen(cmd, "r");
-    REQUIRE(p);
-    while (fgets(line, sizeof(line), p))
-        named |= strstr(line, "--quantize-lm-head must be true or false") != NULL;
-    int st = pclose(p);
+    int named, st;
+    golden_output("tests/tiny", "--quantize int8 --quantize-lm-head maybe",
+                  "--quantize-lm-head must be true or false", &named, &st);
     CHECK(named && WIFEXITED(st) && WEXITSTATUS(st) != 0);
 }
