@@ -175,18 +175,6 @@ static int move_scales(float *scales, float *mins, const struct cvlm_tensor *sc,
     return asym;
 }
 
-/* A buffer the weights own. */
-static void *own(struct cvlm_weights *w, size_t bytes)
-{
-    void **o = realloc(w->owned, (w->n_owned + 1) * sizeof(void *));
-    void *p = o ? aligned_alloc(64, (bytes + 63) / 64 * 64) : NULL;
-    if (o)
-        w->owned = o;
-    if (p)
-        w->owned[w->n_owned++] = p;
-    return p;
-}
-
 int cvlm_gptq_bind(struct cvlm_weights *w, const struct cvlm_safetensors *st, const char *base,
                    int64_t N, int64_t K, struct cvlm_tensor *slot, unsigned char *claimed)
 {
@@ -211,7 +199,7 @@ int cvlm_gptq_bind(struct cvlm_weights *w, const struct cvlm_safetensors *st, co
         (rc = part(st, base, "g_idx", CVLM_DTYPE_I32, K, 0, claimed, &gi)))
         return rc;
     size_t cb = ((size_t)(N * K / 2) + 63) / 64 * 64, sb = (size_t)(N * ng) * sizeof(float);
-    unsigned char *buf = own(w, cb + 2 * sb + (size_t)K * 4);
+    unsigned char *buf = cvlm_weights_own(w, cb + 2 * sb + (size_t)K * 4);
     int32_t *inv = malloc((size_t)K * sizeof(int32_t));
     if (!buf || !inv) {
         free(inv);

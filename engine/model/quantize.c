@@ -198,17 +198,13 @@ static void quant_as(struct quant_ctx *c, struct cvlm_tensor *t, int int8_only)
     const int64_t N = t->shape[0], K = t->shape[1];
     size_t cb = cvlm_dtype_bytes(dt, (size_t)(N * K)), all = cvlm_quant_bytes(dt, N, K);
     cb = (cb + 63) / 64 * 64;
-    void **o = realloc(c->w->owned, (c->w->n_owned + 1) * sizeof(void *));
-    unsigned char *buf = o ? aligned_alloc(64, (all + 64 + 63) / 64 * 64) : NULL;
-    if (o)
-        c->w->owned = o;
+    unsigned char *buf = cvlm_weights_own(c->w, all);
     if (!buf) {
         c->rc = cvlm_errf(CVLM_ENOMEM, "out of memory quantizing a [%lld, %lld] matrix",
                           (long long)N, (long long)K);
         return;
     }
     memset(buf, 0, cb);
-    c->w->owned[c->w->n_owned++] = buf;
     const void *src = t->data;
     size_t src_bytes = src ? cvlm_tensor_bytes(t) : 0;
     if (src)

@@ -27,14 +27,10 @@ int cvlm_vision2_prepare(struct cvlm_weights *w)
                          cvlm_dtype_name(t->dtype));
     if (t->data) {
         size_t es = cvlm_dtype_size(t->dtype), n = (size_t)(d_out * d_in * 4);
-        void **o = realloc(w->owned, (w->n_owned + 1) * sizeof(void *));
-        unsigned char *dst = o ? malloc(n * es) : NULL;
+        unsigned char *dst = cvlm_weights_own(w, n * es);
         const unsigned char *src = t->data;
-        if (o)
-            w->owned = o;
         if (!dst)
             return cvlm_errf(CVLM_ENOMEM, "out of memory rearranging the conv kernel");
-        w->owned[w->n_owned++] = dst;
         /* dst[o][k * d_in + c] = src[o][c][k], k = 2*ky + kx */
         for (int64_t oc = 0; oc < d_out; oc++)
             for (int64_t c = 0; c < d_in; c++)

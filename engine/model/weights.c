@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* ---- config.json ------------------------------------------------------------------- */
 
@@ -504,6 +505,30 @@ int cvlm_weights_load(const char *dir, struct cvlm_weights **out)
     if ((rc = cvlm_st_open(dir, &st)))
         return rc;
     return cvlm_weights_bind(st, &cfg, out);
+}
+
+#define HUGE_PAGE ((size_t)2 << 20)
+
+void *cvlm_weights_own(struct cvlm_weights *w, size_t bytes)
+{
+    void **o = realloc(w->owned, (w->n_owned + 1) * sizeof(void *)), *p;
+    if (!o)
+        return NULL;
+    w->owned = o;
+    bytes = (bytes + 63) / 64 * 64 + 64;
+    if (bytes < 2 * HUGE_PAGE) {
+        p = aligned_alloc(64, bytes);
+    } else {
+        bytes = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+        p = aligned_alloc(HUGE_PAGE, bytes);
+#if defined(MADV_HUGEPAGE)
+        if (p)
+            madvise(p, bytes, MADV_HUGEPAGE); /* a hint: failure changes nothing */
+#endif
+    }
+    if (p)
+        w->owned[w->n_owned++] = p;
+    return p;
 }
 
 void cvlm_weights_destroy(struct cvlm_weights *w)

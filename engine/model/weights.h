@@ -165,6 +165,12 @@ int cvlm_weights_load(const char *dir, struct cvlm_weights **out);
 int cvlm_weights_bind(struct cvlm_safetensors *st, const struct cvlm_config *cfg,
                       struct cvlm_weights **out);
 void cvlm_weights_destroy(struct cvlm_weights *w);
+/* A buffer of `bytes` that w owns (freed by cvlm_weights_destroy), 64-byte aligned with 64
+ * bytes to spare past the end; from 4 MiB on 2 MiB aligned and asked to be backed by
+ * transparent huge pages (decode streams every weight per token: with 4 KiB pages it
+ * takes a TLB miss every 4 KiB and the hardware prefetchers stop at each page). NULL when
+ * out of memory. */
+void *cvlm_weights_own(struct cvlm_weights *w, size_t bytes);
 
 /* Random weights for every tensor of cfg (engine/model/weights_dummy.c), in `dtype`, scaled
  * like a fresh init so activations stay finite: matrices and embeddings uniform with

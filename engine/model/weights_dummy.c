@@ -15,7 +15,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/stat.h>
 
 #define INIT_STD 0.02f
@@ -137,8 +136,7 @@ static struct cvlm_weights *empty_table(const struct cvlm_config *cfg)
     w->cfg = *cfg;
     w->layers = calloc((size_t)cfg->num_layers, sizeof(*w->layers));
     w->vit = calloc(cfg->has_vision ? (size_t)cfg->vision.num_layers : 1, sizeof(*w->vit));
-    w->owned = calloc(1, sizeof(void *));
-    if (!w->layers || !w->vit || !w->owned) {
+    if (!w->layers || !w->vit) {
         cvlm_weights_destroy(w);
         return NULL;
     }
@@ -158,17 +156,11 @@ int cvlm_weights_dummy(const struct cvlm_config *cfg, enum cvlm_dtype dtype, uin
         cvlm_weights_destroy(w);
         return rc;
     }
-    /* 2 MiB aligned and backed by transparent huge pages where the kernel allows: decode
-     * streams all of it per token, and 4 KiB pages cost a TLB miss every 4 KiB */
-    d.bytes = d.bytes ? (d.bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20) : (2u << 20);
-    if (!(d.buf = aligned_alloc(2u << 20, d.bytes))) {
+    /* one buffer, backed by huge pages where the kernel allows (cvlm_weights_own) */
+    if (!(d.buf = cvlm_weights_own(w, d.bytes))) {
         cvlm_weights_destroy(w);
         return cvlm_errf(CVLM_ENOMEM, "out of memory for %zu bytes of weights", d.bytes);
     }
-#if defined(MADV_HUGEPAGE)
-    madvise(d.buf, d.bytes, MADV_HUGEPAGE); /* a hint: failure changes nothing */
-#endif
-    w->owned[w->n_owned++] = d.buf;
     d.bytes = d.index = 0;
     if ((rc = cvlm_weights_visit(w, dummy_one, &d))) {
         cvlm_weights_destroy(w);

@@ -37,15 +37,9 @@ struct shard {
 
 static void *own(struct shard *s, size_t bytes)
 {
-    void **o = realloc(s->w->owned, (s->w->n_owned + 1) * sizeof(void *));
-    void *p = o ? malloc(bytes ? bytes : 1) : NULL;
-    if (o)
-        s->w->owned = o;
-    if (!p) {
+    void *p = cvlm_weights_own(s->w, bytes);
+    if (!p)
         s->fail = 1;
-        return NULL;
-    }
-    s->w->owned[s->w->n_owned++] = p;
     return p;
 }
 

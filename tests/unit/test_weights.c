@@ -540,3 +540,26 @@ TEST(weights_bad_config)
     CHECK(!c.has_vision && c.template_version == CVLM_TEMPLATE_CHAT && c.bos_token_id == 1);
     expect_fail("/nonexistent-model-dir", CVLM_ENOENT, "cannot open");
 }
+
+/* Buffers the weights own: 64-byte aligned with 64 bytes to spare (the kernels read whole
+ * vectors past a row's end), 2 MiB aligned from 4 MiB on (huge pages), writable to the last
+ * byte, all freed by destroy (ASan's leak check). */
+TEST(weights_own_buffers)
+{
+    struct cvlm_weights *w = calloc(1, sizeof(*w));
+    static const size_t sizes[] = {0, 1, 63, 64, 4095, (4u << 20) - 200, 4u << 20,
+                                   (6u << 20) + 3};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        size_t n = sizes[i];
+        unsigned char *p = cvlm_weights_own(w, n);
+        CHECKF(p != NULL, "%zu bytes", n);
+        if (!p)
+            continue;
+        CHECKF((uintptr_t)p % 64 == 0, "%zu bytes at %p", n, (void *)p);
+        CHECKF(n < (4u << 20) - 128 || (uintptr_t)p % (2u << 20) == 0, "%zu bytes at %p", n,
+               (void *)p);
+        memset(p, 0xa5, (n + 63) / 64 * 64 + 64);
+        CHECK(w->n_owned == i + 1 && w->owned[i] == p);
+    }
+    cvlm_weights_destroy(w);
+}
