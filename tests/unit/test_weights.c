@@ -547,8 +547,7 @@ TEST(weights_bad_config)
 TEST(weights_own_buffers)
 {
     struct cvlm_weights *w = calloc(1, sizeof(*w));
-    static const size_t sizes[] = {0, 1, 63, 64, 4095, (4u << 20) - 200, 4u << 20,
-                                   (6u << 20) + 3};
+    static const size_t sizes[] = {0, 1, 63, 64, 4095, (4u << 20) - 200, 4u << 20, (6u << 20) + 3};
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
         size_t n = sizes[i];
         unsigned char *p = cvlm_weights_own(w, n);
