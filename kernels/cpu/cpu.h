@@ -122,7 +122,7 @@ void cvlm_cpu_gemv_q_avx2(float *y, int ldy, const float *x, int ldx, int M,
 void cvlm_cpu_pack_b_q_avx2(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,
                             int K);
 /* Quantized weights against at most CVLM_CPU_QDOT_MAX_M rows of x (decode;
- * gemv_q_dot_avx2.c): x is first rounded once per call to int8 into qx
+ * q_dot_avx2.c): x is first rounded once per call to int8 into qx
  * (cvlm_cpu_qx_floats(M, K) floats, 64-byte aligned; the layout depends on w's dtype), with
  * one scale per block of 32 (Q8) or per group of CVLM_QX_GROUP elements (Q4: the whole
  * blocks of [g * 128, (g + 1) * 128)); then the kernel runs integer dot products: y[m][n]
@@ -137,6 +137,12 @@ void cvlm_cpu_pack_b_q_avx2(float *bp, const struct cvlm_tensor *w, int n0, int 
 #define CVLM_CPU_QDOT_USE_M 1
 size_t cvlm_cpu_qx_floats(int M, int K);
 void cvlm_cpu_quant_x_avx2(float *qx, const float *x, int ldx, int M, int K, enum cvlm_dtype dt);
+/* Q4 weights against any M rows of x (prefill, the vision tower; q_dot_avx2.c): x rounded
+ * as above (qx of M rows), y[m][n] for m < M, n in [n0, n1), in tiles of 2 x rows by 2 W
+ * rows (the pair of x rows stays in L1 while the W rows stream from L2). gemm.c uses it for
+ * M > CVLM_CPU_AVX2_GEMV_MAX_M. */
+void cvlm_cpu_gemm_q4dot_avx2(float *y, int ldy, const float *qx, int M,
+                              const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_qdot_avx2(float *y, int ldy, const float *qx, const float *x, int ldx, int M,
                              const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,

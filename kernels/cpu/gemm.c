@@ -12,6 +12,9 @@
  *   transposes its W block into NR-column micro-panels (per-thread scratch, reused by all
  *   M rows) and runs the MR x NR register-blocked micro-kernel over it.
  * All accumulation is F32; the k order differs from a naive loop only by blocking.
+ * Quantized weights on AVX2 (q_dot_avx2.c) round x to int8 and run integer dot products
+ * instead: one row of x (decode) through the matrix-vector kernel, and for Q4 every M
+ * above the matrix-vector range (prefill) through its GEMM, tasks of 64 W rows.
  * Quantized weights with GPTQ's extras (engine/backend.h) reach the kernels as a plain
  * matrix: with perm, x is gathered into the stored column order once per call; with mins,
  * the offsets' share (sum over the groups of mins[n][g] * sum of x over group g) is added
@@ -338,7 +341,7 @@ static size_t scratch_plan(const struct gemm_job *j, int nt, int split, size_t *
     if (split == 1) /* xs: M x 2 x Kp uint16 = M x Kp floats */
         *bias_off = (size_t)j->M * GEMV_KPAD(j->K);
 #if defined(__x86_64__)
-    else if (split == 2) /* qx */
+    else if (split >= 2) /* qx */
         *bias_off = cvlm_cpu_qx_floats(j->M, j->K);
 #endif
     else if (j->M > j->kn.gemv_max_m) /* ap, then one bp per thread */
@@ -371,6 +374,43 @@ static void gemm_no_scratch(struct gemm_job *j)
         for (int n = 0; n < j->N; n++)
             j->y[(size_t)m * j->N + n] += cvlm_tensor_get_f32(bias, n);
 }
+
+#if defined(__x86_64__)
+#define QX_ROWS_PER_TASK 16
+
+/* Rows [16 task, 16 task + 16) of x rounded into qx (the Q4 GEMM's first pass). */
+static void quant_x_task(void *ctx, int task, int thread)
+{
+    struct gemm_job *j = ctx;
+    int m0 = task * QX_ROWS_PER_TASK,
+        mc = j->M - m0 < QX_ROWS_PER_TASK ? j->M - m0 : QX_ROWS_PER_TASK;
+    (void)thread;
+    cvlm_cpu_quant_x_avx2((float *)j->qx + cvlm_cpu_qx_floats(m0, j->K),
+                          j->x + (size_t)m0 * j->x_stride, j->x_stride, mc, j->K, j->w->dtype);
+}
+
+static void q4dot_task(void *ctx, int task, int thread)
+{
+    struct gemm_job *j = ctx;
+    int n0 = task * j->cols_per_task,
+        n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
+    (void)thread;
+    cvlm_cpu_gemm_q4dot_avx2(j->y, j->N, j->qx, j->M, j->w, n0, n1, j->K);
+    add_mins(j, n0, n1);
+    add_bias(j, n0, n1);
+}
+
+/* Q4 weights, many rows of x (AVX2): x rounded to int8 once (rows split among the threads),
+ * then blocks of 64 W rows per task: a task's W rows (<= 64 x K / 2 bytes) stay in L2
+ * while every pair of x rows passes over them. */
+static void gemm_q4(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s)
+{
+    j->qx = s;
+    cvlm_pool_run(cb->pool, (j->M + QX_ROWS_PER_TASK - 1) / QX_ROWS_PER_TASK, quant_x_task, j);
+    j->cols_per_task = split_cols(j->N, nt, 2, 64);
+    cvlm_pool_run(cb->pool, (j->N + j->cols_per_task - 1) / j->cols_per_task, q4dot_task, j);
+}
+#endif
 
 static void gemm_vector(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s, int split)
 {
@@ -412,6 +452,8 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
 #if defined(__x86_64__)
     if (M <= CVLM_CPU_QDOT_USE_M && cb->isa >= CPU_ISA_AVX2 && cvlm_dtype_is_quant(w->dtype))
         split = 2;
+    else if (M > j.kn.gemv_max_m && cb->isa >= CPU_ISA_AVX2 && w->dtype == CVLM_DTYPE_Q4)
+        split = 3;
 #endif
     size_t bias_off, plan, extra = w->perm || w->mins ? gptq_floats(w, M, K) : 0;
     if (M <= 0 || N <= 0)
@@ -433,6 +475,10 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
         for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n++)
                 j.y[(size_t)m * N + n] = j.bias_f ? j.bias_f[n] : 0.0f;
+#if defined(__x86_64__)
+    } else if (split == 3) {
+        gemm_q4(cb, &j, nt, s);
+#endif
     } else if (M <= j.kn.gemv_max_m) {
         gemm_vector(cb, &j, nt, s, split);
     } else {

@@ -7,8 +7,9 @@
  * the end; Q4's group scales multiply the weights as they are widened. Used on AVX-512
  * CPUs too (no AVX-512 quantized kernels yet). Tails (K not a multiple of 8: Q8 only) are
  * scalar. Same contracts as the float kernels (cpu.h).
- * Activations stay F32 here; the decode's integer kernels (x rounded to 8 bits) are in
- * gemv_q_dot_avx2.c, which gemm.c calls when it has the scratch memory for the rounded x.
+ * Activations stay F32 here; the integer kernels (x rounded to 8 bits: decode, and Q4 at
+ * more rows than the matrix-vector range, so Q4 prefill packs no panels) are in
+ * q_dot_avx2.c, which gemm.c calls when it has the scratch memory for the rounded x.
  */
 #include "kernels/cpu/cpu.h"
 #include "kernels/cpu/simd.h"

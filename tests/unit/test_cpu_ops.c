@@ -15,6 +15,7 @@
 #include "kernels/cpu/cpu.h"
 #include "tests/unit/harness.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -191,7 +192,18 @@ static int qdot_use_m(void)
 #endif
 }
 
-/* The elements over which the AVX2 decode kernels (kernels/cpu/gemv_q_dot_avx2.c) take
+/* From this many rows of x on, Q4 weights take the AVX2 integer GEMM (x rounded as in
+ * decode); INT_MAX where there is no such kernel. */
+static int q4gemm_min_m(void)
+{
+#if defined(__x86_64__)
+    return CVLM_CPU_AVX2_GEMV_MAX_M + 1;
+#else
+    return INT_MAX;
+#endif
+}
+
+/* The elements over which the AVX2 decode kernels (kernels/cpu/q_dot_avx2.c) take
  * x's scale: blocks of 32 for Q8, groups of CVLM_QX_GROUP (whole blocks) for Q4. */
 static int x_group_size(enum cvlm_dtype dt)
 {
@@ -254,6 +266,11 @@ TEST(cpu_ops_gemm_quantized)
         {3, 21, 4000, 0, 0},
         {1, 10, 20, 0, 0},
         {5, 9, 1184, 1, 1},
+        /* the Q4 integer GEMM (M > 32): x rows 3 a tile (and the 1 or 2 left), W rows 2 (and
+         * 1 left), a short last group of 1 or 3 blocks, more than 64 groups (K 8320) */
+        {35, 9, 4000, 0, 1},
+        {34, 17, 8320, 1, 0},
+        {40, 6, 224, 0, 0},
     };
     int nisa = n_isas();
     for (size_t i = 0; i < sizeof(qc) / sizeof(qc[0]); i++)
@@ -318,7 +335,8 @@ TEST(cpu_ops_gemm_quantized)
                     /* decode on AVX2 rounds x to 8 bits per block of 32 (Q8) or group of 128
                      * (Q4) (d = max|x| / 127; a Q8 tail of K % 32 stays float): each product
                      * may then be off by |w| d / 2 on top */
-                    int xq8 = M <= qdot_use_m() && isa >= 1;
+                    int xq8 = isa >= 1 &&
+                              (M <= qdot_use_m() || (dt == CVLM_DTYPE_Q4 && M >= q4gemm_min_m()));
                     double worst = 0, worst_q = 0;
                     for (size_t j = 0; j < (size_t)M * N; j++) {
                         const float *xr = x + j / N * ld;
@@ -355,13 +373,41 @@ TEST(cpu_ops_gemm_quantized)
         }
 }
 
-/* The AVX2 int8-x kernel itself at every M it takes (1..CVLM_CPU_QDOT_MAX_M; the driver
- * uses it for fewer): against the product with x rounded as it rounds it (round_x_blocks),
- * rows [n0, n1) of awkward ranges, x rows ldx apart. */
+#if defined(__x86_64__)
+/* Worst relative error of y[m][n] (m < M, n in [n0, n1), rows ldy apart) against W times x
+ * rounded as the int8-x kernels round it (round_x_blocks). */
+static double qdot_worst(const float *y, int ldy, const float *x, int ld, int M,
+                         const struct cvlm_tensor *w, int n0, int n1, int K)
+{
+    float *xq = malloc((size_t)K * 4);
+    double worst = 0;
+    for (int m = 0; xq && m < M; m++) {
+        round_x_blocks(x + (size_t)m * ld, xq, K, x_group_size(w->dtype));
+        for (int n = n0; n < n1; n++) {
+            double r = 0, a = 0;
+            for (int k = 0; k < K; k++) {
+                double v = cvlm_tensor_get_f32(w, (int64_t)n * K + k);
+                r += xq[k] * v;
+                a += fabs(x[(size_t)m * ld + k] * v);
+            }
+            double e = fabs(y[(size_t)m * ldy + n] - r) / (a + 1e-30);
+            worst = e > worst || isnan(e) ? e : worst;
+        }
+    }
+    free(xq);
+    return xq ? worst : INFINITY;
+}
+#endif
+
+/* The AVX2 int8-x kernels themselves: the decode kernel at every M it takes
+ * (1..CVLM_CPU_QDOT_MAX_M; the driver uses it for fewer) and the Q4 GEMM at those M and
+ * at 40 and 41 (the driver uses it for M > 32): against the product with x rounded as they
+ * round it, rows [n0, n1) of awkward ranges, x rows ldx apart. */
 TEST(cpu_ops_gemv_qdot_avx2_every_m)
 {
 #if defined(__x86_64__)
     static const int shapes[][2] = {{45, 416}, {21, 4000}, {13, 32}, {11, 1184}, {10, 1000}};
+    enum { MAXR = 41 };
     if (n_isas() < 2)
         return; /* no AVX2 */
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
@@ -370,35 +416,37 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
             enum cvlm_dtype dt = q ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8;
             if (dt == CVLM_DTYPE_Q4 && K % 32)
                 continue;
-            float *wf, *x = rand_floats((size_t)CVLM_CPU_QDOT_MAX_M * ld, 1.0f);
+            float *wf, *x = rand_floats((size_t)MAXR * ld, 1.0f);
             struct cvlm_tensor w = make_weight(CVLM_DTYPE_F32, N, K, 0.5f, &wf);
             const void *fdata = w.data;
             void *codes = calloc(1, (size_t)N * K + 8);
             float *scales = malloc((size_t)N * (K / 32 + 1) * sizeof(float));
-            float *qx = aligned_alloc(64, cvlm_cpu_qx_floats(CVLM_CPU_QDOT_MAX_M, K) * 4 + 64);
-            float *y = malloc((size_t)CVLM_CPU_QDOT_MAX_M * N * 4), *xq = malloc((size_t)K * 4);
-            REQUIRE(x && codes && scales && qx && y && xq);
+            float *qx = aligned_alloc(64, cvlm_cpu_qx_floats(MAXR, K) * 4 + 64);
+            float *y = malloc((size_t)MAXR * N * 4);
+            REQUIRE(x && codes && scales && qx && y);
             cvlm_quantize_into(&w, dt, codes, scales);
-            for (int M = 1; M <= CVLM_CPU_QDOT_MAX_M; M++) {
+            for (int M = 1; M <= MAXR; M = M < CVLM_CPU_QDOT_MAX_M ? M + 1 : M < 40 ? 40 : M + 1) {
                 const int n0 = N > 9 ? 3 : 0, n1 = N - (N > 9);
                 cvlm_cpu_quant_x_avx2(qx, x, ld, M, K, dt);
-                cvlm_cpu_gemv_qdot_avx2(y, N, qx, x, ld, M, &w, n0, n1, K);
-                double worst = 0;
-                for (int m = 0; m < M; m++) {
-                    round_x_blocks(x + (size_t)m * ld, xq, K, x_group_size(dt));
-                    for (int n = n0; n < n1; n++) {
-                        double r = 0, a = 0;
-                        for (int k = 0; k < K; k++) {
-                            double v = cvlm_tensor_get_f32(&w, (int64_t)n * K + k);
-                            r += xq[k] * v;
-                            a += fabs(x[(size_t)m * ld + k] * v);
-                        }
-                        double e = fabs(y[(size_t)m * N + n] - r) / (a + 1e-30);
-                        worst = e > worst || isnan(e) ? e : worst;
-                    }
+                if (M <= CVLM_CPU_QDOT_MAX_M) {
+                    cvlm_cpu_gemv_qdot_avx2(y, N, qx, x, ld, M, &w, n0, n1, K);
+                    double worst = qdot_worst(y, N, x, ld, M, &w, n0, n1, K);
+                    CHECKF(worst <= 1e-5, "%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
+                           cvlm_dtype_name(dt), M, N, K, n0, n1, worst);
                 }
-                CHECKF(worst <= 1e-5, "%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
-                       cvlm_dtype_name(dt), M, N, K, n0, n1, worst);
+                if (dt == CVLM_DTYPE_Q4) {
+                    for (size_t j = 0; j < (size_t)M * N; j++)
+                        y[j] = NAN; /* rows outside [n0, n1) must stay untouched */
+                    cvlm_cpu_gemm_q4dot_avx2(y, N, qx, M, &w, n0, n1, K);
+                    double worst = qdot_worst(y, N, x, ld, M, &w, n0, n1, K);
+                    CHECKF(worst <= 1e-5, "GEMM M=%d N=%d K=%d rows %d..%d: rel err %.3g", M, N, K,
+                           n0, n1, worst);
+                    int kept = 1;
+                    for (int m = 0; m < M; m++)
+                        for (int n = 0; n < N; n++)
+                            kept &= (n >= n0 && n < n1) || isnan(y[(size_t)m * N + n]);
+                    CHECKF(kept, "GEMM M=%d N=%d K=%d wrote outside rows %d..%d", M, N, K, n0, n1);
+                }
             }
             free(x);
             free(wf);
@@ -407,7 +455,6 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
             free(scales);
             free(qx);
             free(y);
-            free(xq);
         }
 #endif
 }
@@ -1237,7 +1284,7 @@ TEST(cpu_ops_dummy_weights_roundtrip)
 
 /* One GEMM of a Q4 matrix with mins and/or perm against the double reference over the
  * dequantized stored matrix (cvlm_tensor_get_f32) and the gathered x; rel err returned as
- * in cpu_ops_gemm_quantized (the AVX2 decode's 8-bit x slack taken off). */
+ * in cpu_ops_gemm_quantized (the AVX2 integer kernels' 8-bit x slack taken off). */
 static double gptq_gemm_err(struct cvlm_backend *be, int isa, const struct cvlm_tensor *w,
                             const float *x, int M, int N, int K, const float *bias)
 {
@@ -1260,7 +1307,8 @@ static double gptq_gemm_err(struct cvlm_backend *be, int isa, const struct cvlm_
                 r += xp[k] * v;
                 a += fabs(xp[k] * v) +
                      (w->mins ? fabs(xp[k] * w->mins[(size_t)n * ((K + 127) / 128) + k / 128]) : 0);
-                if (M == 1 && isa >= 1) /* the decode's 8-bit x, per group of stored columns */
+                if (isa >= 1 && (M <= qdot_use_m() || M >= q4gemm_min_m()))
+                    /* the integer kernels' 8-bit x, per group of stored columns */
                     slack += fabs(cvlm_quant_get_scaled(w, (int64_t)n * K + k)) *
                              x_group_d(xp, k, K, x_group_size(w->dtype)) / 2;
             }

@@ -145,7 +145,7 @@ static void free_run(struct tp_run *r)
 /* TP ranks against one rank, weights of dtype dt, quantized by q (with the vision tower
  * for int8; int4 groups of 128 need the wider language model, and tp 4 must be refused).
  * Quantized weights run on the scalar kernels: the AVX2 ones round x to int8 per block of
- * 32 for few rows (kernels/cpu/gemv_q_dot_avx2.c), per rank over its own slice of x, so a
+ * 32 for few rows (kernels/cpu/q_dot_avx2.c), per rank over its own slice of x, so a
  * rank whose slice is not whole blocks, or a last-bit difference upstream that moves a
  * value across a rounding boundary, differs from one rank by that rounding (~1e-3), not
  * by the order of the sums. The sharding itself is what this test checks. */
