@@ -116,7 +116,8 @@ static int open_session(const struct run_opts *o, struct session *s)
 {
     char path[4096];
     int rc;
-    if ((rc = cvlm_weights_load(o->model, &s->w)))
+    if ((rc = cvlm_weights_load(o->model, &s->w)) ||
+        (o->mo.backend == CVLM_BACKEND_CPU && (rc = cvlm_weights_to_memory(s->w))))
         return rc;
     snprintf(path, sizeof(path), "%s/tokenizer.model", o->model);
     if ((rc = cvlm_tokenizer_load(o->tokenizer ? o->tokenizer : path, &s->tok)))

@@ -99,7 +99,8 @@ static int load(struct cvlm_engine *e)
     int rc;
     if ((rc = o->dummy_weights ? load_dummy(o, &e->w) : cvlm_weights_load(o->model_dir, &e->w)) ||
         (rc = cvlm_weights_quantize(e->w, (enum cvlm_quant)o->quantize, o->quantize_vision,
-                                    !o->lm_head_16bit)))
+                                    !o->lm_head_16bit)) ||
+        (o->backend == CVLM_BACKEND_CPU && (rc = cvlm_weights_to_memory(e->w))))
         return rc;
     if ((rc = load_tokenizer(e)))
         return rc;

@@ -7,7 +7,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 int cvlm_quant_parse(const char *s, enum cvlm_quant *out)
@@ -170,22 +169,6 @@ struct quant_ctx {
     uint64_t index;
 };
 
-/* Lets the kernel drop the checkpoint pages a tensor was read from (a private read-only
- * file mapping: they would be read again on access, and nothing reads them any more). */
-static void release_pages(const struct cvlm_weights *w, const void *p, size_t bytes)
-{
-    long pg = sysconf(_SC_PAGESIZE);
-    for (size_t i = 0; i < w->n_owned; i++) /* our own buffers (dummy weights) stay */
-        if (w->owned[i] == p)
-            return;
-    if (!w->st || pg <= 0)
-        return;
-    uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) / (uintptr_t)pg * (uintptr_t)pg;
-    uintptr_t e = ((uintptr_t)p + bytes) / (uintptr_t)pg * (uintptr_t)pg;
-    if (e > a)
-        madvise((void *)a, e - a, MADV_DONTNEED);
-}
-
 /* t to int4 (q int4, K a multiple of 32) or int8; `int8_only`: int8 whatever q is. */
 static void quant_as(struct quant_ctx *c, struct cvlm_tensor *t, int int8_only)
 {
@@ -213,7 +196,7 @@ static void quant_as(struct quant_ctx *c, struct cvlm_tensor *t, int int8_only)
         random_into(t, dt, buf, (float *)(buf + cb), c->index);
     t->fill = CVLM_FILL_NONE;
     if (src)
-        release_pages(c->w, src, src_bytes);
+        cvlm_weights_release(c->w, src, src_bytes);
 }
 
 static void quant_one(struct quant_ctx *c, struct cvlm_tensor *t)

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 /* ---- config.json ------------------------------------------------------------------- */
 
@@ -529,6 +530,58 @@ void *cvlm_weights_own(struct cvlm_weights *w, size_t bytes)
     if (p)
         w->owned[w->n_owned++] = p;
     return p;
+}
+
+/* Whether p lies in one of the checkpoint's file mappings. */
+static int in_mapping(const struct cvlm_weights *w, const void *p)
+{
+    for (int i = 0; w->st && i < w->st->n_files; i++) {
+        const char *m = w->st->files[i].map;
+        if (m && (const char *)p >= m && (const char *)p < m + w->st->files[i].size)
+            return 1;
+    }
+    return 0;
+}
+
+void cvlm_weights_release(const struct cvlm_weights *w, const void *p, size_t bytes)
+{
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0 || !in_mapping(w, p))
+        return;
+    uintptr_t a = ((uintptr_t)p + (uintptr_t)pg - 1) / (uintptr_t)pg * (uintptr_t)pg;
+    uintptr_t e = ((uintptr_t)p + bytes) / (uintptr_t)pg * (uintptr_t)pg;
+    if (e > a)
+        madvise((void *)a, e - a, MADV_DONTNEED);
+}
+
+struct to_memory {
+    struct cvlm_weights *w;
+    int rc;
+};
+
+static int to_memory_one(void *ctx, const char *name, struct cvlm_tensor *t, int ndim,
+                         const int64_t *shape, int optional)
+{
+    struct to_memory *c = ctx;
+    (void)ndim, (void)shape, (void)optional;
+    if (c->rc || !t->data || t->ndim != 2 || cvlm_dtype_is_quant(t->dtype) ||
+        !in_mapping(c->w, t->data) || cvlm_tensor_bytes(t) < 2 * HUGE_PAGE)
+        return 0;
+    size_t bytes = cvlm_tensor_bytes(t);
+    void *p = cvlm_weights_own(c->w, bytes);
+    if (!p)
+        return c->rc = cvlm_errf(CVLM_ENOMEM, "out of memory copying %s (%zu bytes)", name, bytes);
+    memcpy(p, t->data, bytes);
+    cvlm_weights_release(c->w, t->data, bytes);
+    t->data = p;
+    return 0;
+}
+
+int cvlm_weights_to_memory(struct cvlm_weights *w)
+{
+    struct to_memory c = {.w = w};
+    cvlm_weights_visit(w, to_memory_one, &c);
+    return c.rc;
 }
 
 void cvlm_weights_destroy(struct cvlm_weights *w)

@@ -171,6 +171,17 @@ void cvlm_weights_destroy(struct cvlm_weights *w);
  * takes a TLB miss every 4 KiB and the hardware prefetchers stop at each page). NULL when
  * out of memory. */
 void *cvlm_weights_own(struct cvlm_weights *w, size_t bytes);
+/* Lets the kernel drop the checkpoint pages of [p, p + bytes) once nothing reads them any
+ * more (a private read-only file mapping: they would be read again on access); nothing
+ * for memory that is not the checkpoint's. */
+void cvlm_weights_release(const struct cvlm_weights *w, const void *p, size_t bytes);
+/* The CPU backend's load step: every 16/32-bit matrix of 4 MiB or more that still lies in
+ * the checkpoint mapping is copied into memory of its own (cvlm_weights_own: huge pages)
+ * and its file pages released, one tensor at a time (peak: the model plus one tensor).
+ * The mapping's page-cache pages are 4 KiB: decode streams every matrix per token, and in
+ * 4 KiB pages the 1.1B BF16 model decoded ~10 % slower (docs/PERFORMANCE.md). 0 or
+ * CVLM_ENOMEM. */
+int cvlm_weights_to_memory(struct cvlm_weights *w);
 
 /* Random weights for every tensor of cfg (engine/model/weights_dummy.c), in `dtype`, scaled
  * like a fresh init so activations stay finite: matrices and embeddings uniform with

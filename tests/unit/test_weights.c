@@ -562,3 +562,37 @@ TEST(weights_own_buffers)
     }
     cvlm_weights_destroy(w);
 }
+
+/* The CPU backend's copy of the checkpoint's big matrices into memory of their own: a
+ * matrix of 4 MiB or more leaves the mapping for a 2 MiB aligned buffer with the same
+ * bytes; smaller ones (and the norms) stay where they were. */
+TEST(weights_to_memory)
+{
+    /* vocab 16384 x hidden 64 in F32: embed and lm_head 4 MiB each, the rest small */
+    static const char cfg_json[] =
+        "{\"vocab_size\": 16384, \"hidden_size\": 64, \"intermediate_size\": 96,"
+        " \"num_hidden_layers\": 1, \"num_attention_heads\": 4}";
+    struct cvlm_config cfg;
+    struct cvlm_weights *src = NULL, *a = NULL, *b = NULL;
+    REQUIRE(cvlm_config_parse(cfg_json, sizeof(cfg_json) - 1, &cfg) == 0);
+    REQUIRE(cvlm_weights_dummy(&cfg, CVLM_DTYPE_F32, 5, &src) == 0);
+    char dir[512];
+    snprintf(dir, sizeof(dir), "%s/to-memory", cvlm_test_tmpdir());
+    REQUIRE(cvlm_weights_write(src, dir) == 0);
+    cvlm_weights_destroy(src);
+    REQUIRE(cvlm_weights_load(dir, &a) == 0 && cvlm_weights_load(dir, &b) == 0);
+    const void *lm_before = a->lm_head.data, *qkv_before = a->layers[0].qkv[0].data;
+    REQUIRE(cvlm_weights_to_memory(a) == 0);
+    CHECK(a->lm_head.data != lm_before && (uintptr_t)a->lm_head.data % (2u << 20) == 0);
+    CHECK(a->embed.data != b->embed.data && (uintptr_t)a->embed.data % (2u << 20) == 0);
+    CHECK(a->layers[0].qkv[0].data == qkv_before); /* 48 KiB: stays mapped */
+    CHECK(!memcmp(a->lm_head.data, b->lm_head.data, cvlm_tensor_bytes(&b->lm_head)));
+    CHECK(!memcmp(a->embed.data, b->embed.data, cvlm_tensor_bytes(&b->embed)));
+    /* a second pass finds nothing left to copy */
+    const void *lm_after = a->lm_head.data;
+    size_t owned = a->n_owned;
+    REQUIRE(cvlm_weights_to_memory(a) == 0);
+    CHECK(a->lm_head.data == lm_after && a->n_owned == owned);
+    cvlm_weights_destroy(a);
+    cvlm_weights_destroy(b);
+}
