@@ -179,7 +179,7 @@ void cvlm_weights_release(const struct cvlm_weights *w, const void *p, size_t by
  * the checkpoint mapping is copied into memory of its own (cvlm_weights_own: huge pages)
  * and its file pages released, one tensor at a time (peak: the model plus one tensor).
  * The mapping's page-cache pages are 4 KiB: decode streams every matrix per token, and in
- * 4 KiB pages the 1.1B BF16 model decoded ~10 % slower (docs/PERFORMANCE.md). 0 or
+ * 4 KiB pages the 1.1B BF16 model decoded 3-15 % slower (docs/PERFORMANCE.md). 0 or
  * CVLM_ENOMEM. */
 int cvlm_weights_to_memory(struct cvlm_weights *w);
 

@@ -345,14 +345,14 @@ INLINE2 void q4_tile(float *y, int ldy, const float *qx, size_t rf, const struct
  * by the product of the two scales) before the next row's starts, so the accumulators,
  * the x rows' sums and the unpacked slot fit the 16 registers without spills (finishing
  * all rows together spilled and ran ~15 % slower). 2 x 3 measured best of 2x2, 2x3, 3x2,
- * 4x2 and 2x4 (Zen 3, one thread, 512 x 64 x 2048 from L2: 67-74 GMAC/s, about 2.7x the
- * float GEMM on dequantized panels). The driver (gemm.c) gives each task 64 W rows, which
- * stay in L2 while the x rows pass over them in tiles. */
+ * 4x2 and 2x4, by little (Zen 3, one thread, 128 x 64 x 2048 from L2: up to 74 GMAC/s,
+ * about 2.6x the float GEMM on dequantized panels; docs/PERFORMANCE.md). The driver
+ * (gemm.c) gives each task 64 W rows, which stay in L2 while the x rows pass over them. */
 
 #define QG_CHUNK 64 /* groups whose products of scales a tile makes at a time */
 #ifndef QT_R
-#define QT_R 2  /* W rows per tile */
-#define QT_MX 3 /* x rows per tile */
+#define QT_R 2  /* W rows per tile (<= 4) */
+#define QT_MX 3 /* x rows per tile (2..4) */
 #endif
 
 /* cnt (< 8) floats at p, the rest 0. */
@@ -364,7 +364,7 @@ INLINE2 __m256 load_part(const float *p, int cnt)
     return _mm256_loadu_ps(t);
 }
 
-/* y[m][n + r] for r < R (1, 2) W rows and m < MX (1, 2) rows of x, all of K: a tile of the
+/* y[m][n + r] for r < R (1..QT_R) W rows and m < MX (1..QT_MX) rows of x, all of K: a tile of the
  * prefill GEMM. Per whole group and row pair: 2 loads and 6 unpacking instructions per W
  * row, then per (row, x row) 4 vpmaddubsw and 3 int16 adds, one vpmaddwd, one conversion
  * and one FMA by (scale x d), the factor made for 8 groups in one multiply. A short last
@@ -378,7 +378,7 @@ INLINE2 void q4_gemm_tile(float *y, int ldy, const float *qx, size_t rf,
     const unsigned char *wr[4];
     const float *sr[4], *dg[4];
     const char *xq[4];
-    /* [r * 2 + m][group]: row r's group scale times x row m's d */
+    /* [r * MX + m][group]: row r's group scale times x row m's d */
     float sd[QT_R * QT_MX][QG_CHUNK] __attribute__((aligned(32)));
     __m256 acc[4][4];
     float corr[4][4] = {{0}};
@@ -494,8 +494,7 @@ AVX2 void cvlm_cpu_gemm_q4dot_avx2(float *y, int ldy, const float *qx, int M,
         switch (M - m < QT_MX ? M - m : QT_MX) {
         case 1: q4_gemm_rows(ym, ldy, qm, rf, w, n0, n1, K, 1); break;
         case 2: q4_gemm_rows(ym, ldy, qm, rf, w, n0, n1, K, 2); break;
-        case 3: q4_gemm_rows(ym, ldy, qm, rf, w, n0, n1, K, 3); break;
-        default: q4_gemm_rows(ym, ldy, qm, rf, w, n0, n1, K, 4); break;
+        default: q4_gemm_rows(ym, ldy, qm, rf, w, n0, n1, K, QT_MX); break;
         }
     }
 }

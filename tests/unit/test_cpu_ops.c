@@ -459,14 +459,14 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
 #endif
 }
 
-/* A non-finite x through the quantized decode kernels (x rounded to 8 bits per block on
- * AVX2) makes every output NaN or infinite, as the float product does: never a finite
- * number. */
+/* A non-finite x through the quantized kernels (x rounded to 8 bits per block or group on
+ * AVX2: decode, and Q4's GEMM at 40 rows) makes every output NaN or infinite, as the float
+ * product does: never a finite number. */
 TEST(cpu_ops_gemm_quantized_nonfinite_x)
 {
-    const int N = 11, K = 256;
+    enum { N = 11, K = 256, MAXR = 40 };
     int nisa = n_isas();
-    float *wf, *x = rand_floats((size_t)2 * K, 1.0f), y[2 * 11];
+    float *wf, *x = rand_floats((size_t)MAXR * K, 1.0f), y[MAXR * N];
     struct cvlm_tensor w = make_weight(CVLM_DTYPE_F32, N, K, 0.5f, &wf);
     const void *fdata = w.data;
     void *codes = calloc(1, (size_t)N * K + 8);
@@ -475,14 +475,14 @@ TEST(cpu_ops_gemm_quantized_nonfinite_x)
     for (int q = 0; q < 2; q++) {
         cvlm_quantize_into(&w, q ? CVLM_DTYPE_Q4 : CVLM_DTYPE_Q8, codes, scales);
         for (int v = 0; v < 2; v++) {
-            x[70] = v ? INFINITY : NAN;       /* row 0 */
-            x[K + 200] = v ? -INFINITY : NAN; /* row 1 */
+            for (int m = 0; m < MAXR; m++) /* one in every row, in a different group */
+                x[(size_t)m * K + (70 + 61 * m) % K] = !v ? NAN : m % 2 ? -INFINITY : INFINITY;
             for (int isa = 0; isa < nisa; isa++) {
                 struct cvlm_backend *be = make_backend(isa, 2);
                 REQUIRE(be);
-                float *dx = dev_copy(be, x, (size_t)2 * K), *dy = be->ops->alloc(be, sizeof(y));
+                float *dx = dev_copy(be, x, (size_t)MAXR * K), *dy = be->ops->alloc(be, sizeof(y));
                 REQUIRE(dx && dy);
-                for (int M = 1; M <= 2; M++) {
+                for (int M = 1; M <= MAXR; M = M < 2 ? M + 1 : M == 2 ? MAXR : MAXR + 1) {
                     be->ops->gemm(be, dy, dx, K, &w, NULL, M, N, K);
                     be->ops->to_host(be, y, dy, (size_t)M * N);
                     for (int j = 0; j < M * N; j++)

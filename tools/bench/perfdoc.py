@@ -19,6 +19,8 @@ ORDER = [
     "CogVLM2-19B shapes, int4, cogvlm bench-vlm (this machine)",
     "Quantized weights: accuracy",
     "Quantized decode against BF16, short context",
+    "Quantized prefill: the int4 integer GEMM",
+    "Weights in huge pages",
     "Tokenizer throughput",
     "Structured outputs: cost per decode step",
     "Serving benchmark (HTTP, tiny model)",
