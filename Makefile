@@ -81,7 +81,7 @@ MODEL_ARGS ?= --model ../shared/data/golden-tiny/model-bf16 \
               --tokenizer ../shared/data/llama2-tokenizer.model
 endif
 
-.PHONY: all deps test op-parity-self-test unit-test asan asan-test check-cuda check-layout \
+.PHONY: all deps test op-parity-self-test check-avx512-emu unit-test asan asan-test check-cuda check-layout \
         check-format format run clean bench fuzz fuzz-run fuzz-smoke
 .DEFAULT_GOAL := all
 
@@ -152,8 +152,13 @@ deps:
 # The whole suite: deps, build, CUDA compile check (when nvcc exists), 20 s of each fuzz
 # target, the unit and API suites under ASan + UBSan, then every suite on the normal
 # build. The last line printed is the suite's "N passed, N failed".
-test: deps check-layout check-format all check-cuda op-parity-self-test fuzz-smoke asan-test \
-      unit-test
+test: deps check-layout check-format all check-cuda op-parity-self-test check-avx512-emu \
+      fuzz-smoke asan-test unit-test
+
+# The AVX-512 kernels that this CPU may lack, run under emulation (BochsCPU) against their
+# AVX2 twins (tests/emu/README.md); says SKIPPED where the emulator cannot be installed.
+check-avx512-emu:
+	$(Q)tests/emu/run.sh
 
 # The GPU script's op-parity program, built for the CPU and run with a second CPU backend
 # in the GPU's place: keeps tests/gpu/op_parity.c compiling and its comparisons honest

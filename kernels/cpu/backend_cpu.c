@@ -470,6 +470,9 @@ struct cvlm_backend *cvlm_backend_cpu_create(int n_threads)
     cb->isa = cvlm_cpu_detect_isa();
     cb->has_avx2 = cb->isa >= CPU_ISA_AVX2;
     cb->has_avx512 = cb->isa >= CPU_ISA_AVX512;
+#if defined(__x86_64__)
+    cb->has_vnni = cb->has_avx512 && __builtin_cpu_supports("avx512vnni");
+#endif
     cb->vec = cvlm_cpu_vec_ops(cb->isa);
     return &cb->base;
 }

@@ -31,6 +31,7 @@ struct cpu_backend {
     enum cpu_isa isa;              /* the path in use: the best supported, or a lower forced one */
     int has_avx2;                  /* isa >= AVX2: AVX2 + FMA + F16C */
     int has_avx512;                /* isa >= AVX512: AVX-512 F/BW/VL/DQ (+ the AVX2 set) */
+    int has_vnni;                  /* has_avx512 and AVX512_VNNI (the Q4 GEMM's vpdpbusd) */
     const struct cpu_vec_ops *vec; /* element-wise and attention helpers for `isa` */
     float *scratch;                /* grows on demand; ops run one at a time */
     size_t scratch_cap;
@@ -143,6 +144,11 @@ void cvlm_cpu_quant_x_avx2(float *qx, const float *x, int ldx, int M, int K, enu
  * M > CVLM_CPU_AVX2_GEMV_MAX_M. */
 void cvlm_cpu_gemm_q4dot_avx2(float *y, int ldy, const float *qx, int M,
                               const struct cvlm_tensor *w, int n0, int n1, int K);
+/* The same on AVX-512 VNNI (q_dot_avx512.c: a group of a W row per 512-bit load, two
+ * vpdpbusd per group and (W row, x row), tiles of 4 x 4); gemm.c uses it where the backend
+ * has VNNI. Verified under emulation (tests/emu) and natively on VNNI CPUs by the op tests. */
+void cvlm_cpu_gemm_q4dot_avx512vnni(float *y, int ldy, const float *qx, int M,
+                                    const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_qdot_avx2(float *y, int ldy, const float *qx, const float *x, int ldx, int M,
                              const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,

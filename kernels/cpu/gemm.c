@@ -161,6 +161,7 @@ struct gemm_job {
     const float *x;
     const uint16_t *xs; /* x split into BF16 hi/lo terms (BF16 weights, AVX512_BF16) */
     const float *qx;    /* x rounded to int8 blocks (quantized weights, AVX2, decode) */
+    int vnni;           /* the Q4 GEMM may use its AVX-512 VNNI kernel */
     int x_stride;
     const struct cvlm_tensor *w, *bias;
     int M, N, K;
@@ -395,7 +396,10 @@ static void q4dot_task(void *ctx, int task, int thread)
     int n0 = task * j->cols_per_task,
         n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
     (void)thread;
-    cvlm_cpu_gemm_q4dot_avx2(j->y, j->N, j->qx, j->M, j->w, n0, n1, j->K);
+    if (j->vnni)
+        cvlm_cpu_gemm_q4dot_avx512vnni(j->y, j->N, j->qx, j->M, j->w, n0, n1, j->K);
+    else
+        cvlm_cpu_gemm_q4dot_avx2(j->y, j->N, j->qx, j->M, j->w, n0, n1, j->K);
     add_mins(j, n0, n1);
     add_bias(j, n0, n1);
 }
@@ -406,6 +410,7 @@ static void q4dot_task(void *ctx, int task, int thread)
 static void gemm_q4(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s)
 {
     j->qx = s;
+    j->vnni = cb->has_vnni;
     cvlm_pool_run(cb->pool, (j->M + QX_ROWS_PER_TASK - 1) / QX_ROWS_PER_TASK, quant_x_task, j);
     j->cols_per_task = split_cols(j->N, nt, 2, 64);
     cvlm_pool_run(cb->pool, (j->N + j->cols_per_task - 1) / j->cols_per_task, q4dot_task, j);

@@ -399,9 +399,10 @@ static double qdot_worst(const float *y, int ldy, const float *x, int ld, int M,
 }
 #endif
 
-/* The AVX2 int8-x kernels themselves: the decode kernel at every M it takes
- * (1..CVLM_CPU_QDOT_MAX_M; the driver uses it for fewer) and the Q4 GEMM at those M and
- * at 40 and 41 (the driver uses it for M > 32): against the product with x rounded as they
+/* The int8-x kernels themselves: the decode kernel at every M it takes
+ * (1..CVLM_CPU_QDOT_MAX_M; the driver uses it for fewer) and the Q4 GEMM (AVX2, and
+ * AVX-512 VNNI where the CPU has it) at those M and at 40 and 41 (the driver uses it for
+ * M > 32): against the product with x rounded as they
  * round it, rows [n0, n1) of awkward ranges, x rows ldx apart. */
 TEST(cpu_ops_gemv_qdot_avx2_every_m)
 {
@@ -410,6 +411,10 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
     enum { MAXR = 41 };
     if (n_isas() < 2)
         return; /* no AVX2 */
+    struct cvlm_backend *be = make_backend(n_isas() - 1, 1);
+    REQUIRE(be);
+    const int vnni = cpu_of(be)->has_vnni; /* the AVX-512 VNNI GEMM runs here too */
+    be->ops->destroy(be);
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
         for (int q = 0; q < 2; q++) {
             const int N = shapes[i][0], K = shapes[i][1], ld = K + 3;
@@ -434,18 +439,22 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
                     CHECKF(worst <= 1e-5, "%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
                            cvlm_dtype_name(dt), M, N, K, n0, n1, worst);
                 }
-                if (dt == CVLM_DTYPE_Q4) {
+                for (int v = 0; dt == CVLM_DTYPE_Q4 && v <= vnni; v++) { /* AVX2, VNNI */
                     for (size_t j = 0; j < (size_t)M * N; j++)
                         y[j] = NAN; /* rows outside [n0, n1) must stay untouched */
-                    cvlm_cpu_gemm_q4dot_avx2(y, N, qx, M, &w, n0, n1, K);
+                    if (v)
+                        cvlm_cpu_gemm_q4dot_avx512vnni(y, N, qx, M, &w, n0, n1, K);
+                    else
+                        cvlm_cpu_gemm_q4dot_avx2(y, N, qx, M, &w, n0, n1, K);
                     double worst = qdot_worst(y, N, x, ld, M, &w, n0, n1, K);
-                    CHECKF(worst <= 1e-5, "GEMM M=%d N=%d K=%d rows %d..%d: rel err %.3g", M, N, K,
-                           n0, n1, worst);
+                    CHECKF(worst <= 1e-5, "GEMM%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
+                           v ? " VNNI" : "", M, N, K, n0, n1, worst);
                     int kept = 1;
                     for (int m = 0; m < M; m++)
                         for (int n = 0; n < N; n++)
                             kept &= (n >= n0 && n < n1) || isnan(y[(size_t)m * N + n]);
-                    CHECKF(kept, "GEMM M=%d N=%d K=%d wrote outside rows %d..%d", M, N, K, n0, n1);
+                    CHECKF(kept, "GEMM%s M=%d N=%d K=%d wrote outside rows %d..%d",
+                           v ? " VNNI" : "", M, N, K, n0, n1);
                 }
             }
             free(x);
