@@ -160,7 +160,7 @@ struct gemm_job {
     float *y;
     const float *x;
     const uint16_t *xs; /* x split into BF16 hi/lo terms (BF16 weights, AVX512_BF16) */
-    const float *qx;    /* x rounded to int8 blocks (quantized weights, AVX2, decode) */
+    const float *qx;    /* x rounded to int8 (quantized weights: decode; Q4 GEMM) */
     int vnni;           /* the Q4 GEMM may use its AVX-512 VNNI kernel */
     int x_stride;
     const struct cvlm_tensor *w, *bias;
@@ -404,9 +404,9 @@ static void q4dot_task(void *ctx, int task, int thread)
     add_bias(j, n0, n1);
 }
 
-/* Q4 weights, many rows of x (AVX2): x rounded to int8 once (rows split among the threads),
- * then blocks of 64 W rows per task: a task's W rows (<= 64 x K / 2 bytes) stay in L2
- * while every pair of x rows passes over them. */
+/* Q4 weights, many rows of x (AVX2, or AVX-512 VNNI where the CPU has it): x rounded to
+ * int8 once (rows split among the threads), then blocks of 64 W rows per task: a task's W
+ * rows (<= 64 x K / 2 bytes) stay in L2 while each tile of x rows passes over them. */
 static void gemm_q4(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s)
 {
     j->qx = s;
