@@ -17,7 +17,8 @@
  * - the KV cache's dtype: F32, F16, BF16 or Q8, Q8 with its scales inside their allocation
  *   (whether the backend has the dtype is its own check).
  * Weights live where upload_weights put them (no allocation of ours), so only their
- * shape, dtype and alignment are checked, never their extent.
+ * shape, dtype and alignment are checked, never their extent; a GPTQ perm's contents are
+ * checked once, at upload_weights, while they are host memory.
  *
  * The checks cost a few comparisons and a binary search per pointer, plus one pass over
  * the per-token metadata; nothing when the layer is off (the model then holds the
@@ -242,14 +243,17 @@ static void fmt_shape(char *buf, size_t cap, const struct cvlm_tensor *t)
         snprintf(buf + at, cap - at, "]");
 }
 
-/* GPTQ's extras (backend.h): mins on Q4 only, perm on a quantized matrix only and then a
- * permutation of 0..K-1 (checked in full: these checks run in debug builds only). */
-static int quant_extras_ok(const struct call *c, const char *name, const struct cvlm_tensor *t)
+/* GPTQ's extras (backend.h): mins on Q4 only, perm on a quantized matrix only and, with
+ * `contents`, a permutation of 0..K-1 (checked in full: these checks run in debug builds
+ * only). The contents are read at upload_weights only: after it, perm may be device memory
+ * (the CUDA backend repoints it), which the host must not read. */
+static int quant_extras_ok(const struct call *c, const char *name, const struct cvlm_tensor *t,
+                           int contents)
 {
     if ((t->mins && t->dtype != CVLM_DTYPE_Q4) || (t->perm && !cvlm_dtype_is_quant(t->dtype)))
         return fail(c, CVLM_ESHAPE, "%s: %s on a %s tensor (mins: Q4 only; perm: Q8/Q4 only)", name,
                     t->mins ? "mins" : "perm", cvlm_dtype_name(t->dtype));
-    if (!t->perm)
+    if (!t->perm || !contents || t->ndim != 2)
         return 1;
     int64_t K = t->shape[1];
     unsigned char *seen = calloc((size_t)K, 1);
@@ -289,7 +293,7 @@ static int tensor_ok(const struct call *c, const char *name, const struct cvlm_t
                         (long long)t->shape[i]);
     if (!t->data)
         return fail(c, CVLM_EINVAL, "%s has no data (not uploaded)", name);
-    if (!quant_extras_ok(c, name, t))
+    if (!quant_extras_ok(c, name, t, 0))
         return 0;
     return (uintptr_t)t->data % cvlm_dtype_size(t->dtype) == 0 ||
            fail(c, CVLM_EINVAL, "%s data (%p) is not aligned to its %s elements", name, t->data,
@@ -709,12 +713,17 @@ static int ck_upload_weights(struct cvlm_backend *be, struct cvlm_tensor *const 
     struct call c = {ck_of(be), "upload_weights"};
     if (!rows_ok(&c, "n", n) || !host_ok(&c, "ts", ts, (size_t)n, sizeof(void *)))
         return CVLM_EINVAL;
-    for (int i = 0; i < n; i++)
+    char name[32];
+    for (int i = 0; i < n; i++) {
         if (!ts[i] || ts[i]->ndim < 0 || ts[i]->ndim > CVLM_MAX_DIMS ||
             (unsigned)ts[i]->dtype > CVLM_DTYPE_Q4) {
             fail(&c, CVLM_ESHAPE, "tensor %d: %s", i, ts[i] ? "bad dtype or rank" : "NULL");
             return CVLM_ESHAPE;
         }
+        snprintf(name, sizeof(name), "tensor %d", i);
+        if (!quant_extras_ok(&c, name, ts[i], 1)) /* perm is still host memory here */
+            return CVLM_ESHAPE;
+    }
     return c.ck->in->ops->upload_weights(c.ck->in, ts, n, seed);
 }
 

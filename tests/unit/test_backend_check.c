@@ -15,6 +15,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* ---- helpers ------------------------------------------------------------------------- */
 
@@ -309,6 +310,39 @@ TEST(check_ops_catch_wrong_dtypes)
     op->free(be, x);
     op->free(be, y);
     drop(&w), drop(&nw);
+    be->ops->destroy(be);
+}
+
+/* A GPTQ perm's contents are checked at upload_weights (host memory there) and never read
+ * at a GEMM: the CUDA backend repoints perm to device memory, here a page the host cannot
+ * read (a read would fault instead of the shape failure asked for). */
+TEST(check_ops_read_perm_at_upload_only)
+{
+    struct cvlm_backend *be = cvlm_backend_check_wrap(cvlm_backend_cpu_create(1));
+    REQUIRE(be);
+    const struct cvlm_backend_i *op = be->ops;
+    enum { N = 8 };
+    unsigned char codes[N * D / 2] = {0};
+    float scales[N] = {0};
+    int32_t perm[D];
+    for (int k = 0; k < D; k++)
+        perm[k] = D - 1 - k;
+    struct cvlm_tensor w = {.dtype = CVLM_DTYPE_Q4, .ndim = 2, .shape = {N, D}};
+    w.data = codes, w.scales = scales, w.perm = perm;
+    struct cvlm_tensor *ws[] = {&w};
+    CHECK(op->upload_weights(be, ws, 1, 0) == 0 && op->status(be) == 0);
+    perm[5] = perm[6]; /* a repeated column */
+    CHECK(op->upload_weights(be, ws, 1, 0) == CVLM_ESHAPE);
+    CHECK(failed_with(be, CVLM_ESHAPE, "upload_weights", "perm[6] = 25 is not a permutation"));
+    void *dev = mmap(NULL, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(dev != MAP_FAILED);
+    w.perm = dev;
+    void *x = buf(be, M * D, 3), *y = buf(be, M * N, 4);
+    op->gemm(be, y, x, D, &w, NULL, M, N + 1, D); /* wrong N */
+    CHECK(failed_with(be, CVLM_ESHAPE, "gemm", "the call needs [N=9, K=32]"));
+    munmap(dev, 4096);
+    op->free(be, x);
+    op->free(be, y);
     be->ops->destroy(be);
 }
 
