@@ -52,6 +52,7 @@
 
 #define TOL_EW 1e-2
 #define TOL_MM 2e-2
+#define TOL_Q 1e-2
 #define TOL_AT 3e-2
 #define MAX_LIVE 32 /* device buffers of one group alive at a time */
 
@@ -939,6 +940,43 @@ static int cpu_can_referee(struct ctx *c, const struct qpair *w, const struct pa
     return ok;
 }
 
+/* The GPU's quantized GEMM against the format's definition (qgemm_host, in double, on x as
+ * the GPU holds it: rand_act's values are BF16 already): a tighter check than the pair
+ * against the CPU (whose decode kernel rounds x to int8, ~5e-3), so that an error on
+ * part of K (a short last group's mins, one scale) shows. The GPU's own error is its BF16
+ * output, ~2.5e-3 (a host replica of the kernels). */
+static void check_qexact(struct ctx *c, const char *shape, const struct qpair *w, const float *xh,
+                         int ldx, const struct wpair *b, int M, const struct pair *y)
+{
+    int N = (int)w->c.shape[0];
+    size_t n = (size_t)M * N;
+    float *ref = malloc(n * sizeof(float)), *got = malloc(n * sizeof(float)),
+          *bf = b ? malloc((size_t)N * sizeof(float)) : NULL;
+    char full[160], err[256] = "";
+    if (!ref || !got || (b && !bf)) {
+        free(ref), free(got), free(bf);
+        case_abort(c, "host memory for the exact reference");
+    }
+    for (int i = 0; bf && i < N; i++)
+        bf[i] = cvlm_tensor_get_f32(&b->c, i);
+    qgemm_host(w, xh, ldx, bf, M, ref);
+    c->gpu->ops->to_host(c->gpu, got, y->g, n);
+    double mabs = 0, mref = 0;
+    int bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        mabs = !(d <= mabs) ? d : mabs;
+        mref = fabs(ref[i]) > mref ? fabs(ref[i]) : mref;
+        bad |= !isfinite(got[i]);
+    }
+    double rel = mabs / (mref > 1e-6 ? mref : 1e-6);
+    gpu_error(c, err, sizeof(err));
+    snprintf(full, sizeof(full), "%s vs the format (double)%s", shape, c->label);
+    record(c, "gemm", full, mabs, rel, TOL_Q, !bad && rel <= TOL_Q && !err[0], err);
+    free(ref), free(got), free(bf);
+    bail_if_dead(c);
+}
+
 static void qgemm_one(struct ctx *c, const struct qgemm_case *g, enum cvlm_dtype dt)
 {
     struct qpair w;
@@ -962,6 +1000,7 @@ static void qgemm_one(struct ctx *c, const struct qgemm_case *g, enum cvlm_dtype
         c->gpu->ops->gemm(c->gpu, y.g, x.g, g->stride, &w.g, g->bias ? &b.g : NULL, g->M, g->N,
                           g->K);
         check(c, "gemm", s, &y, (size_t)g->M * g->N, TOL_MM);
+        check_qexact(c, s, &w, xh, g->stride, g->bias ? &b : NULL, g->M, &y);
     }
     pair_free(c, &x);
     pair_free(c, &y);
@@ -971,10 +1010,12 @@ static void qgemm_one(struct ctx *c, const struct qgemm_case *g, enum cvlm_dtype
         weight_free(&b);
 }
 
-/* M = 1, 3 (the GEMV, one M tile), 16, 33 (the GEMV's 8-row tiles), 512 (dequantize +
- * cuBLAS); Q8 with K % 16 != 0 (dequantize at any M); Q4 with K % 128 != 0 (a short last
- * group); mins, perm and both. The main pass runs them all, the reference pass (GEMV off:
- * everything dequantized) those with M <= 33, the small pass those of <= 2^18 weights. */
+/* M = 1, 2, 3 (the GEMV, one M tile), 16, 33 (the GEMV's 8-row tiles), 64 (its last M),
+ * 65 and 512 (dequantize + cuBLAS); N x K above 2^24 (the dequantization in chunks of
+ * rows, a short last chunk); Q8 with K % 16 != 0 (dequantize at any M); Q4 with K % 128 !=
+ * 0 (a short last group); mins, perm and both. The main pass runs them all, the reference
+ * pass (GEMV off: everything dequantized) those with M <= 33, the small pass those of <=
+ * 2^18 weights (M = 1 among them, and a GEMV over more than one K tile). */
 static void test_qgemm(struct ctx *c)
 {
     static const struct qgemm_case q8[] = {
@@ -982,7 +1023,10 @@ static void test_qgemm(struct ctx *c)
         {16, 300, 512, 520, 0, 0, 0},    {33, 129, 768, 768, 1, 0, 0},
         {512, 300, 1024, 1024, 1, 0, 0}, {1, 300, 1000, 1000, 0, 0, 1},
         {3, 257, 512, 512, 0, 0, 1},     {33, 129, 768, 800, 0, 0, 1},
-        {512, 129, 512, 512, 1, 0, 1},
+        {512, 129, 512, 512, 1, 0, 1},   {2, 300, 1024, 1024, 1, 0, 0},
+        {64, 129, 512, 512, 0, 0, 0},    {65, 129, 512, 512, 1, 0, 0},
+        {65, 4200, 4096, 4096, 1, 0, 0}, {1, 4200, 4096, 4096, 0, 0, 1},
+        {1, 129, 1040, 1040, 0, 0, 0},   {3, 100, 1000, 1000, 0, 0, 0},
     };
     static const struct qgemm_case q4[] = {
         {1, 4096, 4064, 4064, 0, 0, 0},  {3, 777, 1056, 1056, 1, 0, 0},
@@ -990,7 +1034,10 @@ static void test_qgemm(struct ctx *c)
         {512, 300, 1056, 1056, 1, 0, 0}, {1, 300, 1056, 1056, 0, 1, 0},
         {3, 257, 800, 800, 1, 1, 0},     {16, 300, 544, 544, 0, 0, 1},
         {33, 129, 800, 808, 0, 1, 1},    {512, 129, 1056, 1056, 1, 1, 1},
-        {1, 4096, 4064, 4064, 0, 1, 1},
+        {1, 4096, 4064, 4064, 0, 1, 1},  {2, 300, 1056, 1056, 0, 1, 0},
+        {64, 129, 800, 800, 1, 0, 0},    {65, 129, 800, 800, 0, 1, 1},
+        {65, 4160, 4096, 4096, 1, 1, 1}, {1, 4160, 4096, 4096, 0, 1, 0},
+        {1, 64, 2080, 2080, 0, 1, 1},    {3, 60, 4064, 4064, 0, 1, 0},
     };
     for (int d = 0; d < 2; d++) {
         const struct qgemm_case *cs = d ? q4 : q8;
