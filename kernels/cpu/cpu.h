@@ -151,6 +151,10 @@ void cvlm_cpu_gemm_q4dot_avx512vnni(float *y, int ldy, const float *qx, int M,
                                     const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_qdot_avx2(float *y, int ldy, const float *qx, const float *x, int ldx, int M,
                              const struct cvlm_tensor *w, int n0, int n1, int K);
+/* The decode kernel on AVX-512 VNNI (q_dot_avx512.c), the same contract and results up to
+ * the order of float sums; gemm.c uses it where the backend has VNNI. */
+void cvlm_cpu_gemv_qdot_avx512vnni(float *y, int ldy, const float *qx, const float *x, int ldx,
+                                   int M, const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
                           const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,

@@ -12,9 +12,10 @@
  *   transposes its W block into NR-column micro-panels (per-thread scratch, reused by all
  *   M rows) and runs the MR x NR register-blocked micro-kernel over it.
  * All accumulation is F32; the k order differs from a naive loop only by blocking.
- * Quantized weights on AVX2 (q_dot_avx2.c) round x to int8 and run integer dot products
- * instead: one row of x (decode) through the matrix-vector kernel, and for Q4 every M
- * above the matrix-vector range (prefill) through its GEMM, tasks of 64 W rows.
+ * Quantized weights on AVX2 (q_dot_avx2.c; q_dot_avx512.c's VNNI versions where the CPU
+ * has AVX512_VNNI) round x to int8 and run integer dot products instead: one row of x
+ * (decode) through the matrix-vector kernel, and for Q4 every M above the matrix-vector
+ * range (prefill) through its GEMM, tasks of 64 W rows.
  * Quantized weights with GPTQ's extras (engine/backend.h) reach the kernels as a plain
  * matrix: with perm, x is gathered into the stored column order once per call; with mins,
  * the offsets' share (sum over the groups of mins[n][g] * sum of x over group g) is added
@@ -161,7 +162,7 @@ struct gemm_job {
     const float *x;
     const uint16_t *xs; /* x split into BF16 hi/lo terms (BF16 weights, AVX512_BF16) */
     const float *qx;    /* x rounded to int8 (quantized weights: decode; Q4 GEMM) */
-    int vnni;           /* the Q4 GEMM may use its AVX-512 VNNI kernel */
+    int vnni;           /* the int8-x kernels may use their AVX-512 VNNI versions */
     int x_stride;
     const struct cvlm_tensor *w, *bias;
     int M, N, K;
@@ -248,7 +249,10 @@ static void gemv_task(void *ctx, int task, int thread)
         n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
     (void)thread;
 #if defined(__x86_64__)
-    if (j->qx)
+    if (j->qx && j->vnni)
+        cvlm_cpu_gemv_qdot_avx512vnni(j->y, j->N, j->qx, j->x, j->x_stride, j->M, j->w, n0, n1,
+                                      j->K);
+    else if (j->qx)
         cvlm_cpu_gemv_qdot_avx2(j->y, j->N, j->qx, j->x, j->x_stride, j->M, j->w, n0, n1, j->K);
 #endif
     for (int m = 0; m < j->M && !j->qx; m += j->kn.gemv_rows) {
@@ -410,7 +414,6 @@ static void q4dot_task(void *ctx, int task, int thread)
 static void gemm_q4(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s)
 {
     j->qx = s;
-    j->vnni = cb->has_vnni;
     cvlm_pool_run(cb->pool, (j->M + QX_ROWS_PER_TASK - 1) / QX_ROWS_PER_TASK, quant_x_task, j);
     j->cols_per_task = split_cols(j->N, nt, 2, 64);
     cvlm_pool_run(cb->pool, (j->N + j->cols_per_task - 1) / j->cols_per_task, q4dot_task, j);
@@ -451,7 +454,8 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
                          .N = N,
                          .K = K,
                          .kn = kernels_for(cb->isa, w->dtype),
-                         .vec = cb->vec};
+                         .vec = cb->vec,
+                         .vnni = cb->has_vnni};
     /* x prepared once per call for the decode kernels: 1 split into BF16 terms, 2 int8 */
     int split = M <= GEMV_MAX_M && cb->isa >= CPU_ISA_AVX512BF16 && w->dtype == CVLM_DTYPE_BF16;
 #if defined(__x86_64__)

@@ -1,10 +1,13 @@
 #!/bin/sh
 # tests/emu/run.sh - the AVX-512 kernels under emulation (BochsCPU), for machines without
-# them: builds the kernel freestanding (no libc: ld refuses any undefined symbol) as a
-# guest image, the AVX2 reference as a native library, installs the pinned bochscpu-python
-# wheel into a venv, and runs tests/emu/test_q4gemm_avx512.py. Where the wheel cannot be
-# installed or loaded (offline, another CPU architecture) it says so and exits 0: the
-# op tests still run the kernel natively on CPUs that have AVX-512 VNNI.
+# them: builds the kernels freestanding (no libc: ld refuses any undefined symbol) as a
+# guest image, the AVX2 references as a native library, installs the pinned bochscpu-python
+# wheel into a venv, and runs tests/emu/test_q4gemm_avx512.py (the Q4 GEMM) and
+# test_qdot_avx512.py (the Q8 / Q4 decode kernel); fails if either does. Where the wheel
+# cannot be installed or loaded (offline, another CPU architecture) it says so and exits 0:
+# the op tests still run the kernels natively on CPUs that have AVX-512 VNNI.
+#   tests/emu/run.sh [q4gemm | qdot] [OPTIONS]   one test only, with its options; without a
+#                                                name both tests get OPTIONS (--seed, --random)
 set -e
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 B=${EMU_BUILD:-$ROOT/build/emu}
@@ -21,8 +24,10 @@ F="-O2 -std=c11 -D_GNU_SOURCE -I$ROOT -ffreestanding -fno-builtin -fno-pic -fno-
 $CC $F -c "$ROOT/kernels/cpu/q_dot_avx512.c" -o "$B/q_dot_avx512.o"
 # shellcheck disable=SC2086
 $CC $F -c "$ROOT/kernels/cpu/q_dot_avx2.c" -o "$B/q_dot_avx2.o" # cvlm_cpu_qx_floats
+# the AVX2 decode kernel too: `run.sh qdot --func cvlm_cpu_gemv_qdot_avx2` checks the test
 ld -static -nostdlib -N -Ttext=0x400000 -e 0x400000 --gc-sections --no-warn-rwx-segments \
-    --undefined=cvlm_cpu_gemm_q4dot_avx512vnni "$B/q_dot_avx512.o" "$B/q_dot_avx2.o" \
+    --undefined=cvlm_cpu_gemm_q4dot_avx512vnni --undefined=cvlm_cpu_gemv_qdot_avx512vnni \
+    --undefined=cvlm_cpu_gemv_qdot_avx2 "$B/q_dot_avx512.o" "$B/q_dot_avx2.o" \
     -o "$B/q4.elf"
 objcopy -O binary "$B/q4.elf" "$B/q4.bin"
 nm "$B/q4.elf" | awk 'NF == 3 {print $3, $1}' >"$B/q4.syms"
@@ -41,4 +46,10 @@ if ! EMU_BUILD="$B" "$VENV/bin/python" -c 'import sys; sys.path.insert(0, "'"$RO
     exit 0
 fi
 cd "$ROOT/tests/emu"
-EMU_BUILD="$B" "$VENV/bin/python" test_q4gemm_avx512.py "$@"
+TESTS="q4gemm qdot"
+case "$1" in q4gemm | qdot) TESTS=$1 && shift ;; esac
+rc=0
+for t in $TESTS; do
+    EMU_BUILD="$B" "$VENV/bin/python" "test_${t}_avx512.py" "$@" || rc=1
+done
+exit $rc

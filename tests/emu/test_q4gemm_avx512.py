@@ -18,49 +18,13 @@ EMU_BUILD); options: [--random N] [--count] [--image PREFIX].
 import argparse
 import ctypes
 import math
-import os
 import random
 import struct
 import sys
 
 import bochs_guest as R
-
-Q4 = os.environ.get("EMU_BUILD", ".")
-DTYPE_Q4 = 4
-SENT = struct.unpack("<f", struct.pack("<I", 0x7FA5A5A5))[0]  # a NaN bit pattern, checked as bits
-SENT_BITS = 0x7FA5A5A5
-
-
-class Tensor(ctypes.Structure):  # struct cvlm_tensor (engine/backend.h); sizeof 80, checked
-    _fields_ = [("dtype", ctypes.c_int), ("ndim", ctypes.c_int),
-                ("shape", ctypes.c_int64 * 4), ("data", ctypes.c_void_p),
-                ("fill", ctypes.c_int), ("scales", ctypes.c_void_p),
-                ("mins", ctypes.c_void_p), ("perm", ctypes.c_void_p)]
-
-
-assert ctypes.sizeof(Tensor) == 80 and Tensor.data.offset == 40 and Tensor.scales.offset == 56
-
-lib = ctypes.CDLL(os.path.join(Q4, "libqdot_avx2.so"))
-lib.cvlm_cpu_qx_floats.restype = ctypes.c_size_t
-lib.cvlm_cpu_qx_floats.argtypes = [ctypes.c_int, ctypes.c_int]
-lib.cvlm_cpu_quant_x_avx2.restype = None
-lib.cvlm_cpu_quant_x_avx2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                      ctypes.c_int, ctypes.c_int, ctypes.c_int]
-lib.cvlm_cpu_gemm_q4dot_avx2.restype = None
-lib.cvlm_cpu_gemm_q4dot_avx2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                         ctypes.c_int, ctypes.POINTER(Tensor), ctypes.c_int,
-                                         ctypes.c_int, ctypes.c_int]
-
-
-def aligned(nbytes, align=64):
-    """A zeroed ctypes buffer with a 64-byte aligned address (keeps the owner alive)."""
-    raw = ctypes.create_string_buffer(nbytes + align)
-    addr = (ctypes.addressof(raw) + align - 1) & ~(align - 1)
-    return raw, addr
-
-
-def f32(v):
-    return struct.unpack("<f", struct.pack("<f", v))[0]
+from emu_common import (DTYPE_Q4, IMAGE, SENT_BITS, TOP, Tensor, aligned, f32, lib, quantize,
+                        w_value)
 
 
 def make_case(rng, M, N, K, nan_at=None):
@@ -71,23 +35,6 @@ def make_case(rng, M, N, K, nan_at=None):
     if nan_at is not None:
         x[nan_at[0] * K + nan_at[1]] = float("nan")
     return wdata, scales, x
-
-
-def quantize(M, K, x):
-    nf = lib.cvlm_cpu_qx_floats(M, K)
-    qraw, qaddr = aligned(nf * 4)
-    xb = (ctypes.c_float * (M * K))(*x)
-    lib.cvlm_cpu_quant_x_avx2(qaddr, ctypes.addressof(xb), K, M, K, DTYPE_Q4)
-    return ctypes.string_at(qaddr, nf * 4), nf // M
-
-
-def w_value(wdata, scales, K, n, k):
-    """Weight (c - 8) * scale of row n, column k (engine/backend.h's Q4 layout)."""
-    ng = (K + 127) // 128
-    b, j = divmod(k, 32)
-    byte = wdata[n * K // 2 + b * 16 + (j % 16)]
-    c = byte & 15 if j < 16 else byte >> 4
-    return (c - 8) * scales[n * ng + k // 128]
 
 
 def ref_from_qx(qx, rf, wdata, scales, K, m, n):
@@ -107,9 +54,6 @@ def ref_from_qx(qx, rf, wdata, scales, K, m, n):
         sc = scales[n * ng + g]
         y += sc * d[g] * s - sc * xc[g]
     return y
-
-
-TOP = 0x40000000  # end of the guest's identity map: any access at or past it faults (#PF)
 
 
 def run_case(g, rng, M, N, K, n0, n1, nan_at=None, count=False, quiet=False, at_end=None):
@@ -198,7 +142,7 @@ def main():
     ap.add_argument("--count", action="store_true",
                     help="count guest instructions per MAC of the hot loop")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--image", default=os.path.join(Q4, "q4"),
+    ap.add_argument("--image", default=IMAGE,
                     help="guest image prefix (.bin/.syms), e.g. a deliberately broken build")
     opt = ap.parse_args()
 

@@ -400,8 +400,8 @@ static double qdot_worst(const float *y, int ldy, const float *x, int ld, int M,
 #endif
 
 /* The int8-x kernels themselves: the decode kernel at every M it takes
- * (1..CVLM_CPU_QDOT_MAX_M; the driver uses it for fewer) and the Q4 GEMM (AVX2, and
- * AVX-512 VNNI where the CPU has it) at those M and at 40 and 41 (the driver uses it for
+ * (1..CVLM_CPU_QDOT_MAX_M; the driver uses it for fewer) and the Q4 GEMM (each on AVX2,
+ * and on AVX-512 VNNI where the CPU has it) at those M and at 40 and 41 (the driver uses it for
  * M > 32): against the product with x rounded as they
  * round it, rows [n0, n1) of awkward ranges, x rows ldx apart. */
 TEST(cpu_ops_gemv_qdot_avx2_every_m)
@@ -413,7 +413,7 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
         return; /* no AVX2 */
     struct cvlm_backend *be = make_backend(n_isas() - 1, 1);
     REQUIRE(be);
-    const int vnni = cpu_of(be)->has_vnni; /* the AVX-512 VNNI GEMM runs here too */
+    const int vnni = cpu_of(be)->has_vnni; /* the AVX-512 VNNI kernels run here too */
     be->ops->destroy(be);
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
         for (int q = 0; q < 2; q++) {
@@ -433,11 +433,14 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
             for (int M = 1; M <= MAXR; M = M < CVLM_CPU_QDOT_MAX_M ? M + 1 : M < 40 ? 40 : M + 1) {
                 const int n0 = N > 9 ? 3 : 0, n1 = N - (N > 9);
                 cvlm_cpu_quant_x_avx2(qx, x, ld, M, K, dt);
-                if (M <= CVLM_CPU_QDOT_MAX_M) {
-                    cvlm_cpu_gemv_qdot_avx2(y, N, qx, x, ld, M, &w, n0, n1, K);
+                for (int v = 0; M <= CVLM_CPU_QDOT_MAX_M && v <= vnni; v++) { /* AVX2, VNNI */
+                    if (v)
+                        cvlm_cpu_gemv_qdot_avx512vnni(y, N, qx, x, ld, M, &w, n0, n1, K);
+                    else
+                        cvlm_cpu_gemv_qdot_avx2(y, N, qx, x, ld, M, &w, n0, n1, K);
                     double worst = qdot_worst(y, N, x, ld, M, &w, n0, n1, K);
-                    CHECKF(worst <= 1e-5, "%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
-                           cvlm_dtype_name(dt), M, N, K, n0, n1, worst);
+                    CHECKF(worst <= 1e-5, "%s%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
+                           cvlm_dtype_name(dt), v ? " VNNI" : "", M, N, K, n0, n1, worst);
                 }
                 for (int v = 0; dt == CVLM_DTYPE_Q4 && v <= vnni; v++) { /* AVX2, VNNI */
                     for (size_t j = 0; j < (size_t)M * N; j++)
