@@ -155,6 +155,12 @@ void cvlm_cpu_gemv_qdot_avx2(float *y, int ldy, const float *qx, const float *x,
  * the order of float sums; gemm.c uses it where the backend has VNNI. */
 void cvlm_cpu_gemv_qdot_avx512vnni(float *y, int ldy, const float *qx, const float *x, int ldx,
                                    int M, const struct cvlm_tensor *w, int n0, int n1, int K);
+/* Q8 weights against any M rows of x (prefill) on AVX-512 VNNI (q_dot_avx512.c): x rounded
+ * per block of 32 as for decode (qx of M rows; x itself read for a tail of K % 32), y[m][n]
+ * for m < M, n in [n0, n1). gemm.c uses it for M > CVLM_CPU_AVX2_GEMV_MAX_M where the
+ * backend has VNNI; without VNNI, int8 prefill runs the float GEMM on dequantized panels. */
+void cvlm_cpu_gemm_q8dot_avx512vnni(float *y, int ldy, const float *qx, const float *x, int ldx,
+                                    int M, const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_gemv_avx512(float *y, int ldy, const float *x, int ldx, int M,
                           const struct cvlm_tensor *w, int n0, int n1, int K);
 void cvlm_cpu_pack_b_avx512(float *bp, const struct cvlm_tensor *w, int n0, int N, int k0, int kc,

@@ -14,8 +14,8 @@
  * All accumulation is F32; the k order differs from a naive loop only by blocking.
  * Quantized weights on AVX2 (q_dot_avx2.c; q_dot_avx512.c's VNNI versions where the CPU
  * has AVX512_VNNI) round x to int8 and run integer dot products instead: one row of x
- * (decode) through the matrix-vector kernel, and for Q4 every M above the matrix-vector
- * range (prefill) through its GEMM, tasks of 64 W rows.
+ * (decode) through the matrix-vector kernel, and for Q4 (and Q8 on VNNI) every M above
+ * the matrix-vector range (prefill) through an integer GEMM, tasks of 64 W rows.
  * Quantized weights with GPTQ's extras (engine/backend.h) reach the kernels as a plain
  * matrix: with perm, x is gathered into the stored column order once per call; with mins,
  * the offsets' share (sum over the groups of mins[n][g] * sum of x over group g) is added
@@ -161,7 +161,7 @@ struct gemm_job {
     float *y;
     const float *x;
     const uint16_t *xs; /* x split into BF16 hi/lo terms (BF16 weights, AVX512_BF16) */
-    const float *qx;    /* x rounded to int8 (quantized weights: decode; Q4 GEMM) */
+    const float *qx;    /* x rounded to int8 (quantized weights: decode; integer GEMM) */
     int vnni;           /* the int8-x kernels may use their AVX-512 VNNI versions */
     int x_stride;
     const struct cvlm_tensor *w, *bias;
@@ -383,7 +383,7 @@ static void gemm_no_scratch(struct gemm_job *j)
 #if defined(__x86_64__)
 #define QX_ROWS_PER_TASK 16
 
-/* Rows [16 task, 16 task + 16) of x rounded into qx (the Q4 GEMM's first pass). */
+/* Rows [16 task, 16 task + 16) of x rounded into qx (the integer GEMM's first pass). */
 static void quant_x_task(void *ctx, int task, int thread)
 {
     struct gemm_job *j = ctx;
@@ -394,13 +394,16 @@ static void quant_x_task(void *ctx, int task, int thread)
                           j->x + (size_t)m0 * j->x_stride, j->x_stride, mc, j->K, j->w->dtype);
 }
 
-static void q4dot_task(void *ctx, int task, int thread)
+static void qdot_task(void *ctx, int task, int thread)
 {
     struct gemm_job *j = ctx;
     int n0 = task * j->cols_per_task,
         n1 = n0 + j->cols_per_task < j->N ? n0 + j->cols_per_task : j->N;
     (void)thread;
-    if (j->vnni)
+    if (j->w->dtype == CVLM_DTYPE_Q8) /* VNNI only */
+        cvlm_cpu_gemm_q8dot_avx512vnni(j->y, j->N, j->qx, j->x, j->x_stride, j->M, j->w, n0, n1,
+                                       j->K);
+    else if (j->vnni)
         cvlm_cpu_gemm_q4dot_avx512vnni(j->y, j->N, j->qx, j->M, j->w, n0, n1, j->K);
     else
         cvlm_cpu_gemm_q4dot_avx2(j->y, j->N, j->qx, j->M, j->w, n0, n1, j->K);
@@ -408,15 +411,17 @@ static void q4dot_task(void *ctx, int task, int thread)
     add_bias(j, n0, n1);
 }
 
-/* Q4 weights, many rows of x (AVX2, or AVX-512 VNNI where the CPU has it): x rounded to
- * int8 once (rows split among the threads), then blocks of 64 W rows per task: a task's W
- * rows (<= 64 x K / 2 bytes) stay in L2 while each tile of x rows passes over them. */
-static void gemm_q4(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s)
+/* Q4 weights (AVX2, or AVX-512 VNNI where the CPU has it) or Q8 weights (VNNI only: with
+ * AVX2's sign trick the integer product is no faster than the float GEMM), many rows of x:
+ * x rounded to int8 once (rows split among the threads), then blocks of 64 W rows per
+ * task: a task's W rows (<= 64 x K bytes) stay in L2 while each tile of x rows passes over
+ * them. */
+static void gemm_qdot(struct cpu_backend *cb, struct gemm_job *j, int nt, float *s)
 {
     j->qx = s;
     cvlm_pool_run(cb->pool, (j->M + QX_ROWS_PER_TASK - 1) / QX_ROWS_PER_TASK, quant_x_task, j);
     j->cols_per_task = split_cols(j->N, nt, 2, 64);
-    cvlm_pool_run(cb->pool, (j->N + j->cols_per_task - 1) / j->cols_per_task, q4dot_task, j);
+    cvlm_pool_run(cb->pool, (j->N + j->cols_per_task - 1) / j->cols_per_task, qdot_task, j);
 }
 #endif
 
@@ -461,7 +466,8 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
 #if defined(__x86_64__)
     if (M <= CVLM_CPU_QDOT_USE_M && cb->isa >= CPU_ISA_AVX2 && cvlm_dtype_is_quant(w->dtype))
         split = 2;
-    else if (M > j.kn.gemv_max_m && cb->isa >= CPU_ISA_AVX2 && w->dtype == CVLM_DTYPE_Q4)
+    else if (M > j.kn.gemv_max_m && cb->isa >= CPU_ISA_AVX2 &&
+             (w->dtype == CVLM_DTYPE_Q4 || (w->dtype == CVLM_DTYPE_Q8 && j.vnni)))
         split = 3;
 #endif
     size_t bias_off, plan, extra = w->perm || w->mins ? gptq_floats(w, M, K) : 0;
@@ -486,7 +492,7 @@ void cvlm_cpu_gemm(struct cvlm_backend *be, void *y, const void *x, int x_stride
                 j.y[(size_t)m * N + n] = j.bias_f ? j.bias_f[n] : 0.0f;
 #if defined(__x86_64__)
     } else if (split == 3) {
-        gemm_q4(cb, &j, nt, s);
+        gemm_qdot(cb, &j, nt, s);
 #endif
     } else if (M <= j.kn.gemv_max_m) {
         gemm_vector(cb, &j, nt, s, split);

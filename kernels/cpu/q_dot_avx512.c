@@ -27,6 +27,7 @@
  * A NaN d (a non-finite x in the group) makes the scale products NaN, so every output of
  * that x row is NaN, as in the AVX2 kernel. Results differ from it only in the order of
  * the float sums (16 lanes instead of 8).
+ *
  * Decode (M = 1; the kernel takes M up to CVLM_CPU_QDOT_MAX_M): Q4 runs the same tiles
  * with 8 W rows against the one row of x, and prefetches the next tile's codes and scales
  * as the AVX2 kernel does. Q8 takes a pair of blocks (64 bytes) of a W row per load: its
@@ -36,9 +37,14 @@
  * exact, as AVX2's sign trick is; then one conversion and one FMA by the pair's two d
  * (x stores each block's d as 8 floats beside its codes, so one vshufi64x2 of the two
  * blocks gives [codes | codes] and another [d | d]; an odd last block pairs with zeros,
- * its W loaded masked). The row scale and a tail of K % 32
- * (in float from x) come at the end. Decode is bound by memory bandwidth; on AVX-512
- * CPUs without VNNI (Skylake-SP) the AVX2 kernels run.
+ * its W loaded masked). The row scale and a tail of K % 32 (in float from x) come at the
+ * end. Decode is bound by memory bandwidth; on AVX-512 CPUs without VNNI (Skylake-SP) the
+ * AVX2 kernels run.
+ *
+ * Q8 prefill (cvlm_cpu_gemm_q8dot_avx512vnni) runs the same Q8 tile, 4 W rows by 4 x rows,
+ * x tiles outer as in the Q4 GEMM: per pair of blocks and (W row, x row) one vpdpbusd, one
+ * conversion and one FMA. AVX2 has no Q8 GEMM: its sign trick costs a vpsignb per (W row,
+ * x row) and block, and the float GEMM on dequantized panels is about as fast.
  *
  * Only reached when the backend detected AVX-512 F/BW/VL and VNNI.
  */
@@ -243,7 +249,7 @@ INLINEVNNI void q8v_pair(__m512 acc[QV_RMAX][QV_MX], const signed char *const *w
 }
 
 /* y[m][n + r] for r < rows (1..R) W rows and m < MX rows of x: Q8, a scale per row; the
- * tail of K % 32 in float from x. pf: the next tile's codes (R rows), prefetched. */
+ * tail of K % 32 in float from x. pf: the next tile's codes (R rows), prefetched, or NULL. */
 INLINEVNNI void q8v_tile(float *y, int ldy, const float *qx, size_t rf, const float *x, int ldx,
                          const struct cvlm_tensor *w, size_t n, int rows, int K, const char *pf,
                          const int R, const int MX)
@@ -265,7 +271,7 @@ INLINEVNNI void q8v_tile(float *y, int ldy, const float *qx, size_t rf, const fl
     size_t o = 0;
     for (; o + 64 <= (size_t)nb * 32; o += 64) {
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++)
+        for (int r = 0; pf && r < R; r++)
             _mm_prefetch(pf + o * R + (size_t)r * 64, _MM_HINT_T0);
         q8v_pair(acc, wr, xq, o, 0, R, MX);
     }
@@ -302,6 +308,36 @@ INLINEVNNI void q8v_rows(float *y, int ldy, const float *qx, const float *x, int
             case 2: q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, pf, R, 2); break;
             case 3: q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, pf, R, 3); break;
             default: q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, pf, R, 4); break;
+            }
+        }
+    }
+}
+
+/* Q8 against any M rows of x (prefill): tiles of QV_MX x rows by QV_R W rows, x rows
+ * outer, so that the W rows of a task (gemm.c: 64) stay in L2 while each x tile, in L1,
+ * passes over them, as in the Q4 GEMM. */
+AVX512VNNI void cvlm_cpu_gemm_q8dot_avx512vnni(float *y, int ldy, const float *qx, const float *x,
+                                               int ldx, int M, const struct cvlm_tensor *w, int n0,
+                                               int n1, int K)
+{
+    const size_t rf = cvlm_cpu_qx_floats(1, K);
+    for (int m = 0; m < M; m += QV_MX) {
+        float *ym = y + (size_t)m * ldy;
+        const float *qm = qx + (size_t)m * rf, *xm = x + (size_t)m * ldx;
+        for (int n = n0; n < n1; n += QV_R) {
+            switch (M - m < QV_MX ? M - m : QV_MX) {
+            case 1:
+                q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, NULL, QV_R, 1);
+                break;
+            case 2:
+                q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, NULL, QV_R, 2);
+                break;
+            case 3:
+                q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, NULL, QV_R, 3);
+                break;
+            default:
+                q8v_tile(ym, ldy, qm, rf, xm, ldx, w, (size_t)n, n1 - n, K, NULL, QV_R, QV_MX);
+                break;
             }
         }
     }

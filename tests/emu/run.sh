@@ -27,6 +27,7 @@ $CC $F -c "$ROOT/kernels/cpu/q_dot_avx2.c" -o "$B/q_dot_avx2.o" # cvlm_cpu_qx_fl
 # the AVX2 decode kernel too: `run.sh qdot --func cvlm_cpu_gemv_qdot_avx2` checks the test
 ld -static -nostdlib -N -Ttext=0x400000 -e 0x400000 --gc-sections --no-warn-rwx-segments \
     --undefined=cvlm_cpu_gemm_q4dot_avx512vnni --undefined=cvlm_cpu_gemv_qdot_avx512vnni \
+    --undefined=cvlm_cpu_gemm_q8dot_avx512vnni \
     --undefined=cvlm_cpu_gemv_qdot_avx2 "$B/q_dot_avx512.o" "$B/q_dot_avx2.o" \
     -o "$B/q4.elf"
 objcopy -O binary "$B/q4.elf" "$B/q4.bin"

@@ -234,6 +234,8 @@ def main():
                     help="guest image prefix (.bin/.syms), e.g. a deliberately broken build")
     ap.add_argument("--random", type=int, default=0, help="extra random shapes")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--gemm-func", default="cvlm_cpu_gemm_q8dot_avx512vnni",
+                    help="the Q8 prefill GEMM in the guest (same signature, any M); '' skips")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line per case")
     opt = ap.parse_args()
 
@@ -248,10 +250,10 @@ def main():
     rng = random.Random(opt.seed)
     rep = Report(opt.verbose)
 
-    def one(dt, M, N, K, n0, n1, nan_at=None, at_end=None):
+    def one(dt, M, N, K, n0, n1, nan_at=None, at_end=None, func=None):
         c = Case(rng, dt, M, N, K, K + rng.randint(1, 9), nan_at)
         extra = f" NaN at {nan_at}" if nan_at else f" {at_end} at the map's end" if at_end else ""
-        return label(c, n0, n1, extra), run_case(g, opt.func, c, n0, n1, at_end)
+        return label(c, n0, n1, extra), run_case(g, func or opt.func, c, n0, n1, at_end)
 
     print("every M 1..8 per K, each with 2 of N [n0, n1): 1 [0,1), 3 [1,3), 5 [0,5), 9 [2,9), "
           "17 [0,17), 17 [3,14):")
@@ -281,6 +283,22 @@ def main():
         for wh in where:
             res = [one(dt, M, N, K, 0, N, at_end=wh) for M, N, K in shapes]
             rep.group(f"{NAME[dt]} {wh:6s} at the end", res)
+    if opt.gemm_func:
+        # the Q8 GEMM: x tiles of 4 rows outer (ragged 1..3 left), W tiles of 4 (ragged),
+        # odd blocks, tails, NaN, over-reads; the AVX2 decode kernel takes any M natively
+        if opt.gemm_func not in g.syms:
+            print(f"{opt.gemm_func}: not in {opt.image}.syms")
+            return 1
+        print(f"{opt.gemm_func} (Q8 prefill GEMM) in the guest:")
+        gf = opt.gemm_func
+        res = [one(DTYPE_Q8, M, N, K, n0, n1, func=gf)
+               for M, N, K, n0, n1 in ((40, 9, 96, 2, 9), (41, 17, 100, 3, 14), (33, 5, 4000, 0, 5),
+                                       (9, 6, 31, 0, 6), (6, 17, 8195, 1, 17), (1, 3, 64, 0, 3),
+                                       (35, 4, 32, 0, 4))]
+        res.append(one(DTYPE_Q8, 37, 5, 100, 0, 5, nan_at=(34, 60), func=gf))
+        res += [one(DTYPE_Q8, 34, 5, 100, 0, 5, at_end=wh, func=gf)
+                for wh in ("w", "scales", "qx", "x")]
+        rep.group("Q8 GEMM, M 1..41, NaN, each buffer at the map's end", res)
     if opt.random:
         res = []
         for _ in range(opt.random):

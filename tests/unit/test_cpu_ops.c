@@ -193,7 +193,8 @@ static int qdot_use_m(void)
 }
 
 /* From this many rows of x on, Q4 weights take the AVX2 integer GEMM (x rounded as in
- * decode); INT_MAX where there is no such kernel. */
+ * decode), and Q8 weights too where the backend has AVX-512 VNNI; INT_MAX where there is
+ * no such kernel. */
 static int q4gemm_min_m(void)
 {
 #if defined(__x86_64__)
@@ -335,8 +336,10 @@ TEST(cpu_ops_gemm_quantized)
                     /* decode on AVX2 rounds x to 8 bits per block of 32 (Q8) or group of 128
                      * (Q4) (d = max|x| / 127; a Q8 tail of K % 32 stays float): each product
                      * may then be off by |w| d / 2 on top */
-                    int xq8 = isa >= 1 &&
-                              (M <= qdot_use_m() || (dt == CVLM_DTYPE_Q4 && M >= q4gemm_min_m()));
+                    int xq8 =
+                        isa >= 1 &&
+                        (M <= qdot_use_m() ||
+                         ((dt == CVLM_DTYPE_Q4 || cpu_of(be)->has_vnni) && M >= q4gemm_min_m()));
                     double worst = 0, worst_q = 0;
                     for (size_t j = 0; j < (size_t)M * N; j++) {
                         const float *xr = x + j / N * ld;
@@ -401,8 +404,8 @@ static double qdot_worst(const float *y, int ldy, const float *x, int ld, int M,
 
 /* The int8-x kernels themselves: the decode kernel at every M it takes
  * (1..CVLM_CPU_QDOT_MAX_M; the driver uses it for fewer) and the Q4 GEMM (each on AVX2,
- * and on AVX-512 VNNI where the CPU has it) at those M and at 40 and 41 (the driver uses it for
- * M > 32): against the product with x rounded as they
+ * and on AVX-512 VNNI where the CPU has it; the Q8 GEMM on VNNI only) at those M and at
+ * 40 and 41 (the driver uses them for M > 32): against the product with x rounded as they
  * round it, rows [n0, n1) of awkward ranges, x rows ldx apart. */
 TEST(cpu_ops_gemv_qdot_avx2_every_m)
 {
@@ -442,22 +445,25 @@ TEST(cpu_ops_gemv_qdot_avx2_every_m)
                     CHECKF(worst <= 1e-5, "%s%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
                            cvlm_dtype_name(dt), v ? " VNNI" : "", M, N, K, n0, n1, worst);
                 }
-                for (int v = 0; dt == CVLM_DTYPE_Q4 && v <= vnni; v++) { /* AVX2, VNNI */
+                /* Q4: AVX2, VNNI; Q8: VNNI only */
+                for (int v = dt == CVLM_DTYPE_Q8; v <= vnni; v++) {
                     for (size_t j = 0; j < (size_t)M * N; j++)
                         y[j] = NAN; /* rows outside [n0, n1) must stay untouched */
-                    if (v)
+                    if (dt == CVLM_DTYPE_Q8)
+                        cvlm_cpu_gemm_q8dot_avx512vnni(y, N, qx, x, ld, M, &w, n0, n1, K);
+                    else if (v)
                         cvlm_cpu_gemm_q4dot_avx512vnni(y, N, qx, M, &w, n0, n1, K);
                     else
                         cvlm_cpu_gemm_q4dot_avx2(y, N, qx, M, &w, n0, n1, K);
                     double worst = qdot_worst(y, N, x, ld, M, &w, n0, n1, K);
-                    CHECKF(worst <= 1e-5, "GEMM%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
-                           v ? " VNNI" : "", M, N, K, n0, n1, worst);
+                    CHECKF(worst <= 1e-5, "%s GEMM%s M=%d N=%d K=%d rows %d..%d: rel err %.3g",
+                           cvlm_dtype_name(dt), v ? " VNNI" : "", M, N, K, n0, n1, worst);
                     int kept = 1;
                     for (int m = 0; m < M; m++)
                         for (int n = 0; n < N; n++)
                             kept &= (n >= n0 && n < n1) || isnan(y[(size_t)m * N + n]);
-                    CHECKF(kept, "GEMM%s M=%d N=%d K=%d wrote outside rows %d..%d",
-                           v ? " VNNI" : "", M, N, K, n0, n1);
+                    CHECKF(kept, "%s GEMM%s M=%d N=%d K=%d wrote outside rows %d..%d",
+                           cvlm_dtype_name(dt), v ? " VNNI" : "", M, N, K, n0, n1);
                 }
             }
             free(x);
