@@ -20,6 +20,7 @@ ORDER = [
     "Quantized weights: accuracy",
     "Quantized decode against BF16, short context",
     "Quantized prefill: the int4 integer GEMM",
+    "AVX-512 VNNI: quantized decode and int8 prefill",
     "Weights in huge pages",
     "Tokenizer throughput",
     "Structured outputs: cost per decode step",
