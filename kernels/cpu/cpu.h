@@ -137,6 +137,15 @@ void cvlm_cpu_pack_b_q_avx2(float *bp, const struct cvlm_tensor *w, int n0, int 
 #define CVLM_CPU_QDOT_MAX_M 8
 #define CVLM_CPU_QDOT_USE_M 1
 size_t cvlm_cpu_qx_floats(int M, int K);
+/* y of a Q8 row from its integer kernel's sum over the whole blocks (acc): the tail of K %
+ * 32 weights from [k0, K) in float from x itself, then the row scale s. */
+static inline float cvlm_cpu_q8_finish(float acc, const float *x, const signed char *w, int k0,
+                                       int K, float s)
+{
+    for (int k = k0; k < K; k++)
+        acc += x[k] * (float)w[k];
+    return acc * s;
+}
 void cvlm_cpu_quant_x_avx2(float *qx, const float *x, int ldx, int M, int K, enum cvlm_dtype dt);
 /* Q4 weights against any M rows of x (prefill, the vision tower; q_dot_avx2.c): x rounded
  * as above (qx of M rows), y[m][n] for m < M, n in [n0, n1), in tiles of 2 x rows by 2 W

@@ -281,14 +281,11 @@ INLINEVNNI void q8v_tile(float *y, int ldy, const float *qx, size_t rf, const fl
     for (int r = 0; r < R; r++) {
         if (r >= rows)
             break;
-        float s = w->scales[n + (size_t)r];
 #pragma GCC unroll 4
-        for (int m = 0; m < MX; m++) {
-            float a = _mm512_reduce_add_ps(acc[r][m]);
-            for (int k = nb * 32; k < K; k++)
-                a += x[(size_t)m * ldx + k] * (float)wr[r][k];
-            y[(size_t)m * ldy + n + (size_t)r] = a * s;
-        }
+        for (int m = 0; m < MX; m++)
+            y[(size_t)m * ldy + n + (size_t)r] =
+                cvlm_cpu_q8_finish(_mm512_reduce_add_ps(acc[r][m]), x + (size_t)m * ldx, wr[r],
+                                   nb * 32, K, w->scales[n + (size_t)r]);
     }
 }
 
