@@ -31,7 +31,7 @@ struct cpu_backend {
     enum cpu_isa isa;              /* the path in use: the best supported, or a lower forced one */
     int has_avx2;                  /* isa >= AVX2: AVX2 + FMA + F16C */
     int has_avx512;                /* isa >= AVX512: AVX-512 F/BW/VL/DQ (+ the AVX2 set) */
-    int has_vnni;                  /* has_avx512 and AVX512_VNNI (the Q4 GEMM's vpdpbusd) */
+    int has_vnni;                  /* has_avx512 and AVX512_VNNI (the int8-x kernels' vpdpbusd) */
     const struct cpu_vec_ops *vec; /* element-wise and attention helpers for `isa` */
     float *scratch;                /* grows on demand; ops run one at a time */
     size_t scratch_cap;
