@@ -147,6 +147,14 @@ static inline float cvlm_cpu_q8_finish(float acc, const float *x, const signed c
     return acc * s;
 }
 void cvlm_cpu_quant_x_avx2(float *qx, const float *x, int ldx, int M, int K, enum cvlm_dtype dt);
+/* The scales of the Q4 row whose codes start at `codes` (inside w->data; rows of K / 2
+ * bytes): the kernels prefetch the next tile's scales from its codes' address. */
+static inline const char *cvlm_cpu_q4_scales_at(const struct cvlm_tensor *w, const char *codes,
+                                                int K)
+{
+    size_t row = (size_t)(codes - (const char *)w->data) / (size_t)(K / 2);
+    return (const char *)(w->scales + row * (size_t)cvlm_quant_groups(w));
+}
 /* Q4 weights against any M rows of x (prefill, the vision tower; q_dot_avx2.c): x rounded
  * as above (qx of M rows), y[m][n] for m < M, n in [n0, n1), in tiles of 2 x rows by 2 W
  * rows (the pair of x rows stays in L1 while the W rows stream from L2). gemm.c uses it for

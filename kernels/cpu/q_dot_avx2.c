@@ -265,8 +265,7 @@ INLINE2 void q4_tile(float *y, int ldy, const float *qx, size_t rf, const struct
     const unsigned char *wr[8];
     const float *sr[8];
     /* the next tile's scales (rows follow rows: one stream), prefetched a line per group */
-    const char *spf = (const char *)(w->scales + (size_t)(pf - (const char *)w->data) /
-                                                     (size_t)(K / 2) * (size_t)ng);
+    const char *spf = cvlm_cpu_q4_scales_at(w, pf, K);
     const size_t spf_bytes = (size_t)R * ng * sizeof(float);
     /* [group][row]: the rows' group scales; with one row of x, times x's d of the group */
     float sc[Q4_SC_GROUPS][8] __attribute__((aligned(32)));

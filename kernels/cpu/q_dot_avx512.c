@@ -119,9 +119,7 @@ INLINEVNNI void q4v_tile(float *y, int ldy, const float *qx, size_t rf, const st
     const unsigned char *wr[QV_RMAX];
     const float *sr[QV_RMAX], *dg[QV_MX];
     const char *xq[QV_MX];
-    const char *spf = pf ? (const char *)(w->scales + (size_t)(pf - (const char *)w->data) /
-                                                          (size_t)(K / 2) * (size_t)ng)
-                         : NULL;
+    const char *spf = pf ? cvlm_cpu_q4_scales_at(w, pf, K) : NULL;
     const size_t spf_bytes = (size_t)R * ng * sizeof(float);
     /* [r * MX + m][group]: row r's group scale times x row m's d */
     float sd[QV_RMAX * QV_MX][QV_CHUNK] __attribute__((aligned(64)));
