@@ -3,8 +3,9 @@
 # them: builds the kernels freestanding (no libc: ld refuses any undefined symbol) as a
 # guest image, the AVX2 references as a native library, installs the pinned bochscpu-python
 # wheel into a venv, and runs tests/emu/test_q4gemm_avx512.py (the Q4 GEMM) and
-# test_qdot_avx512.py (the Q8 / Q4 decode kernel, the Q8 GEMM); fails if either does. Where the wheel
-# cannot be installed or loaded (offline, another CPU architecture) it says so and exits 0:
+# test_qdot_avx512.py (the Q8 / Q4 decode kernel, the Q8 GEMM); fails if either does. Where
+# the wheel cannot be installed or loaded (offline, another CPU architecture) it says so and
+# exits 0:
 # the op tests still run the kernels natively on CPUs that have AVX-512 VNNI.
 #   tests/emu/run.sh [q4gemm | qdot] [OPTIONS]   one test only, with its options; without a
 #                                                name both tests get OPTIONS (--seed, --random)
